@@ -1,0 +1,158 @@
+"""The ``snp`` command line.
+
+Every subcommand prints a human summary; with ``--json`` it prints its result as one JSON object
+on the last line of stdout, so scripts can read ``tail -n 1``. Logs go to stderr. Bad input exits
+with status 2 and an ``error:`` line (and, with ``--json``, ``{"error": ...}``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+from snp_ray.errors import SnpError
+
+log = logging.getLogger("snp_ray.cli")
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+COMMANDS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentParser], None]):
+    def register(fn: Handler) -> Handler:
+        COMMANDS[name] = (fn, configure, help_text)
+        return fn
+    return register
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- snp models
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", type=int, default=10, help="head size (default 10)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier (default 1)")
+
+
+@command("models", "architectures of the zoo with their parameter counts", _models_args)
+def cmd_models(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.models import ARCHS, param_table
+    from snp_ray.models.registry import REFERENCE_VOCAB
+
+    counts = param_table(a.classes, a.width)
+    rows = [[n, ARCHS[n].family, ARCHS[n].modality, f"{c:,}"] for n, c in counts.items()]
+    print(table(rows, ["arch", "family", "input", "params"]))
+    print(f"(width {a.width:g}, {a.classes} classes; text models with a {REFERENCE_VOCAB:,}-token vocabulary)")
+    return {"models": counts}
+
+
+# ---------------------------------------------------------------- snp data
+@command("data", "datasets found under SNP_DATA_ROOT", lambda p: None)
+def cmd_data(a: argparse.Namespace) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from snp_ray.data.catalog import available, get_dataset
+    from snp_ray.data.tables import class_names_of
+
+    out: dict[str, dict[str, int]] = {}
+    for name, splits in available().items():
+        info = get_dataset(name)
+        entry: dict[str, int] = {}
+        for s in splits:
+            path = info.path(s)
+            entry[s] = pq.ParquetFile(path).metadata.num_rows
+            entry["classes"] = len(class_names_of(pq.read_schema(path), path))
+        out[name] = entry
+    rows = [[n, get_dataset(n).modality] + [e.get(s, "-") for s in ("train", "dev", "test")] + [e["classes"]]
+            for n, e in out.items()]
+    print(table(rows, ["dataset", "input", "train", "dev", "test", "classes"]))
+    return {"datasets": out}
+
+
+# ---------------------------------------------------------------- snp train-market
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task preset, e.g. T1")
+    p.add_argument("--arch", default="", help="architecture (default: the task's)")
+    p.add_argument("--width", type=float, default=0.25, help="width multiplier (default 0.25)")
+    p.add_argument("--store", required=True, help="market store folder")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="share of each class's train rows the developer trains on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training task")
+
+
+@command("train-market", "train a task's original models into a market store", _train_args)
+def cmd_train_market(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.market import MarketConfig, TrainConfig, build_market
+
+    cfg = MarketConfig(task=a.task, arch=a.arch, width=a.width,
+                       train=TrainConfig(epochs=a.epochs, train_fraction=a.train_fraction,
+                                         seed=a.seed, threads=a.threads))
+    specs = build_market(cfg, a.store, progress=sys.stderr.isatty())
+    return market_summary(specs)
+
+
+def market_summary(specs) -> dict[str, Any]:
+    rows = [[s.id, ",".join(s.class_names), f"{s.params:,}", f"{s.metrics['test_accuracy']:.4f}",
+             f"{s.metrics.get('train_seconds', 0):.1f}"] for s in specs]
+    print(table(rows, ["model", "classes", "params", "test acc (own classes)", "train s"]))
+    return {"models": [{"id": s.id, "classes": s.class_names, "class_ids": s.classes,
+                        "test_accuracy": s.metrics["test_accuracy"], "params": s.params,
+                        "train_seconds": s.metrics.get("train_seconds")} for s in specs]}
+
+
+# ---------------------------------------------------------------- snp convert-cifar
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", required=True, choices=["cifar10", "cifar100"])
+    p.add_argument("--root", required=True, help="torchvision download folder")
+    p.add_argument("--out", required=True, help="data root to write <name>/{train,test}.parquet into")
+    p.add_argument("--download", action="store_true", help="let torchvision download (needs a network)")
+
+
+@command("convert-cifar", "convert torchvision's CIFAR download to the Parquet schema", _convert_args)
+def cmd_convert(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.data.convert import convert_cifar
+
+    paths = convert_cifar(a.name, a.root, a.out, download=a.download)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return {"files": {k: str(v) for k, v in paths.items()}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snp", description="Slice-and-Pack model markets on Ray")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, configure, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+        p.set_defaults(handler=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.handler(args)
+    except SnpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

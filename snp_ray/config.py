@@ -1,0 +1,152 @@
+"""Typed, JSON-serialisable configs.
+
+Every run is described by dataclasses that round-trip through JSON, so a run can be saved,
+compared and reproduced. ``from_dict`` refuses unknown keys and wrong types with a
+:class:`ConfigError` instead of silently ignoring them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from typing import Any, TypeVar
+
+from snp_ray.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(name, options[0], value)
+        for arg in options:
+            try:
+                return _coerce(name, arg, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} matches none of {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{name}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(f"{name}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        items = [_coerce(f"{name}[{i}]", inner, v) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected an object, got {type(value).__name__}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_coerce(name, kt, k): _coerce(f"{name}[{k!r}]", vt, v) for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected an object for {tp.__name__}")
+        return tp.from_dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{name}: must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base for configs: dict/JSON round trip with validation, and a stable content hash."""
+
+    def validate(self) -> None:  # overridden where ranges matter
+        """Raise ConfigError when a value is out of range."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f"{type(self).__name__}.{f.name}", hints[f.name],
+                                          getattr(self, f.name)))
+        self.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, Config) else _plain(v)
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: Any) -> C:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(map(str, data)) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; valid keys: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as e:  # missing required fields
+            raise ConfigError(f"{cls.__name__}: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{cls.__name__}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+    def digest(self) -> str:
+        """Short content hash: equal configs give equal keys in stores."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def check_range(owner: str, name: str, value: float, lo: float, hi: float,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    """Raise a ConfigError naming the field when ``value`` is outside [lo, hi]."""
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ConfigError(f"{owner}.{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")

@@ -1,0 +1,12 @@
+"""Data: Parquet readers, the torchvision converter, k-shot sampling and input specs.
+
+The test split is not reachable from here; see :mod:`snp_ray.evaluation`.
+"""
+from snp_ray.data.catalog import DATASETS, available, data_root, get_dataset
+from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot
+from snp_ray.data.specs import ImageSpec, InputSpec, TextSpec
+from snp_ray.data.tables import Split, read_split
+
+__all__ = ["DATASETS", "FewShotManifest", "FewShotSet", "ImageSpec", "InputSpec", "Split",
+           "TextSpec", "available", "data_root", "get_dataset", "load_fewshot", "read_split",
+           "sample_k_shot"]

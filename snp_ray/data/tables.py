@@ -1,0 +1,174 @@
+"""Read a dataset split from Parquet into arrays, checking its schema and contents.
+
+Images are decoded once and cached as ``.npy`` (no pickle) next to a key of the source file's
+size and mtime, because PNG decoding of 50 000 images costs far more than a training epoch.
+
+The test split is fenced off: :func:`read_split` refuses it unless the caller holds
+``EVAL_ACCESS``, which only :mod:`snp_ray.evaluation` passes. Slicing, packing and tuning code
+receive few-shot sets, never a reader, so they cannot reach test rows by accident.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.data.catalog import get_dataset, split_file
+from snp_ray.errors import DataError, SchemaError, TestSplitAccessError
+
+log = logging.getLogger(__name__)
+
+#: the key that opens the test split; held by snp_ray.evaluation only
+EVAL_ACCESS = object()
+PROTECTED_SPLITS = frozenset({"test"})
+IMAGE_SHAPE = (32, 32, 3)
+
+
+@dataclass
+class Split:
+    """One split in memory. ``images`` (N,32,32,3 uint8) for image data, ``texts`` for text."""
+
+    dataset: str
+    split: str
+    labels: np.ndarray
+    class_names: list[str]
+    images: np.ndarray | None = None
+    texts: list[str] | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def rows(self, idx: np.ndarray) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.dataset, self.split, self.labels[idx], self.class_names,
+                     None if self.images is None else self.images[idx],
+                     None if self.texts is None else [self.texts[i] for i in idx],
+                     {k: v[idx] for k, v in self.extra.items()})
+
+
+_TYPE_CHECKS = {
+    "binary": lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+    "int": pa.types.is_integer,
+    "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "bool": pa.types.is_boolean,
+}
+
+
+def check_schema(schema: pa.Schema, expected: dict[str, str], what: str) -> None:
+    bad = [f"{c} ({t})" for c, t in expected.items()
+           if c not in schema.names or not _TYPE_CHECKS[t](schema.field(c).type)]
+    if bad:
+        want = ", ".join(f"{c}: {t}" for c, t in expected.items())
+        raise SchemaError(f"{what} has the wrong schema: expected columns {{{want}}}; "
+                          f"missing or mistyped: {', '.join(bad)}; found {schema.names}")
+
+
+def class_names_of(schema: pa.Schema, path: Path) -> list[str]:
+    meta = schema.metadata or {}
+    raw = meta.get(b"classes")
+    if raw is None:
+        sidecar = path.parent / "classes.json"
+        if not sidecar.is_file():
+            raise SchemaError(f"{path} carries no 'classes' metadata and {sidecar} is missing")
+        raw = sidecar.read_bytes()
+    try:
+        names = json.loads(raw)
+        names = names["classes"] if isinstance(names, dict) else names
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SchemaError(f"{path}: cannot parse its class names ({e})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SchemaError(f"{path}: class names must be a list of strings")
+    return names
+
+
+def read_split(name: str, split: str, *, access: object = None, path: Path | None = None) -> Split:
+    """Load ``name``/``split``; the test split needs ``access=EVAL_ACCESS``."""
+    if split in PROTECTED_SPLITS and access is not EVAL_ACCESS:
+        raise TestSplitAccessError(
+            f"the {split} split of {name} is for evaluation only; use snp_ray.evaluation")
+    info = get_dataset(name)
+    path = path or split_file(name, split)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file: {e}") from None
+    check_schema(schema, info.columns, str(path))
+    classes = class_names_of(schema, path)
+    cols = list(info.columns) + [c for c in ("coarse_label", "fine_label") if c in schema.names
+                                  and c not in info.columns]
+    text_cols = [c for c in cols if info.columns.get(c) != "binary"]
+    table = pq.read_table(path, columns=text_cols)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"{path}: labels out of range [0, {len(classes)}): "
+                        f"found {int(labels.min())}..{int(labels.max())}")
+    extra = {c: table.column(c).to_numpy().astype(np.int64) for c in cols
+             if c not in ("label", "text", "image")}
+    out = Split(name, split, labels, classes, extra=extra)
+    if info.modality == "image":
+        out.images = _decoded_images(path)
+        if out.images.shape[0] != labels.shape[0]:
+            raise DataError(f"{path}: {out.images.shape[0]} images but {labels.shape[0]} labels")
+    else:
+        out.texts = [t if t is not None else "" for t in table.column("text").to_pylist()]
+    return out
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SNP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "snp_ray")
+    return Path(base)
+
+
+def _decoded_images(path: Path) -> np.ndarray:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = cache_dir() / "decoded" / f"{key}.npy"
+    if cached.is_file():
+        try:
+            arr = np.load(cached, allow_pickle=False, mmap_mode="r")
+            return np.ascontiguousarray(arr)
+        except (ValueError, OSError):
+            log.warning("ignoring unreadable image cache %s", cached)
+    column = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    arr = decode_images(column, str(path))
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    try:
+        atomic_write_bytes(cached, buf.getvalue())
+    except OSError as e:  # a read-only cache only costs speed
+        log.warning("cannot cache decoded images at %s: %s", cached, e)
+    return arr
+
+
+def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
+    """PNG/JPEG bytes -> (N, 32, 32, 3) uint8; a wrong size or mode is a DataError."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((len(blobs),) + IMAGE_SHAPE, dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            raise DataError(f"{what}: row {i} has no image")
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"{what}: row {i} is not a decodable image ({e})") from None
+        if arr.shape != IMAGE_SHAPE:
+            raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")
+        out[i] = arr
+    return out

@@ -1,0 +1,1 @@
+"""Engine: job presets and the job bodies that jobs/ and the CLI share."""

@@ -1,0 +1,37 @@
+"""Named job presets: a market to train (or reuse) and the few-shot size to slice it with.
+
+``quickstart`` is what ``make run`` does; ``smoke`` is a tiny, fast version for tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from snp_ray.config import Config
+from snp_ray.errors import UnknownNameError
+from snp_ray.market.build import MarketConfig
+from snp_ray.market.training import TrainConfig
+
+
+@dataclass
+class JobPreset(Config):
+    name: str
+    market: MarketConfig = field(default_factory=MarketConfig)
+    k: int = 10
+    store: str = ""                 # default store folder, relative to the working directory
+
+
+PRESETS: dict[str, JobPreset] = {p.name: p for p in [
+    JobPreset("quickstart", MarketConfig(task="T1", arch="vgg11", width=0.25,
+                                         train=TrainConfig(epochs=12)), k=10,
+              store="runs/quickstart"),
+    JobPreset("smoke", MarketConfig(task="T1", arch="vgg11", width=0.125,
+                                    train=TrainConfig(epochs=1, train_fraction=0.04)), k=5,
+              store="runs/smoke"),
+]}
+
+
+def get_preset(name: str) -> JobPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownNameError("preset", name, list(PRESETS)) from None

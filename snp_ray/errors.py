@@ -1,0 +1,59 @@
+"""One exception hierarchy for everything snp_ray raises on bad input.
+
+Callers catch :class:`SnpError` to separate "your input is wrong" from bugs. Each subclass names
+the layer that refused the input, and every message names the object and the problem.
+"""
+from __future__ import annotations
+
+
+class SnpError(Exception):
+    """Base class of every error snp_ray raises on purpose."""
+
+
+class ConfigError(SnpError, ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name (task, architecture, preset, class) is not one of the valid ones."""
+
+    def __init__(self, kind: str, name: object, valid: list[str] | tuple[str, ...]):
+        self.kind, self.name, self.valid = kind, name, sorted(map(str, valid))
+        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
+        return self.args[0]
+
+
+class DataError(SnpError, ValueError):
+    """A dataset, sample or split is unusable."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
+    """A dataset file is missing; the message says how to obtain it."""
+
+
+class SchemaError(DataError):
+    """A table lacks the columns (or types) it must have."""
+
+
+class TestSplitAccessError(DataError, PermissionError):
+    """Code outside the evaluation API asked for the test split."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class StoreError(SnpError, OSError):
+    """A model or fragment store cannot be read or written."""
+
+
+class ArtifactNotFoundError(StoreError, FileNotFoundError):
+    """A stored object (model, fragment, blob) does not exist."""
+
+
+class IntegrityError(StoreError):
+    """A stored object fails its checksum or does not match its spec."""
+
+
+class EngineError(SnpError, RuntimeError):
+    """A distributed job could not complete."""

@@ -1,0 +1,126 @@
+"""Train a task's original models, one Ray task per model, into a model store.
+
+Workers return weights as safetensors bytes and the driver writes them, so the same code works
+when the workers run on other machines than the store. Models already in the store with the same
+settings are skipped, so a rerun costs nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snp_ray.artifacts import tensors_from_bytes, tensors_to_bytes
+from snp_ray.config import Config, check_range
+from snp_ray.errors import ConfigError, EngineError
+from snp_ray.market.market import Market
+from snp_ray.market.modelstore import ModelSpec, ModelStore
+from snp_ray.market.tasks import get_task
+from snp_ray.market.training import TrainConfig
+from snp_ray.models import get_arch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MarketConfig(Config):
+    task: str = "T1"
+    arch: str = ""                 # empty: the task's default architecture
+    width: float = 0.25
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    fewshot_seed: int = 0
+
+    def validate(self) -> None:
+        task = get_task(self.task)
+        self.arch = self.arch or task.default_arch
+        arch = get_arch(self.arch)
+        from snp_ray.data.catalog import get_dataset
+        if arch.modality != get_dataset(task.dataset).modality:
+            raise ConfigError(f"architecture {self.arch} ({arch.modality}) cannot learn task "
+                              f"{self.task} ({task.dataset})")
+        check_range("MarketConfig", "width", self.width, 0.0, 8.0, lo_open=True)
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ConfigError(f"MarketConfig.ks must hold positive k values, got {self.ks}")
+
+
+def model_id(task: str, index: int, arch: str, width: float) -> str:
+    return f"{task}-m{index}-{arch}-w{width:g}"
+
+
+def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, Any]]:
+    """Body of one Ray task: train model ``index`` of the task and evaluate it once."""
+    from snp_ray.data.tables import read_split
+    from snp_ray.evaluation import test_accuracy
+    from snp_ray.market.training import train_original
+
+    cfg = MarketConfig.from_dict(cfg_dict)
+    task = get_task(cfg.task)
+    classes = task.model_classes[index]
+    split = read_split(task.dataset, "train")
+    trained = train_original(split, classes, cfg.arch, cfg.width, cfg.train.replace(seed=cfg.train.seed + index))
+    metrics = dict(trained.metrics)
+    metrics["test_accuracy"] = test_accuracy(trained.model, trained.input_spec, task.dataset, classes)
+    spec = ModelSpec(id=model_id(cfg.task, index, cfg.arch, cfg.width), task=cfg.task, index=index,
+                     arch=cfg.arch, width=cfg.width, dataset=task.dataset, classes=list(classes),
+                     class_names=[split.class_names[c] for c in classes],
+                     input=trained.input_spec.to_dict(), train=cfg.train.to_dict(), metrics=metrics)
+    return tensors_to_bytes(trained.model.state_dict()), spec.to_dict()
+
+
+def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> list[ModelSpec]:
+    """Train the models of ``cfg.task`` that ``root`` lacks; return every model's spec."""
+    import ray
+
+    from snp_ray.runtime import ensure_ray
+
+    store = ModelStore(root)
+    task = get_task(cfg.task)
+    ids = [model_id(cfg.task, i, cfg.arch, cfg.width) for i in range(task.num_models)]
+    todo = []
+    for i, mid in enumerate(ids):
+        if store.exists(mid) and store.spec(mid).train == cfg.train.to_dict():
+            log.info("model %s already trained, skipping", mid)
+        else:
+            todo.append(i)
+    if todo:
+        ensure_ray()
+        env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
+        remote = ray.remote(num_cpus=cfg.train.threads, max_retries=1)(_train_one)
+        refs = {remote.options(runtime_env={"env_vars": env}).remote(cfg.to_dict(), i): i for i in todo}
+        bar = _bar(len(refs), progress)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                blob, spec_dict = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if hasattr(e, "cause") else e
+                if isinstance(cause, Exception) and type(cause).__module__.startswith("snp_ray"):
+                    raise cause from None
+                raise EngineError(f"training model {refs[done[0]]} of {cfg.task} failed: {e}") from e
+            spec = ModelSpec.from_dict(spec_dict)
+            model = spec.build()
+            model.load_state_dict(tensors_from_bytes(blob, None, spec.id))
+            spec = store.save(model, spec)
+            log.info("trained %s: test accuracy %.4f in %.1fs", spec.id,
+                     spec.metrics["test_accuracy"], spec.metrics["train_seconds"])
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    store.write_market_info({"task": cfg.task, "config": cfg.to_dict(), "models": ids})
+    market = Market(root)
+    for mid in ids:
+        for k in cfg.ks:
+            market.manifest(mid, k, cfg.fewshot_seed)
+    return [store.spec(mid) for mid in ids]
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="training models", unit="model")

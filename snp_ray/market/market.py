@@ -1,0 +1,83 @@
+"""A market: the stored original models and, for each, the few-shot data its developer uploaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot
+from snp_ray.data.tables import Split, read_split
+from snp_ray.errors import ArtifactNotFoundError, DataError
+from snp_ray.market.modelstore import ModelSpec, ModelStore
+from snp_ray.models import Classifier
+
+
+def fewshot_seed(base_seed: int, model_index: int) -> int:
+    """Each developer draws its own samples: the seed mixes the market seed and the model."""
+    return int(base_seed) * 1009 + int(model_index)
+
+
+class Market:
+    """Read access to a market store, with the train split loaded once per dataset."""
+
+    def __init__(self, root: str | Path):
+        self.store = ModelStore(root)
+        self._splits: dict[str, Split] = {}
+        self._models: dict[str, tuple[Classifier, ModelSpec]] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    def ids(self) -> list[str]:
+        return self.store.ids()
+
+    def specs(self) -> list[ModelSpec]:
+        return [self.store.spec(i) for i in self.ids()]
+
+    def spec(self, model_id: str) -> ModelSpec:
+        return self.store.spec(model_id)
+
+    def model(self, model_id: str) -> tuple[Classifier, ModelSpec]:
+        if model_id not in self._models:
+            self._models[model_id] = self.store.load(model_id)
+        return self._models[model_id]
+
+    def train_split(self, dataset: str) -> Split:
+        if dataset not in self._splits:
+            self._splits[dataset] = read_split(dataset, "train")
+        return self._splits[dataset]
+
+    def manifest(self, model_id: str, k: int, seed: int = 0) -> FewShotManifest:
+        """The model's k-shot manifest, drawn and stored on first use."""
+        spec = self.spec(model_id)
+        mseed = fewshot_seed(seed, spec.index)
+        found = self.store.manifest(model_id, k, mseed)
+        if found is not None:
+            return found
+        labels = self.train_split(spec.dataset).labels
+        manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
+        self.store.save_manifest(model_id, manifest)
+        return manifest
+
+    def fewshot(self, model_id: str, k: int, seed: int = 0) -> FewShotSet:
+        manifest = self.manifest(model_id, k, seed)
+        return load_fewshot(manifest, self.train_split(manifest.dataset))
+
+    def holders(self, class_id: int) -> list[ModelSpec]:
+        """Models that hold global class ``class_id``."""
+        return [s for s in self.specs() if class_id in s.classes]
+
+    def class_id(self, name_or_id: str | int) -> int:
+        """Resolve a class name or id against the classes the market's models hold."""
+        names: dict[str, int] = {}
+        for s in self.specs():
+            names.update(zip(s.class_names, s.classes))
+        if not names:
+            raise ArtifactNotFoundError(f"the market at {self.root} holds no models")
+        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit()):
+            cid = int(name_or_id)
+            if cid in names.values():
+                return cid
+        elif name_or_id in names:
+            return names[name_or_id]
+        raise DataError(f"class {name_or_id!r} is held by no model of this market; held classes: "
+                        f"{sorted(names, key=names.get)}")

@@ -1,0 +1,173 @@
+"""Training of the market's original models (what each model's developer did before uploading).
+
+The developer has the full training split of its own classes; the market later receives only the
+trained weights and k samples per class. Training runs a fixed schedule: no early stopping and no
+model selection, so nothing here looks at the test split.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from snp_ray.config import Config, check_range
+from snp_ray.data.specs import ImageSpec, InputSpec, TextSpec
+from snp_ray.data.tables import Split
+from snp_ray.data.text import build_vocab
+from snp_ray.errors import ConfigError
+from snp_ray.models import Classifier, build_model, get_arch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig(Config):
+    """Schedule for one original model. ``None`` fields take the modality's default."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float | None = None            # peak LR. image: SGD 0.05; text: AdamW 2e-3
+    weight_decay: float = 5e-4
+    train_fraction: float = 1.0        # stratified share of the train split the developer used
+    augment: bool = True               # random crop (pad 4) + horizontal flip for images
+    seed: int = 0
+    threads: int = 1                   # torch intra-op threads of one training task
+    max_len: int = 48                  # text: tokens per sentence
+    vocab_size: int = 20_000           # text: most frequent tokens kept
+
+    def validate(self) -> None:
+        name = "TrainConfig"
+        check_range(name, "epochs", self.epochs, 1, 10_000)
+        check_range(name, "batch_size", self.batch_size, 1, 65_536)
+        check_range(name, "train_fraction", self.train_fraction, 0.0, 1.0, lo_open=True)
+        check_range(name, "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range(name, "threads", self.threads, 1, 1024)
+        if self.lr is not None:
+            check_range(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
+
+
+@dataclass
+class TrainedModel:
+    model: Classifier
+    input_spec: InputSpec
+    metrics: dict[str, float]
+
+
+def stratified_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Row indices keeping ``fraction`` of every class (at least one row each)."""
+    if fraction >= 1.0:
+        return np.arange(labels.shape[0])
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(idx)[: max(1, int(round(fraction * idx.size)))])
+    return np.sort(np.concatenate(keep))
+
+
+def warmup_cosine(steps: int, warmup_share: float = 0.15):
+    """LR factor per step: linear warm-up, then cosine decay to zero. Works for any ``steps``."""
+    warm = max(1, int(warmup_share * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
+    return factor
+
+
+def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random 32x32 crop of the zero-padded (by 4) batch, and a random horizontal flip."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out.contiguous(memory_format=torch.channels_last)
+
+
+def train_original(split: Split, classes: list[int], arch: str, width: float,
+                   cfg: TrainConfig, progress: bool = False) -> TrainedModel:
+    """Train ``arch`` on the rows of ``split`` whose label is in ``classes`` (global ids)."""
+    a = get_arch(arch)
+    if (a.modality == "image") != (split.images is not None):
+        raise ConfigError(f"architecture {arch} ({a.modality}) does not fit dataset {split.dataset}")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rows = np.flatnonzero(np.isin(split.labels, classes))
+    rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
+    local_of = {c: i for i, c in enumerate(classes)}
+    y = torch.tensor([local_of[int(c)] for c in split.labels[rows]], dtype=torch.long)
+
+    spec: InputSpec
+    if a.modality == "image":
+        spec = ImageSpec.fit(split.images[rows])
+        x = spec.encode(split.images[rows])
+        model = build_model(arch, len(classes), width)
+        model = model.to(memory_format=torch.channels_last)
+        lr = cfg.lr or 0.05
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay)
+    else:
+        texts = [split.texts[i] for i in rows]
+        spec = TextSpec(vocab=build_vocab(texts, max_size=cfg.vocab_size), max_len=cfg.max_len)
+        x = spec.encode(texts)
+        model = build_model(arch, len(classes), width, vocab_size=len(spec.vocab))
+        lr = cfg.lr or 2e-3
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+
+    n = x.shape[0]
+    steps = cfg.epochs * max(1, -(-n // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    bar = _bar(cfg.epochs, progress, f"{arch} {classes}")
+    correct = seen = 0
+    loss_sum = 0.0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        correct = seen = 0
+        loss_sum = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            if a.modality == "image" and cfg.augment:
+                xb = augment_images(xb, gen)
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        log.debug("%s epoch %d loss %.4f acc %.4f", arch, epoch, loss_sum / seen, correct / seen)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "train_rows": int(n), "train_seconds": time.perf_counter() - started}
+    return TrainedModel(model.to(memory_format=torch.contiguous_format), spec, metrics)
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)

@@ -1,0 +1,29 @@
+"""The contract every zoo model keeps: a feature extractor and a head, kept apart.
+
+Slicing cuts the feature extractor into fragments and throws the head away; packing puts a new
+head on top of concatenated fragment features. So each model exposes ``features`` (input ->
+flat feature vector of ``feature_dim``) and ``head`` (one ``nn.Linear``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """``head(features(x))`` with the two parts addressable by name."""
+
+    def __init__(self, features: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.features = features
+        self.feature_dim = int(feature_dim)
+        self.num_classes = int(num_classes)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (buffers such as BN running stats are not parameters)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,66 @@
+"""Architecture registry: the one place that maps a name to a builder.
+
+Everything else (market, slicing, CLI) asks the registry, so adding an architecture means adding
+one entry here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from snp_ray.errors import ConfigError, UnknownNameError
+from snp_ray.models.base import Classifier, count_params
+from snp_ray.models.resnet import LAYOUTS, resnet
+from snp_ray.models.rnn import rnn
+from snp_ray.models.textcnn import textcnn
+from snp_ray.models.vgg import CONFIGS, vgg
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    family: str        # vgg | resnet | textcnn | rnn
+    modality: str      # image | text
+    builder: Callable[..., Classifier]
+
+
+ARCHS: dict[str, Arch] = {}
+for _name in CONFIGS:
+    ARCHS[_name] = Arch(_name, "vgg", "image", partial(vgg, _name))
+for _name in LAYOUTS:
+    ARCHS[_name] = Arch(_name, "resnet", "image", partial(resnet, _name))
+ARCHS["textcnn"] = Arch("textcnn", "textcnn", "text", textcnn)
+ARCHS["gru"] = Arch("gru", "rnn", "text", partial(rnn, cell="gru"))
+ARCHS["lstm"] = Arch("lstm", "rnn", "text", partial(rnn, cell="lstm"))
+
+#: vocabulary size used to report text-model sizes when no real vocabulary is at hand
+REFERENCE_VOCAB = 10_000
+
+
+def get_arch(name: str) -> Arch:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise UnknownNameError("architecture", name, list(ARCHS)) from None
+
+
+def build_model(arch: str, num_classes: int, width: float = 1.0,
+                vocab_size: int | None = None) -> Classifier:
+    """Build an untrained model. Text models need ``vocab_size`` (their own vocabulary's)."""
+    a = get_arch(arch)
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if not (0 < float(width) <= 8):
+        raise ConfigError(f"width multiplier must be in (0, 8], got {width!r}")
+    if a.modality == "text":
+        if not vocab_size or vocab_size < 2:
+            raise ConfigError(f"text architecture {arch!r} needs vocab_size >= 2, got {vocab_size!r}")
+        return a.builder(num_classes=num_classes, vocab_size=int(vocab_size), width=float(width))
+    return a.builder(num_classes=num_classes, width=float(width))
+
+
+def param_table(num_classes: int = 10, width: float = 1.0) -> dict[str, int]:
+    """Parameter count of every architecture (text models at ``REFERENCE_VOCAB`` tokens)."""
+    return {name: count_params(build_model(name, num_classes, width, REFERENCE_VOCAB))
+            for name in ARCHS}

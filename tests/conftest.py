@@ -1,0 +1,89 @@
+"""Shared fixtures: the data root, one local Ray cluster per session, tiny datasets on disk."""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if "SNP_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["SNP_DATA_ROOT"] = str(SHARED_DATA)
+REAL_DATA_ROOT = os.environ.get("SNP_DATA_ROOT", "")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real datasets (shared/data); the tests that need them fail loudly without them."""
+    root = Path(REAL_DATA_ROOT)
+    assert REAL_DATA_ROOT and (root / "cifar10" / "train.parquet").is_file(), (
+        "these tests need SNP_DATA_ROOT (or ../shared/data beside the repo) with the shipped datasets")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_data_root(monkeypatch):
+    """Tests may point SNP_DATA_ROOT elsewhere; every test starts from the real root."""
+    if REAL_DATA_ROOT:
+        monkeypatch.setenv("SNP_DATA_ROOT", REAL_DATA_ROOT)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (init alone costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_image_parquet(path: Path, images: np.ndarray, labels, classes: list[str],
+                        extra_columns: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    cols = {"image": pa.array([png_bytes(i) for i in images], pa.binary()),
+            "label": pa.array(np.asarray(labels, dtype=np.int16))}
+    cols.update(extra_columns or {})
+    for name in drop:
+        cols.pop(name)
+    table = pa.table(cols).replace_schema_metadata({"classes": json.dumps(classes)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture
+def tiny_root(tmp_path, monkeypatch) -> Path:
+    """A data root with a 3-class, 8-per-class fake CIFAR-10 and a tiny text set."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    labels = np.repeat(np.arange(3), 8)
+    images = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
+    write_image_parquet(root / "cifar10" / "train.parquet", images, labels, ["a", "b", "c"])
+    write_image_parquet(root / "cifar10" / "test.parquet", images[:6], labels[:6], ["a", "b", "c"])
+    texts = pa.table({"text": ["what is x ?", "who is y", "where is z", "how many"],
+                      "label": pa.array([0, 1, 2, 2], pa.int16())})
+    (root / "trec").mkdir(parents=True)
+    pq.write_table(texts.replace_schema_metadata({"classes": json.dumps(["q", "w", "e"])}),
+                   root / "trec" / "train.parquet")
+    monkeypatch.setenv("SNP_DATA_ROOT", str(root))
+    monkeypatch.setenv("SNP_CACHE_DIR", str(tmp_path / "cache"))
+    return root
