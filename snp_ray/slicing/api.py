@@ -1,0 +1,67 @@
+"""Slice (model, class) pairs of a market into fragments: the library entry points."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from snp_ray.market.market import Market
+from snp_ray.market.modelstore import ModelSpec
+from snp_ray.models import count_params
+from snp_ray.slicing.config import SliceConfig
+from snp_ray.slicing.fragment import (Fragment, FragmentSpec, count_macs, example_input,
+                                      fragment_key)
+from snp_ray.slicing.slicer import Slicer
+
+log = logging.getLogger(__name__)
+
+
+def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int,
+                config: SliceConfig, fewshot_seed: int = 0) -> Iterator[Fragment]:
+    """Yield one fragment per class of ``model_id`` (all its classes by default).
+
+    The model, its few-shot set and the traced graph are loaded once and shared by every class.
+    """
+    model, spec = market.model(model_id)
+    fewshot = market.fewshot(model_id, k, fewshot_seed)
+    input_spec = spec.input_spec
+    slicer = Slicer(model, input_spec, fewshot, config)
+    example = example_input(input_spec)
+    source_params = count_params(model.features)
+    source_flops = count_macs(model.features, example)
+    for class_id in (classes if classes is not None else spec.classes):
+        t0 = time.perf_counter()
+        outcome = slicer.slice_class(int(class_id))
+        seconds = time.perf_counter() - t0
+        groups = slicer.graph.groups
+        with torch.no_grad():
+            feature_dim = int(outcome.features(example).shape[1])
+        fspec = FragmentSpec(
+            source_model=spec.id, source_sha256=spec.weights_sha256, arch=spec.arch,
+            width=spec.width, source_classes=len(spec.classes), class_id=int(class_id),
+            class_name=spec.class_names[spec.classes.index(int(class_id))],
+            kept={str(g): v for g, v in outcome.kept.items()},
+            group_names={str(g): n for g, n in outcome.group_names.items()},
+            group_sizes={str(g.id): g.size for g in groups}, feature_dim=feature_dim,
+            params=count_params(outcome.features), source_params=source_params,
+            flops=count_macs(outcome.features, example), source_flops=source_flops,
+            input=spec.input, config=config.to_dict(), config_digest=config.digest(), k=int(k),
+            fewshot_seed=int(fewshot_seed), seconds=seconds, stage_seconds=outcome.stage_seconds,
+            metrics=outcome.metrics)
+        log.info("sliced %s class %s (%s): %d -> %d params, %d features, %.1fs", spec.id,
+                 class_id, fspec.class_name, source_params, fspec.params, feature_dim, seconds)
+        yield Fragment(fspec, outcome.features, outcome.probe)
+
+
+def fragment_dir(store_root: str | Path, spec: FragmentSpec) -> Path:
+    """The local fragment area of a market store: ``fragments/<model>/<key>/``."""
+    return Path(store_root) / "fragments" / spec.source_model / spec.key
+
+
+def stored_fragment_dir(store_root: str | Path, model: ModelSpec, class_id: int,
+                        config: SliceConfig, k: int, seed: int) -> Path:
+    key = fragment_key(model.weights_sha256, class_id, config.digest(), k, seed)
+    return Path(store_root) / "fragments" / model.id / key

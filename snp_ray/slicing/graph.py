@@ -1,0 +1,359 @@
+"""Trace a feature extractor once and find its unit groups.
+
+Every tensor in the traced graph gets a *channel layout*: which dim holds units and which
+segments of it belong to which unit space. Producers (conv, linear, embedding) open a new space;
+channel-wise ops (BN, activations, pooling, dropout) pass the layout through; an element-wise add
+merges the spaces of its operands (a residual join: one coupled group, one kept set); a concat
+along the unit dim lays spaces side by side. Spaces merged by adds form the slicing groups.
+
+Nothing here knows what a VGG or a ResNet is: the groups fall out of the traced data flow.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from snp_ray.errors import ConfigError
+from snp_ray.slicing.handlers import CHANNELWISE, handler_for
+
+Segment = tuple[int, int, int]  # (space or group id, offset in the unit dim, size)
+
+
+@dataclass
+class Layout:
+    dim: int                         # the unit dim (non-negative)
+    segments: list[tuple[int, int]]  # (space id, size), in order along ``dim``
+
+    @property
+    def width(self) -> int:
+        return sum(s for _, s in self.segments)
+
+    def with_offsets(self) -> list[Segment]:
+        out, off = [], 0
+        for sid, size in self.segments:
+            out.append((sid, off, size))
+            off += size
+        return out
+
+
+@dataclass
+class Group:
+    """Units that must share one kept set, with every module that touches them."""
+
+    id: int
+    size: int
+    producers: list[tuple[str, int]] = field(default_factory=list)   # (module, offset) units out
+    consumers: list[tuple[str, int]] = field(default_factory=list)   # (module, offset) inputs
+    gates: list[tuple[str, int]] = field(default_factory=list)       # (gate name, offset)
+    output_offsets: list[int] = field(default_factory=list)          # where it lands in features
+    order: int = 0                                                   # first producer's position
+
+
+@dataclass
+class SliceGraph:
+    module: fx.GraphModule        # the traced extractor with a Gate after every gated tensor
+    groups: list[Group]           # in forward order
+    gate_layouts: dict[str, list[Segment]]
+    output_layout: list[Segment]
+
+    def group(self, gid: int) -> Group:
+        return next(g for g in self.groups if g.id == gid)
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[int, int] = {}
+
+    def add(self, x: int) -> None:
+        self.parent.setdefault(x, x)
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+_PASS_FUNCS = {torch.relu, nn.functional.relu, torch.sigmoid, torch.tanh, nn.functional.dropout,
+               nn.functional.gelu}
+_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+_PASS_METHODS = {"relu", "contiguous", "float", "sigmoid", "tanh", "clone"}
+_REDUCE_METHODS = {"amax", "max", "mean", "sum"}
+_REDUCE_FUNCS = {torch.amax, torch.mean, torch.sum}
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        raise ConfigError(f"cannot infer the shape of {node.name} while tracing")
+    return tuple(meta.shape)
+
+
+def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
+    """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
+    try:
+        gm = fx.symbolic_trace(features)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
+    ShapeProp(gm).propagate(example)
+    modules = dict(gm.named_modules())
+    layouts: dict[fx.Node, Layout] = {}
+    uf = _UnionFind()
+    sizes: dict[int, int] = {}
+    producers: dict[int, list[tuple[str, int]]] = {}
+    members: list[tuple[str, int, int]] = []          # channel-wise modules with params: (name, sid, off)
+    consumers: list[tuple[str, fx.Node]] = []
+    first_seen: dict[int, int] = {}
+    out_node: fx.Node | None = None
+
+    def new_space(node: fx.Node, name: str, size: int, pos: int) -> int:
+        sid = len(sizes)
+        uf.add(sid)
+        sizes[sid] = size
+        producers[sid] = [(name, 0)]
+        first_seen[sid] = pos
+        return sid
+
+    for pos, node in enumerate(gm.graph.nodes):
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        lay_in = layouts.get(args[0]) if args else None
+        if node.op == "placeholder" or node.op == "get_attr":
+            continue
+        if node.op == "output":
+            out_node = node.args[0]
+            continue
+        if node.op == "call_module":
+            mod = modules[node.target]
+            h = handler_for(mod)
+            if h is not None and h.consumes(mod):          # conv / linear / recurrent
+                if lay_in is not None:
+                    expected = len(_shape(args[0])) - 1 if (isinstance(mod, nn.Linear) or h.recurrent) else 1
+                    if lay_in.dim != expected:
+                        raise ConfigError(f"{node.target}: units are not on its input channel dim")
+                    consumers.append((node.target, args[0]))
+                if h.recurrent:   # (output sequence, final state): units on the last dim of both
+                    out_dim, size = 2, mod.hidden_size
+                else:
+                    out_dim = len(_shape(node)) - 1 if isinstance(mod, nn.Linear) else 1
+                    size = _shape(node)[out_dim]
+                sid = new_space(node, node.target, size, pos)
+                layouts[node] = Layout(out_dim, [(sid, sizes[sid])])
+            elif h is not None and h.produces(mod) and not h.consumes(mod) and isinstance(mod, nn.Embedding):
+                out_dim = len(_shape(node)) - 1
+                sid = new_space(node, node.target, _shape(node)[out_dim], pos)
+                layouts[node] = Layout(out_dim, [(sid, sizes[sid])])
+            elif h is not None and h.produces(mod):        # batch norm: rides on its input's units
+                if lay_in is None:
+                    raise ConfigError(f"{node.target}: normalises tensors with no traced units")
+                for sid, off, _ in lay_in.with_offsets():
+                    members.append((node.target, sid, off))
+                layouts[node] = lay_in
+            elif isinstance(mod, CHANNELWISE):
+                if lay_in is not None:
+                    layouts[node] = lay_in
+            elif isinstance(mod, nn.Flatten):
+                if lay_in is not None:
+                    layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim)
+            elif lay_in is not None or any(True for _ in mod.parameters()):
+                raise ConfigError(f"the slicer has no handler for {type(mod).__name__} "
+                                  f"({node.target}); register one in snp_ray.slicing.handlers")
+            continue
+        # call_function / call_method
+        target = node.target
+        if target is torch.cat:
+            tensors = node.args[0]
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            lays = [layouts.get(t) for t in tensors]
+            if not any(lays):
+                continue
+            if any(lay is None for lay in lays):
+                raise ConfigError(f"{node.name}: concatenates traced and untraced tensors")
+            ndim = len(_shape(node))
+            dim = dim % ndim
+            if all(lay.dim == dim for lay in lays):
+                layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments])
+            else:
+                raise ConfigError(f"{node.name}: concatenation along a non-unit dim")
+            continue
+        ins = [layouts.get(a) for a in args]
+        if not any(ins):
+            continue
+        if target is getattr or (node.op == "call_method" and target == "size"):
+            continue                                   # shapes are not tensors with units
+        if target is operator.getitem and isinstance(node.args[1], int):
+            layouts[node] = ins[0]                     # an element of a recurrent layer's output
+            continue
+        if node.op == "call_method" and target == "gather":
+            if node.args[1] % len(_shape(args[0])) == ins[0].dim:
+                raise ConfigError(f"{node.name}: gathers along the unit dim")
+            layouts[node] = ins[0]
+            continue
+        if node.op == "call_method" and target == "squeeze":
+            d = node.args[1] % len(_shape(args[0]))
+            lay = ins[0]
+            if d == lay.dim:
+                raise ConfigError(f"{node.name}: squeezes the unit dim")
+            layouts[node] = Layout(lay.dim - (1 if d < lay.dim else 0), lay.segments)
+            continue
+        if target in _ADD_FUNCS:
+            a, b = ins[0], ins[1] if len(ins) > 1 else None
+            if a is not None and b is not None:
+                if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim:
+                    raise ConfigError(f"{node.name}: adds tensors whose units do not line up")
+                for (sa, _), (sb, _) in zip(a.segments, b.segments):
+                    uf.union(sa, sb)
+            layouts[node] = a or b
+        elif target in _PASS_FUNCS or (node.op == "call_method" and target in _PASS_METHODS):
+            layouts[node] = ins[0]
+        elif (node.op == "call_method" and target in _REDUCE_METHODS) or target in _REDUCE_FUNCS:
+            layouts[node] = _reduce(node, args[0], ins[0])
+        elif node.op == "call_method" and target == "transpose":
+            d0, d1 = (x % len(_shape(args[0])) for x in node.args[1:3])
+            lay = ins[0]
+            dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
+            layouts[node] = Layout(dim, lay.segments)
+        elif node.op == "call_method" and target == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            layouts[node] = _flatten(node, args[0], ins[0], start)
+        else:
+            raise ConfigError(f"the slicer cannot follow units through {node.op} {target!r} "
+                              f"({node.name})")
+    if out_node is None or out_node not in layouts:
+        raise ConfigError("the feature extractor's output carries no traced units")
+
+    # groups = union-find roots
+    roots = sorted({uf.find(s) for s in sizes}, key=lambda r: min(first_seen[s] for s in sizes if uf.find(s) == r))
+    gid_of = {r: i for i, r in enumerate(roots)}
+    groups = [Group(id=i, size=sizes[r]) for i, r in enumerate(roots)]
+    for sid in sizes:
+        g = groups[gid_of[uf.find(sid)]]
+        if sizes[sid] != g.size:
+            raise ConfigError("coupled unit spaces of different sizes")
+        g.producers += producers[sid]
+        g.order = min(g.order or first_seen[sid], first_seen[sid])
+    for name, sid, off in members:
+        groups[gid_of[uf.find(sid)]].producers.append((name, off))
+
+    def gid(sid: int) -> int:
+        return gid_of[uf.find(sid)]
+
+    # one gate after every tensor a consumer reads, and one on the output
+    gated: dict[fx.Node, str] = {}
+    gate_layouts: dict[str, list[Segment]] = {}
+    for cname, node in consumers:
+        lay = layouts[node]
+        if node not in gated:
+            gated[node] = f"gate{len(gated)}"
+            gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
+        for s, off, _ in lay.with_offsets():
+            groups[gid(s)].consumers.append((cname, off))
+    out_lay = layouts[out_node]
+    output_layout = [(gid(s), off, size) for s, off, size in out_lay.with_offsets()]
+    gated.setdefault(out_node, f"gate{len(gated)}")
+    gate_layouts[gated[out_node]] = output_layout
+    for g, off, _ in output_layout:
+        groups[g].output_offsets.append(off)
+    for node, gname in gated.items():
+        for g, off, _ in gate_layouts[gname]:
+            groups[g].gates.append((gname, off))
+        gm.add_submodule(gname, Gate(gname, layouts[node].dim, gate_layouts[gname]))
+        with gm.graph.inserting_after(node):
+            gate_node = gm.graph.call_module(gname, (node,))
+        node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
+    gm.graph.lint()
+    gm.recompile()
+    return SliceGraph(gm, groups, gate_layouts, output_layout)
+
+
+def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int) -> Layout:
+    shape = _shape(src)
+    start = start % len(shape)
+    if lay.dim < start:
+        return lay
+    if lay.dim == start and all(s == 1 for s in shape[start + 1:]):
+        return Layout(start, lay.segments)
+    raise ConfigError(f"{node.name}: flattening unit maps larger than 1x1 is not supported; "
+                      "pool to 1x1 first")
+
+
+def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
+    ndim = len(_shape(src))
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if dims is None:
+        raise ConfigError(f"{node.name}: reduces over every dim, units included")
+    dims = [d % ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    if lay.dim in dims:
+        raise ConfigError(f"{node.name}: reduces over the unit dim")
+    shift = 0 if keep else sum(1 for d in dims if d < lay.dim)
+    return Layout(lay.dim - shift, lay.segments)
+
+
+class Gate(nn.Module):
+    """Sits on a traced tensor. Idle it is the identity; it can record per-unit norms (for
+    scores and the l2,1 penalty) and rebuild dropped units from kept ones through a repair."""
+
+    def __init__(self, name: str, dim: int, segments: list[Segment]):
+        super().__init__()
+        self.gate_name, self.dim, self.segments = name, dim, segments
+        self.state: "GateState | None" = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        if st is None:
+            return x
+        pieces, changed = [], False
+        for g, off, size in self.segments:
+            seg = x.narrow(self.dim, off, size)
+            if g in st.observe:
+                other = [d for d in range(x.dim()) if d not in (0, self.dim)]
+                norms = seg.pow(2).sum(dim=other).clamp_min(1e-12).sqrt() if other else seg.abs()
+                st.record(g, norms)
+            repair = st.repairs.get(g)
+            if repair is not None:
+                kept, dropped, mat = repair
+                k = seg.index_select(self.dim, kept).movedim(self.dim, -1)
+                rebuilt = (k @ mat.t()).movedim(-1, self.dim)
+                seg = seg.index_copy(self.dim, dropped, rebuilt)
+                changed = True
+            pieces.append(seg)
+        return torch.cat(pieces, dim=self.dim) if changed and len(pieces) > 1 else (
+            pieces[0] if changed else x)
+
+
+class GateState:
+    """What all gates of one graph do on the next forward."""
+
+    def __init__(self):
+        self.observe: set[int] = set()
+        self.repairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.records: dict[int, list[torch.Tensor]] = {}
+
+    def record(self, g: int, norms: torch.Tensor) -> None:
+        self.records.setdefault(g, []).append(norms)
+
+    def unit_norms(self, g: int) -> torch.Tensor:
+        """(batch, units): summed over every gate of group ``g`` seen in the last forward."""
+        recs = self.records.get(g)
+        if not recs:
+            raise RuntimeError(f"group {g} was not observed")
+        return torch.stack(recs).sum(0)
+
+    def reset_records(self) -> None:
+        self.records.clear()
+
+
+def attach(graph: SliceGraph) -> GateState:
+    state = GateState()
+    for m in graph.module.modules():
+        if isinstance(m, Gate):
+            m.state = state
+    return state

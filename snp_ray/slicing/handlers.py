@@ -1,0 +1,215 @@
+"""Typed per-layer handlers: what "keep these units" and "absorb a repair" mean for each module.
+
+The slicing algorithm never asks what architecture it is working on; it asks the handler of a
+module type. Adding a layer type means registering one handler here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from snp_ray.errors import ConfigError
+
+
+class Handler:
+    """Channel surgery for one module type. ``out`` = the module's units; ``in`` = its inputs."""
+
+    #: parameter/buffer names whose dim 0 (or ``out_dim``) indexes the module's output units
+    out_tensors: tuple[str, ...] = ()
+    out_dim: int = 0
+    in_dim: int | None = None           # dim of ``in_weight`` that indexes input channels
+    in_weight: str = "weight"
+
+    def produces(self, module: nn.Module) -> bool:
+        return bool(self.out_tensors)
+
+    def consumes(self, module: nn.Module) -> bool:
+        return self.in_dim is not None
+
+    recurrent = False
+
+    def unit_positions(self, module: nn.Module, tensor: str, units: torch.Tensor) -> torch.Tensor:
+        """Indices along ``out_dim`` of ``tensor`` that belong to ``units``."""
+        return units
+
+    def tilde_override(self, module: nn.Module, tensor: str, value: torch.Tensor,
+                       dropped: torch.Tensor) -> torch.Tensor:
+        """The weight the repaired network (f~) uses; only recurrent layers change it."""
+        return value
+
+    def keep_out(self, module: nn.Module, kept: torch.Tensor) -> None:
+        """Physically keep only output units ``kept``."""
+        for name in self.out_tensors:
+            t = getattr(module, name, None)
+            if t is None:
+                continue
+            new = t.detach().index_select(self.out_dim, self.unit_positions(module, name, kept)).clone()
+            _set(module, name, new)
+        self.set_out_size(module, int(kept.numel()))
+
+    def absorb_repair(self, module: nn.Module, start: int, size: int, kept: torch.Tensor,
+                      dropped: torch.Tensor, repair: torch.Tensor) -> None:
+        """Fold a repair (dropped = repair @ kept) into input channels ``start..start+size``.
+
+        ``W'[:, kept] = W[:, kept] + W[:, dropped] @ repair``, per kernel position; afterwards the
+        module reads only the kept channels of that segment.
+        """
+        w = getattr(module, self.in_weight).detach()
+        d = self.in_dim
+        seg = w.narrow(d, start, size)
+        wk = seg.index_select(d, kept)
+        wd = seg.index_select(d, dropped)
+        # move the input dim last, mix, move back
+        mixed = wk.movedim(d, -1) + wd.movedim(d, -1) @ repair.to(w.dtype)
+        new_seg = mixed.movedim(-1, d)
+        parts = [w.narrow(d, 0, start), new_seg, w.narrow(d, start + size, w.shape[d] - start - size)]
+        _set(module, self.in_weight, torch.cat(parts, dim=d).clone())
+        self.set_in_size(module, int(getattr(module, self.in_weight).shape[d]))
+
+    def keep_in(self, module: nn.Module, start: int, size: int, kept: torch.Tensor) -> None:
+        """Keep only input channels ``kept`` of segment ``start..start+size`` (no repair)."""
+        empty = torch.empty(0, int(kept.numel()))
+        self.absorb_repair(module, start, size, kept, torch.empty(0, dtype=torch.long), empty)
+
+    def set_out_size(self, module: nn.Module, n: int) -> None:
+        raise NotImplementedError
+
+    def set_in_size(self, module: nn.Module, n: int) -> None:
+        raise NotImplementedError
+
+
+def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(name, value)
+
+
+class ConvHandler(Handler):
+    out_tensors = ("weight", "bias")
+    in_dim = 1
+
+    def consumes(self, module: nn.Module) -> bool:
+        if module.groups != 1:
+            raise ConfigError(f"grouped convolutions are not supported by the slicer ({module})")
+        return True
+
+    def set_out_size(self, module, n):
+        module.out_channels = n
+
+    def set_in_size(self, module, n):
+        module.in_channels = n
+
+
+class LinearHandler(Handler):
+    out_tensors = ("weight", "bias")
+    in_dim = 1
+
+    def set_out_size(self, module, n):
+        module.out_features = n
+
+    def set_in_size(self, module, n):
+        module.in_features = n
+
+
+class BatchNormHandler(Handler):
+    """Per-channel affine + running statistics: follows its input's units, consumes nothing."""
+
+    out_tensors = ("weight", "bias", "running_mean", "running_var")
+
+    def set_out_size(self, module, n):
+        module.num_features = n
+
+
+class EmbeddingHandler(Handler):
+    """The embedding dimensions are units; a token id is not a channel, so it consumes nothing."""
+
+    out_tensors = ("weight",)
+    out_dim = 1
+
+    def set_out_size(self, module, n):
+        module.embedding_dim = n
+
+
+class RecurrentHandler(Handler):
+    """Single-layer, unidirectional GRU/LSTM (batch first). Hidden units are the units.
+
+    Dropping unit j removes row j of every gate block of ``weight_ih``/``weight_hh``/biases AND
+    column j of ``weight_hh``: the recurrence itself loses the unit. A repair cannot be folded
+    into the recurrence (it would have to run inside every time step), so the repaired network
+    used in training also cuts those recurrent columns (``tilde_override``); the fragment then
+    equals it exactly, and the repair of the hidden units is folded into the next
+    non-recurrent layer only. The input side (``weight_ih`` columns) absorbs repairs exactly.
+    """
+
+    out_tensors = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    in_dim = 1
+    in_weight = "weight_ih_l0"
+    recurrent = True
+
+    def _blocks(self, module) -> int:
+        return 3 if isinstance(module, nn.GRU) else 4
+
+    def consumes(self, module: nn.Module) -> bool:
+        if module.num_layers != 1 or module.bidirectional or not module.batch_first:
+            raise ConfigError("the slicer supports single-layer, unidirectional, batch-first "
+                              f"recurrent layers, got {module}")
+        return True
+
+    def unit_positions(self, module, tensor, units):
+        h = module.hidden_size
+        return torch.cat([b * h + units for b in range(self._blocks(module))])
+
+    def tilde_override(self, module, tensor, value, dropped):
+        if tensor != "weight_hh_l0" or dropped.numel() == 0:
+            return value
+        mask = torch.ones(value.shape[1], dtype=value.dtype)
+        mask[dropped] = 0
+        return value * mask
+
+    def keep_out(self, module, kept):
+        super().keep_out(module, kept)
+        w = module.weight_hh_l0.detach().index_select(1, kept).clone()
+        _set(module, "weight_hh_l0", w)
+        module._flat_weights = [getattr(module, n) for n in module._flat_weights_names]
+
+    def absorb_repair(self, module, start, size, kept, dropped, repair):
+        super().absorb_repair(module, start, size, kept, dropped, repair)
+        module._flat_weights = [getattr(module, n) for n in module._flat_weights_names]
+
+    def set_out_size(self, module, n):
+        module.hidden_size = n
+
+    def set_in_size(self, module, n):
+        module.input_size = n
+
+
+#: module type -> handler; looked up along the MRO so subclasses inherit their parent's handler
+HANDLERS: dict[type, Handler] = {
+    nn.Conv1d: ConvHandler(), nn.Conv2d: ConvHandler(), nn.Linear: LinearHandler(),
+    nn.BatchNorm1d: BatchNormHandler(), nn.BatchNorm2d: BatchNormHandler(),
+    nn.Embedding: EmbeddingHandler(), nn.GRU: RecurrentHandler(), nn.LSTM: RecurrentHandler(),
+}
+
+#: modules that keep units apart (act on each channel alone) and so pass a channel layout through
+CHANNELWISE: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
+                                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Dropout,
+                                 nn.Identity)
+
+
+def handler_for(module: nn.Module) -> Handler | None:
+    for cls in type(module).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return None
+
+
+def register_handler(module_type: type, handler: Handler) -> Callable[[], None]:
+    """Add a handler for a new layer type; returns a function that removes it again."""
+    HANDLERS[module_type] = handler
+    return lambda: HANDLERS.pop(module_type, None)

@@ -1,0 +1,61 @@
+"""Physical surgery on an eager feature extractor: keep units, fold repairs into consumers.
+
+Used twice: to build a fragment from a finished slicing run (with repairs), and to rebuild a
+stored fragment's shapes before loading its weights (without repairs).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from snp_ray.slicing.graph import SliceGraph
+from snp_ray.slicing.handlers import handler_for
+
+Repair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # kept, dropped, matrix (|d| x |k|)
+
+
+def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor],
+           repairs: dict[int, Repair] | None = None) -> nn.Module:
+    """Slice ``features`` (an eager twin of ``graph.module``) in place to the kept units.
+
+    With ``repairs``, every consumer first absorbs the repair of each input segment, so the
+    result computes exactly what the repaired, unsliced network computes on the kept units.
+    """
+    modules = dict(features.named_modules())
+    # consumers: fold repairs (or just drop columns), highest offset first so offsets stay valid
+    inputs: dict[str, list[tuple[int, int]]] = {}
+    for g in graph.groups:
+        for name, off in g.consumers:
+            inputs.setdefault(name, []).append((off, g.id))
+    for name, segs in inputs.items():
+        mod = modules[name]
+        h = handler_for(mod)
+        for off, gid in sorted(segs, reverse=True):
+            size = graph.group(gid).size
+            if repairs and gid in repairs:
+                k, d, mat = repairs[gid]
+                h.absorb_repair(mod, off, size, k, d, mat)
+            else:
+                h.keep_in(mod, off, size, kept[gid])
+    # producers: keep rows of every segment a module hosts
+    outputs: dict[str, list[tuple[int, int]]] = {}
+    for g in graph.groups:
+        for name, off in g.producers:
+            outputs.setdefault(name, []).append((off, g.id))
+    for name, segs in outputs.items():
+        idx = torch.cat([off + kept[gid] for off, gid in sorted(segs)])
+        handler_for(modules[name]).keep_out(modules[name], idx)
+    return features
+
+
+def fold_into_linear(linear: nn.Linear, graph: SliceGraph, repairs: dict[int, Repair],
+                     kept: dict[int, torch.Tensor]) -> nn.Linear:
+    """A linear map on the full repaired features -> the same map on the kept features only."""
+    h = handler_for(linear)
+    for gid, off, size in sorted(graph.output_layout, key=lambda s: s[1], reverse=True):
+        if gid in repairs:
+            k, d, mat = repairs[gid]
+            h.absorb_repair(linear, off, size, k, d, mat)
+        else:
+            h.keep_in(linear, off, size, kept[gid])
+    return linear
