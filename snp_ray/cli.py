@@ -135,11 +135,12 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
         from snp_ray.errors import ArtifactNotFoundError
         raise ArtifactNotFoundError(f"the market at {a.store} holds no models; run snp train-market")
     class_id = market.class_id(a.klass) if a.klass is not None else None
-    rows, out = [], []
+    rows, out, matched = [], [], False
     for mid in ids:
         spec = market.spec(mid)
         if class_id is not None and class_id not in spec.classes:
             continue
+        matched = True
         classes = [class_id] if class_id is not None else spec.classes
         if not a.force:
             done = [c for c in classes
@@ -159,7 +160,7 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
                         "params": f.params, "source_params": f.source_params,
                         "feature_dim": f.feature_dim, "seconds": round(f.seconds, 3),
                         "path": str(folder)})
-    if class_id is not None and not out:
+    if not matched:
         from snp_ray.errors import DataError
         raise DataError(f"class {a.klass!r} is not held by model {a.model}")
     print(table(rows, ["model", "class", "source params", "fragment params", "features",

@@ -87,3 +87,15 @@ def tiny_root(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SNP_DATA_ROOT", str(root))
     monkeypatch.setenv("SNP_CACHE_DIR", str(tmp_path / "cache"))
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_market(ray_cluster, real_data, tmp_path_factory):
+    """A tiny real T1 market (VGG11 at width 1/8, 2 % of the train split, 1 epoch), trained once."""
+    from snp_ray.market import MarketConfig, TrainConfig, build_market
+
+    cfg = MarketConfig(task="T1", arch="vgg11", width=0.125,
+                       train=TrainConfig(epochs=1, train_fraction=0.02), ks=[5, 10])
+    root = tmp_path_factory.mktemp("smoke_market")
+    specs = build_market(cfg, root, progress=False)
+    return cfg, root, specs

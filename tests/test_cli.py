@@ -56,3 +56,25 @@ def test_bad_input_exits_2_with_json_error(capsys, tmp_path):
     err = last_json(captured.out)
     assert err["type"] == "UnknownNameError" and "T1" in err["error"]
     assert "error: unknown task" in captured.err
+
+
+def test_slice_json_then_skip(smoke_market, capsys):
+    _, root, specs = smoke_market
+    args = ["slice", "--store", str(root), "--k", "5", "--model", specs[0].id, "--class", "bird",
+            "--mode", "rate", "--beta", "0.5", "--json"]
+    assert main(args) == 0
+    frags = last_json(capsys.readouterr().out)["fragments"]
+    assert len(frags) == 1
+    f = frags[0]
+    assert f["model"] == specs[0].id and f["class"] == "bird"
+    assert 0 < f["params"] < f["source_params"] and f["feature_dim"] == 32 and f["seconds"] > 0
+    from snp_ray.slicing import Fragment
+    assert Fragment.load(f["path"]).spec.class_id == 2
+    assert main(args) == 0                       # already stored: skipped, nothing resliced
+    assert last_json(capsys.readouterr().out)["fragments"] == []
+
+
+def test_slice_unknown_class(smoke_market, capsys):
+    _, root, _ = smoke_market
+    assert main(["slice", "--store", str(root), "--class", "unicorn", "--json"]) == 2
+    assert "held by no model" in last_json(capsys.readouterr().out)["error"]

@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from snp_ray.errors import ArtifactNotFoundError, IntegrityError, UnknownNameError
-from snp_ray.market import Market, MarketConfig, ModelSpec, ModelStore, TrainConfig, build_market
+from snp_ray.market import Market, ModelSpec, ModelStore, build_market
 from snp_ray.market.tasks import TASKS, combinations, count_combinations, get_task, target_sets
 from snp_ray.models import build_model
-
-SMOKE = MarketConfig(task="T1", arch="vgg11", width=0.125,
-                     train=TrainConfig(epochs=1, train_fraction=0.02), ks=[5, 10])
-
 
 def test_task_splits_follow_the_method_notes():
     assert TASKS["T1"].model_classes == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
@@ -100,8 +96,8 @@ def test_missing_model_lists_what_is_there(tmp_path):
         store.load("T1-m9-vgg11-w0.125")
 
 
-def test_build_market_trains_through_ray_and_skips_on_rerun(ray_cluster, real_data, tmp_path):
-    specs = build_market(SMOKE, tmp_path, progress=False)
+def test_build_market_trains_through_ray_and_skips_on_rerun(smoke_market):
+    SMOKE, tmp_path, specs = smoke_market
     assert [s.id for s in specs] == [f"T1-m{i}-vgg11-w0.125" for i in range(3)]
     assert [s.classes for s in specs] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     assert specs[0].class_names == ["airplane", "automobile", "bird"]

@@ -1,0 +1,20 @@
+"""Test-split checks of fragments: does a fragment separate its class from its model's others?"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from snp_ray.evaluation.testsplit import load_test_split
+from snp_ray.slicing.fragment import Fragment
+from snp_ray.slicing.slicer import roc_auc
+
+
+@torch.no_grad()
+def fragment_auc(fragment: Fragment, dataset: str, source_classes: list[int],
+                 batch_size: int = 1000) -> float:
+    """ROC-AUC of the fragment's class score: its class vs the source model's other classes."""
+    split = load_test_split(dataset, source_classes)
+    raw = split.images if split.images is not None else split.texts
+    scores = torch.cat([fragment.class_score(raw[i:i + batch_size])
+                        for i in range(0, len(split), batch_size)])
+    return roc_auc(scores.numpy(), (split.labels == fragment.spec.class_id).astype(np.int64))
