@@ -1,0 +1,34 @@
+"""PackConfig: the knobs of packing a class set from fragments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snp_ray.config import Config, check_range
+from snp_ray.errors import ConfigError
+
+SHARED = ("merge", "best")
+
+
+@dataclass
+class PackConfig(Config):
+    delta: float = 1.0           # weight of the decoders' reconstruction term
+    hidden: int = 256            # width of Enc
+    epochs: int = 200            # passes over the cached few-shot features
+    lr: float = 1e-3             # Adam
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    augment_views: int = 8       # [ours] cached augmented views per image (1 = none)
+    shared: str = "merge"        # two fragments of one class: both feed it, or keep the best
+    seed: int = 0
+
+    def validate(self) -> None:
+        n = "PackConfig"
+        check_range(n, "delta", self.delta, 0.0, 1000.0)
+        check_range(n, "hidden", self.hidden, 1, 65_536)
+        check_range(n, "epochs", self.epochs, 1, 100_000)
+        check_range(n, "lr", self.lr, 0.0, 1.0, lo_open=True)
+        check_range(n, "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range(n, "batch_size", self.batch_size, 1, 1 << 20)
+        check_range(n, "augment_views", self.augment_views, 1, 256)
+        if self.shared not in SHARED:
+            raise ConfigError(f"PackConfig.shared must be one of {SHARED}, got {self.shared!r}")

@@ -1,0 +1,220 @@
+"""PackedModel: frozen fragments, their concatenated features, Enc and the new head.
+
+Deployable = fragments + Enc + head (+ fixed per-fragment feature scales). The decoders only shape
+Enc during training; they are kept in the file as training state (for plug-and-play warm starts)
+and counted separately.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from snp_ray.artifacts import (atomic_write_bytes, load_state_strict, read_bytes, sha256_bytes,
+                               tensors_from_bytes, tensors_to_bytes)
+from snp_ray.config import Config
+from snp_ray.data.specs import ImageSpec
+from snp_ray.errors import ConfigError, DataError, IntegrityError, SnpError
+from snp_ray.models import count_params
+from snp_ray.slicing.fragment import Fragment, FragmentSpec, rebuild_features
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PackSpec(Config):
+    class_ids: list[int]                   # output j of the head is class_ids[j]
+    class_names: list[str]
+    fragments: list[dict[str, Any]]        # FragmentSpec dicts
+    fragment_targets: list[int]            # head index each fragment serves
+    hidden: int
+    config: dict[str, Any]
+    dataset: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ConfigError(f"pack format {self.format_version} is not supported")
+        if len(self.class_ids) != len(self.class_names) or not self.class_ids:
+            raise ConfigError("a pack needs one name per class and at least one class")
+        if len(self.fragments) != len(self.fragment_targets):
+            raise ConfigError("a pack needs one target per fragment")
+        if any(not 0 <= t < len(self.class_ids) for t in self.fragment_targets):
+            raise ConfigError("a fragment target is outside the pack's classes")
+
+
+class PackedModel(nn.Module):
+    def __init__(self, spec: PackSpec, fragments: list[Fragment], scales: torch.Tensor,
+                 enc: nn.Linear, head: nn.Linear, decoders: nn.ModuleList | None = None):
+        super().__init__()
+        self.spec = spec
+        self.fragments = nn.ModuleList(f.eval() for f in fragments)
+        self.register_buffer("scales", scales.detach().clone().float())
+        self.enc = enc
+        self.head = head
+        self.decoders = decoders  # training state, not used by forward
+        for p in self.fragments.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def class_ids(self) -> list[int]:
+        return self.spec.class_ids
+
+    @property
+    def modality(self) -> str:
+        return self.fragments[0].spec.input_spec.kind
+
+    # ---------------------------------------------------------------- inference
+    def encode(self, raw: Any, strict: bool = True) -> list[torch.Tensor]:
+        """Each fragment encodes the raw input with its own normalisation or vocabulary."""
+        if self.modality == "text" and (isinstance(raw, str) or len(raw) == 0):
+            raise DataError("text input must be a non-empty list of strings")
+        return [f.encode(raw, strict=strict) for f in self.fragments]
+
+    def fragment_features(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        feats = [f(x) * s for f, x, s in zip(self.fragments, inputs, self.scales)]
+        return torch.cat(feats, dim=1)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Logits from per-fragment encoded inputs (one tensor per fragment)."""
+        return self.head(torch.relu(self.enc(self.fragment_features(list(inputs)))))
+
+    @torch.no_grad()
+    def predict_proba(self, raw: Any, batch_size: int = 512, strict: bool = True) -> torch.Tensor:
+        self.eval()
+        n = len(raw)
+        out = [torch.softmax(self(*self.encode(raw[i:i + batch_size], strict)), 1)
+               for i in range(0, n, batch_size)]
+        return torch.cat(out) if out else torch.empty(0, len(self.class_ids))
+
+    def predict(self, raw: Any, batch_size: int = 512, strict: bool = True) -> np.ndarray:
+        """Global class ids."""
+        proba = self.predict_proba(raw, batch_size, strict)
+        return np.asarray(self.class_ids)[proba.argmax(1).numpy()]
+
+    # ---------------------------------------------------------------- sizes
+    def params_deployable(self) -> int:
+        return count_params(self.fragments) + count_params(self.enc) + count_params(self.head)
+
+    def params_training(self) -> int:
+        return self.params_deployable() + (count_params(self.decoders) if self.decoders else 0)
+
+    def flops(self) -> int:
+        frag = sum(f.spec.flops for f in self.fragments)
+        return int(frag + self.enc.in_features * self.enc.out_features
+                   + self.head.in_features * self.head.out_features)
+
+    # ---------------------------------------------------------------- files
+    def to_blobs(self) -> tuple[bytes, bytes]:
+        tensors = {f"fragments.{i}.{k}": v for i, f in enumerate(self.fragments)
+                   for k, v in f.state_dict().items()}
+        tensors |= {"scales": self.scales} | {f"enc.{k}": v for k, v in self.enc.state_dict().items()}
+        tensors |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        if self.decoders is not None:
+            tensors |= {f"decoders.{k}": v for k, v in self.decoders.state_dict().items()}
+        weights = tensors_to_bytes(tensors)
+        self.spec = self.spec.replace(fragments=[f.spec.to_dict() for f in self.fragments],
+                                      weights_sha256=sha256_bytes(weights))
+        return self.spec.to_json().encode(), weights
+
+    @classmethod
+    def from_blobs(cls, spec_json: bytes, weights: bytes, what: str = "packed model") -> "PackedModel":
+        try:
+            spec = PackSpec.from_json(spec_json.decode("utf-8"))
+            fspecs = [FragmentSpec.from_dict(d) for d in spec.fragments]
+        except (ConfigError, UnicodeDecodeError) as e:
+            raise IntegrityError(f"{what}: invalid spec ({e})") from None
+        tensors = tensors_from_bytes(weights, spec.weights_sha256, what)
+        try:
+            frags = [Fragment(fs, rebuild_features(fs), nn.Linear(fs.feature_dim, 2)) for fs in fspecs]
+        except SnpError as e:
+            raise IntegrityError(f"{what}: a fragment cannot be rebuilt ({e})") from None
+        dims = sum(fs.feature_dim for fs in fspecs)
+        enc = nn.Linear(dims, spec.hidden)
+        head = nn.Linear(spec.hidden, len(spec.class_ids))
+        has_dec = any(k.startswith("decoders.") for k in tensors)
+        decoders = nn.ModuleList(nn.Linear(spec.hidden, fs.feature_dim) for fs in fspecs) if has_dec else None
+        model = cls(spec, frags, torch.ones(len(frags)), enc, head, decoders)
+        own = set(model.state_dict())
+        if set(tensors) != own:
+            raise IntegrityError(f"{what}: weights do not match the spec "
+                                 f"(missing {sorted(own - set(tensors))[:3]}, "
+                                 f"unexpected {sorted(set(tensors) - own)[:3]})")
+        load_state_strict(model, tensors, what)
+        return model.eval()
+
+    def save(self, path: str | Path) -> Path:
+        """One folder: ``pack.json`` (spec, written last) and ``weights.safetensors``."""
+        spec_json, weights = self.to_blobs()
+        folder = Path(path)
+        atomic_write_bytes(folder / "weights.safetensors", weights)
+        atomic_write_bytes(folder / "pack.json", spec_json)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PackedModel":
+        folder = Path(path)
+        return cls.from_blobs(read_bytes(folder / "pack.json", "pack spec"),
+                              read_bytes(folder / "weights.safetensors", "pack weights"),
+                              f"packed model {folder}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"classes": self.spec.class_names, "class_ids": self.class_ids,
+                "params_deployable": self.params_deployable(),
+                "params_training": self.params_training(), "flops": self.flops(),
+                "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
+                               "params": f.spec.params, "feature_dim": f.spec.feature_dim}
+                              for f in self.fragments]}
+
+
+class RawImagePack(nn.Module):
+    """Export wrapper: raw uint8 images (N, 32, 32, 3) in, logits out; every fragment's own
+    normalisation runs inside the graph, so TorchScript and ONNX files are self-contained."""
+
+    def __init__(self, packed: PackedModel):
+        super().__init__()
+        specs = [f.spec.input_spec for f in packed.fragments]
+        if not all(isinstance(s, ImageSpec) for s in specs):
+            raise ConfigError("raw-image export needs a pack of image fragments")
+        self.packed = packed.eval()
+        self.register_buffer("mean", torch.tensor([s.mean for s in specs]).view(len(specs), 1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([s.std for s in specs]).view(len(specs), 1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        inputs = [(x - self.mean[i]) / self.std[i] for i in range(self.mean.shape[0])]
+        return self.packed(*inputs)
+
+
+def export_torchscript(packed: PackedModel, path: str | Path) -> Path:
+    """Trace the pack (raw images in for image packs; per-fragment token ids for text packs)."""
+    module, example = _export_module(packed)
+    traced = torch.jit.trace(module, example, check_trace=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(path))
+    return path
+
+
+def export_onnx(packed: PackedModel, path: str | Path) -> Path:
+    """ONNX export (needs the ``onnx`` extra)."""
+    module, example = _export_module(packed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = ["images"] if isinstance(module, RawImagePack) else [f"tokens{i}" for i in range(len(example))]
+    torch.onnx.export(module, example, str(path), input_names=names, output_names=["logits"],
+                      dynamic_axes={n: {0: "batch"} for n in names + ["logits"]}, dynamo=False)
+    return path
+
+
+def _export_module(packed: PackedModel) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    if packed.modality == "image":
+        return RawImagePack(packed), (torch.zeros(2, 32, 32, 3, dtype=torch.uint8),)
+    lens = [f.spec.input_spec.max_len for f in packed.fragments]  # type: ignore[union-attr]
+    return packed.eval(), tuple(torch.ones(2, n, dtype=torch.long) for n in lens)

@@ -1,0 +1,187 @@
+"""Pack fragments into one classifier for a class set (method notes section 3).
+
+``F(x) = Enc(concat_c F^c(x))``; one decoder Dec_c per fragment; a new head H^K over the class
+set; ``L_K = E_{c, (x, y) in D_c}[CE(H^K(F(x)), y) + delta * ||Dec_c(F(x)) - F^c(x)||^2]``.
+Fragments are frozen, so their features are computed once per sample (and per cached augmented
+view) and only the small layers train.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from snp_ray.data.fewshot import FewShotSet
+from snp_ray.errors import ConfigError, DataError
+from snp_ray.market.training import augment_images
+from snp_ray.packing.config import PackConfig
+from snp_ray.packing.model import PackedModel, PackSpec
+from snp_ray.slicing.fragment import Fragment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackSamples:
+    """The few-shot samples a pack trains on: raw inputs and global labels."""
+
+    dataset: str
+    raw: np.ndarray | list[str]
+    labels: np.ndarray
+    class_names: dict[int, str]
+
+    @classmethod
+    def from_fewshot(cls, sets: list[FewShotSet], classes: list[int]) -> "PackSamples":
+        """The rows of ``classes`` from each model's few-shot set, each row once."""
+        datasets = {s.manifest.dataset for s in sets}
+        if len(datasets) != 1:
+            raise ConfigError(f"a pack draws on one dataset, got {sorted(datasets)}")
+        seen: set[int] = set()
+        raws, labels, names = [], [], {}
+        for s in sets:
+            rows = [r for per_class in s.manifest.row_ids for r in per_class]
+            for i, (row, label) in enumerate(zip(rows, s.labels)):
+                if int(label) in classes and row not in seen:
+                    seen.add(row)
+                    raws.append(s.raw[i])
+                    labels.append(int(label))
+            names.update(zip(s.classes, s.class_names))
+        if not labels:
+            raise DataError(f"no few-shot samples of classes {classes}")
+        raw = np.stack(raws) if isinstance(raws[0], np.ndarray) else list(raws)
+        return cls(datasets.pop(), raw, np.asarray(labels, dtype=np.int64), names)
+
+
+def check_compatible(fragments: list[Fragment]) -> None:
+    if not fragments:
+        raise ConfigError("a pack needs at least one fragment")
+    first = fragments[0].spec.input_spec
+    for f in fragments[1:]:
+        if not first.compatible_with(f.spec.input_spec):
+            raise ConfigError(f"fragments with incompatible inputs cannot be packed together: "
+                              f"{fragments[0].spec.source_model} takes {first.kind}, "
+                              f"{f.spec.source_model} takes {f.spec.input_spec.kind}")
+
+
+class Packer:
+    def __init__(self, config: PackConfig | None = None):
+        self.cfg = config or PackConfig()
+
+    def pack(self, fragments: list[Fragment], samples: PackSamples, classes: list[int],
+             warm_start: PackedModel | None = None) -> PackedModel:
+        """Train Enc, decoders and head for ``classes`` (global ids, head order) on ``samples``.
+
+        ``warm_start``: reuse Enc columns, decoders and head rows of fragments and classes that
+        the earlier pack already had (plug-and-play add or remove without reslicing).
+        """
+        cfg = self.cfg
+        check_compatible(fragments)
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"duplicate classes in the pack request {classes}")
+        targets = []
+        for f in fragments:
+            if f.spec.class_id not in classes:
+                raise ConfigError(f"fragment of class {f.spec.class_id} is not in the pack {classes}")
+            targets.append(classes.index(f.spec.class_id))
+        missing = sorted(set(classes) - {f.spec.class_id for f in fragments})
+        if missing:
+            raise ConfigError(f"no fragment serves classes {missing}")
+        keep = np.isin(samples.labels, classes)
+        y = torch.tensor([classes.index(int(c)) for c in samples.labels[keep]])
+        absent = sorted(set(range(len(classes))) - set(y.tolist()))
+        if absent:
+            raise DataError(f"no few-shot samples of classes {[classes[i] for i in absent]}")
+        raw = samples.raw[keep] if isinstance(samples.raw, np.ndarray) else \
+            [t for t, k in zip(samples.raw, keep) if k]
+
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        feats, y_all = self._cached_features(fragments, raw, y)
+        scales = torch.stack([1.0 / f.pow(2).mean().sqrt().clamp_min(1e-6) for f in
+                              (ff[: len(y)] for ff in feats)])
+        z = [f * s for f, s in zip(feats, scales)]
+        dims = [f.spec.feature_dim for f in fragments]
+        enc = nn.Linear(sum(dims), cfg.hidden)
+        head = nn.Linear(cfg.hidden, len(classes))
+        decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
+        if warm_start is not None:
+            _warm(warm_start, fragments, classes, enc, head, decoders)
+        zcat = torch.cat(z, 1)
+        serves = torch.tensor(targets)
+        params = list(enc.parameters()) + list(head.parameters()) + list(decoders.parameters())
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        ce = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n = zcat.shape[0]
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen)
+            for s in range(0, n, cfg.batch_size):
+                idx = order[s:s + cfg.batch_size]
+                h = torch.relu(enc(zcat[idx]))
+                loss = ce(head(h), y_all[idx])
+                if cfg.delta > 0:
+                    rec = 0.0
+                    for j, dec in enumerate(decoders):
+                        mine = y_all[idx] == serves[j]          # Dec_c only on samples of class c
+                        if bool(mine.any()):
+                            err = (torch.relu(dec(h[mine])) - z[j][idx][mine]).pow(2).mean(1)
+                            rec = rec + err.sum() / len(idx)
+                    loss = loss + cfg.delta * rec
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        seconds = time.perf_counter() - t0
+        names = [samples.class_names.get(c, str(c)) for c in classes]
+        spec = PackSpec(class_ids=list(classes), class_names=names,
+                        fragments=[f.spec.to_dict() for f in fragments], fragment_targets=targets,
+                        hidden=cfg.hidden, config=cfg.to_dict(), dataset=samples.dataset,
+                        metrics={"pack_seconds": seconds, "train_samples": float(len(y))})
+        model = PackedModel(spec, fragments, scales, enc.eval(), head.eval(), decoders.eval())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        log.info("packed %d fragments for %s in %.2fs", len(fragments), names, seconds)
+        return model
+
+    @torch.no_grad()
+    def _cached_features(self, fragments: list[Fragment], raw, y: torch.Tensor):
+        """Fragment features of every sample (and augmented view), computed once."""
+        views = [raw]
+        if isinstance(raw, np.ndarray) and self.cfg.augment_views > 1:
+            gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+            base = torch.as_tensor(raw).permute(0, 3, 1, 2).float()
+            for _ in range(self.cfg.augment_views - 1):
+                aug = augment_images(base, gen).permute(0, 2, 3, 1).round().clamp(0, 255)
+                views.append(aug.to(torch.uint8).numpy())
+        feats = [torch.cat([f(f.encode(v)) for v in views]) for f in fragments]
+        return feats, y.repeat(len(views))
+
+
+def _warm(old: PackedModel, fragments: list[Fragment], classes: list[int], enc: nn.Linear,
+          head: nn.Linear, decoders: nn.ModuleList) -> None:
+    """Copy what the earlier pack learned for fragments and classes that carry over."""
+    if old.enc.out_features != enc.out_features:
+        raise ConfigError("warm start needs the same Enc width as the earlier pack")
+    old_keys = [f.spec.key for f in old.fragments]
+    old_offsets = np.cumsum([0] + [f.spec.feature_dim for f in old.fragments])
+    off = 0
+    with torch.no_grad():
+        for j, f in enumerate(fragments):
+            d = f.spec.feature_dim
+            if f.spec.key in old_keys:
+                i = old_keys.index(f.spec.key)
+                enc.weight[:, off:off + d] = old.enc.weight[:, old_offsets[i]:old_offsets[i] + d]
+                if old.decoders is not None:
+                    decoders[j].load_state_dict(old.decoders[i].state_dict())
+            else:
+                enc.weight[:, off:off + d].mul_(0.1)  # a new fragment starts quiet
+            off += d
+        enc.bias.copy_(old.enc.bias)
+        for r, c in enumerate(classes):
+            if c in old.class_ids:
+                i = old.class_ids.index(c)
+                head.weight[r] = old.head.weight[i]
+                head.bias[r] = old.head.bias[i]

@@ -1,0 +1,80 @@
+"""Answer a user's class-set request from a market: pick fragments, gather few-shot data, pack."""
+from __future__ import annotations
+
+import logging
+import numpy as np
+import torch
+
+from snp_ray.errors import ArtifactNotFoundError, ConfigError
+from snp_ray.market.market import Market
+from snp_ray.packing.config import PackConfig
+from snp_ray.packing.model import PackedModel
+from snp_ray.packing.packer import Packer, PackSamples
+from snp_ray.slicing.api import stored_fragment_dir
+from snp_ray.slicing.config import SliceConfig
+from snp_ray.slicing.fragment import Fragment
+from snp_ray.slicing.slicer import roc_auc
+
+log = logging.getLogger(__name__)
+
+
+def resolve_classes(market: Market, requested: list[str | int]) -> list[int]:
+    if not requested:
+        raise ConfigError("the pack request names no classes")
+    ids = [market.class_id(c) for c in requested]
+    dupes = sorted({c for c in ids if ids.count(c) > 1})
+    if dupes:
+        raise ConfigError(f"duplicate classes in the pack request: {dupes}")
+    return ids
+
+
+def load_fragments(market: Market, class_id: int, k: int, slice_cfg: SliceConfig,
+                   seed: int = 0) -> list[Fragment]:
+    """Every stored fragment of ``class_id`` (one per model that holds it)."""
+    out = []
+    for spec in market.holders(class_id):
+        folder = stored_fragment_dir(market.root, spec, class_id, slice_cfg, k, seed)
+        if not (folder / "fragment.json").is_file():
+            raise ArtifactNotFoundError(
+                f"no fragment of class {class_id} from {spec.id} at k={k} with this slice config; "
+                f"slice it first (snp slice --store {market.root} --k {k} --model {spec.id})")
+        out.append(Fragment.load(folder))
+    return out
+
+
+def validation_auc(fragment: Fragment, samples: PackSamples) -> float:
+    """Few-shot validation of a fragment: AUC of its class score on ``samples``, which the caller
+    draws from the other holders' few-shot data (held out for this fragment)."""
+    labels = (samples.labels == fragment.spec.class_id).astype(np.int64)
+    raw = samples.raw
+    if len(labels) == 0 or labels.all() or not labels.any():
+        return fragment.spec.metrics.get("fewshot_auc", 0.0)
+    with torch.no_grad():
+        return roc_auc(fragment.class_score(raw).numpy(), labels)
+
+
+def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: SliceConfig,
+                 pack_cfg: PackConfig | None = None, seed: int = 0,
+                 warm_start: PackedModel | None = None) -> PackedModel:
+    pack_cfg = pack_cfg or PackConfig()
+    classes = resolve_classes(market, requested)
+    per_class = {c: load_fragments(market, c, k, slice_cfg, seed) for c in classes}
+    holders = sorted({f.spec.source_model for fs in per_class.values() for f in fs})
+    samples = PackSamples.from_fewshot([market.fewshot(m, k, seed) for m in holders], classes)
+    fragments = []
+    for c in classes:
+        frs = per_class[c]
+        if len(frs) > 1 and pack_cfg.shared == "best":
+            others = [market.fewshot(m, k, seed) for m in holders]
+            scores = []
+            for f in frs:
+                held_out = [s for s, m in zip(others, holders) if m != f.spec.source_model]
+                val = PackSamples.from_fewshot(held_out, classes) if held_out else samples
+                scores.append(validation_auc(f, val))
+            best = int(np.argmax(scores))
+            log.info("class %s: keeping the fragment of %s (few-shot validation AUC %s)", c,
+                     frs[best].spec.source_model, [round(s, 3) for s in scores])
+            frs = [frs[best]]
+        fragments += frs
+    return Packer(pack_cfg).pack(fragments, samples, classes, warm_start=warm_start)
+
