@@ -168,6 +168,58 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     return {"fragments": out}
 
 
+# ---------------------------------------------------------------- snp pack / evaluate
+def _pack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="market store folder with sliced fragments")
+    p.add_argument("--classes", required=True, help="comma-separated class names or ids")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--preset", default="quick", help="slice preset the fragments were made with")
+    p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
+    p.add_argument("--shared", choices=["merge", "best"], default="merge",
+                   help="two fragments of one class: both feed it, or keep the better one")
+    p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
+    p.add_argument("--out", default="", help="folder to save the packed model in")
+
+
+@command("pack", "pack stored fragments for a class set and evaluate it on the test split", _pack_args)
+def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.evaluation.packs import evaluate_pack
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.request import pack_request
+    from snp_ray.slicing import slice_preset
+
+    cfg = PackConfig(shared=a.shared, **({"delta": a.delta} if a.delta is not None else {}))
+    requested = [c.strip() for c in a.classes.split(",") if c.strip()]
+    packed = pack_request(Market(a.store), requested, a.k, slice_preset(a.preset), cfg, a.seed)
+    result = evaluate_pack(packed)
+    if a.out:
+        packed.save(a.out)
+        result["path"] = a.out
+    print(table([[", ".join(result["classes"]), f"{result['test_accuracy']:.4f}",
+                  f"{result['params_deployable']:,}", f"{result['params_training']:,}",
+                  f"{result['pack_seconds']:.2f}"]],
+                ["classes", "test acc", "params (deployable)", "params (training)", "pack s"]))
+    return result
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pack", required=True, help="folder of a saved packed model")
+
+
+@command("evaluate", "evaluate a saved packed model on the test split of its classes", _evaluate_args)
+def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.evaluation.packs import evaluate_pack
+    from snp_ray.packing import PackedModel
+
+    result = evaluate_pack(PackedModel.load(a.pack))
+    print(table([[", ".join(result["classes"]), f"{result['test_accuracy']:.4f}",
+                  f"{result['params_deployable']:,}", f"{result['flops']:,}",
+                  f"{result['latency_ms_per_64']:.1f}"]],
+                ["classes", "test acc", "params", "MACs/sample", "ms per 64"]))
+    return result
+
+
 # ---------------------------------------------------------------- snp convert-cifar
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, choices=["cifar10", "cifar100"])

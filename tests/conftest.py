@@ -99,3 +99,24 @@ def smoke_market(ray_cluster, real_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke_market")
     specs = build_market(cfg, root, progress=False)
     return cfg, root, specs
+
+
+TINY_SLICE = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=2)
+
+
+@pytest.fixture(scope="session")
+def text_market(ray_cluster, real_data, tmp_path_factory):
+    """A tiny T7 market (two TextCNNs sharing class 2), trained once, every pair sliced."""
+    from snp_ray.market import Market, MarketConfig, TrainConfig, build_market
+    from snp_ray.slicing import fragment_dir, slice_model, slice_preset
+
+    cfg = MarketConfig(task="T7", arch="textcnn", width=0.25,
+                       train=TrainConfig(epochs=1, train_fraction=0.2), ks=[5])
+    root = tmp_path_factory.mktemp("text_market")
+    specs = build_market(cfg, root, progress=False)
+    market = Market(root)
+    scfg = slice_preset("quick", **TINY_SLICE)
+    for spec in specs:
+        for frag in slice_model(market, spec.id, None, 5, scfg):
+            frag.save(fragment_dir(root, frag.spec))
+    return root, specs, scfg

@@ -55,7 +55,7 @@ class ImageSpec(InputSpec):
         return cls(mean=x.mean(0).round(6).tolist(), std=np.maximum(x.std(0), 1e-3).round(6).tolist())
 
     def encode(self, raw: object, strict: bool = False) -> torch.Tensor:
-        """(N,32,32,3) uint8 array or tensor -> normalised float (N,3,32,32), channels_last."""
+        """(N,32,32,3) uint8 array or tensor -> normalised float (N,3,32,32), NCHW-contiguous."""
         x = torch.as_tensor(np.asarray(raw)) if not isinstance(raw, torch.Tensor) else raw
         if x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
             raise DataError(f"images must have shape (N, {', '.join(map(str, IMAGE_SHAPE))}), "
@@ -63,7 +63,7 @@ class ImageSpec(InputSpec):
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        return ((x - mean) / std).contiguous()
 
     def compatible_with(self, other: InputSpec) -> bool:
         return isinstance(other, ImageSpec)

@@ -20,7 +20,7 @@ from snp_ray.data.specs import ImageSpec, InputSpec, TextSpec
 from snp_ray.data.tables import Split
 from snp_ray.data.text import build_vocab
 from snp_ray.errors import ConfigError
-from snp_ray.models import Classifier, build_model, get_arch
+from snp_ray.models import Classifier, build_model, channels_last_safe, get_arch
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     out = out.gather(3, cols)
     flip = torch.rand(n, generator=generator) < 0.5
     out[flip] = out[flip].flip(3)
-    return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
 
 
 def train_original(split: Split, classes: list[int], arch: str, width: float,
@@ -110,11 +110,13 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     y = torch.tensor([local_of[int(c)] for c in split.labels[rows]], dtype=torch.long)
 
     spec: InputSpec
+    fmt = torch.contiguous_format
     if a.modality == "image":
         spec = ImageSpec.fit(split.images[rows])
-        x = spec.encode(split.images[rows])
         model = build_model(arch, len(classes), width)
-        model = model.to(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+        x = spec.encode(split.images[rows]).contiguous(memory_format=fmt)
+        model = model.to(memory_format=fmt)
         lr = cfg.lr or 0.05
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                               weight_decay=cfg.weight_decay)
@@ -144,7 +146,7 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
             idx = order[start:start + cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if a.modality == "image" and cfg.augment:
-                xb = augment_images(xb, gen)
+                xb = augment_images(xb, gen).contiguous(memory_format=fmt)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad(set_to_none=True)

@@ -147,6 +147,8 @@ class PackedModel(nn.Module):
                                  f"(missing {sorted(own - set(tensors))[:3]}, "
                                  f"unexpected {sorted(set(tensors) - own)[:3]})")
         load_state_strict(model, tensors, what)
+        for p in model.parameters():
+            p.requires_grad_(False)
         return model.eval()
 
     def save(self, path: str | Path) -> Path:

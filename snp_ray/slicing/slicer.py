@@ -33,7 +33,7 @@ from snp_ray.data.fewshot import FewShotSet
 from snp_ray.data.specs import InputSpec
 from snp_ray.errors import DataError
 from snp_ray.market.training import augment_images
-from snp_ray.models import Classifier
+from snp_ray.models import Classifier, channels_last_safe
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.graph import SliceGraph, attach, trace
 from snp_ray.slicing.handlers import handler_for
@@ -89,6 +89,10 @@ class Slicer:
         self.x = input_spec.encode(fewshot.raw)
         self.labels = torch.as_tensor(fewshot.labels)
         self.is_image = self.x.dtype.is_floating_point and self.x.dim() == 4
+        self.fmt = torch.contiguous_format
+        if self.is_image and channels_last_safe(model):
+            self.fmt = torch.channels_last
+            self.x = self.x.contiguous(memory_format=self.fmt)
         self.graph: SliceGraph = trace(copy.deepcopy(model.features).eval(), self.x[:2])
         self.graph.module.eval()
         self.gates = attach(self.graph)
@@ -216,7 +220,7 @@ class Slicer:
                 idx = order[s:s + bs]
                 xb = self.x[idx]
                 if self.cfg.augment and self.is_image:
-                    xb = augment_images(xb, gen)
+                    xb = augment_images(xb, gen).contiguous(memory_format=self.fmt)
                 yield idx, xb
 
     def _pool(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor, gen) -> None:

@@ -1,0 +1,49 @@
+"""Evaluation of packed models (and any classifier over global class ids) on the test split."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from snp_ray.evaluation.testsplit import load_test_split
+from snp_ray.packing.model import PackedModel
+
+
+def pack_accuracy(packed: PackedModel) -> float:
+    split = load_test_split(packed.spec.dataset, packed.class_ids)
+    raw = split.images if split.images is not None else split.texts
+    return float((packed.predict(raw, strict=False) == split.labels).mean())
+
+
+@torch.no_grad()
+def latency_ms(packed: PackedModel, batch: int = 64, repeats: int = 5) -> float:
+    """Median CPU milliseconds per batch of already-encoded inputs (this process's threads)."""
+    split = load_test_split(packed.spec.dataset, packed.class_ids)
+    raw = split.images[:batch] if split.images is not None else split.texts[:batch]
+    inputs = packed.encode(raw, strict=False)
+    packed(*inputs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        packed(*inputs)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def evaluate_pack(packed: PackedModel, with_latency: bool = True) -> dict[str, Any]:
+    out = packed.summary()
+    out["test_accuracy"] = pack_accuracy(packed)
+    out["pack_seconds"] = packed.spec.metrics.get("pack_seconds")
+    if with_latency:
+        out["latency_ms_per_64"] = latency_ms(packed)
+    return out
+
+
+def accuracy_of(predict, dataset: str, classes: list[int]) -> float:
+    """Accuracy of any ``predict(raw) -> global ids`` on the test rows of ``classes``."""
+    split = load_test_split(dataset, classes)
+    raw = split.images if split.images is not None else split.texts
+    return float((np.asarray(predict(raw)) == split.labels).mean())
