@@ -123,46 +123,31 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 
 @command("slice", "slice (model, class) pairs of a market into fragments, locally", _slice_args)
 def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.errors import ArtifactNotFoundError, DataError
     from snp_ray.market import Market
-    from snp_ray.slicing import fragment_dir, slice_model, slice_preset
-    from snp_ray.slicing.api import stored_fragment_dir
+    from snp_ray.slicing import slice_preset
+    from snp_ray.slicing.api import slice_missing
 
     overrides = {k: v for k, v in (("mode", a.mode), ("beta", a.beta)) if v is not None}
     cfg = slice_preset(a.preset, **overrides)
     market = Market(a.store)
-    ids = [a.model] if a.model else market.ids()
-    if not ids:
-        from snp_ray.errors import ArtifactNotFoundError
+    if not market.ids():
         raise ArtifactNotFoundError(f"the market at {a.store} holds no models; run snp train-market")
+    ids = [market.spec(a.model).id] if a.model else None
     class_id = market.class_id(a.klass) if a.klass is not None else None
-    rows, out, matched = [], [], False
-    for mid in ids:
-        spec = market.spec(mid)
-        if class_id is not None and class_id not in spec.classes:
-            continue
-        matched = True
-        classes = [class_id] if class_id is not None else spec.classes
-        if not a.force:
-            done = [c for c in classes
-                    if (stored_fragment_dir(a.store, spec, c, cfg, a.k, a.seed) / "fragment.json").is_file()]
-            for c in done:
-                log.info("fragment of %s class %s already stored, skipping (use --force)", mid, c)
-            classes = [c for c in classes if c not in done]
-        if not classes:
-            continue
-        for frag in slice_model(market, mid, classes, a.k, cfg, a.seed):
-            folder = fragment_dir(a.store, frag.spec)
-            frag.save(folder)
-            f = frag.spec
-            rows.append([mid, f.class_name, f"{f.source_params:,}", f"{f.params:,}", f.feature_dim,
-                         f"{f.metrics.get('fewshot_auc', float('nan')):.3f}", f"{f.seconds:.1f}"])
-            out.append({"model": mid, "class": f.class_name, "class_id": f.class_id,
-                        "params": f.params, "source_params": f.source_params,
-                        "feature_dim": f.feature_dim, "seconds": round(f.seconds, 3),
-                        "path": str(folder)})
-    if not matched:
-        from snp_ray.errors import DataError
+    if class_id is not None and a.model and class_id not in market.spec(a.model).classes:
         raise DataError(f"class {a.klass!r} is not held by model {a.model}")
+    rows, out = [], []
+    for mid, _, folder, frag in slice_missing(market, a.k, cfg, a.seed, ids, class_id, a.force):
+        if frag is None:
+            continue
+        f = frag.spec
+        rows.append([mid, f.class_name, f"{f.source_params:,}", f"{f.params:,}", f.feature_dim,
+                     f"{f.metrics.get('fewshot_auc', float('nan')):.3f}", f"{f.seconds:.1f}"])
+        out.append({"model": mid, "class": f.class_name, "class_id": f.class_id,
+                    "params": f.params, "source_params": f.source_params,
+                    "feature_dim": f.feature_dim, "seconds": round(f.seconds, 3),
+                    "path": str(folder)})
     print(table(rows, ["model", "class", "source params", "fragment params", "features",
                        "few-shot AUC", "seconds"]))
     return {"fragments": out}

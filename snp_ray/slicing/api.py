@@ -65,3 +65,30 @@ def stored_fragment_dir(store_root: str | Path, model: ModelSpec, class_id: int,
                         config: SliceConfig, k: int, seed: int) -> Path:
     key = fragment_key(model.weights_sha256, class_id, config.digest(), k, seed)
     return Path(store_root) / "fragments" / model.id / key
+
+
+def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
+                  model_ids: list[str] | None = None, class_id: int | None = None,
+                  force: bool = False) -> Iterator[tuple[str, int, Path, Fragment | None]]:
+    """Slice every selected pair whose fragment is not stored yet, saving each as it is made.
+
+    Yields ``(model id, class id, folder, fragment or None when it was already stored)``.
+    """
+    for mid in model_ids or market.ids():
+        spec = market.spec(mid)
+        classes = [class_id] if class_id is not None else spec.classes
+        if class_id is not None and class_id not in spec.classes:
+            continue
+        todo = []
+        for c in classes:
+            folder = stored_fragment_dir(market.root, spec, c, config, k, seed)
+            if (folder / "fragment.json").is_file() and not force:
+                log.info("fragment of %s class %s already stored, skipping", mid, c)
+                yield mid, c, folder, None
+            else:
+                todo.append(c)
+        if todo:
+            for frag in slice_model(market, mid, todo, k, config, seed):
+                folder = fragment_dir(market.root, frag.spec)
+                frag.save(folder)
+                yield mid, frag.spec.class_id, folder, frag
