@@ -138,7 +138,7 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     if class_id is not None and a.model and class_id not in market.spec(a.model).classes:
         raise DataError(f"class {a.klass!r} is not held by model {a.model}")
     rows, out = [], []
-    for mid, _, folder, frag in slice_missing(market, a.k, cfg, a.seed, ids, class_id, a.force):
+    for mid, _, key, frag in slice_missing(market, a.k, cfg, a.seed, ids, class_id, a.force):
         if frag is None:
             continue
         f = frag.spec
@@ -147,7 +147,7 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
         out.append({"model": mid, "class": f.class_name, "class_id": f.class_id,
                     "params": f.params, "source_params": f.source_params,
                     "feature_dim": f.feature_dim, "seconds": round(f.seconds, 3),
-                    "path": str(folder)})
+                    "key": key})
     print(table(rows, ["model", "class", "source params", "fragment params", "features",
                        "few-shot AUC", "seconds"]))
     return {"fragments": out}
@@ -203,6 +203,38 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
                   f"{result['latency_ms_per_64']:.1f}"]],
                 ["classes", "test acc", "params", "MACs/sample", "ms per 64"]))
     return result
+
+
+# ---------------------------------------------------------------- snp report
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="T1, T6, T7 (T2-T5 need CIFAR-100)")
+    p.add_argument("--k", default="5,10,20", help="comma-separated k values")
+    p.add_argument("--archs", default="", help="comma-separated architectures (default: the task's)")
+    p.add_argument("--targets", type=int, default=5, help="seeded target class sets (>= 5)")
+    p.add_argument("--preset", default="quick", help="slice preset")
+    p.add_argument("--baselines", default="ensemble,finetune,ca-mkd,netgraft")
+    p.add_argument("--root", default="runs/tables", help="where markets and fragments live")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("report", "run the paper's protocol on a task and write its table and figures", _report_args)
+def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.evaluation.protocol import ProtocolConfig, paper_results, run_protocol, write_outputs
+    from snp_ray.market import get_task
+
+    archs = [x for x in a.archs.split(",") if x] or [get_task(a.task).default_arch]
+    cfg = ProtocolConfig(task=a.task, archs=archs, ks=[int(k) for k in a.k.split(",") if k],
+                         n_targets=a.targets, seed=a.seed, slice_preset=a.preset,
+                         baselines=[b for b in a.baselines.split(",") if b], root=a.root)
+    result = run_protocol(cfg, progress=sys.stderr.isatty())
+    paths = write_outputs(result, a.out, paper_results())
+    print(open(paths["table"]).read())
+    cells = {arch: {m: {k: {x: c.get(x) for x in ("status", "acc_mean", "acc_std", "params",
+                                                     "pct_of_ensemble")}
+                        for k, c in cs.items()} for m, cs in d["cells"].items()}
+             for arch, d in result["archs"].items()}
+    return {"task": a.task, "paths": paths, "cells": cells}
 
 
 # ---------------------------------------------------------------- snp convert-cifar

@@ -108,7 +108,7 @@ TINY_SLICE = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=2)
 def text_market(ray_cluster, real_data, tmp_path_factory):
     """A tiny T7 market (two TextCNNs sharing class 2), trained once, every pair sliced."""
     from snp_ray.market import Market, MarketConfig, TrainConfig, build_market
-    from snp_ray.slicing import fragment_dir, slice_model, slice_preset
+    from snp_ray.slicing import slice_missing, slice_preset
 
     cfg = MarketConfig(task="T7", arch="textcnn", width=0.25,
                        train=TrainConfig(epochs=1, train_fraction=0.2), ks=[5])
@@ -116,7 +116,40 @@ def text_market(ray_cluster, real_data, tmp_path_factory):
     specs = build_market(cfg, root, progress=False)
     market = Market(root)
     scfg = slice_preset("quick", **TINY_SLICE)
-    for spec in specs:
-        for frag in slice_model(market, spec.id, None, 5, scfg):
-            frag.save(fragment_dir(root, frag.spec))
+    list(slice_missing(market, 5, scfg))
     return root, specs, scfg
+
+
+def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
+    """A real fragment sliced (briefly) from a random model on random images, with its data."""
+    import torch
+
+    from snp_ray.data.fewshot import FewShotManifest, FewShotSet
+    from snp_ray.models import build_model
+    from snp_ray.slicing import Fragment, FragmentSpec, SliceConfig, Slicer, slice_preset
+    from snp_ray.slicing.fragment import count_macs
+    from test_slicing import TINY, _randomise_bn
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(list(classes), 3)
+    raw = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
+    rows = [list(range(100 * seed + 3 * i, 100 * seed + 3 * i + 3)) for i in range(len(classes))]
+    fs = FewShotSet(FewShotManifest(dataset="cifar10", k=3, seed=seed, classes=list(classes),
+                                    row_ids=rows), raw, labels, [f"c{c}" for c in classes])
+    model = _randomise_bn(build_model(arch, len(classes), 0.25), seed)
+    slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY, mode="rate", beta=0.5))
+    out = slicer.slice_class(class_id)
+    x = spec.encode(raw[:1])
+    fspec = FragmentSpec(
+        source_model=f"{arch}-{seed}", source_sha256=f"{seed:02d}" * 32, arch=arch, width=0.25,
+        source_classes=len(classes), class_id=class_id, class_name=f"c{class_id}",
+        kept={str(g): v for g, v in out.kept.items()},
+        group_names={str(g): n for g, n in out.group_names.items()},
+        group_sizes={str(g.id): g.size for g in slicer.graph.groups},
+        feature_dim=int(out.features(x).shape[1]), params=1, source_params=2,
+        flops=count_macs(out.features, x), source_flops=1, input=spec.to_dict(),
+        config=SliceConfig().to_dict(), config_digest="d", k=3, fewshot_seed=seed, seconds=0.1)
+    return Fragment(fspec, out.features, out.probe), fs
+
+

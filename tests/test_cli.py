@@ -68,8 +68,8 @@ def test_slice_json_then_skip(smoke_market, capsys):
     f = frags[0]
     assert f["model"] == specs[0].id and f["class"] == "bird"
     assert 0 < f["params"] < f["source_params"] and f["feature_dim"] == 32 and f["seconds"] > 0
-    from snp_ray.slicing import Fragment
-    assert Fragment.load(f["path"]).spec.class_id == 2
+    from snp_ray.store import FragmentStore
+    assert FragmentStore(root / "fragments").get(f["key"]).spec.class_id == 2
     assert main(args) == 0                       # already stored: skipped, nothing resliced
     assert last_json(capsys.readouterr().out)["fragments"] == []
 

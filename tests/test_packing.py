@@ -5,50 +5,23 @@ import numpy as np
 import pytest
 import torch
 
-from snp_ray.data.fewshot import FewShotManifest, FewShotSet
 from snp_ray.data.specs import ImageSpec
 from snp_ray.errors import ArtifactNotFoundError, ConfigError, DataError, IntegrityError
 from snp_ray.market import Market
-from snp_ray.models import build_model
 from snp_ray.packing import (PackConfig, PackedModel, Packer, PackSamples, export_onnx,
                              export_torchscript)
 from snp_ray.packing.request import pack_request
-from snp_ray.slicing import Fragment, FragmentSpec, SliceConfig, Slicer, slice_preset
-from snp_ray.slicing.fragment import count_macs
-from test_slicing import TINY, _randomise_bn
+from snp_ray.slicing import slice_preset
+from conftest import make_fragment
 
 FAST = PackConfig(epochs=5, hidden=16, augment_views=2)
-
-
-def _fragment(arch: str, class_id: int, spec: ImageSpec, seed: int, classes=(0, 1, 2)) -> tuple[Fragment, FewShotSet]:
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(list(classes), 3)
-    raw = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
-    rows = [list(range(100 * seed + 3 * i, 100 * seed + 3 * i + 3)) for i in range(len(classes))]
-    fs = FewShotSet(FewShotManifest(dataset="cifar10", k=3, seed=seed, classes=list(classes),
-                                    row_ids=rows), raw, labels, [f"c{c}" for c in classes])
-    model = _randomise_bn(build_model(arch, len(classes), 0.25), seed)
-    slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY, mode="rate", beta=0.5))
-    out = slicer.slice_class(class_id)
-    x = spec.encode(raw[:1])
-    fspec = FragmentSpec(
-        source_model=f"{arch}-{seed}", source_sha256=f"{seed:02d}" * 32, arch=arch, width=0.25,
-        source_classes=len(classes), class_id=class_id, class_name=f"c{class_id}",
-        kept={str(g): v for g, v in out.kept.items()},
-        group_names={str(g): n for g, n in out.group_names.items()},
-        group_sizes={str(g.id): g.size for g in slicer.graph.groups},
-        feature_dim=int(out.features(x).shape[1]), params=1, source_params=2,
-        flops=count_macs(out.features, x), source_flops=1, input=spec.to_dict(),
-        config=SliceConfig().to_dict(), config_digest="d", k=3, fewshot_seed=seed, seconds=0.1)
-    return Fragment(fspec, out.features, out.probe), fs
 
 
 @pytest.fixture(scope="module")
 def hetero():
     """A VGG fragment and a ResNet fragment with different normalisations, plus their data."""
-    a, fa = _fragment("vgg11", 0, ImageSpec(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2]), 1)
-    b, fb = _fragment("resnet20", 4, ImageSpec(mean=[0.1, 0.1, 0.1], std=[0.5, 0.6, 0.7]), 2,
+    a, fa = make_fragment("vgg11", 0, ImageSpec(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2]), 1)
+    b, fb = make_fragment("resnet20", 4, ImageSpec(mean=[0.1, 0.1, 0.1], std=[0.5, 0.6, 0.7]), 2,
                       classes=(3, 4, 5))
     return [a, b], PackSamples.from_fewshot([fa, fb], [0, 4])
 
@@ -145,7 +118,9 @@ def test_bad_pack_requests(hetero):
 def test_incompatible_inputs_are_refused(hetero, text_market):
     frags, samples = hetero
     root, specs, scfg = text_market
-    text_frag = Fragment.load(next((root / "fragments" / specs[0].id).iterdir()))
+    from snp_ray.store import FragmentStore
+    store = FragmentStore(root / "fragments")
+    text_frag = store.get(store.find(model_id=specs[0].id)[0]["key"])
     with pytest.raises(ConfigError, match="incompatible inputs"):
         Packer(FAST).pack([frags[0], text_frag], samples, [0, text_frag.spec.class_id])
 

@@ -10,7 +10,7 @@ from snp_ray.market.market import Market
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import Packer, PackSamples
-from snp_ray.slicing.api import stored_fragment_dir
+from snp_ray.slicing.api import market_fragment_store, pair_key
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.fragment import Fragment
 from snp_ray.slicing.slicer import roc_auc
@@ -29,16 +29,17 @@ def resolve_classes(market: Market, requested: list[str | int]) -> list[int]:
 
 
 def load_fragments(market: Market, class_id: int, k: int, slice_cfg: SliceConfig,
-                   seed: int = 0) -> list[Fragment]:
+                   seed: int = 0, store=None) -> list[Fragment]:
     """Every stored fragment of ``class_id`` (one per model that holds it)."""
+    store = store or market_fragment_store(market)
     out = []
     for spec in market.holders(class_id):
-        folder = stored_fragment_dir(market.root, spec, class_id, slice_cfg, k, seed)
-        if not (folder / "fragment.json").is_file():
+        key = pair_key(spec, class_id, slice_cfg, k, seed)
+        if not store.has(key):
             raise ArtifactNotFoundError(
                 f"no fragment of class {class_id} from {spec.id} at k={k} with this slice config; "
                 f"slice it first (snp slice --store {market.root} --k {k} --model {spec.id})")
-        out.append(Fragment.load(folder))
+        out.append(store.get(key))
     return out
 
 
@@ -55,10 +56,11 @@ def validation_auc(fragment: Fragment, samples: PackSamples) -> float:
 
 def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: SliceConfig,
                  pack_cfg: PackConfig | None = None, seed: int = 0,
-                 warm_start: PackedModel | None = None) -> PackedModel:
+                 warm_start: PackedModel | None = None, store=None) -> PackedModel:
     pack_cfg = pack_cfg or PackConfig()
     classes = resolve_classes(market, requested)
-    per_class = {c: load_fragments(market, c, k, slice_cfg, seed) for c in classes}
+    store = store or market_fragment_store(market)
+    per_class = {c: load_fragments(market, c, k, slice_cfg, seed, store) for c in classes}
     holders = sorted({f.spec.source_model for fs in per_class.values() for f in fs})
     samples = PackSamples.from_fewshot([market.fewshot(m, k, seed) for m in holders], classes)
     fragments = []

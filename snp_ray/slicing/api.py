@@ -56,39 +56,43 @@ def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int
         yield Fragment(fspec, outcome.features, outcome.probe)
 
 
-def fragment_dir(store_root: str | Path, spec: FragmentSpec) -> Path:
-    """The local fragment area of a market store: ``fragments/<model>/<key>/``."""
-    return Path(store_root) / "fragments" / spec.source_model / spec.key
+def market_fragment_store(market: Market):
+    """The market's default fragment store: ``<market root>/fragments``."""
+    from snp_ray.store import FragmentStore
+
+    return FragmentStore(Path(market.root) / "fragments")
 
 
-def stored_fragment_dir(store_root: str | Path, model: ModelSpec, class_id: int,
-                        config: SliceConfig, k: int, seed: int) -> Path:
-    key = fragment_key(model.weights_sha256, class_id, config.digest(), k, seed)
-    return Path(store_root) / "fragments" / model.id / key
+def pair_key(model: ModelSpec, class_id: int, config: SliceConfig, k: int, seed: int) -> str:
+    return fragment_key(model.weights_sha256, class_id, config.digest(), k, seed)
 
 
 def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
                   model_ids: list[str] | None = None, class_id: int | None = None,
-                  force: bool = False) -> Iterator[tuple[str, int, Path, Fragment | None]]:
-    """Slice every selected pair whose fragment is not stored yet, saving each as it is made.
+                  force: bool = False, store=None) -> Iterator[tuple[str, int, str, Fragment | None]]:
+    """Slice every selected pair whose fragment is not stored yet, storing each as it is made.
 
-    Yields ``(model id, class id, folder, fragment or None when it was already stored)``.
+    Yields ``(model id, class id, key, fragment or None when it was already stored)``.
     """
+    store = store or market_fragment_store(market)
+    stored = store.keys()
     for mid in model_ids or market.ids():
         spec = market.spec(mid)
-        classes = [class_id] if class_id is not None else spec.classes
         if class_id is not None and class_id not in spec.classes:
             continue
+        classes = [class_id] if class_id is not None else spec.classes
         todo = []
         for c in classes:
-            folder = stored_fragment_dir(market.root, spec, c, config, k, seed)
-            if (folder / "fragment.json").is_file() and not force:
+            key = pair_key(spec, c, config, k, seed)
+            if key in stored and not force:
                 log.info("fragment of %s class %s already stored, skipping", mid, c)
-                yield mid, c, folder, None
+                yield mid, c, key, None
             else:
                 todo.append(c)
         if todo:
             for frag in slice_model(market, mid, todo, k, config, seed):
-                folder = fragment_dir(market.root, frag.spec)
-                frag.save(folder)
-                yield mid, frag.spec.class_id, folder, frag
+                if force and frag.spec.key in stored:
+                    log.info("reslicing %s class %s: the stored fragment stays (keys are immutable)",
+                             mid, frag.spec.class_id)
+                store.put(frag)
+                yield mid, frag.spec.class_id, frag.spec.key, frag

@@ -1,0 +1,263 @@
+"""The paper's evaluation protocol on one task: markets, fragments, packs, baselines, tables.
+
+For each architecture: train (or reuse) the task's market; for each k, slice every pair once per
+S&P variant (rate and threshold); for each seeded target class set, pack and evaluate, and run the
+baselines on exactly the same few-shot data. Only evaluation touches the test split; every
+fitting step sees few-shot data only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snp_ray.config import Config
+from snp_ray.errors import ConfigError
+from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
+from snp_ray.market import Market, MarketConfig, TrainConfig, build_market, get_task
+from snp_ray.market.tasks import target_sets
+from snp_ray.models import get_arch
+from snp_ray.packing import PackConfig
+from snp_ray.packing.request import pack_request
+from snp_ray.slicing import slice_preset
+from snp_ray.slicing.api import slice_missing
+
+log = logging.getLogger(__name__)
+
+#: (width, original-model epochs) per architecture at CPU scale
+ARCH_DEFAULTS: dict[str, tuple[float, int]] = {
+    "vgg11": (0.25, 12), "vgg16": (1.0, 30), "resnet20": (1.0, 8), "resnet34": (1.0, 30),
+    "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10),
+}
+#: S&P variants of Table 2: rate (R) and threshold (T) selection
+VARIANTS = {"S&P (R)": {"mode": "rate", "beta": 0.5}, "S&P (T)": {"mode": "threshold", "beta": 0.6}}
+PAPER_ARCH = {"vgg": "VGG16", "resnet": "ResNet34"}
+
+
+@dataclass
+class ProtocolConfig(Config):
+    task: str = "T1"
+    archs: list[str] = field(default_factory=lambda: ["vgg11"])
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    n_targets: int = 5
+    seed: int = 0
+    slice_preset: str = "quick"
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    baselines: list[str] = field(default_factory=lambda: ["ensemble", "finetune", "ca-mkd", "netgraft"])
+    root: str = "runs/tables"
+    width: float = 0.0             # 0: the architecture's CPU-scale default (ARCH_DEFAULTS)
+    epochs: int = 0                # 0: the architecture's default for the original models
+    train_fraction: float = 1.0
+    pack_epochs: int = 200
+
+    def validate(self) -> None:
+        task = get_task(self.task)
+        for a in self.archs:
+            get_arch(a)
+        if self.n_targets < 1 or not self.ks:
+            raise ConfigError("n_targets must be >= 1 and ks non-empty")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ConfigError(f"unknown S&P variants {unknown}; valid: {sorted(VARIANTS)}")
+        if task.target_mode == "all":
+            self.variants = [v for v in self.variants if v == "S&P (T)"] or self.variants[:1]
+
+
+def _market_config(cfg: "ProtocolConfig", arch: str) -> MarketConfig:
+    width, epochs = ARCH_DEFAULTS.get(arch, (1.0, 10))
+    return MarketConfig(task=cfg.task, arch=arch, width=cfg.width or width,
+                        train=TrainConfig(epochs=cfg.epochs or epochs,
+                                          train_fraction=cfg.train_fraction), ks=cfg.ks)
+
+
+def run_protocol(cfg: ProtocolConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole protocol and return per-cell raw results and aggregates."""
+    task = get_task(cfg.task)
+    targets = target_sets(task, cfg.n_targets, cfg.seed)
+    out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets, "archs": {}}
+    for arch in cfg.archs:
+        mcfg = _market_config(cfg, arch)
+        root = Path(cfg.root) / cfg.task / f"{arch}-w{mcfg.width:g}"
+        specs = build_market(mcfg, root, progress=progress)
+        market = Market(root)
+        ids = [s.id for s in specs]
+        ensemble_params = sum(s.params for s in specs)
+        cells: dict[str, dict[str, Any]] = {}
+        for k in cfg.ks:
+            for variant in cfg.variants:
+                scfg = slice_preset(cfg.slice_preset, **VARIANTS[variant])
+                t0 = time.perf_counter()
+                sliced = [f for *_, f in slice_missing(market, k, scfg, 0, ids) if f is not None]
+                slice_s = time.perf_counter() - t0
+                runs = []
+                for combo in targets:
+                    packed = pack_request(market, list(combo), k, scfg,
+                                          PackConfig(seed=cfg.seed, epochs=cfg.pack_epochs))
+                    runs.append({"classes": list(combo), "acc": pack_accuracy(packed),
+                                 "params": packed.params_deployable(),
+                                 "params_training": packed.params_training(),
+                                 "pack_seconds": packed.spec.metrics["pack_seconds"]})
+                cells.setdefault(variant, {})[f"k{k}"] = _aggregate(runs, ensemble_params)
+                cells[variant][f"k{k}"]["slice_seconds_new"] = slice_s
+                cells[variant][f"k{k}"]["fragments_sliced"] = len(sliced)
+                log.info("%s %s k=%d: %.4f", arch, variant, k, cells[variant][f"k{k}"]["acc_mean"])
+            for name in cfg.baselines:
+                cells.update(_baseline_cells(name, market, ids, targets, k, cfg, ensemble_params,
+                                             task.dataset))
+        out["archs"][arch] = {"market": str(root), "ensemble_params": ensemble_params,
+                              "model_test_accuracy": {s.id: s.metrics["test_accuracy"] for s in specs},
+                              "cells": cells}
+    return out
+
+
+def _baseline_cells(name, market, ids, targets, k, cfg, ensemble_params, dataset) -> dict[str, Any]:
+    from snp_ray.baselines import run_baseline  # optional module; absent baselines are reported
+
+    label = {"ensemble": "Ensemble", "finetune": "Finetune", "ca-mkd": "CA-MKD",
+             "netgraft": "NetGraft"}.get(name, name)
+    runs, failed = [], []
+    for combo in targets:
+        results = run_baseline(name, market, ids, list(combo), k, seed=cfg.seed)
+        accs = []
+        for r in results:
+            if r.status != "ok":
+                failed.append(r.reason or "failed")
+                continue
+            accs.append(accuracy_of(r.predict, dataset, list(combo)))
+        if accs:   # Finetune: the mean over which original model is fine-tuned
+            ok = [r for r in results if r.status == "ok"]
+            runs.append({"classes": list(combo), "acc": statistics.fmean(accs),
+                         "params": statistics.fmean(r.params_deployable for r in ok),
+                         "params_training": statistics.fmean(r.params_training for r in ok)})
+    cell = _aggregate(runs, ensemble_params) if runs else {"status": "failed",
+                                                           "reason": sorted(set(failed))[:3]}
+    if runs and failed:
+        cell["failed_runs"] = len(failed)
+    return {label: {f"k{k}": cell}}
+
+
+def _aggregate(runs: list[dict[str, Any]], ensemble_params: int) -> dict[str, Any]:
+    accs = [r["acc"] for r in runs]
+    params = statistics.fmean(r["params"] for r in runs)
+    return {"status": "ok", "acc_mean": statistics.fmean(accs),
+            "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
+            "params": params, "pct_of_ensemble": 100.0 * params / ensemble_params,
+            "params_training": statistics.fmean(r["params_training"] for r in runs), "runs": runs}
+
+
+# ------------------------------------------------------------------------------ tables
+def paper_results(path: str | Path | None = None) -> dict[str, Any]:
+    """The paper's numbers (``shared/docs/paper-results.json``); empty when not found."""
+    import os
+
+    candidates = [Path(path)] if path else []
+    if os.environ.get("SNP_DATA_ROOT"):
+        candidates.append(Path(os.environ["SNP_DATA_ROOT"]).parent / "docs" / "paper-results.json")
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "docs" / "paper-results.json")
+    for c in candidates:
+        if c.is_file():
+            return json.loads(c.read_text())
+    return {}
+
+
+def _fmt_ours(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "–"
+    if cell.get("status") != "ok":
+        return "failed"
+    return f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f}"
+
+
+def _fmt_paper(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return f"{value['mean']:.2f} ± {value['std']:.2f}"
+    return f"{value:.2f}"
+
+
+def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
+    """Markdown: each cell shows ours | paper."""
+    task = result["task"]
+    ks = result["config"]["ks"]
+    lines = [f"# {task}: ours vs paper", "",
+             f"Target class sets: {len(result['targets'])} seeded ({result['targets']}). "
+             "Accuracy in %, mean ± std over target sets; each cell is `ours | paper`.", ""]
+    t2 = paper.get("table2", {}).get(task, {})
+    t3 = paper.get("table3", {}).get(task, {})
+    for arch, data in result["archs"].items():
+        fam = get_arch(arch).family
+        parch = PAPER_ARCH.get(fam)
+        lines += [f"## {arch} (paper: {parch or t3.get('arch', '–')})", "",
+                  f"Ensemble of all original models: {data['ensemble_params']:,} parameters. "
+                  f"Original models' test accuracy on their own classes: "
+                  + ", ".join(f"{v:.3f}" for v in data["model_test_accuracy"].values()), "",
+                  "| method | params (ours) | % of ensemble (ours \\| paper) | "
+                  + " | ".join(f"k={k} (ours \\| paper)" for k in ks) + " |",
+                  "|---|---:|---:|" + "---:|" * len(ks)]
+        for method, cells in data["cells"].items():
+            first = next((c for c in cells.values() if c.get("status") == "ok"), None)
+            p = t2.get(method, {}).get(parch, {}) if t2 else {}
+            prow = t3.get("rows", {}).get("S&P" if method.startswith("S&P") else method, {}) if t3 else {}
+            ppct = (p.get("params") or {}).get("pct_of_ensemble") if p else None
+            pacc = (p.get("acc") or {}) if p else (prow.get("acc") or {})
+            ours_pct = f"{first['pct_of_ensemble']:.1f}" if first else "–"
+            row = [method, f"{first['params']:,.0f}" if first else "–",
+                   f"{ours_pct} \\| {_fmt_paper(ppct)}"]
+            row += [f"{_fmt_ours(cells.get(f'k{k}'))} \\| {_fmt_paper(pacc.get(f'k{k}'))}" for k in ks]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path, paper: dict[str, Any]) -> dict[str, str]:
+    from snp_ray.artifacts import atomic_write_bytes
+
+    folder = Path(out_dir) / result["task"]
+    table = render_table(result, paper)
+    atomic_write_bytes(folder / "table.md", table.encode())
+    atomic_write_bytes(folder / "results.json", json.dumps(result, indent=1, default=str).encode())
+    paths = {"table": str(folder / "table.md"), "json": str(folder / "results.json")}
+    fig = figure4(result, folder / "figure4.png")
+    if fig:
+        paths["figure4"] = fig
+    return paths
+
+
+def figure4(result: dict[str, Any], path: Path) -> str | None:
+    """Parameters vs accuracy at the largest k, every method against the ensemble."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(result["config"]["ks"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = False
+    for arch, data in result["archs"].items():
+        for method, cells in data["cells"].items():
+            c = cells.get(f"k{k}")
+            if c and c.get("status") == "ok":
+                ax.scatter(c["pct_of_ensemble"], 100 * c["acc_mean"], label=f"{method} ({arch})")
+                ax.errorbar(c["pct_of_ensemble"], 100 * c["acc_mean"], yerr=100 * c["acc_std"],
+                            fmt="none", alpha=0.5)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.axvline(100, color="grey", linestyle=":", label="ensemble size")
+    ax.set_xlabel("deployable parameters, % of the ensemble")
+    ax.set_ylabel(f"test accuracy at k={k} (%)")
+    ax.set_title(f"{result['task']}: parameters vs accuracy (Figure 4)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
