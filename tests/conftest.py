@@ -91,11 +91,12 @@ def tiny_root(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_market(ray_cluster, real_data, tmp_path_factory):
-    """A tiny real T1 market (VGG11 at width 1/8, 2 % of the train split, 1 epoch), trained once."""
-    from snp_ray.market import MarketConfig, TrainConfig, build_market
+    """The ``smoke`` preset's T1 market (VGG11 at width 1/8, 4 % of the train split, 1 epoch),
+    trained once per session; the smoke job finds it already trained."""
+    from snp_ray.engine.presets import get_preset
+    from snp_ray.market import build_market
 
-    cfg = MarketConfig(task="T1", arch="vgg11", width=0.125,
-                       train=TrainConfig(epochs=1, train_fraction=0.02), ks=[5, 10])
+    cfg = get_preset("smoke").market.replace(ks=[5, 10])
     root = tmp_path_factory.mktemp("smoke_market")
     specs = build_market(cfg, root, progress=False)
     return cfg, root, specs

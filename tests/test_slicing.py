@@ -190,7 +190,7 @@ def test_bad_config_and_class():
         SliceConfig(beta=0)
     with pytest.raises(ConfigError, match="mode"):
         SliceConfig(mode="random")
-    with pytest.raises(UnknownNameError, match="paper, quick"):
+    with pytest.raises(UnknownNameError, match="paper, quick, smoke"):
         slice_preset("fast")
     model, spec, fs = setup("vgg11")
     with pytest.raises(DataError, match="not a class"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,7 +277,7 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, hidden: int, epoc
             opt.step()
     for p in head.parameters():
         p.requires_grad_(False)
-    return head.eval(), float(loss)
+    return head.eval(), loss.item()
 
 
 def binomial_sf(successes: int, trials: int, p: float) -> float:
@@ -291,5 +291,3 @@ def binomial_sf(successes: int, trials: int, p: float) -> float:
 def finite(value: float) -> bool:
     return math.isfinite(value)
 
-
-Predict = Callable[[Any], np.ndarray]

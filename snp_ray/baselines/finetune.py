@@ -79,13 +79,13 @@ def finetune_model(model: Classifier, spec: InputSpec, raw, y: torch.Tensor, n_c
             if image and cfg.augment:
                 xb = augment_images(xb, gen).contiguous(memory_format=fmt)
             loss = ce(tuned(xb), y[idx])
-            if not finite(float(loss)):
-                raise DataError(f"fine-tuning diverged (loss {float(loss)})")
+            if not finite(loss.item()):
+                raise DataError(f"fine-tuning diverged (loss {loss.item()})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             seen += len(idx)
     tuned = tuned.to(memory_format=torch.contiguous_format).eval()
     for p in tuned.parameters():

@@ -239,12 +239,12 @@ def graft_model(teacher: Classifier, spec: InputSpec, raw, cfg: NetGraftConfig) 
             v = epoch % len(h0)
             for idx in batches(n, cfg.batch_size, gen):
                 loss = graft_loss(graft(h0[v][idx], units), zt[v][idx])
-                if not finite(float(loss)):
-                    raise DataError(f"NetGraft diverged (loss {float(loss)}) grafting units {sorted(units)}")
+                if not finite(loss.item()):
+                    raise DataError(f"NetGraft diverged (loss {loss.item()}) grafting units {sorted(units)}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        return float(loss)
+        return loss.item()
 
     for j in range(cfg.graft_blocks + 1):                      # block-wise grafting
         main, adapters = graft.unit_params(j)

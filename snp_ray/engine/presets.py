@@ -18,6 +18,8 @@ class JobPreset(Config):
     market: MarketConfig = field(default_factory=MarketConfig)
     k: int = 10
     store: str = ""                 # default store folder, relative to the working directory
+    slice_preset: str = "quick"
+    pack: bool = True               # pack the task's first seeded target class set at the end
 
 
 PRESETS: dict[str, JobPreset] = {p.name: p for p in [
@@ -25,8 +27,8 @@ PRESETS: dict[str, JobPreset] = {p.name: p for p in [
                                          train=TrainConfig(epochs=12)), k=10,
               store="runs/quickstart"),
     JobPreset("smoke", MarketConfig(task="T1", arch="vgg11", width=0.125,
-                                    train=TrainConfig(epochs=1, train_fraction=0.04)), k=5,
-              store="runs/smoke"),
+                                    train=TrainConfig(epochs=1, train_fraction=0.04), ks=[5, 10]),
+              k=5, store="runs/smoke", slice_preset="smoke"),
 ]}
 
 

@@ -29,12 +29,19 @@ def resolve_classes(market: Market, requested: list[str | int]) -> list[int]:
 
 
 def load_fragments(market: Market, class_id: int, k: int, slice_cfg: SliceConfig,
-                   seed: int = 0, store=None) -> list[Fragment]:
-    """Every stored fragment of ``class_id`` (one per model that holds it)."""
+                   seed: int = 0, store=None, fetch=None) -> list[Fragment]:
+    """Every stored fragment of ``class_id`` (one per model that holds it).
+
+    ``fetch(key)`` may supply fragments from elsewhere first (e.g. the Ray object store).
+    """
     store = store or market_fragment_store(market)
     out = []
     for spec in market.holders(class_id):
         key = pair_key(spec, class_id, slice_cfg, k, seed)
+        found = fetch(key) if fetch else None
+        if found is not None:
+            out.append(found)
+            continue
         if not store.has(key):
             raise ArtifactNotFoundError(
                 f"no fragment of class {class_id} from {spec.id} at k={k} with this slice config; "
@@ -56,11 +63,11 @@ def validation_auc(fragment: Fragment, samples: PackSamples) -> float:
 
 def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: SliceConfig,
                  pack_cfg: PackConfig | None = None, seed: int = 0,
-                 warm_start: PackedModel | None = None, store=None) -> PackedModel:
+                 warm_start: PackedModel | None = None, store=None, fetch=None) -> PackedModel:
     pack_cfg = pack_cfg or PackConfig()
     classes = resolve_classes(market, requested)
     store = store or market_fragment_store(market)
-    per_class = {c: load_fragments(market, c, k, slice_cfg, seed, store) for c in classes}
+    per_class = {c: load_fragments(market, c, k, slice_cfg, seed, store, fetch) for c in classes}
     holders = sorted({f.spec.source_model for fs in per_class.values() for f in fs})
     samples = PackSamples.from_fewshot([market.fewshot(m, k, seed) for m in holders], classes)
     fragments = []

@@ -19,41 +19,50 @@ from snp_ray.slicing.slicer import Slicer
 log = logging.getLogger(__name__)
 
 
-def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int,
-                config: SliceConfig, fewshot_seed: int = 0) -> Iterator[Fragment]:
-    """Yield one fragment per class of ``model_id`` (all its classes by default).
+class ModelSlicer:
+    """Everything per model that every class's slicing shares: the model, its few-shot set,
+    the traced graph and the source's size. Build it once per model, then call :meth:`slice`."""
 
-    The model, its few-shot set and the traced graph are loaded once and shared by every class.
-    """
-    model, spec = market.model(model_id)
-    fewshot = market.fewshot(model_id, k, fewshot_seed)
-    input_spec = spec.input_spec
-    slicer = Slicer(model, input_spec, fewshot, config)
-    example = example_input(input_spec)
-    source_params = count_params(model.features)
-    source_flops = count_macs(model.features, example)
-    for class_id in (classes if classes is not None else spec.classes):
+    def __init__(self, market: Market, model_id: str, k: int, config: SliceConfig,
+                 fewshot_seed: int = 0):
+        model, self.spec = market.model(model_id)
+        self.k, self.config, self.seed = int(k), config, int(fewshot_seed)
+        self.fewshot = market.fewshot(model_id, k, fewshot_seed)
+        self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config)
+        self.example = example_input(self.spec.input_spec)
+        self.source_params = count_params(model.features)
+        self.source_flops = count_macs(model.features, self.example)
+
+    def slice(self, class_id: int) -> Fragment:
+        spec, config = self.spec, self.config
         t0 = time.perf_counter()
-        outcome = slicer.slice_class(int(class_id))
+        outcome = self.slicer.slice_class(int(class_id))
         seconds = time.perf_counter() - t0
-        groups = slicer.graph.groups
         with torch.no_grad():
-            feature_dim = int(outcome.features(example).shape[1])
+            feature_dim = int(outcome.features(self.example).shape[1])
         fspec = FragmentSpec(
             source_model=spec.id, source_sha256=spec.weights_sha256, arch=spec.arch,
             width=spec.width, source_classes=len(spec.classes), class_id=int(class_id),
             class_name=spec.class_names[spec.classes.index(int(class_id))],
             kept={str(g): v for g, v in outcome.kept.items()},
             group_names={str(g): n for g, n in outcome.group_names.items()},
-            group_sizes={str(g.id): g.size for g in groups}, feature_dim=feature_dim,
-            params=count_params(outcome.features), source_params=source_params,
-            flops=count_macs(outcome.features, example), source_flops=source_flops,
-            input=spec.input, config=config.to_dict(), config_digest=config.digest(), k=int(k),
-            fewshot_seed=int(fewshot_seed), seconds=seconds, stage_seconds=outcome.stage_seconds,
-            metrics=outcome.metrics)
+            group_sizes={str(g.id): g.size for g in self.slicer.graph.groups},
+            feature_dim=feature_dim, params=count_params(outcome.features),
+            source_params=self.source_params, flops=count_macs(outcome.features, self.example),
+            source_flops=self.source_flops, input=spec.input, config=config.to_dict(),
+            config_digest=config.digest(), k=self.k, fewshot_seed=self.seed, seconds=seconds,
+            stage_seconds=outcome.stage_seconds, metrics=outcome.metrics)
         log.info("sliced %s class %s (%s): %d -> %d params, %d features, %.1fs", spec.id,
-                 class_id, fspec.class_name, source_params, fspec.params, feature_dim, seconds)
-        yield Fragment(fspec, outcome.features, outcome.probe)
+                 class_id, fspec.class_name, self.source_params, fspec.params, feature_dim, seconds)
+        return Fragment(fspec, outcome.features, outcome.probe)
+
+
+def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int,
+                config: SliceConfig, fewshot_seed: int = 0) -> Iterator[Fragment]:
+    """Yield one fragment per class of ``model_id`` (all its classes by default)."""
+    ms = ModelSlicer(market, model_id, k, config, fewshot_seed)
+    for class_id in (classes if classes is not None else ms.spec.classes):
+        yield ms.slice(int(class_id))
 
 
 def market_fragment_store(market: Market):

@@ -56,6 +56,7 @@ class SliceConfig(Config):
 PRESETS: dict[str, SliceConfig] = {
     "paper": SliceConfig(),
     "quick": SliceConfig(pool_epochs=8, adapt_epochs=8, combine_epochs=8),
+    "smoke": SliceConfig(pool_epochs=1, adapt_epochs=1, combine_epochs=1),   # plumbing tests only
 }
 
 

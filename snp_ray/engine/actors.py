@@ -1,0 +1,81 @@
+"""Slicer actors: one per GPU (or GPU fraction), else one per CPU with one torch thread.
+
+An actor keeps the last models it sliced (model, few-shot set, traced graph) so consecutive
+pairs of one model pay the loading and tracing once. It writes each fragment to the shared store
+itself (its own manifest parts, so writers never collide) and returns the fragment's blobs, which
+the driver holds as object refs for a packing step in the same cluster.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import OrderedDict
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class SlicerActor:
+    """The body of the remote actor (wrapped with ``ray.remote`` by the pool)."""
+
+    def __init__(self, market_root: str, store_uri: str, slice_config: dict[str, Any], k: int,
+                 seed: int, env: dict[str, str], cache_models: int = 2):
+        os.environ.update(env)
+        import ray
+        import torch
+
+        from snp_ray.market.market import Market
+        from snp_ray.slicing.config import SliceConfig
+        from snp_ray.store import FragmentStore
+
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if not self.gpu_ids:
+            torch.set_num_threads(1)
+        ctx = ray.get_runtime_context()
+        self.actor_id = ctx.get_actor_id() or f"pid{os.getpid()}"
+        self.node_id = ctx.get_node_id()
+        self.market = Market(market_root)
+        self.store = FragmentStore(store_uri, writer=f"actor-{self.actor_id[:12]}-{os.getpid()}")
+        self.config = SliceConfig.from_dict(slice_config)
+        self.k, self.seed = int(k), int(seed)
+        self.cache: OrderedDict[str, Any] = OrderedDict()
+        self.cache_models = cache_models
+
+    def info(self) -> dict[str, Any]:
+        return {"actor_id": self.actor_id, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
+                "pid": os.getpid(), "host": socket.gethostname()}
+
+    def ping(self) -> bool:
+        return True
+
+    def slice_pair(self, model_id: str, class_id: int) -> dict[str, Any]:
+        from snp_ray.slicing.api import ModelSlicer, pair_key
+
+        spec = self.market.spec(model_id)
+        key = pair_key(spec, class_id, self.config, self.k, self.seed)
+        if self.store.refresh().has(key):     # a retry after a crash, or another writer got there
+            spec_json, weights = self.store.blobs(key)
+            return {"key": key, "status": "skipped", "blobs": (spec_json, weights),
+                    **self._row(self.store.rows()[key])}
+        ms = self.cache.get(model_id)
+        if ms is None:
+            ms = ModelSlicer(self.market, model_id, self.k, self.config, self.seed)
+            self.cache[model_id] = ms
+            while len(self.cache) > self.cache_models:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(model_id)
+        frag = ms.slice(class_id)
+        self.store.put(frag)
+        spec_json, weights = frag.to_blobs()
+        return {"key": key, "status": "done", "blobs": (spec_json, weights),
+                "model": model_id, "class_id": int(class_id), "class": frag.spec.class_name,
+                "params": frag.spec.params, "source_params": frag.spec.source_params,
+                "seconds": frag.spec.seconds, "actor": self.actor_id, "node": self.node_id,
+                "gpu_ids": self.gpu_ids}
+
+    @staticmethod
+    def _row(row: dict[str, Any]) -> dict[str, Any]:
+        return {"model": row["model_id"], "class_id": row["class_id"], "class": row["class_name"],
+                "params": row["params"], "source_params": row["source_params"],
+                "seconds": row["seconds"]}

@@ -1,0 +1,284 @@
+"""The main job: plan every (model, class) pair of a market, slice them in parallel on a pool of
+actors into the fragment store, optionally pack one class set, and report.
+
+Scheduling keeps pairs of one model on the actor that already loaded that model, gives an idle
+actor the model with the most pairs left otherwise, and never has more than one pair in flight
+per actor. Lost actors (a node removed, a process killed) are noticed by a ping that times out;
+their pair goes back to the queue and a replacement actor is requested. Writes are idempotent and
+the store keeps one row per key, so a pair done twice is stored once; the job compacts the
+manifest at the end.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from snp_ray.config import Config, check_range
+from snp_ray.errors import ConfigError, EngineError, SnpError
+from snp_ray.market.market import Market
+from snp_ray.slicing.api import pair_key
+from snp_ray.slicing.config import SliceConfig, slice_preset
+from snp_ray.store import FragmentStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceJobConfig(Config):
+    market: str                        # market store folder
+    fragments: str = ""                # fragment store URI; default <market>/fragments
+    k: int = 10
+    preset: str = "quick"              # slice preset
+    overrides: dict[str, Any] = field(default_factory=dict)   # SliceConfig field overrides
+    seed: int = 0                      # few-shot sample seed
+    actors: int = 0                    # 0: one per GPU (or fraction) when GPUs exist, else per CPU
+    gpus_per_actor: float = 1.0
+    max_restarts: int = 2
+    max_task_retries: int = 2
+    max_attempts: int = 3              # per pair, across actors
+    ping_timeout_s: float = 20.0
+    startup_timeout_s: float = 120.0
+    models: list[str] = field(default_factory=list)           # empty: every model
+
+    def validate(self) -> None:
+        check_range("SliceJobConfig", "k", self.k, 1, 100_000)
+        check_range("SliceJobConfig", "actors", self.actors, 0, 100_000)
+        check_range("SliceJobConfig", "gpus_per_actor", self.gpus_per_actor, 0.0, 8.0, lo_open=True)
+        check_range("SliceJobConfig", "max_attempts", self.max_attempts, 1, 100)
+
+    def slice_config(self) -> SliceConfig:
+        return slice_preset(self.preset, **self.overrides)
+
+    def store_uri(self) -> str:
+        return self.fragments or os.path.join(self.market, "fragments")
+
+
+@dataclass
+class SliceJobResult:
+    total: int
+    done: int
+    skipped: int
+    failed: int
+    wall_seconds: float
+    results: dict[str, dict[str, Any]]          # key -> row (without blobs)
+    refs: dict[str, Any]                        # key -> ObjectRef of the actor's result (blobs)
+    failures: list[dict[str, Any]]
+    actors: list[dict[str, Any]]
+
+    def summary(self) -> dict[str, Any]:
+        done = [r for r in self.results.values() if r["status"] == "done"]
+        return {"pairs": self.total, "done": self.done, "skipped": self.skipped,
+                "failed": self.failed, "wall_seconds": round(self.wall_seconds, 2),
+                "throughput_pairs_per_s": round(self.done / self.wall_seconds, 4) if self.wall_seconds else 0,
+                "fragment_params": sum(r["params"] for r in done),
+                "source_params": sum(r["source_params"] for r in done),
+                "slice_seconds": round(sum(r["seconds"] for r in done), 2),
+                "actors": len(self.actors), "failures": self.failures}
+
+
+def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = None) -> SliceJobResult:
+    from snp_ray.runtime import ensure_ray
+
+    ensure_ray()
+    t_start = time.perf_counter()
+    market = Market(cfg.market)
+    ids = cfg.models or market.ids()
+    if not ids:
+        raise ConfigError(f"the market at {cfg.market} holds no models")
+    scfg = cfg.slice_config()
+    store = FragmentStore(cfg.store_uri(), writer="driver")
+    stored = store.keys()
+    pairs, results = [], {}
+    for mid in ids:
+        spec = market.spec(mid)
+        market.manifest(mid, cfg.k, cfg.seed)     # draw the few-shot manifest once, up front
+        for c in spec.classes:
+            key = pair_key(spec, c, scfg, cfg.k, cfg.seed)
+            if key in stored:
+                row = store.rows()[key]
+                results[key] = {"key": key, "status": "skipped", "model": mid, "class_id": c,
+                                "class": row["class_name"], "params": row["params"],
+                                "source_params": row["source_params"], "seconds": row["seconds"]}
+            else:
+                pairs.append((mid, c, key))
+    total = len(pairs) + len(results)
+    queues: dict[str, deque] = {}
+    for mid, c, key in pairs:
+        queues.setdefault(mid, deque()).append((c, key))
+    refs: dict[str, Any] = {}
+    failures: list[dict[str, Any]] = []
+    actors_info: list[dict[str, Any]] = []
+    if pairs:
+        _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, progress,
+                  len(pairs))
+        store.refresh().compact()
+    done = sum(r["status"] == "done" for r in results.values())
+    skipped = sum(r["status"] == "skipped" for r in results.values())
+    return SliceJobResult(total, done, skipped, len(failures), time.perf_counter() - t_start,
+                          results, refs, failures, actors_info)
+
+
+def _actor_count(cfg: SliceJobConfig, n_pairs: int) -> tuple[int, float]:
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    if cfg.actors:
+        n = cfg.actors
+    elif gpus > 0:
+        n = int(gpus // cfg.gpus_per_actor)
+    else:
+        n = int(res.get("CPU", 1))
+    return max(1, min(n, n_pairs)), (cfg.gpus_per_actor if gpus > 0 else 0.0)
+
+
+def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, progress, n_todo):
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    from snp_ray.engine.actors import SlicerActor
+
+    n_actors, gpus = _actor_count(cfg, n_todo)
+    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "AWS_ACCESS_KEY_ID",
+                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           if k in os.environ}
+    remote = ray.remote(SlicerActor).options(
+        num_cpus=1, num_gpus=gpus, max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_task_retries, max_concurrency=2, scheduling_strategy="SPREAD")
+    args = (os.path.abspath(cfg.market), cfg.store_uri(), scfg.to_dict(), cfg.k, cfg.seed, env)
+
+    actors: dict[int, Any] = {}
+    starting: dict[Any, int] = {}
+    next_id = 0
+    deadline = time.time() + cfg.startup_timeout_s
+
+    def spawn() -> None:
+        nonlocal next_id, deadline
+        a = remote.remote(*args)
+        actors[next_id] = a
+        starting[a.info.remote()] = next_id
+        next_id += 1
+        deadline = time.time() + cfg.startup_timeout_s
+
+    for _ in range(n_actors):
+        spawn()
+    ready: dict[int, dict[str, Any]] = {}
+    last_model: dict[int, str] = {}
+    in_flight: dict[Any, tuple[int, str, int, str, float]] = {}
+    attempts: Counter = Counter()
+    done_count, t0 = 0, time.perf_counter()
+
+    def next_pair(aid: int):
+        mid = last_model.get(aid)
+        if not (mid and queues.get(mid)):
+            busy = Counter(m for (_, m, _, _, _) in in_flight.values())
+            candidates = [m for m, q in queues.items() if q]
+            if not candidates:
+                return None
+            mid = max(candidates, key=lambda m: (len(queues[m]) - busy[m] * 2, m))
+        c, key = queues[mid].popleft()
+        return mid, c, key
+
+    def requeue(mid: str, c: int, key: str, why: str) -> None:
+        attempts[key] += 1
+        if attempts[key] >= cfg.max_attempts:
+            failures.append({"model": mid, "class_id": c, "key": key, "error": why})
+            log.error("giving up on %s class %s after %d attempts: %s", mid, c, attempts[key], why)
+        else:
+            queues.setdefault(mid, deque()).appendleft((c, key))
+
+    def lose(aid: int, why: str) -> None:
+        log.warning("actor %d lost (%s); requesting a replacement", aid, why)
+        a = actors.pop(aid, None)
+        ready.pop(aid, None)
+        for ref, (owner, mid, c, key, _) in list(in_flight.items()):
+            if owner == aid:
+                del in_flight[ref]
+                requeue(mid, c, key, why)
+        if a is not None:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - the actor may already be gone
+                pass
+        spawn()
+
+    while any(queues.values()) or in_flight:
+        # actors that finished starting
+        if starting:
+            started, _ = ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            for ref in started:
+                aid = starting.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except (RayActorError, RayTaskError) as e:
+                    log.warning("actor %d failed to start: %s", aid, e)
+                    actors.pop(aid, None)
+                    continue
+                ready[aid] = info
+                actors_info.append(info)
+        if not ready and not in_flight:
+            if time.time() > deadline:
+                raise EngineError("no slicer actor could start: the cluster lacks the resources "
+                                  f"(each actor needs 1 CPU{' and GPUs' if gpus else ''})")
+            time.sleep(0.2)
+            continue
+        # hand out work
+        busy = {owner for (owner, *_rest) in in_flight.values()}
+        for aid in list(ready):
+            if aid in busy:
+                continue
+            pick = next_pair(aid)
+            if pick is None:
+                break
+            mid, c, key = pick
+            ref = actors[aid].slice_pair.remote(mid, c)
+            in_flight[ref] = (aid, mid, c, key, time.perf_counter())
+            last_model[aid] = mid
+        if not in_flight:
+            continue
+        finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+        for ref in finished:
+            aid, mid, c, key, started_at = in_flight.pop(ref)
+            try:
+                row = ray.get(ref)
+            except RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, SnpError):
+                    failures.append({"model": mid, "class_id": c, "key": key, "error": str(cause)})
+                    log.error("pair %s/%s failed: %s", mid, c, cause)
+                else:
+                    requeue(mid, c, key, str(e).splitlines()[0])
+                continue
+            except RayActorError as e:
+                in_flight[ref] = (aid, mid, c, key, started_at)
+                lose(aid, f"actor died: {str(e).splitlines()[0]}")
+                continue
+            refs[key] = ref
+            results[key] = {k: v for k, v in row.items() if k != "blobs"}
+            done_count += 1
+            rate = done_count / (time.perf_counter() - t0)
+            eta = (n_todo - done_count) / rate if rate > 0 else float("inf")
+            msg = (f"[{done_count}/{n_todo}] {mid} {row['class']}: {row['params']:,} params, "
+                   f"{row['seconds']:.1f}s | {rate:.2f} pairs/s, ETA {eta:.0f}s")
+            log.info(msg)
+            if progress:
+                progress(msg)
+        if not finished:   # nothing finished for a while: check that busy actors are alive
+            now = time.perf_counter()
+            for ref, (aid, *_r, started_at) in list(in_flight.items()):
+                if now - started_at < cfg.ping_timeout_s or aid not in actors:
+                    continue
+                try:
+                    ray.get(actors[aid].ping.remote(), timeout=cfg.ping_timeout_s)
+                    in_flight[ref] = (aid, *_r, now)          # alive: check again later
+                except (GetTimeoutError, RayActorError) as e:
+                    lose(aid, type(e).__name__)
+    for a in actors.values():
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,105 @@
+"""The body of jobs/slice_market.py: train the market if missing, slice every pair on the actor
+pool, pack one class set from the fragments in the object store, print a summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from snp_ray.cli import market_summary, table
+from snp_ray.engine.job import SliceJobConfig, run_slice_job
+from snp_ray.engine.presets import PRESETS, get_preset
+from snp_ray.errors import SnpError
+
+log = logging.getLogger("snp_ray.job")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="slice_market.py", description=__doc__)
+    p.add_argument("--preset", default="quickstart", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--store", default="", help="market store folder (default: the preset's)")
+    p.add_argument("--fragments", default="", help="fragment store URI (default <store>/fragments); "
+                   "s3://bucket/prefix?endpoint_override=host:port&scheme=http works too")
+    p.add_argument("--k", type=int, default=0, help="few-shot k (default: the preset's)")
+    p.add_argument("--slice-preset", default="", help="slice preset (default: the job preset's)")
+    p.add_argument("--actors", type=int, default=0, help="slicer actors (0: one per GPU or CPU)")
+    p.add_argument("--gpus-per-actor", type=float, default=1.0)
+    p.add_argument("--pack", default="", help="comma-separated classes to pack (default: the "
+                   "task's first seeded target set)")
+    p.add_argument("--no-pack", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(a)
+    except SnpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        return 2
+    if a.json:
+        print(json.dumps(summary, default=str))
+    return 0 if not summary["slicing"]["failed"] else 1
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.market import build_market
+    from snp_ray.market.tasks import get_task, target_sets
+
+    preset = get_preset(a.preset)
+    store = a.store or preset.store
+    specs = build_market(preset.market, store, progress=sys.stderr.isatty())
+    cfg = SliceJobConfig(market=store, fragments=a.fragments, k=a.k or preset.k,
+                         preset=a.slice_preset or preset.slice_preset, actors=a.actors,
+                         gpus_per_actor=a.gpus_per_actor)
+    job = run_slice_job(cfg)
+    out: dict[str, Any] = {"preset": preset.name, "store": store, "fragments": cfg.store_uri(),
+                           **market_summary(specs), "slicing": job.summary()}
+    s = out["slicing"]
+    print()
+    print(table([[s["pairs"], s["done"], s["skipped"], s["failed"], f"{s['fragment_params']:,}",
+                  f"{s['source_params']:,}", f"{s['wall_seconds']:.1f}",
+                  f"{s['throughput_pairs_per_s']:.3f}"]],
+                ["pairs", "done", "skipped", "failed", "fragment params", "source params",
+                 "wall s", "pairs/s"]))
+    if preset.pack and not a.no_pack:
+        classes = [c for c in a.pack.split(",") if c] or list(target_sets(get_task(preset.market.task), 1, 0)[0])
+        out["pack"] = pack_step(store, classes, cfg, job)
+        p = out["pack"]
+        print()
+        print(table([[", ".join(p["classes"]), f"{p['test_accuracy']:.4f}",
+                      f"{p['params_deployable']:,}", f"{p['pack_seconds']:.2f}"]],
+                    ["packed classes", "test acc", "params (deployable)", "pack s"]))
+    return out
+
+
+def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, Any]:
+    """Pack from fragments the job left in the object store (the file store for older ones)."""
+    import ray
+
+    from snp_ray.evaluation.packs import evaluate_pack
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.request import pack_request
+    from snp_ray.slicing import Fragment
+    from snp_ray.store import FragmentStore
+
+    def fetch(key: str):
+        ref = job.refs.get(key)
+        if ref is None:
+            return None
+        spec_json, weights = ray.get(ref)["blobs"]
+        return Fragment.from_blobs(spec_json, weights, f"fragment {key}")
+
+    packed = pack_request(Market(store), classes, cfg.k, cfg.slice_config(), PackConfig(),
+                          cfg.seed, store=FragmentStore(cfg.store_uri()), fetch=fetch)
+    result = evaluate_pack(packed, with_latency=False)
+    result["from_object_store"] = sum(1 for f in packed.fragments if f.spec.key in job.refs)
+    return result

@@ -1,0 +1,173 @@
+"""The Ray engine: the slice job on the session cluster, resume, placement on logical GPUs,
+node loss (multi-node runs in a subprocess), SIGKILL and resume, and `ray job submit`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from snp_ray.engine.job import SliceJobConfig, run_slice_job
+from snp_ray.store import FragmentStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONPATH": str(REPO) + os.pathsep + str(REPO / "tests")})
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _market_copy(smoke_market, tmp_path) -> Path:
+    _, root, _ = smoke_market
+    dest = tmp_path / "market"
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("fragments"))
+    return dest
+
+
+def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path):
+    market = _market_copy(smoke_market, tmp_path)
+    cfg = SliceJobConfig(market=str(market), k=5, preset="smoke")
+    first = run_slice_job(cfg)
+    assert (first.total, first.done, first.skipped, first.failed) == (10, 10, 0, 0)
+    assert set(first.refs) == set(first.results)                  # blobs in the object store
+    store = FragmentStore(market / "fragments")
+    assert len(store.keys()) == 10 and store.dataset().count_rows() == 10
+    assert len(list((market / "fragments" / "manifest").iterdir())) == 1   # compacted
+    assert {r["class_id"] for r in store.rows().values()} == set(range(10))
+    again = run_slice_job(cfg)
+    assert (again.done, again.skipped) == (0, 10)
+
+
+def _multinode(mode: str, market: Path, store: Path) -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "multinode.py"), mode, str(market),
+                          str(store)], capture_output=True, text=True, env=_env(), timeout=420)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_placement_one_gpu_per_actor(smoke_market, tmp_path):
+    res = _multinode("placement", _market_copy(smoke_market, tmp_path), tmp_path / "frags")
+    assert res["summary"]["done"] == 10 and len(res["actors"]) == 2
+    assert all(len(a["gpu_ids"]) == 1 for a in res["actors"])
+    per_node = Counter(a["node_id"] for a in res["actors"])
+    assert all(per_node[n] <= res["node_gpus"].get(n, 0) for n in per_node)
+
+
+def test_placement_gpu_fractions(smoke_market, tmp_path):
+    res = _multinode("fraction", _market_copy(smoke_market, tmp_path), tmp_path / "frags")
+    assert res["summary"]["done"] == 10 and len(res["actors"]) == 4
+    per_node = Counter(a["node_id"] for a in res["actors"])
+    assert all(per_node[n] <= 2 * res["node_gpus"].get(n, 0) for n in per_node)
+
+
+def test_node_loss_mid_job_still_finishes_exactly_once(smoke_market, tmp_path):
+    res = _multinode("node_loss", _market_copy(smoke_market, tmp_path), tmp_path / "frags")
+    assert res["removed"], "the worker node was never removed"
+    s = res["summary"]
+    assert s["done"] == 10 and s["failed"] == 0
+    assert len(res["keys"]) == 10 and res["manifest_rows"] == 10
+    survivors = {a["node_id"] for a in res["actors"]} - {res["removed"]["node_id"]}
+    assert survivors
+
+
+def _store_count(path: Path) -> int:
+    try:
+        return len(FragmentStore(path).refresh().keys())
+    except Exception:  # noqa: BLE001 - mid-write reads may fail; try again
+        return 0
+
+
+def test_sigkill_mid_run_then_resume(smoke_market, tmp_path):
+    market = _market_copy(smoke_market, tmp_path)
+    cmd = [sys.executable, str(REPO / "jobs" / "slice_market.py"), "--preset", "smoke", "--store",
+           str(market), "--slice-preset", "quick", "--actors", "1", "--no-pack", "--json"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    frags = market / "fragments"
+    deadline = time.time() + 240
+    while time.time() < deadline and _store_count(frags) < 3:
+        time.sleep(0.2)
+    before = _store_count(frags)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert 3 <= before < 10, before
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])["slicing"]
+    assert s["skipped"] >= before and s["done"] <= 10 - before + 1   # at most the in-flight pair redone
+    store = FragmentStore(frags)
+    assert len(store.keys()) == 10 and store.dataset().count_rows() == 10
+    for key in store.keys():                                       # every visible fragment is whole
+        store.get(key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cluster(temp_dir: str) -> None:
+    """Stop only the processes of the cluster this test started (found by its temp dir)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="ignore")
+        except OSError:
+            continue
+        if temp_dir in cmd and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_ray_job_submit_end_to_end(smoke_market, tmp_path):
+    market = _market_copy(smoke_market, tmp_path)
+    temp_dir = f"/tmp/snpray-{os.getpid()}-{int(time.time())}"
+    port, dash, agent, grpc, renv, metrics = (_free_port() for _ in range(6))
+    env = _env()
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2",
+                            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-agent-listen-port={agent}",
+                            f"--dashboard-agent-grpc-port={grpc}",
+                            f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
+                            "--include-dashboard=true", f"--temp-dir={temp_dir}",
+                            "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        runtime_env = json.dumps({"env_vars": {"SNP_DATA_ROOT": os.environ["SNP_DATA_ROOT"],
+                                               "RAY_AUTH_MODE": "disabled"}})
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
+                  "python", "jobs/slice_market.py", "--preset", "smoke", "--store", str(market),
+                  "--json"]
+        for _ in range(30):   # the job agent comes up a few seconds after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
+        store = FragmentStore(market / "fragments")
+        assert len(store.keys()) == 10
+        line = next(ln for ln in reversed(job.stdout.splitlines()) if ln.startswith("{"))
+        assert json.loads(line)["slicing"]["done"] == 10
+    finally:
+        _kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
