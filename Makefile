@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(PY) jobs/slice_market.py --preset quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

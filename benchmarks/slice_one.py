@@ -18,15 +18,12 @@ from pathlib import Path
 import torch
 
 from snp_ray.evaluation.fragments import fragment_auc
-from snp_ray.market import Market, MarketConfig, TrainConfig, build_market
+from snp_ray.evaluation.protocol import market_config
+from snp_ray.market import Market, build_market
 from snp_ray.slicing import slice_model, slice_preset
 
-MARKETS = {
-    "vgg11": MarketConfig(task="T1", arch="vgg11", width=0.25, train=TrainConfig(epochs=12)),
-    "resnet20": MarketConfig(task="T1", arch="resnet20", width=1.0, train=TrainConfig(epochs=8)),
-    "textcnn": MarketConfig(task="T7", arch="textcnn", width=1.0, train=TrainConfig(epochs=10)),
-    "gru": MarketConfig(task="T6", arch="gru", width=1.0, train=TrainConfig(epochs=10)),
-}
+MARKETS = {"vgg11": market_config("T1", "vgg11"), "resnet20": market_config("T1", "resnet20"),
+           "textcnn": market_config("T7", "textcnn"), "gru": market_config("T6", "gru")}
 
 
 def main() -> int:

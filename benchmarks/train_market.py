@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from snp_ray.market import MarketConfig, TrainConfig, build_market
+from snp_ray.evaluation.protocol import market_config
+from snp_ray.market import build_market
 
 RUNS = {
-    "T1-vgg11x0.25": MarketConfig(task="T1", arch="vgg11", width=0.25, train=TrainConfig(epochs=12)),
-    "T1-resnet20": MarketConfig(task="T1", arch="resnet20", width=1.0, train=TrainConfig(epochs=8)),
-    "T6-gru": MarketConfig(task="T6", arch="gru", width=1.0, train=TrainConfig(epochs=10)),
-    "T7-textcnn": MarketConfig(task="T7", arch="textcnn", width=1.0, train=TrainConfig(epochs=10)),
+    "T1-vgg11x0.25": market_config("T1", "vgg11"),
+    "T1-resnet20": market_config("T1", "resnet20"),
+    "T6-gru": market_config("T6", "gru"),
+    "T7-textcnn": market_config("T7", "textcnn"),
 }
 
 

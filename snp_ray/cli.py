@@ -267,20 +267,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+def run_command(fn: Callable[[], dict[str, Any]], as_json: bool, verbose: bool = False) -> tuple[int, dict[str, Any] | None]:
+    """Run a command body under the CLI contract: logs to stderr, typed errors -> exit 2,
+    the result as one JSON object on the last line of stdout with ``--json``."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        result = args.handler(args)
+        result = fn()
     except SnpError as e:
         print(f"error: {e}", file=sys.stderr)
-        if args.json:
+        if as_json:
             print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2
-    if args.json:
+        return 2, None
+    if as_json:
         print(json.dumps(result, default=str))
-    return 0
+    return 0, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.handler(args), args.json, args.verbose)[0]
 
 
 if __name__ == "__main__":

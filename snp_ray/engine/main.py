@@ -3,15 +3,13 @@ pool, pack one class set from the fragments in the object store, print a summary
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any
 
-from snp_ray.cli import market_summary, table
+from snp_ray.cli import market_summary, run_command, table
 from snp_ray.engine.job import SliceJobConfig, run_slice_job
 from snp_ray.engine.presets import PRESETS, get_preset
-from snp_ray.errors import SnpError
 
 log = logging.getLogger("snp_ray.job")
 
@@ -35,17 +33,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run(a)
-    except SnpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if a.json:
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2
-    if a.json:
-        print(json.dumps(summary, default=str))
+    rc, summary = run_command(lambda: run(a), a.json)
+    if rc:
+        return rc
     return 0 if not summary["slicing"]["failed"] else 1
 
 

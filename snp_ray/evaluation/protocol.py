@@ -67,11 +67,17 @@ class ProtocolConfig(Config):
             self.variants = [v for v in self.variants if v == "S&P (T)"] or self.variants[:1]
 
 
+def market_config(task: str, arch: str, width: float = 0.0, epochs: int = 0,
+                  train_fraction: float = 1.0, ks: list[int] | None = None) -> MarketConfig:
+    """The CPU-scale market of ``task`` with ``arch`` (defaults from ARCH_DEFAULTS)."""
+    w, e = ARCH_DEFAULTS.get(arch, (1.0, 10))
+    return MarketConfig(task=task, arch=arch, width=width or w,
+                        train=TrainConfig(epochs=epochs or e, train_fraction=train_fraction),
+                        ks=ks or [5, 10, 20])
+
+
 def _market_config(cfg: "ProtocolConfig", arch: str) -> MarketConfig:
-    width, epochs = ARCH_DEFAULTS.get(arch, (1.0, 10))
-    return MarketConfig(task=cfg.task, arch=arch, width=cfg.width or width,
-                        train=TrainConfig(epochs=cfg.epochs or epochs,
-                                          train_fraction=cfg.train_fraction), ks=cfg.ks)
+    return market_config(cfg.task, arch, cfg.width, cfg.epochs, cfg.train_fraction, cfg.ks)
 
 
 def run_protocol(cfg: ProtocolConfig, progress: bool = True) -> dict[str, Any]:
