@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, read_bytes, read_json,
                                sha256_bytes, tensors_from_bytes, tensors_to_bytes, load_state_strict)
 from snp_ray.config import Config
@@ -83,7 +85,12 @@ class ModelStore:
         return (self.model_dir(model_id) / "spec.json").is_file()
 
     def save(self, model: Classifier, spec: ModelSpec) -> ModelSpec:
-        blob = tensors_to_bytes(model.state_dict())
+        """Upload a model. Non-finite weights are refused before anything is written."""
+        state = model.state_dict()
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise IntegrityError(f"model {spec.id}: tensors {bad[:3]} hold NaN or Inf; not stored")
+        blob = tensors_to_bytes(state)
         spec = spec.replace(params=count_params(model), weights_sha256=sha256_bytes(blob))
         folder = self.model_dir(spec.id)
         atomic_write_bytes(folder / "weights.safetensors", blob)
