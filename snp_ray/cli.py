@@ -237,6 +237,33 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     return {"task": a.task, "paths": paths, "cells": cells}
 
 
+# ---------------------------------------------------------------- snp expansion
+def _expansion_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="T3-C10", help="T3-C10 here; T3 where CIFAR-100 is present")
+    p.add_argument("--combos", type=int, default=100, help="S: combinations to sample")
+    p.add_argument("--k", default="5,10,20")
+    p.add_argument("--market", default="", help="market folder (default runs/expansion/<task>)")
+    p.add_argument("--preset", default="quick", help="slice preset")
+    p.add_argument("--out", default="results/expansion")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("expansion", "estimate the market's equivalent expansion rate R(e) (Figure 6)", _expansion_args)
+def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.expansion import ExpansionConfig, run_expansion, write_outputs
+
+    cfg = ExpansionConfig(task=a.task, market=a.market or f"runs/expansion/{a.task}",
+                          ks=[int(k) for k in a.k.split(",") if k], combos=a.combos, seed=a.seed,
+                          slice_preset=a.preset, out=a.out)
+    result = run_expansion(cfg)
+    paths = write_outputs(result, a.out)
+    print(open(paths["md"]).read())
+    return {"T": result["T"], "N": result["N"], "S": result["S"], "paths": paths,
+            "k": {k: {"p": {e: r["p"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
+                      "R": {e: r["R"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
+                      "mean_acc": r["mean_acc"]} for k, r in result["k"].items()}}
+
+
 # ---------------------------------------------------------------- snp convert-cifar
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, choices=["cifar10", "cifar100"])

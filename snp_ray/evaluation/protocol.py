@@ -127,7 +127,10 @@ def _baseline_cells(name, market, ids, targets, k, cfg, ensemble_params, dataset
              "netgraft": "NetGraft"}.get(name, name)
     runs, failed = [], []
     for combo in targets:
-        results = run_baseline(name, market, ids, list(combo), k, seed=cfg.seed)
+        try:
+            results = run_baseline(name, market, ids, list(combo), k, seed=cfg.seed)
+        except ConfigError as e:   # e.g. a baseline that does not apply to this architecture
+            return {label: {f"k{k}": {"status": "n/a", "reason": str(e)}}}
         accs = []
         for r in results:
             if r.status != "ok":
@@ -173,6 +176,8 @@ def paper_results(path: str | Path | None = None) -> dict[str, Any]:
 def _fmt_ours(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "–"
+    if cell.get("status") == "n/a":
+        return "n/a"
     if cell.get("status") != "ok":
         return "failed"
     return f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f}"

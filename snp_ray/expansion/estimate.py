@@ -1,0 +1,187 @@
+"""The market's equivalent expansion rate (method notes section 5, the paper's Figure 6).
+
+Sample S class combinations (one class from each of the task's N models, all distinct; all of
+them when there are T <= S), pack and test each, and estimate p(e) = #{acc >= 1 - e} / S, with a
+Wilson band, and R(e) = p(e) * T / N. Each combination's accuracy is appended to a JSON-lines file
+as soon as it is known, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.config import Config, check_range
+from snp_ray.market.tasks import count_combinations, get_task, target_sets
+
+log = logging.getLogger(__name__)
+
+E_GRID = [round(0.01 * i, 2) for i in range(51)]
+
+
+@dataclass
+class ExpansionConfig(Config):
+    task: str = "T3-C10"
+    market: str = "runs/expansion/T3-C10"
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    combos: int = 100
+    seed: int = 0
+    slice_preset: str = "quick"
+    pack_epochs: int = 200
+    out: str = "results/expansion"
+    z: float = 1.96                       # Wilson band width (95 %)
+
+    def validate(self) -> None:
+        get_task(self.task)
+        check_range("ExpansionConfig", "combos", self.combos, 1, 1_000_000)
+        check_range("ExpansionConfig", "z", self.z, 0.0, 10.0, lo_open=True)
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rates(accs: list[float], total: int, n_models: int, z: float = 1.96) -> dict[str, Any]:
+    """p(e), its Wilson band and R(e) = p(e) T / N over the e grid."""
+    s = len(accs)
+    out: dict[str, dict[str, float]] = {"p": {}, "p_low": {}, "p_high": {}, "R": {}, "R_low": {}, "R_high": {}}
+    for e in E_GRID:
+        hits = sum(a >= 1 - e - 1e-12 for a in accs)
+        lo, hi = wilson(hits, s, z)
+        p = hits / s if s else 0.0
+        key = f"{e:g}"
+        out["p"][key], out["p_low"][key], out["p_high"][key] = p, lo, hi
+        for name, val in (("R", p), ("R_low", lo), ("R_high", hi)):
+            out[name][key] = val * total / n_models
+    return out
+
+
+def _evaluate_combo(market: str, classes: list[int], k: int, preset: str, pack_epochs: int,
+                    seed: int, env: dict[str, str]) -> float:
+    """One Ray task: pack a combination from the stored fragments and test it."""
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    from snp_ray.evaluation.packs import pack_accuracy
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.request import pack_request
+    from snp_ray.slicing import slice_preset
+
+    packed = pack_request(Market(market), classes, k, slice_preset(preset),
+                          PackConfig(epochs=pack_epochs, seed=seed), seed=0)
+    return pack_accuracy(packed)
+
+
+def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
+    import ray
+
+    from snp_ray.engine.job import SliceJobConfig, run_slice_job
+    from snp_ray.evaluation.protocol import market_config
+    from snp_ray.market import build_market
+    from snp_ray.runtime import ensure_ray
+
+    task = get_task(cfg.task)
+    if build:
+        build_market(market_config(cfg.task, task.default_arch, ks=cfg.ks), cfg.market, progress=False)
+    total, n_models = count_combinations(task), task.num_models
+    combos = [list(c) for c in target_sets(task, cfg.combos, cfg.seed)]
+    out_dir = Path(cfg.out) / cfg.task
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
+    remote = ray.remote(num_cpus=1, max_retries=2)(_evaluate_combo)
+    result: dict[str, Any] = {"task": cfg.task, "T": total, "N": n_models, "S": len(combos),
+                              "k": {}, "config": cfg.to_dict()}
+    for k in cfg.ks:
+        run_slice_job(SliceJobConfig(market=cfg.market, k=k, preset=cfg.slice_preset))
+        log_path = out_dir / f"accuracies-k{k}.jsonl"
+        done = _read_done(log_path)
+        todo = [c for c in combos if tuple(c) not in done]
+        t0 = time.perf_counter()
+        refs = {remote.remote(cfg.market, c, k, cfg.slice_preset, cfg.pack_epochs, cfg.seed, env):
+                c for c in todo}
+        pending = list(refs)
+        with open(log_path, "a") as fh:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                acc = ray.get(ready[0])
+                fh.write(json.dumps({"classes": refs[ready[0]], "acc": acc}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                done[tuple(refs[ready[0]])] = acc
+                n = len(done)
+                if n % 10 == 0 or not pending:
+                    log.info("k=%d: %d/%d combinations, %.1fs", k, n, len(combos), time.perf_counter() - t0)
+        accs = [done[tuple(c)] for c in combos]
+        result["k"][str(k)] = {"accuracies": accs, "mean_acc": sum(accs) / len(accs),
+                               **rates(accs, total, n_models, cfg.z)}
+    return result
+
+
+def _read_done(path: Path) -> dict[tuple[int, ...], float]:
+    done: dict[tuple[int, ...], float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[tuple(rec["classes"])] = float(rec["acc"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue   # a line cut short by a kill: that combination is simply redone
+    return done
+
+
+def write_outputs(result: dict[str, Any], out: str | Path) -> dict[str, str]:
+    folder = Path(out) / result["task"]
+    atomic_write_bytes(folder / "expansion.json", json.dumps(result, indent=1).encode())
+    lines = [f"# Equivalent expansion rate: {result['task']}", "",
+             f"T = {result['T']} combinations, N = {result['N']} original models, "
+             f"S = {result['S']} sampled (all of them when T <= S).", "",
+             "| k | mean acc | p(0.2) | R(0.2) [95 % band] | p(0.3) | R(0.3) [95 % band] |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for k, r in result["k"].items():
+        lines.append(f"| {k} | {100 * r['mean_acc']:.2f} | {r['p']['0.2']:.2f} | "
+                     f"{r['R']['0.2']:.1f} [{r['R_low']['0.2']:.1f}, {r['R_high']['0.2']:.1f}] | "
+                     f"{r['p']['0.3']:.2f} | {r['R']['0.3']:.1f} [{r['R_low']['0.3']:.1f}, "
+                     f"{r['R_high']['0.3']:.1f}] |")
+    atomic_write_bytes(folder / "expansion.md", ("\n".join(lines) + "\n").encode())
+    return {"json": str(folder / "expansion.json"), "md": str(folder / "expansion.md"),
+            "figure6": figure6(result, folder / "figure6.png")}
+
+
+def figure6(result: dict[str, Any], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, r in result["k"].items():
+        es = [float(e) for e in r["R"]]
+        ax.plot(es, [max(v, 1e-3) for v in r["R"].values()], label=f"k={k}")
+        ax.fill_between(es, [max(v, 1e-3) for v in r["R_low"].values()],
+                        [max(v, 1e-3) for v in r["R_high"].values()], alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("acceptable error e")
+    ax.set_ylabel("equivalent expansion rate R(e)")
+    ax.set_title(f"{result['task']}: R(e) = p(e) T / N (T={result['T']}, N={result['N']})")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,45 @@
+"""Expansion estimator: T by enumeration, Wilson bands, p(e)/R(e), the job's files and resume."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+from snp_ray.expansion import ExpansionConfig, rates, run_expansion, wilson, write_outputs
+from snp_ray.market.tasks import TaskConfig, combinations, count_combinations
+
+
+def test_t_counts_by_enumeration_on_small_markets():
+    overlap = TaskConfig("X", "cifar10", [[0, 1], [1, 2], [2, 0]], "one_per_model", "vgg11")
+    brute = [c for c in itertools.product(*overlap.model_classes) if len(set(c)) == 3]
+    assert count_combinations(overlap) == len(brute) == len(combinations(overlap)) == 2
+    disjoint = TaskConfig("Y", "cifar10", [[0, 1], [2, 3, 4]], "one_per_model", "vgg11")
+    assert count_combinations(disjoint) == 6 == len(list(itertools.product(*disjoint.model_classes)))
+
+
+def test_wilson_and_rates():
+    lo, hi = wilson(31, 100)
+    assert 0.22 < lo < 0.31 < hi < 0.41
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    r = rates([0.95, 0.85, 0.75, 0.5], total=464, n_models=5)
+    assert r["p"]["0.2"] == 0.5 and math.isclose(r["R"]["0.2"], 0.5 * 464 / 5)
+    assert r["p"]["0"] == 0.0 and r["p"]["0.5"] == 1.0
+    assert all(r["R_low"][e] <= r["R"][e] <= r["R_high"][e] for e in r["R"])
+
+
+def test_expansion_job_outputs_and_resume(smoke_market, tmp_path):
+    _, root, _ = smoke_market
+    cfg = ExpansionConfig(task="T1", market=str(root), ks=[5], combos=4, slice_preset="smoke",
+                          pack_epochs=2, out=str(tmp_path / "out"))
+    result = run_expansion(cfg, build=False)
+    assert (result["T"], result["N"], result["S"]) == (36, 3, 4)
+    assert len(result["k"]["5"]["accuracies"]) == 4
+    paths = write_outputs(result, tmp_path / "out")
+    data = json.loads(open(paths["json"]).read())
+    assert set(data["k"]["5"]["p"]) >= {"0.2", "0.3"} and data["k"]["5"]["R"]["0.5"] >= 0
+    assert open(paths["figure6"], "rb").read(4) == b"\x89PNG"
+    log = tmp_path / "out" / "T1" / "accuracies-k5.jsonl"
+    assert len(log.read_text().splitlines()) == 4
+    again = run_expansion(cfg, build=False)          # everything done: nothing recomputed
+    assert len(log.read_text().splitlines()) == 4
+    assert again["k"]["5"]["accuracies"] == result["k"]["5"]["accuracies"]
