@@ -7,16 +7,17 @@ from snp_ray.evaluation.protocol import ProtocolConfig, paper_results, render_ta
 
 
 def test_protocol_writes_table_json_and_figure(ray_cluster, real_data, tmp_path):
-    cfg = ProtocolConfig(task="T1", archs=["vgg11"], ks=[5], n_targets=2, slice_preset="quick",
+    cfg = ProtocolConfig(task="T1", archs=["vgg11"], ks=[5, 10], n_targets=2, slice_preset="quick",
                          baselines=["ensemble"], root=str(tmp_path / "runs"), width=0.125, epochs=1,
                          train_fraction=0.02, pack_epochs=5)
     result = run_protocol(cfg, progress=False)
     cells = result["archs"]["vgg11"]["cells"]
     assert set(cells) == {"S&P (R)", "S&P (T)", "Ensemble"}
     for method, by_k in cells.items():
-        c = by_k["k5"]
-        assert c["status"] == "ok" and c["n"] == 2 and 0 <= c["acc_mean"] <= 1
-        assert [r["classes"] for r in c["runs"]] == [list(t) for t in result["targets"]]
+        assert set(by_k) == {"k5", "k10"}, method          # every method has every k
+        for c in by_k.values():
+            assert c["status"] == "ok" and c["n"] == 2 and 0 <= c["acc_mean"] <= 1
+            assert [r["classes"] for r in c["runs"]] == [list(t) for t in result["targets"]]
     assert abs(cells["Ensemble"]["k5"]["pct_of_ensemble"] - 100) < 1
     assert cells["S&P (R)"]["k5"]["pct_of_ensemble"] < 100
     paper = paper_results()

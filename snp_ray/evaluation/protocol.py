@@ -112,8 +112,9 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True) -> dict[str, Any]:
                 cells[variant][f"k{k}"]["fragments_sliced"] = len(sliced)
                 log.info("%s %s k=%d: %.4f", arch, variant, k, cells[variant][f"k{k}"]["acc_mean"])
             for name in cfg.baselines:
-                cells.update(_baseline_cells(name, market, ids, targets, k, cfg, ensemble_params,
-                                             task.dataset))
+                for label, by_k in _baseline_cells(name, market, ids, targets, k, cfg,
+                                                   ensemble_params, task.dataset).items():
+                    cells.setdefault(label, {}).update(by_k)
         out["archs"][arch] = {"market": str(root), "ensemble_params": ensemble_params,
                               "model_test_accuracy": {s.id: s.metrics["test_accuracy"] for s in specs},
                               "cells": cells}
@@ -217,6 +218,8 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
             p = t2.get(method, {}).get(parch, {}) if t2 else {}
             prow = t3.get("rows", {}).get("S&P" if method.startswith("S&P") else method, {}) if t3 else {}
             ppct = (p.get("params") or {}).get("pct_of_ensemble") if p else None
+            if ppct is None and prow.get("params_1e4") and t3.get("rows", {}).get("Ensemble"):
+                ppct = 100.0 * prow["params_1e4"] / t3["rows"]["Ensemble"]["params_1e4"]
             pacc = (p.get("acc") or {}) if p else (prow.get("acc") or {})
             ours_pct = f"{first['pct_of_ensemble']:.1f}" if first else "–"
             row = [method, f"{first['params']:,.0f}" if first else "–",
