@@ -181,7 +181,10 @@ def _fmt_ours(cell: dict[str, Any] | None) -> str:
         return "n/a"
     if cell.get("status") != "ok":
         return "failed"
-    return f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f}"
+    text = f"{100 * cell['acc_mean']:.2f} ± {100 * cell['acc_std']:.2f}"
+    if cell.get("failed_runs"):
+        text += f" ({cell['failed_runs']} of {cell['n'] + cell['failed_runs']} failed)"
+    return text
 
 
 def _fmt_paper(value: Any) -> str:
