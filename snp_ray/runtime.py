@@ -23,5 +23,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         ray.init(address=address, log_to_driver=True)
         return
     log.info("starting a local Ray in-process")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_memory,
-             log_to_driver=True, configure_logging=False)
+    # address="local": always a fresh in-process cluster, never a stale one that an earlier
+    # `ray start` left in /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=object_store_memory, log_to_driver=True, configure_logging=False)

@@ -43,7 +43,8 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024 * 1024,
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=300 * 1024 * 1024,
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
