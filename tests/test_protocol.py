@@ -7,7 +7,7 @@ from snp_ray.evaluation.protocol import ProtocolConfig, paper_results, render_ta
 
 
 def test_protocol_writes_table_json_and_figure(ray_cluster, real_data, tmp_path):
-    cfg = ProtocolConfig(task="T1", archs=["vgg11"], ks=[5, 10], n_targets=2, slice_preset="quick",
+    cfg = ProtocolConfig(task="T1", archs=["vgg11"], ks=[5, 10], n_targets=2, slice_preset="smoke",
                          baselines=["ensemble"], root=str(tmp_path / "runs"), width=0.125, epochs=1,
                          train_fraction=0.02, pack_epochs=5)
     result = run_protocol(cfg, progress=False)
