@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -137,7 +138,7 @@ def _kill_cluster(temp_dir: str) -> None:
 
 def test_ray_job_submit_end_to_end(smoke_market, tmp_path):
     market = _market_copy(smoke_market, tmp_path)
-    temp_dir = f"/tmp/snpray-{os.getpid()}-{int(time.time())}"
+    temp_dir = tempfile.mkdtemp(prefix="snpray-")   # short: Ray's socket paths must fit 107 bytes
     port, dash, agent, grpc, renv, metrics = (_free_port() for _ in range(6))
     env = _env()
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
