@@ -9,7 +9,6 @@ import pytest
 from conftest import write_image_parquet
 from snp_ray.data import (FewShotManifest, ImageSpec, TextSpec, load_fewshot, read_split,
                           sample_k_shot)
-from snp_ray.data.tables import EVAL_ACCESS
 from snp_ray.data.text import build_vocab, tokenize
 from snp_ray.errors import (ConfigError, DataError, DatasetNotFoundError, SchemaError,
                             TestSplitAccessError, UnknownNameError)

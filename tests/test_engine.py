@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 
 from snp_ray.engine.job import SliceJobConfig, run_slice_job
 from snp_ray.store import FragmentStore

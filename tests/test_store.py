@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_fragment

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, load_state_strict,
-                               read_bytes, read_json, sha256_bytes, tensors_from_bytes,
+from snp_ray.artifacts import (atomic_write_bytes, load_state_strict,
+                               read_bytes, sha256_bytes, tensors_from_bytes,
                                tensors_to_bytes)
 from snp_ray.config import Config
 from snp_ray.data.specs import InputSpec, TextSpec
 from snp_ray.errors import ConfigError, IntegrityError, SnpError
-from snp_ray.models import build_model, count_params
+from snp_ray.models import build_model
 from snp_ray.slicing.graph import trace
 from snp_ray.slicing.surgery import shrink
 
