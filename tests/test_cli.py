@@ -1,17 +1,13 @@
 """The `snp` CLI contract: subcommands, --help, and one JSON object on the last line."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
+from jsonout import last_json
 from snp_ray.cli import COMMANDS, main
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_console_script_help_lists_subcommands():

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 
+from jsonout import last_json
 from snp_ray.engine.job import SliceJobConfig, run_slice_job
 from snp_ray.store import FragmentStore
 
@@ -54,7 +55,7 @@ def _multinode(mode: str, market: Path, store: Path) -> dict:
     out = subprocess.run([sys.executable, str(REPO / "tests" / "multinode.py"), mode, str(market),
                           str(store)], capture_output=True, text=True, env=_env(), timeout=420)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return last_json(out.stdout)
 
 
 def test_placement_one_gpu_per_actor(smoke_market, tmp_path):
@@ -105,7 +106,7 @@ def test_sigkill_mid_run_then_resume(smoke_market, tmp_path):
     assert 3 <= before < 10, before
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    s = json.loads(out.stdout.strip().splitlines()[-1])["slicing"]
+    s = last_json(out.stdout)["slicing"]
     assert s["skipped"] >= before and s["done"] <= 10 - before + 1   # at most the in-flight pair redone
     store = FragmentStore(frags)
     assert len(store.keys()) == 10 and store.dataset().count_rows() == 10
@@ -166,8 +167,7 @@ def test_ray_job_submit_end_to_end(smoke_market, tmp_path):
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
         store = FragmentStore(market / "fragments")
         assert len(store.keys()) == 10
-        line = next(ln for ln in reversed(job.stdout.splitlines()) if ln.startswith("{"))
-        assert json.loads(line)["slicing"]["done"] == 10
+        assert last_json(job.stdout)["slicing"]["done"] == 10
     finally:
         _kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
