@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from snp_ray.errors import SnpError
@@ -116,7 +117,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class", dest="klass", default=None, help="class name or id (default: all)")
     p.add_argument("--mode", choices=["threshold", "rate"], default=None)
     p.add_argument("--beta", type=float, default=None)
-    p.add_argument("--preset", default="quick", help="slice preset: quick or paper")
+    p.add_argument("--preset", default="quick", help="slice preset: quick, paper, or a name saved by `snp tune` (or its .json path)")
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--force", action="store_true", help="reslice fragments already stored")
 
@@ -158,7 +159,8 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="market store folder with sliced fragments")
     p.add_argument("--classes", required=True, help="comma-separated class names or ids")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--preset", default="quick", help="slice preset the fragments were made with")
+    p.add_argument("--preset", default="quick", help="slice preset the fragments were made with (a saved preset "
+                                             "also sets the packing delta, lr and epochs)")
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--shared", choices=["merge", "best"], default="merge",
                    help="two fragments of one class: both feed it, or keep the better one")
@@ -173,8 +175,10 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.packing import PackConfig
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import slice_preset
+    from snp_ray.slicing.config import pack_overrides
 
-    cfg = PackConfig(shared=a.shared, **({"delta": a.delta} if a.delta is not None else {}))
+    cfg = PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(a.preset), "shared": a.shared,
+                                **({"delta": a.delta} if a.delta is not None else {})})
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
     packed = pack_request(Market(a.store), requested, a.k, slice_preset(a.preset), cfg, a.seed)
     result = evaluate_pack(packed)
@@ -207,7 +211,8 @@ def cmd_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- snp report
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="T1, T6, T7 (T2-T5 need CIFAR-100)")
+    p.add_argument("--task", default="", help="T1, T6, T7 (T2-T5 need CIFAR-100); without it, "
+                                              "only gather OUT's tables and figures into report.md")
     p.add_argument("--k", default="5,10,20", help="comma-separated k values")
     p.add_argument("--archs", default="", help="comma-separated architectures (default: the task's)")
     p.add_argument("--targets", type=int, default=5, help="seeded target class sets (>= 5)")
@@ -216,25 +221,155 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="runs/tables", help="where markets and fragments live")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true",
+                   help="rerun every arch (default: reuse an arch whose protocol and market are "
+                        "unchanged from OUT/TASK/results.json)")
 
 
 @command("report", "run the paper's protocol on a task and write its table and figures", _report_args)
 def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.protocol import ProtocolConfig, paper_results, run_protocol, write_outputs
+    from snp_ray.evaluation.report import gather
     from snp_ray.market import get_task
+
+    if not a.task:
+        path = gather(a.out)
+        print(f"wrote {path}")
+        return {"report": path}
 
     archs = [x for x in a.archs.split(",") if x] or [get_task(a.task).default_arch]
     cfg = ProtocolConfig(task=a.task, archs=archs, ks=[int(k) for k in a.k.split(",") if k],
                          n_targets=a.targets, seed=a.seed, slice_preset=a.preset,
                          baselines=[b for b in a.baselines.split(",") if b], root=a.root)
-    result = run_protocol(cfg, progress=sys.stderr.isatty())
+    earlier = Path(a.out) / a.task / "results.json"
+    previous = None if a.fresh or not earlier.exists() else json.loads(earlier.read_text())
+    result = run_protocol(cfg, progress=sys.stderr.isatty(), previous=previous)
     paths = write_outputs(result, a.out, paper_results())
+    paths["report"] = gather(a.out)
     print(open(paths["table"]).read())
     cells = {arch: {m: {k: {x: c.get(x) for x in ("status", "acc_mean", "acc_std", "params",
                                                      "pct_of_ensemble")}
                         for k, c in cs.items()} for m, cs in d["cells"].items()}
              for arch, d in result["archs"].items()}
     return {"task": a.task, "paths": paths, "cells": cells}
+
+
+# ---------------------------------------------------------------- snp tune
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="T1")
+    p.add_argument("--arch", default="", help="architecture (default: the task's)")
+    p.add_argument("--market", default="", help="trained market folder (default: the report's "
+                                                "CPU-scale market under runs/tables, built if missing)")
+    p.add_argument("--trials", type=int, default=16)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--folds", type=int, default=3, help="CV folds over each class's k samples")
+    p.add_argument("--targets", type=int, default=2, help="target class sets in the objective")
+    p.add_argument("--test-targets", type=int, default=5,
+                   help="target sets for the one test-split comparison after the sweep")
+    p.add_argument("--preset", default="quick", help="base preset: the default it is compared with")
+    p.add_argument("--epochs", default="4,8", help="per-stage slicing epochs to try")
+    p.add_argument("--search", choices=["optuna", "random"], default="optuna")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
+    p.add_argument("--name", default="", help="preset name to save (default tuned-<task>)")
+    p.add_argument("--storage", default="runs/tune", help="Tune experiments and the fold cache")
+    p.add_argument("--out", default="results/tune")
+    p.add_argument("--no-test", action="store_true", help="skip the test-split comparison")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("tune", "Ray Tune sweep of alpha, beta, gamma, delta on few-shot CV; saves a preset", _tune_args)
+def cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.evaluation.protocol import market_config
+    from snp_ray.evaluation.tuned import compare_on_test, render_report, sweep_figure
+    from snp_ray.market import Market, build_market, get_task
+    from snp_ray.tuning import SweepConfig, run_sweep, write_sweep
+    from snp_ray.tuning.sweep import trial_configs
+
+    arch = a.arch or get_task(a.task).default_arch
+    market = a.market
+    if not market:
+        mcfg = market_config(a.task, arch)
+        market = f"runs/tables/{a.task}/{arch}-w{mcfg.width:g}"
+        build_market(mcfg, market, progress=sys.stderr.isatty())
+    cfg = SweepConfig(market=market, task=a.task, k=a.k, folds=a.folds, n_targets=a.targets,
+                      trials=a.trials, base_preset=a.preset, search=a.search, scheduler=a.scheduler,
+                      epochs=[int(e) for e in a.epochs.split(",") if e], storage=a.storage,
+                      name=a.name, seed=a.seed)
+    result = run_sweep(cfg, progress=sys.stderr.isatty())
+    if not a.no_test:
+        chosen = trial_configs(a.preset, result["best"]["config"])
+        default = trial_configs(a.preset, {})
+        if chosen[0].digest() == default[0].digest() and chosen[1].digest() == default[1].digest():
+            log.info("the sweep chose the default configuration")
+        result["test"] = compare_on_test(Market(market), a.task, a.k,
+                                         {"default": default, "chosen": chosen},
+                                         n_targets=a.test_targets, seed=a.seed)
+    folder = Path(a.out) / a.task
+    paths = {"json": str(write_sweep(result, folder / "sweep.json")),
+             "figure": sweep_figure(result, folder / "sweep.png")}
+    paths["report"] = render_report(result, folder / "report.md")
+    print(Path(paths["report"]).read_text())
+    test = result.get("test", {}).get("configs", {})
+    return {"task": a.task, "trials": len(result["trials"]), "seconds": result["seconds"],
+            "preset": result["preset"], "best_cv_accuracy": result["best"]["cv_accuracy"],
+            "fragments_made": result["fragments_made"],
+            "fragments_reused": result["fragments_reused"], "paths": paths,
+            "test": {label: {x: c[x] for x in ("acc_mean", "acc_std", "params_mean")}
+                     for label, c in test.items()}}
+
+
+# ---------------------------------------------------------------- snp figures
+def _figures_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--market", default="runs/tables/T1/vgg11-w0.25",
+                   help="a market whose fragments are stored (both selection modes for Figure 5)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--preset", default="quick", help="slice preset of the stored fragments")
+    p.add_argument("--sizes", default="1,2,3,4,5,6,8,10", help="numbers of requested classes (Fig. 7)")
+    p.add_argument("--out", default="results")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("figures", "Figure 5 (IoU of kept units, rate vs threshold) and Figure 7 (time per class)",
+         _figures_args)
+def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.evaluation.figures import figure5, figure7, iou_matrices, time_per_class, write_json
+    from snp_ray.evaluation.protocol import VARIANTS
+    from snp_ray.evaluation.report import gather
+    from snp_ray.market import Market
+    from snp_ray.slicing import slice_preset
+    from snp_ray.slicing.api import slice_missing
+
+    market = Market(a.market)
+    configs = {label: slice_preset(a.preset, **VARIANTS[label]) for label in VARIANTS}
+    for cfg in configs.values():        # slices only pairs not stored yet
+        for _ in slice_missing(market, a.k, cfg):
+            pass
+    folder = Path(a.out) / "figures"
+    iou = iou_matrices(market, a.k, configs)
+    chosen = configs["S&P (T)"]
+    rows = time_per_class(market, a.k, chosen, [int(n) for n in a.sizes.split(",") if n], a.seed)
+    paths = {"figure5": figure5(iou, list(configs), folder / "figure5.png"),
+             "figure7": figure7(rows, folder / "figure7.png",
+                                f"Figure 7: {Path(a.market).name}, k={a.k}, S&P (T)"),
+             "json": write_json({"market": a.market, "k": a.k, "iou": iou, "time_per_class": rows},
+                                folder / "figures.json")}
+    means = {label: sum(iou[m][f"{label} mean off-diagonal"] for m in iou) / len(iou) for label in configs}
+    lines = [f"Market `{a.market}`, k = {a.k}, preset `{a.preset}`.", "",
+             "Mean off-diagonal IoU of kept units between one model's fragments: "
+             + ", ".join(f"{label} {v:.3f}" for label, v in means.items()) + ".", "",
+             "| classes | fragments | slicing s | packing s | packing / slicing |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['n']} | {r['fragments']} | {r['slice_seconds']:.1f} | {r['pack_seconds']:.2f} | "
+              f"{100 * r['pack_fraction']:.2f} % |" for r in rows]
+    from snp_ray.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(folder / "figures.md", ("\n".join(lines) + "\n").encode())
+    paths["md"] = str(folder / "figures.md")
+    paths["report"] = gather(a.out)
+    print("\n".join(lines))
+    return {"paths": paths, "iou_mean_off_diagonal": means,
+            "time_per_class": [{x: r[x] for x in ("n", "slice_seconds", "pack_seconds", "pack_fraction")}
+                               for r in rows]}
 
 
 # ---------------------------------------------------------------- snp expansion

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: the key that opens the test split; held by snp_ray.evaluation only
 EVAL_ACCESS = object()
 PROTECTED_SPLITS = frozenset({"test"})
+#: set to "1" in a process that must never read a protected split at all (every tuning trial)
+ENV_FENCE = "SNP_FORBID_TEST_SPLIT"
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -97,6 +99,10 @@ def class_names_of(schema: pa.Schema, path: Path) -> list[str]:
 
 def read_split(name: str, split: str, *, access: object = None, path: Path | None = None) -> Split:
     """Load ``name``/``split``; the test split needs ``access=EVAL_ACCESS``."""
+    if split in PROTECTED_SPLITS and os.environ.get(ENV_FENCE) == "1":
+        raise TestSplitAccessError(
+            f"the {split} split of {name} is fenced off in this process ({ENV_FENCE}=1, set by "
+            f"tuning trials), even through snp_ray.evaluation")
     if split in PROTECTED_SPLITS and access is not EVAL_ACCESS:
         raise TestSplitAccessError(
             f"the {split} split of {name} is for evaluation only; use snp_ray.evaluation")

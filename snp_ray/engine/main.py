@@ -21,7 +21,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fragments", default="", help="fragment store URI (default <store>/fragments); "
                    "s3://bucket/prefix?endpoint_override=host:port&scheme=http works too")
     p.add_argument("--k", type=int, default=0, help="few-shot k (default: the preset's)")
-    p.add_argument("--slice-preset", default="", help="slice preset (default: the job preset's)")
+    p.add_argument("--slice-preset", default="", help="slice preset (default: the job preset's); also a name saved by snp tune")
     p.add_argument("--actors", type=int, default=0, help="slicer actors (0: one per GPU or CPU)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
     p.add_argument("--pack", default="", help="comma-separated classes to pack (default: the "
@@ -88,7 +88,10 @@ def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, 
         spec_json, weights = ray.get(ref)["blobs"]
         return Fragment.from_blobs(spec_json, weights, f"fragment {key}")
 
-    packed = pack_request(Market(store), classes, cfg.k, cfg.slice_config(), PackConfig(),
+    from snp_ray.slicing.config import pack_overrides
+
+    pack_cfg = PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(cfg.preset)})
+    packed = pack_request(Market(store), classes, cfg.k, cfg.slice_config(), pack_cfg,
                           cfg.seed, store=FragmentStore(cfg.store_uri()), fetch=fetch)
     result = evaluate_pack(packed, with_latency=False)
     result["from_object_store"] = sum(1 for f in packed.fragments if f.spec.key in job.refs)

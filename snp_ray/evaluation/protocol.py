@@ -80,8 +80,28 @@ def _market_config(cfg: "ProtocolConfig", arch: str) -> MarketConfig:
     return market_config(cfg.task, arch, cfg.width, cfg.epochs, cfg.train_fraction, cfg.ks)
 
 
-def run_protocol(cfg: ProtocolConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the whole protocol and return per-cell raw results and aggregates."""
+def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, root: Path,
+              specs: list) -> dict[str, Any] | None:
+    """The arch's entry of an earlier result when it was produced by the same protocol (every
+    setting but the list of archs) on the same market models; else None."""
+    if not previous or arch not in previous.get("archs", {}):
+        return None
+    same = {k: v for k, v in previous.get("config", {}).items() if k != "archs"} == \
+        {k: v for k, v in cfg.to_dict().items() if k != "archs"}
+    entry = previous["archs"][arch]
+    models = {s.id: s.metrics["test_accuracy"] for s in specs}
+    if same and entry.get("market") == str(root) and entry.get("model_test_accuracy") == models:
+        return entry
+    return None
+
+
+def run_protocol(cfg: ProtocolConfig, progress: bool = True,
+                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole protocol and return per-cell raw results and aggregates.
+
+    ``previous`` (an earlier result, e.g. ``results/<task>/results.json``) lets an arch whose
+    protocol and market are unchanged be reused rather than rerun, so adding an arch to a table
+    costs only that arch."""
     task = get_task(cfg.task)
     targets = target_sets(task, cfg.n_targets, cfg.seed)
     out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets, "archs": {}}
@@ -89,6 +109,11 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True) -> dict[str, Any]:
         mcfg = _market_config(cfg, arch)
         root = Path(cfg.root) / cfg.task / f"{arch}-w{mcfg.width:g}"
         specs = build_market(mcfg, root, progress=progress)
+        reused = _reusable(previous, cfg, arch, root, specs)
+        if reused is not None:
+            log.info("%s: reusing the earlier result for this arch (same protocol and market)", arch)
+            out["archs"][arch] = {**reused, "reused": True}
+            continue
         market = Market(root)
         ids = [s.id for s in specs]
         ensemble_params = sum(s.params for s in specs)

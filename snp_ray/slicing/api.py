@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from snp_ray.data.fewshot import FewShotSet
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
 from snp_ray.models import count_params
@@ -24,10 +25,11 @@ class ModelSlicer:
     the traced graph and the source's size. Build it once per model, then call :meth:`slice`."""
 
     def __init__(self, market: Market, model_id: str, k: int, config: SliceConfig,
-                 fewshot_seed: int = 0):
+                 fewshot_seed: int = 0, fewshot: FewShotSet | None = None):
+        """``fewshot``: slice on this subset of the model's k-shot set instead (a tuning fold)."""
         model, self.spec = market.model(model_id)
         self.k, self.config, self.seed = int(k), config, int(fewshot_seed)
-        self.fewshot = market.fewshot(model_id, k, fewshot_seed)
+        self.fewshot = fewshot if fewshot is not None else market.fewshot(model_id, k, fewshot_seed)
         self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config)
         self.example = example_input(self.spec.input_spec)
         self.source_params = count_params(model.features)

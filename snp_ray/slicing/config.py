@@ -5,7 +5,12 @@ layers, 2.5e-3 for repairs and the binary head) and are documented in docs/SLICI
 """
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError, UnknownNameError
@@ -14,6 +19,7 @@ MODES = ("threshold", "rate")
 L21_REDUCE = ("sum", "mean")
 REPAIR_INIT = ("lstsq", "zeros")
 COMBINE_TRAIN = ("current", "all")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass
@@ -60,9 +66,67 @@ PRESETS: dict[str, SliceConfig] = {
 }
 
 
-def slice_preset(name: str, **overrides) -> SliceConfig:
+#: where named presets saved by a Tune sweep live (``SNP_PRESETS`` overrides)
+ENV_PRESETS = "SNP_PRESETS"
+DEFAULT_PRESET_DIR = "runs/presets"
+
+
+def preset_dir() -> Path:
+    return Path(os.environ.get(ENV_PRESETS) or DEFAULT_PRESET_DIR)
+
+
+def _preset_file(name: str) -> Path | None:
+    """A saved preset: a path to a preset JSON file, or a name under :func:`preset_dir`."""
+    if name.endswith(".json"):
+        return Path(name)
+    if not _NAME.fullmatch(name):
+        return None
+    return preset_dir() / f"{name}.json"
+
+
+def saved_presets() -> list[str]:
+    folder = preset_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The saved preset ``name`` as ``{"name", "slice": {...}, "pack": {...}, "source": {...}}``."""
+    path = _preset_file(name)
+    if path is None or not path.is_file():
+        raise UnknownNameError("slice preset", name, list(PRESETS) + saved_presets())
     try:
-        base = PRESETS[name]
-    except KeyError:
-        raise UnknownNameError("slice preset", name, list(PRESETS)) from None
-    return SliceConfig.from_dict({**base.to_dict(), **overrides})
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"preset file {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("slice"), dict):
+        raise ConfigError(f"preset file {path} has no 'slice' object")
+    SliceConfig.from_dict(data["slice"])            # validates; typed error on bad values
+    return data
+
+
+def slice_preset(name: str, **overrides) -> SliceConfig:
+    """A built-in preset (paper, quick, smoke) or one a Tune sweep saved (a name or a .json path)."""
+    base = PRESETS[name].to_dict() if name in PRESETS else load_preset(name)["slice"]
+    return SliceConfig.from_dict({**base, **overrides})
+
+
+def pack_overrides(name: str) -> dict[str, Any]:
+    """The packing settings a saved preset carries (δ, learning rate, epochs); {} for built-ins."""
+    if name in PRESETS:
+        return {}
+    return dict(load_preset(name).get("pack") or {})
+
+
+def save_preset(name: str, slice_cfg: SliceConfig, pack: dict[str, Any] | None = None,
+                source: dict[str, Any] | None = None) -> Path:
+    """Save a named preset atomically; built-in names cannot be replaced."""
+    from snp_ray.artifacts import atomic_write_bytes
+
+    if name in PRESETS or not _NAME.fullmatch(name):
+        raise ConfigError(f"cannot save a preset named {name!r}: use letters, digits, '-', '_' "
+                          f"and not a built-in name {sorted(PRESETS)}")
+    path = preset_dir() / f"{name}.json"
+    body = {"name": name, "slice": slice_cfg.to_dict(), "pack": dict(pack or {}),
+            "source": dict(source or {})}
+    atomic_write_bytes(path, json.dumps(body, indent=1, sort_keys=True).encode())
+    return path

@@ -1,0 +1,207 @@
+"""The sweep's objective: k-fold cross-validation on the few-shot data only.
+
+Each model's k samples per class are split into ``folds`` stratified folds. For fold f, every
+target class is sliced on the other folds, the target sets are packed on the other folds, and
+the packs are scored on fold f. Nothing here can reach the test split: the functions receive a
+market (whose only data door is the train split's few-shot manifests) and the tuning package is
+scanned by tests/test_isolation.py.
+
+Fragments are cached on disk by (model, class, slicing config, k, fold), so a trial that changes
+only packing knobs (δ, the packing learning rate or epochs) reuses every fragment instead of
+reslicing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snp_ray.config import Config, check_range
+from snp_ray.data.fewshot import FewShotSet
+from snp_ray.errors import ArtifactNotFoundError, ConfigError
+from snp_ray.market.market import Market
+from snp_ray.packing import PackConfig
+from snp_ray.packing.packer import Packer, PackSamples
+from snp_ray.slicing.api import ModelSlicer
+from snp_ray.slicing.config import SliceConfig
+from snp_ray.slicing.fragment import Fragment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CVConfig(Config):
+    """What one objective evaluation covers."""
+
+    k: int = 10
+    folds: int = 3                 # stratified folds over each class's k samples
+    targets: list[list[int]] = field(default_factory=list)   # target class sets (global ids)
+    seed: int = 0                  # few-shot sample seed (the market's manifests)
+    fold_seed: int = 0             # how samples are dealt into folds
+
+    def validate(self) -> None:
+        check_range("CVConfig", "k", self.k, 2, 100_000)
+        check_range("CVConfig", "folds", self.folds, 2, self.k)
+        if not self.targets or any(len(set(t)) != len(t) or not t for t in self.targets):
+            raise ConfigError("CVConfig.targets must be non-empty class sets without duplicates")
+
+
+def fold_of(fs: FewShotSet, folds: int, fold_seed: int) -> np.ndarray:
+    """Fold index of every sample: each class's samples are dealt round-robin after a seeded
+    shuffle, so every fold holds ⌊k/folds⌋ or ⌈k/folds⌉ samples of every class."""
+    out = np.empty(len(fs), dtype=np.int64)
+    rng = np.random.default_rng(fold_seed)
+    for c in fs.classes:
+        idx = np.flatnonzero(fs.labels == c)
+        out[idx[rng.permutation(idx.size)]] = np.arange(idx.size) % folds
+    return out
+
+
+class FragmentCache:
+    """Fragments of one CV fold on disk, keyed by everything that determines them.
+
+    Safe for concurrent trials on one node: a fragment becomes visible only when its spec (written
+    last, atomically) exists; two trials that race both write identical content."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.made = 0
+        self.reused = 0
+
+    @staticmethod
+    def key(model_sha: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
+            fold: int, fold_seed: int) -> str:
+        body = json.dumps([model_sha, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed])
+        return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+    def _load(self, folder: Path) -> Fragment | None:
+        if (folder / "fragment.json").is_file():
+            try:
+                frag = Fragment.load(folder)
+                self.reused += 1
+                return frag
+            except ArtifactNotFoundError:   # a concurrent writer is between its two renames
+                return None
+        return None
+
+    def get_or_make(self, key: str, make: Callable[[], Fragment], wait_s: float = 900.0) -> Fragment:
+        """The cached fragment, or ``make()``'s. While another trial is making the same key (its
+        lock file exists and is younger than ``wait_s``) wait for it rather than slice twice."""
+        folder = self.root / key
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / ".making"
+        while True:
+            frag = self._load(folder)
+            if frag is not None:
+                return frag
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.close(fd)
+                break
+            except FileExistsError:
+                try:
+                    stale = time.time() - lock.stat().st_mtime > wait_s
+                except FileNotFoundError:
+                    continue                 # the maker just finished; load its fragment
+                if stale:                    # its maker died; take over
+                    lock.unlink(missing_ok=True)
+                    continue
+                time.sleep(0.2)
+        try:
+            frag = self._load(folder)        # made between our check and our lock
+            if frag is not None:
+                return frag
+            frag = make()
+            frag.save(folder)
+            self.made += 1
+            return frag
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    accuracy: float                 # mean over target sets of held-out accuracy
+    per_target: list[float]
+    fragments_made: int
+    fragments_reused: int
+    seconds: float
+    rows: dict[str, list[int]]      # model id -> train-split row ids this fold touched
+
+
+def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int) -> tuple[FewShotSet, FewShotSet]:
+    fs = market.fewshot(model_id, cv.k, cv.seed)
+    where = fold_of(fs, cv.folds, cv.fold_seed)
+    return fs.select(where != fold), fs.select(where == fold)
+
+
+def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg: PackConfig,
+                  fold: int, cache: FragmentCache) -> FoldResult:
+    """Slice on the other folds, pack, and score every target set on fold ``fold``."""
+    t0 = time.perf_counter()
+    made0, reused0 = cache.made, cache.reused
+    needed: dict[str, list[int]] = {}
+    for target in cv.targets:
+        for c in target:
+            for spec in market.holders(int(c)):
+                needed.setdefault(spec.id, [])
+                if c not in needed[spec.id]:
+                    needed[spec.id].append(int(c))
+    train, held, fragments, rows = {}, {}, {}, {}
+    for mid, classes in needed.items():
+        train[mid], held[mid] = _fold_sets(market, mid, cv, fold)
+        full = market.manifest(mid, cv.k, cv.seed)
+        rows[mid] = sorted(r for per_class in full.row_ids for r in per_class)
+        spec = market.spec(mid)
+        slicer: list[ModelSlicer] = []      # built only if some class is not cached
+
+        def make(c: int, mid: str = mid, slicer: list = slicer) -> Fragment:
+            if not slicer:
+                slicer.append(ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed, fewshot=train[mid]))
+            return slicer[0].slice(c)
+
+        for c in classes:
+            key = cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
+                            cv.fold_seed)
+            fragments[(mid, c)] = cache.get_or_make(key, lambda c=c, make=make: make(c))
+    accs = []
+    for target in cv.targets:
+        classes = [int(c) for c in target]
+        frs = [f for (mid, c), f in fragments.items() if c in classes]
+        holders = sorted({f.spec.source_model for f in frs})
+        samples = PackSamples.from_fewshot([train[m] for m in holders], classes)
+        val = PackSamples.from_fewshot([held[m] for m in holders], classes)
+        packed = Packer(pack_cfg).pack(frs, samples, classes)
+        accs.append(float(np.mean(packed.predict(val.raw) == val.labels)))
+    return FoldResult(fold=fold, accuracy=statistics.fmean(accs), per_target=accs,
+                      fragments_made=cache.made - made0, fragments_reused=cache.reused - reused0,
+                      seconds=time.perf_counter() - t0, rows=rows)
+
+
+def cross_validate(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg: PackConfig,
+                   cache: FragmentCache,
+                   report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """All folds in order; ``report`` receives the running result after each fold (Tune's
+    scheduler stops a poor trial between folds)."""
+    folds: list[FoldResult] = []
+    for f in range(cv.folds):
+        folds.append(evaluate_fold(market, cv, slice_cfg, pack_cfg, f, cache))
+        metrics = {"cv_accuracy": statistics.fmean(r.accuracy for r in folds), "folds_done": f + 1,
+                   "fold_accuracy": folds[-1].accuracy,
+                   "fragments_made": sum(r.fragments_made for r in folds),
+                   "fragments_reused": sum(r.fragments_reused for r in folds)}
+        log.info("fold %d/%d: held-out accuracy %.4f (made %d fragments, reused %d)", f + 1,
+                 cv.folds, folds[-1].accuracy, folds[-1].fragments_made, folds[-1].fragments_reused)
+        if report is not None:
+            report(metrics)
+    return {**metrics, "folds": [r.__dict__ for r in folds]}

@@ -1,0 +1,135 @@
+"""Tuning: stratified folds, named presets, δ-only trials reuse every fragment, and a real Ray
+Tune sweep that runs with the test split poisoned and fenced off, so it fails if any test row
+reaches the tuner."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snp_ray.data.fewshot import FewShotManifest, FewShotSet
+from snp_ray.data.tables import ENV_FENCE
+from snp_ray.errors import ConfigError, TestSplitAccessError, UnknownNameError
+from snp_ray.market import Market
+from snp_ray.packing import PackConfig
+from snp_ray.slicing import SliceConfig, slice_preset
+from snp_ray.slicing.config import ENV_PRESETS, load_preset, pack_overrides, save_preset
+from snp_ray.tuning import CVConfig, FragmentCache, SweepConfig, cross_validate, fold_of, run_sweep
+from snp_ray.tuning.sweep import trial_configs
+
+SMOKE_CV = {"pool_epochs": 1, "adapt_epochs": 1, "combine_epochs": 1}
+
+
+def test_folds_are_stratified_and_cover_every_sample():
+    labels = np.repeat([3, 7, 9], 10)
+    m = FewShotManifest(dataset="cifar10", k=10, seed=0, classes=[3, 7, 9],
+                        row_ids=[list(range(i * 10, i * 10 + 10)) for i in range(3)])
+    fs = FewShotSet(m, np.zeros((30, 32, 32, 3), np.uint8), labels)
+    where = fold_of(fs, 3, fold_seed=1)
+    for c in (3, 7, 9):
+        counts = np.bincount(where[labels == c], minlength=3)
+        assert sorted(counts.tolist()) == [3, 3, 4]
+    assert not np.array_equal(where, fold_of(fs, 3, fold_seed=2))   # the seed deals differently
+    with pytest.raises(ConfigError):
+        CVConfig(k=5, folds=6, targets=[[0, 3]])
+
+
+def test_saved_preset_is_accepted_by_name_and_path(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_PRESETS, str(tmp_path))
+    cfg = slice_preset("quick", alpha=0.02, beta=0.4, mode="rate")
+    path = save_preset("tuned-x", cfg, {"delta": 0.3, "lr": 2e-3}, {"cv_accuracy": 0.9})
+    assert slice_preset("tuned-x") == cfg and slice_preset(str(path)) == cfg
+    assert slice_preset("tuned-x", beta=0.5).beta == 0.5
+    assert pack_overrides("tuned-x") == {"delta": 0.3, "lr": 2e-3} and pack_overrides("quick") == {}
+    assert load_preset("tuned-x")["source"]["cv_accuracy"] == 0.9
+    with pytest.raises(ConfigError, match="built-in"):
+        save_preset("quick", cfg)
+    with pytest.raises(ConfigError):
+        save_preset("../escape", cfg)
+    with pytest.raises(UnknownNameError, match="tuned-x"):    # the message lists saved presets
+        slice_preset("nope")
+    (tmp_path / "bad.json").write_text('{"slice": {"beta": 7}}')
+    with pytest.raises(ConfigError, match="beta"):
+        slice_preset("bad")
+
+
+def test_trial_configs_map_onto_slice_and_pack():
+    s, p = trial_configs("quick", {"alpha": 0.01, "beta": 0.5, "mode": "rate", "epochs": 3,
+                                   "delta": 0.2, "pack_lr": 5e-4})
+    assert (s.alpha, s.beta, s.mode, s.pool_epochs, s.adapt_epochs, s.combine_epochs) == \
+        (0.01, 0.5, "rate", 3, 3, 3)
+    assert (p.delta, p.lr) == (0.2, 5e-4)
+    assert trial_configs("quick", {}) == (slice_preset("quick"), PackConfig())
+
+
+def test_delta_only_change_reuses_every_fragment(smoke_market, tmp_path):
+    _, root, _ = smoke_market
+    market = Market(root)
+    cv = CVConfig(k=5, folds=2, targets=[[0, 3, 6]])
+    cache = FragmentCache(tmp_path / "cache")
+    scfg = slice_preset("quick", **SMOKE_CV)
+    first = cross_validate(market, cv, scfg, PackConfig(delta=1.0, epochs=20), cache)
+    assert (first["fragments_made"], first["fragments_reused"]) == (6, 0)   # 3 classes x 2 folds
+    assert 0.0 <= first["cv_accuracy"] <= 1.0 and first["folds_done"] == 2
+    again = cross_validate(market, cv, scfg, PackConfig(delta=0.1, epochs=20), cache)
+    assert (again["fragments_made"], again["fragments_reused"]) == (0, 6)
+    other = cross_validate(market, cv, slice_preset("quick", **SMOKE_CV, beta=0.3),
+                           PackConfig(epochs=20), cache)
+    assert other["fragments_made"] == 6                    # a slicing change does reslice
+    # each fold slices on the other fold's rows only: held-out rows never train the fragment
+    rows = first["folds"][0]["rows"]
+    assert set(rows) == {"T1-m0-vgg11-w0.125", "T1-m1-vgg11-w0.125", "T1-m2-vgg11-w0.125"}
+
+
+def _poisoned_root(real: Path, dest: Path) -> Path:
+    """A data root whose train splits are the real ones and whose test splits are garbage."""
+    for ds in real.iterdir():
+        if not ds.is_dir():
+            continue
+        (dest / ds.name).mkdir(parents=True)
+        for f in ds.iterdir():
+            if f.name.startswith("test"):
+                (dest / ds.name / f.name).write_bytes(b"POISON: a tuner read the test split\n")
+            else:
+                (dest / ds.name / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def test_sweep_never_reads_the_test_split(smoke_market, tmp_path, monkeypatch):
+    from snp_ray.evaluation import load_test_split
+
+    _, root, _ = smoke_market
+    poisoned = _poisoned_root(Path(os.environ["SNP_DATA_ROOT"]), tmp_path / "data")
+    monkeypatch.setenv("SNP_DATA_ROOT", str(poisoned))
+    with pytest.raises(Exception):          # the poison is real: reading the test split fails
+        load_test_split("cifar10")
+    monkeypatch.setenv(ENV_FENCE, "1")
+    with pytest.raises(TestSplitAccessError, match="fenced"):
+        load_test_split("cifar10")
+    monkeypatch.delenv(ENV_FENCE)
+    monkeypatch.setenv(ENV_PRESETS, str(tmp_path / "presets"))
+    cfg = SweepConfig(market=str(root), task="T1", k=5, folds=2, n_targets=1, trials=3,
+                      base_preset="smoke", epochs=[1], storage=str(tmp_path / "tune"),
+                      name="tuned-test", data_root=str(poisoned), max_concurrent=1)
+    result = run_sweep(cfg)
+    assert result["errors"] == []
+    assert len(result["trials"]) == 3
+    assert all(t["folds_done"] >= 1 for t in result["trials"])
+    first, third = result["trials"][0], result["trials"][2]   # default, then the same with δ changed
+    assert first["config"]["delta"] != third["config"]["delta"]
+    assert third["fragments_made"] == 0 and third["fragments_reused"] > 0
+    saved = json.loads((tmp_path / "presets" / "tuned-test.json").read_text())
+    assert saved["source"]["cv_accuracy"] == result["best"]["cv_accuracy"]
+    assert isinstance(slice_preset(str(tmp_path / "presets" / "tuned-test.json")), SliceConfig)
+
+
+def test_sweep_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="market"):
+        SweepConfig(market="")
+    with pytest.raises(ConfigError, match="search"):
+        SweepConfig(market=str(tmp_path), search="grid-of-dreams")
+    with pytest.raises(UnknownNameError):
+        SweepConfig(market=str(tmp_path), base_preset="nope")
