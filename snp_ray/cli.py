@@ -282,6 +282,7 @@ def cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.protocol import market_config
     from snp_ray.evaluation.tuned import compare_on_test, render_report, sweep_figure
     from snp_ray.market import Market, build_market, get_task
+    from snp_ray.market.tasks import target_sets
     from snp_ray.tuning import SweepConfig, run_sweep, write_sweep
     from snp_ray.tuning.sweep import trial_configs
 
@@ -294,11 +295,14 @@ def cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
     cfg = SweepConfig(market=market, task=a.task, k=a.k, folds=a.folds, n_targets=a.targets,
                       trials=a.trials, base_preset=a.preset, search=a.search, scheduler=a.scheduler,
                       epochs=[int(e) for e in a.epochs.split(",") if e], storage=a.storage,
-                      name=a.name, seed=a.seed)
+                      name=a.name, seed=a.seed,
+                      exclude_targets=[list(t) for t in target_sets(get_task(a.task), a.test_targets,
+                                                                    a.seed)])
     result = run_sweep(cfg, progress=sys.stderr.isatty())
-    if not a.no_test:
-        chosen = trial_configs(a.preset, result["best"]["config"])
-        default = trial_configs(a.preset, {})
+    if not a.no_test:   # the preset is saved: nothing below can change what was chosen
+        base = (result["base"]["slice"], result["base"]["pack"])
+        chosen = trial_configs(base, result["best"]["config"])
+        default = trial_configs(base, {})
         if chosen[0].digest() == default[0].digest() and chosen[1].digest() == default[1].digest():
             log.info("the sweep chose the default configuration")
         result["test"] = compare_on_test(Market(market), a.task, a.k,
@@ -360,7 +364,8 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
              "| classes | fragments | slicing s | packing s | packing / slicing |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['n']} | {r['fragments']} | {r['slice_seconds']:.1f} | {r['pack_seconds']:.2f} | "
-              f"{100 * r['pack_fraction']:.2f} % |" for r in rows]
+              + (f"{100 * r['pack_fraction']:.2f} % |" if r["pack_fraction"] is not None else "– |")
+              for r in rows]
     from snp_ray.artifacts import atomic_write_bytes
 
     atomic_write_bytes(folder / "figures.md", ("\n".join(lines) + "\n").encode())

@@ -146,7 +146,8 @@ def _plain(v: Any) -> Any:
 def check_range(owner: str, name: str, value: float, lo: float, hi: float,
                 lo_open: bool = False, hi_open: bool = False) -> None:
     """Raise a ConfigError naming the field when ``value`` is outside [lo, hi]."""
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    bad = (value != value or value < lo or value > hi or (lo_open and value == lo)   # NaN too
+           or (hi_open and value == hi))
     if bad:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ConfigError(f"{owner}.{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")

@@ -154,20 +154,37 @@ def test_ray_job_submit_end_to_end(smoke_market, tmp_path):
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         runtime_env = json.dumps({"env_vars": {"SNP_DATA_ROOT": os.environ["SNP_DATA_ROOT"],
+                                               "SNP_PRESETS": str(tmp_path / "presets"),
                                                "RAY_AUTH_MODE": "disabled"}})
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                  "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-                  "python", "jobs/slice_market.py", "--preset", "smoke", "--store", str(market),
-                  "--json"]
-        for _ in range(30):   # the job agent comes up a few seconds after `ray start` returns
-            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
-            if "No available agent" not in job.stdout + job.stderr:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-2000:])
+
+        def submit(*script: str) -> dict:
+            cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                   "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", "python",
+                   *script, "--json"]
+            for _ in range(30):   # the job agent comes up a few seconds after `ray start` returns
+                job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+                if "No available agent" not in job.stdout + job.stderr:
+                    break
+                time.sleep(2)
+            assert job.returncode == 0, (script, job.stdout[-3000:], job.stderr[-2000:])
+            return last_json(job.stdout)
+
+        res = submit("jobs/slice_market.py", "--preset", "smoke", "--store", str(market))
         store = FragmentStore(market / "fragments")
         assert len(store.keys()) == 10
-        assert last_json(job.stdout)["slicing"]["done"] == 10
+        assert res["slicing"]["done"] == 10
+        out = tmp_path / "results"
+        exp = submit("jobs/estimate_expansion.py", "--task", "T1", "--market", str(market), "--k",
+                     "5", "--combos", "2", "--preset", "smoke", "--out", str(out / "expansion"))
+        assert exp["S"] == 2 and (out / "expansion" / "T1" / "figure6.png").is_file()
+        tuned = submit("jobs/tune_hparams.py", "--task", "T1", "--market", str(market), "--k", "5",
+                       "--folds", "2", "--targets", "1", "--trials", "2", "--preset", "smoke",
+                       "--epochs", "1", "--no-test", "--name", "tuned-submit",
+                       "--storage", str(tmp_path / "tune"), "--out", str(out / "tune"))
+        assert tuned["trials"] == 2 and (tmp_path / "presets" / "tuned-submit.json").is_file()
+        report = submit("-m", "snp_ray.cli", "report", "--out", str(out))
+        text = Path(report["report"]).read_text()
+        assert "expansion/T1/figure6.png" in text and "tune/T1/sweep.png" in text
     finally:
         _kill_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -43,3 +43,57 @@ def test_expansion_job_outputs_and_resume(smoke_market, tmp_path):
     again = run_expansion(cfg, build=False)          # everything done: nothing recomputed
     assert len(log.read_text().splitlines()) == 4
     assert again["k"]["5"]["accuracies"] == result["k"]["5"]["accuracies"]
+
+
+def test_expansion_job_sigkill_then_resume(smoke_market, tmp_path):
+    """SIGKILL the expansion job mid-run; the rerun scores only what is missing and leaves one
+    whole line per combination."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jsonout import last_json
+    from test_engine import REPO, _env
+
+    _, root, _ = smoke_market
+    market = tmp_path / "market"
+    shutil.copytree(root, market, ignore=shutil.ignore_patterns("fragments"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "jobs" / "estimate_expansion.py"), "--task", "T1", "--market",
+           str(market), "--k", "5", "--combos", "16", "--preset", "smoke", "--out", str(out), "--json"]
+    log = out / "T1" / "accuracies-k5.jsonl"
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = len(log.read_text().splitlines())
+    assert 3 <= before < 16, before
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = last_json(done.stdout)
+    assert res["S"] == 16
+    lines = log.read_text().splitlines()
+    combos = [tuple(json.loads(line)["classes"]) for line in lines]   # every line is whole JSON
+    assert len(combos) == len(set(combos)) == 16
+    assert json.loads((out / "T1" / "expansion.json").read_text())["S"] == 16
+
+
+def test_cached_test_features_give_the_same_accuracy(smoke_market):
+    from snp_ray.evaluation.packs import accuracy_from_features, pack_accuracy, test_features
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.request import pack_request
+    from snp_ray.slicing import slice_missing, slice_preset
+
+    _, root, _ = smoke_market
+    market, cfg = Market(root), slice_preset("smoke")
+    list(slice_missing(market, 5, cfg))
+    packed = pack_request(market, [0, 4, 7], 5, cfg, PackConfig(epochs=5))
+    cached = {f.spec.key: test_features(f, "cifar10") for f in packed.fragments}
+    assert accuracy_from_features(packed, cached) == pack_accuracy(packed)

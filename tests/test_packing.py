@@ -149,3 +149,32 @@ def test_pack_request_errors(text_market):
         pack_request(market, ["sarcastic"], 5, scfg)
     with pytest.raises(ArtifactNotFoundError, match="slice it first"):
         pack_request(market, ["neutral"], 5, slice_preset("paper"))
+
+
+def test_vectorised_reconstruction_equals_one_decoder_per_fragment():
+    """The packer's one-matmul reconstruction term is the method's per-fragment sum."""
+    from torch import nn
+
+    from snp_ray.packing.packer import reconstruction
+
+    torch.manual_seed(0)
+    dims, serves, hidden, batch = [5, 3, 7], torch.tensor([0, 2, 1]), 8, 12
+    decoders = [nn.Linear(hidden, d) for d in dims]
+    h, z = torch.randn(batch, hidden), [torch.randn(batch, d) for d in dims]
+    y = torch.randint(0, 3, (batch,))
+    loop = 0.0
+    for j, dec in enumerate(decoders):
+        mine = y == serves[j]
+        if bool(mine.any()):
+            loop = loop + (torch.relu(dec(h[mine])) - z[j][mine]).pow(2).mean(1).sum() / batch
+    dec_all = nn.Linear(hidden, sum(dims))
+    with torch.no_grad():
+        dec_all.weight.copy_(torch.cat([d.weight for d in decoders]))
+        dec_all.bias.copy_(torch.cat([d.bias for d in decoders]))
+    seg = torch.zeros(sum(dims), len(dims))
+    off = 0
+    for j, d in enumerate(dims):
+        seg[off:off + d, j] = 1.0 / d
+        off += d
+    mine = (y[:, None] == serves[None, :]).float()
+    assert torch.allclose(reconstruction(h, torch.cat(z, 1), dec_all, seg, mine), loop, atol=1e-6)

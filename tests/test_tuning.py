@@ -15,24 +15,33 @@ from snp_ray.data.tables import ENV_FENCE
 from snp_ray.errors import ConfigError, TestSplitAccessError, UnknownNameError
 from snp_ray.market import Market
 from snp_ray.packing import PackConfig
-from snp_ray.slicing import SliceConfig, slice_preset
+from snp_ray.slicing import Fragment, SliceConfig, slice_preset
 from snp_ray.slicing.config import ENV_PRESETS, load_preset, pack_overrides, save_preset
-from snp_ray.tuning import CVConfig, FragmentCache, SweepConfig, cross_validate, fold_of, run_sweep
+from snp_ray.tuning import (CVConfig, FragmentCache, SweepConfig, cross_validate, deal_folds, fold_of,
+                            run_sweep)
 from snp_ray.tuning.sweep import trial_configs
 
 SMOKE_CV = {"pool_epochs": 1, "adapt_epochs": 1, "combine_epochs": 1}
 
 
-def test_folds_are_stratified_and_cover_every_sample():
-    labels = np.repeat([3, 7, 9], 10)
-    m = FewShotManifest(dataset="cifar10", k=10, seed=0, classes=[3, 7, 9],
-                        row_ids=[list(range(i * 10, i * 10 + 10)) for i in range(3)])
-    fs = FewShotSet(m, np.zeros((30, 32, 32, 3), np.uint8), labels)
-    where = fold_of(fs, 3, fold_seed=1)
-    for c in (3, 7, 9):
-        counts = np.bincount(where[labels == c], minlength=3)
+def test_folds_are_stratified_and_follow_the_row_not_the_model():
+    rows = {3: list(range(0, 10)), 7: list(range(10, 20)), 9: list(range(20, 30))}
+    fmap = deal_folds(rows, 3, fold_seed=1)
+    for c, rs in rows.items():
+        counts = np.bincount([fmap[r] for r in rs], minlength=3)
         assert sorted(counts.tolist()) == [3, 3, 4]
-    assert not np.array_equal(where, fold_of(fs, 3, fold_seed=2))   # the seed deals differently
+    assert fmap != deal_folds(rows, 3, fold_seed=2)       # the seed deals differently
+    # two models' few-shot sets that share rows (a class held twice) put them in the same fold
+    labels = np.repeat([3, 7], 10)
+    a = FewShotSet(FewShotManifest(dataset="cifar10", k=10, seed=0, classes=[3, 7],
+                                   row_ids=[rows[3], rows[7]]), np.zeros((20, 32, 32, 3), np.uint8), labels)
+    b = FewShotSet(FewShotManifest(dataset="cifar10", k=10, seed=1, classes=[7, 9],
+                                   row_ids=[rows[7], rows[9]]), np.zeros((20, 32, 32, 3), np.uint8),
+                   np.repeat([7, 9], 10))
+    fa, fb = fold_of(a, fmap), fold_of(b, fmap)
+    assert fa[10:].tolist() == fb[:10].tolist()
+    held = a.select(fa == 0)                              # select keeps each sample's row id
+    assert set(held.row_ids.tolist()) == {r for r in range(20) if fmap[r] == 0}
     with pytest.raises(ConfigError):
         CVConfig(k=5, folds=6, targets=[[0, 3]])
 
@@ -79,9 +88,18 @@ def test_delta_only_change_reuses_every_fragment(smoke_market, tmp_path):
     other = cross_validate(market, cv, slice_preset("quick", **SMOKE_CV, beta=0.3),
                            PackConfig(epochs=20), cache)
     assert other["fragments_made"] == 6                    # a slicing change does reslice
-    # each fold slices on the other fold's rows only: held-out rows never train the fragment
-    rows = first["folds"][0]["rows"]
-    assert set(rows) == {"T1-m0-vgg11-w0.125", "T1-m1-vgg11-w0.125", "T1-m2-vgg11-w0.125"}
+    # each fold slices and packs on the other fold's rows only: held-out rows never train
+    for fold in first["folds"]:
+        for rows in fold["rows"].values():
+            assert rows["train"] and rows["held_out"]
+            assert not set(rows["train"]) & set(rows["held_out"])
+    for mid in first["folds"][0]["rows"]:   # every k-shot row is held out in exactly one fold
+        held = [f["rows"][mid]["held_out"] for f in first["folds"]]
+        everything = set(held[0]) | set(first["folds"][0]["rows"][mid]["train"])
+        assert sorted(r for h in held for r in h) == sorted(everything)
+    # fold fragments carry the fold in their key, so they never collide with whole-set ones
+    frag = Fragment.load(next(p for p in (tmp_path / "cache").iterdir() if p.is_dir()))
+    assert frag.spec.key.endswith(frag.spec.subset) and frag.spec.subset.startswith("cv2-f")
 
 
 def _poisoned_root(real: Path, dest: Path) -> Path:
@@ -133,3 +151,30 @@ def test_sweep_config_errors(tmp_path):
         SweepConfig(market=str(tmp_path), search="grid-of-dreams")
     with pytest.raises(UnknownNameError):
         SweepConfig(market=str(tmp_path), base_preset="nope")
+
+
+def test_snp_tune_cli_compares_chosen_and_default_on_test(smoke_market, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from jsonout import last_json
+    from snp_ray.cli import main
+
+    _, root, _ = smoke_market
+    market = tmp_path / "market"
+    shutil.copytree(root, market, ignore=shutil.ignore_patterns("fragments"))
+    monkeypatch.setenv(ENV_PRESETS, str(tmp_path / "presets"))
+    rc = main(["tune", "--task", "T1", "--market", str(market), "--k", "5", "--folds", "2",
+               "--targets", "1", "--trials", "2", "--test-targets", "2", "--preset", "smoke",
+               "--epochs", "1", "--search", "random", "--storage", str(tmp_path / "tune"),
+               "--out", str(tmp_path / "out"), "--name", "tuned-cli", "--json"])
+    assert rc == 0
+    res = last_json(capsys.readouterr().out)
+    assert res["trials"] == 2 and res["preset"] == "tuned-cli"
+    assert set(res["test"]) == {"default", "chosen"}
+    assert all(0.0 <= c["acc_mean"] <= 1.0 for c in res["test"].values())
+    report = (tmp_path / "out" / "T1" / "report.md").read_text()
+    assert "| default |" in report and "| chosen |" in report and "tuned-cli" in report
+    assert open(res["paths"]["figure"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the saved preset slices through the ordinary CLI by name
+    assert main(["slice", "--store", str(market), "--k", "5", "--preset", "tuned-cli",
+                 "--model", "T1-m0-vgg11-w0.125", "--json"]) == 0

@@ -63,6 +63,14 @@ class FewShotSet:
     raw: np.ndarray | list[str]
     labels: np.ndarray
     class_names: list[str] = field(default_factory=list)
+    rows: np.ndarray | None = None   # train-split row of each sample; None = the manifest's order
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        """The train-split row id of every sample (kept through :meth:`select`)."""
+        if self.rows is not None:
+            return self.rows
+        return np.array([r for per_class in self.manifest.row_ids for r in per_class], dtype=np.int64)
 
     @property
     def classes(self) -> list[int]:
@@ -79,7 +87,7 @@ class FewShotSet:
     def select(self, mask: np.ndarray) -> "FewShotSet":
         idx = np.flatnonzero(mask)
         raw = self.raw[idx] if isinstance(self.raw, np.ndarray) else [self.raw[i] for i in idx]
-        return FewShotSet(self.manifest, raw, self.labels[idx], self.class_names)
+        return FewShotSet(self.manifest, raw, self.labels[idx], self.class_names, self.row_ids[idx])
 
     def of_class(self, c: int) -> "FewShotSet":
         if c not in self.classes:

@@ -35,6 +35,7 @@ def _save(fig, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
+    _plt().close(fig)
     tmp.replace(path)
     return str(path)
 

@@ -10,6 +10,7 @@ import torch
 
 from snp_ray.evaluation.testsplit import load_test_split
 from snp_ray.packing.model import PackedModel
+from snp_ray.slicing.fragment import Fragment
 
 
 def pack_accuracy(packed: PackedModel) -> float:
@@ -47,3 +48,27 @@ def accuracy_of(predict, dataset: str, classes: list[int]) -> float:
     split = load_test_split(dataset, classes)
     raw = split.images if split.images is not None else split.texts
     return float((np.asarray(predict(raw)) == split.labels).mean())
+
+
+@torch.no_grad()
+def test_features(fragment: Fragment, dataset: str, batch: int = 1000) -> dict[str, np.ndarray]:
+    """A fragment's features on every test row of ``dataset`` (its classes are all the rows a
+    pack can be tested on). Jobs that test many packs sharing fragments compute these once per
+    fragment and reuse them (see :func:`accuracy_from_features`)."""
+    split = load_test_split(dataset)
+    raw = split.images if split.images is not None else split.texts
+    fragment.eval()
+    feats = [fragment(fragment.encode(raw[i:i + batch], strict=False)) for i in range(0, len(raw), batch)]
+    return {"features": torch.cat(feats).numpy(), "labels": np.asarray(split.labels)}
+
+
+@torch.no_grad()
+def accuracy_from_features(packed: PackedModel, cached: dict[str, dict[str, np.ndarray]]) -> float:
+    """``pack_accuracy(packed)`` from its fragments' cached test features (keyed by fragment
+    key): the same rows, the same scales, Enc and head; only the fragment forwards are reused."""
+    labels = cached[packed.fragments[0].spec.key]["labels"]
+    rows = np.isin(labels, packed.class_ids)
+    z = torch.cat([torch.as_tensor(cached[f.spec.key]["features"][rows]) * s
+                   for f, s in zip(packed.fragments, packed.scales)], 1)
+    pred = np.asarray(packed.class_ids)[packed.head(torch.relu(packed.enc(z))).argmax(1).numpy()]
+    return float((pred == labels[rows]).mean())

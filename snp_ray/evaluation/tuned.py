@@ -90,21 +90,21 @@ def render_report(result: dict[str, Any], path: str | Path) -> str:
 
 
 def sweep_figure(result: dict[str, Any], path: str | Path) -> str:
-    """CV accuracy of each trial against the order it finished, by selection mode."""
+    """CV accuracy of each trial (in the order trials were created), by selection mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    full = result["config"]["folds"]
     for mode, marker in (("threshold", "o"), ("rate", "s")):
         pts = [(i, t["cv_accuracy"], t["folds_done"]) for i, t in enumerate(result["trials"])
                if t["cv_accuracy"] is not None and t["config"].get("mode") == mode]
         if pts:
-            full = max(p[2] for p in pts)
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=mode,
                        c=["C0" if p[2] == full else "0.7" for p in pts])
-    ax.set_xlabel("trial")
+    ax.set_xlabel("trial (creation order)")
     ax.set_ylabel("few-shot CV accuracy")
     ax.set_title("Tune sweep (grey: stopped early by ASHA)")
     ax.legend()

@@ -69,22 +69,40 @@ def rates(accs: list[float], total: int, n_models: int, z: float = 1.96) -> dict
     return out
 
 
-def _evaluate_combo(market: str, classes: list[int], k: int, preset: str, pack_epochs: int,
-                    seed: int, env: dict[str, str]) -> float:
-    """One Ray task: pack a combination from the stored fragments and test it."""
+def _fragment_features(market: str, key: str, dataset: str, env: dict[str, str]) -> dict:
+    """One Ray task per fragment: its features on the test split, shared by every combination
+    that packs it (a fragment serves ~S·N/T_classes combinations)."""
     import torch
 
     os.environ.update(env)
     torch.set_num_threads(1)
-    from snp_ray.evaluation.packs import pack_accuracy
+    from snp_ray.evaluation.packs import test_features
+    from snp_ray.market import Market
+    from snp_ray.slicing.api import market_fragment_store
+
+    return test_features(market_fragment_store(Market(market)).get(key), dataset)
+
+
+def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pack_epochs: int,
+                    seed: int, env: dict[str, str], features: dict[str, Any]) -> float:
+    """One Ray task: pack a combination from the stored fragments and test it on the cached
+    test features of its fragments."""
+    import ray
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    from snp_ray.evaluation.packs import accuracy_from_features
     from snp_ray.market import Market
     from snp_ray.packing import PackConfig
     from snp_ray.packing.request import pack_request
-    from snp_ray.slicing import slice_preset
+    from snp_ray.slicing import SliceConfig
 
-    packed = pack_request(Market(market), classes, k, slice_preset(preset),
+    packed = pack_request(Market(market), classes, k, SliceConfig.from_dict(slice_cfg),
                           PackConfig(epochs=pack_epochs, seed=seed), seed=0)
-    return pack_accuracy(packed)
+    keys = [f.spec.key for f in packed.fragments]
+    cached = dict(zip(keys, ray.get([features[key] for key in keys])))
+    return accuracy_from_features(packed, cached)
 
 
 def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
@@ -96,7 +114,7 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     from snp_ray.runtime import ensure_ray
 
     task = get_task(cfg.task)
-    if build:
+    if build and not (Path(cfg.market) / "market.json").is_file():   # an existing market is used as is
         build_market(market_config(cfg.task, task.default_arch, ks=cfg.ks), cfg.market, progress=False)
     total, n_models = count_combinations(task), task.num_models
     combos = [list(c) for c in target_sets(task, cfg.combos, cfg.seed)]
@@ -105,16 +123,27 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     ensure_ray()
     env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
     remote = ray.remote(num_cpus=1, max_retries=2)(_evaluate_combo)
+    featurize = ray.remote(num_cpus=1, max_retries=2)(_fragment_features)
+    from snp_ray.market import Market
+    from snp_ray.slicing import slice_preset
+    from snp_ray.slicing.api import pair_key
+
+    mk = Market(cfg.market)
+    scfg = slice_preset(cfg.slice_preset)
     result: dict[str, Any] = {"task": cfg.task, "T": total, "N": n_models, "S": len(combos),
                               "k": {}, "config": cfg.to_dict()}
     for k in cfg.ks:
         run_slice_job(SliceJobConfig(market=cfg.market, k=k, preset=cfg.slice_preset))
         log_path = out_dir / f"accuracies-k{k}.jsonl"
-        done = _read_done(log_path)
+        done = _read_done(log_path, compact=True)
         todo = [c for c in combos if tuple(c) not in done]
         t0 = time.perf_counter()
-        refs = {remote.remote(cfg.market, c, k, cfg.slice_preset, cfg.pack_epochs, cfg.seed, env):
-                c for c in todo}
+        needed = {c for combo in todo for c in combo}
+        features = {pair_key(spec, c, scfg, k, 0): None for spec in mk.specs()
+                    for c in spec.classes if c in needed}
+        features = {key: featurize.remote(cfg.market, key, task.dataset, env) for key in features}
+        refs = {remote.remote(cfg.market, c, k, scfg.to_dict(), cfg.pack_epochs, cfg.seed, env,
+                              features): c for c in todo}
         pending = list(refs)
         with open(log_path, "a") as fh:
             while pending:
@@ -133,15 +162,23 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     return result
 
 
-def _read_done(path: Path) -> dict[tuple[int, ...], float]:
+def _read_done(path: Path, compact: bool = False) -> dict[tuple[int, ...], float]:
+    """Combinations already scored. With ``compact``, a log that holds a line cut short by a kill
+    (or a repeated combination) is first rewritten atomically with only its whole records, so
+    the log never keeps a partial line and each combination appears once."""
     done: dict[tuple[int, ...], float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[tuple(rec["classes"])] = float(rec["acc"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue   # a line cut short by a kill: that combination is simply redone
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            done.setdefault(tuple(int(c) for c in rec["classes"]), float(rec["acc"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue   # a line cut short by a kill: that combination is simply redone
+    if compact and len(done) != len(lines):
+        log.info("%s: dropping %d partial or repeated lines before resuming", path,
+                 len(lines) - len(done))
+        body = "".join(json.dumps({"classes": list(c), "acc": a}) + "\n" for c, a in done.items())
+        atomic_write_bytes(path, body.encode())
     return done
 
 

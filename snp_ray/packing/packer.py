@@ -43,8 +43,7 @@ class PackSamples:
         seen: set[int] = set()
         raws, labels, names = [], [], {}
         for s in sets:
-            rows = [r for per_class in s.manifest.row_ids for r in per_class]
-            for i, (row, label) in enumerate(zip(rows, s.labels)):
+            for i, (row, label) in enumerate(zip(s.row_ids.tolist(), s.labels)):
                 if int(label) in classes and row not in seen:
                     seen.add(row)
                     raws.append(s.raw[i])
@@ -112,7 +111,19 @@ class Packer:
             _warm(warm_start, fragments, classes, enc, head, decoders)
         zcat = torch.cat(z, 1)
         serves = torch.tensor(targets)
-        params = list(enc.parameters()) + list(head.parameters()) + list(decoders.parameters())
+        # All decoders as one Linear: its output is the concatenation of every Dec_c's, so one
+        # matmul replaces a loop over fragments. ``seg`` averages each fragment's slice of the
+        # squared error; ``mine`` keeps Dec_c's term only on samples of class c (the same loss).
+        dec_all = nn.Linear(cfg.hidden, sum(dims))
+        with torch.no_grad():
+            dec_all.weight.copy_(torch.cat([d.weight for d in decoders]))
+            dec_all.bias.copy_(torch.cat([d.bias for d in decoders]))
+        seg = torch.zeros(sum(dims), len(dims))
+        bounds = np.cumsum([0] + dims)
+        for j in range(len(dims)):
+            seg[bounds[j]:bounds[j + 1], j] = 1.0 / dims[j]
+        mine_all = (y_all[:, None] == serves[None, :]).float()        # (samples, fragments)
+        params = list(enc.parameters()) + list(head.parameters()) + list(dec_all.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         ce = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -121,19 +132,18 @@ class Packer:
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
-                h = torch.relu(enc(zcat[idx]))
+                zb = zcat[idx]
+                h = torch.relu(enc(zb))
                 loss = ce(head(h), y_all[idx])
                 if cfg.delta > 0:
-                    rec = 0.0
-                    for j, dec in enumerate(decoders):
-                        mine = y_all[idx] == serves[j]          # Dec_c only on samples of class c
-                        if bool(mine.any()):
-                            err = (torch.relu(dec(h[mine])) - z[j][idx][mine]).pow(2).mean(1)
-                            rec = rec + err.sum() / len(idx)
-                    loss = loss + cfg.delta * rec
+                    loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        with torch.no_grad():                   # back to one Dec_c per fragment for the model
+            for j, d in enumerate(decoders):
+                d.weight.copy_(dec_all.weight[bounds[j]:bounds[j + 1]])
+                d.bias.copy_(dec_all.bias[bounds[j]:bounds[j + 1]])
         seconds = time.perf_counter() - t0
         names = [samples.class_names.get(c, str(c)) for c in classes]
         spec = PackSpec(class_ids=list(classes), class_names=names,
@@ -158,6 +168,13 @@ class Packer:
                 views.append(aug.to(torch.uint8).numpy())
         feats = [torch.cat([f(f.encode(v)) for v in views]) for f in fragments]
         return feats, y.repeat(len(views))
+
+
+def reconstruction(h: torch.Tensor, zb: torch.Tensor, dec_all: nn.Linear, seg: torch.Tensor,
+                   mine: torch.Tensor) -> torch.Tensor:
+    """Σ_c Σ_{x of class c} mean_dims (Dec_c(h) − F^c(x))² / batch, for all decoders at once."""
+    err = (torch.relu(dec_all(h)) - zb).pow(2) @ seg          # (batch, fragments)
+    return (err * mine).sum() / h.shape[0]
 
 
 def _warm(old: PackedModel, fragments: list[Fragment], classes: list[int], enc: nn.Linear,

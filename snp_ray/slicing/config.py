@@ -114,7 +114,18 @@ def pack_overrides(name: str) -> dict[str, Any]:
     """The packing settings a saved preset carries (δ, learning rate, epochs); {} for built-ins."""
     if name in PRESETS:
         return {}
-    return dict(load_preset(name).get("pack") or {})
+    pack = load_preset(name).get("pack") or {}
+    if not isinstance(pack, dict):
+        raise ConfigError(f"preset {name!r}: 'pack' must be an object, got {type(pack).__name__}")
+    return dict(pack)
+
+
+def check_preset_name(name: str) -> None:
+    """A name a preset can be saved under: not built-in, safe as a file name, not a path."""
+    if (not isinstance(name, str) or name in PRESETS or not _NAME.fullmatch(name)
+            or name.endswith(".json")):
+        raise ConfigError(f"cannot save a preset named {name!r}: use letters, digits, '-', '_', "
+                          f"'.' (not ending in .json), and not a built-in name {sorted(PRESETS)}")
 
 
 def save_preset(name: str, slice_cfg: SliceConfig, pack: dict[str, Any] | None = None,
@@ -122,9 +133,7 @@ def save_preset(name: str, slice_cfg: SliceConfig, pack: dict[str, Any] | None =
     """Save a named preset atomically; built-in names cannot be replaced."""
     from snp_ray.artifacts import atomic_write_bytes
 
-    if name in PRESETS or not _NAME.fullmatch(name):
-        raise ConfigError(f"cannot save a preset named {name!r}: use letters, digits, '-', '_' "
-                          f"and not a built-in name {sorted(PRESETS)}")
+    check_preset_name(name)
     path = preset_dir() / f"{name}.json"
     body = {"name": name, "slice": slice_cfg.to_dict(), "pack": dict(pack or {}),
             "source": dict(source or {})}

@@ -52,6 +52,7 @@ class FragmentSpec(Config):
     stage_seconds: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     weights_sha256: str = ""
+    subset: str = ""               # "" = the whole k-shot set; e.g. "cv3-f0-s0" = a tuning fold's
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:
@@ -71,8 +72,9 @@ class FragmentSpec(Config):
     @property
     def key(self) -> str:
         """Identity in a store: source weights + class + slicing config (+ k and sample seed)."""
-        return fragment_key(self.source_sha256, self.class_id, self.config_digest, self.k,
-                            self.fewshot_seed)
+        key = fragment_key(self.source_sha256, self.class_id, self.config_digest, self.k,
+                           self.fewshot_seed)
+        return f"{key}-{self.subset}" if self.subset else key
 
 
 def fragment_key(source_sha256: str, class_id: int, config_digest: str, k: int, seed: int) -> str:

@@ -12,10 +12,10 @@ reslicing.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +27,7 @@ import numpy as np
 
 from snp_ray.config import Config, check_range
 from snp_ray.data.fewshot import FewShotSet
-from snp_ray.errors import ArtifactNotFoundError, ConfigError
+from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.packing import PackConfig
 from snp_ray.packing.packer import Packer, PackSamples
@@ -55,15 +55,32 @@ class CVConfig(Config):
             raise ConfigError("CVConfig.targets must be non-empty class sets without duplicates")
 
 
-def fold_of(fs: FewShotSet, folds: int, fold_seed: int) -> np.ndarray:
-    """Fold index of every sample: each class's samples are dealt round-robin after a seeded
-    shuffle, so every fold holds ⌊k/folds⌋ or ⌈k/folds⌉ samples of every class."""
-    out = np.empty(len(fs), dtype=np.int64)
-    rng = np.random.default_rng(fold_seed)
-    for c in fs.classes:
-        idx = np.flatnonzero(fs.labels == c)
-        out[idx[rng.permutation(idx.size)]] = np.arange(idx.size) % folds
+def deal_folds(rows_by_class: dict[int, list[int]], folds: int, fold_seed: int) -> dict[int, int]:
+    """Fold of every train-split row: each class's rows are dealt round-robin after a seeded
+    shuffle, so every fold holds ⌊n/folds⌋ or ⌈n/folds⌉ of them. Folds are a property of the row,
+    not of the model: a row two models share is held out of both in the same fold."""
+    out: dict[int, int] = {}
+    for c in sorted(rows_by_class):
+        rows = sorted(set(int(r) for r in rows_by_class[c]))
+        order = np.random.default_rng([int(fold_seed), int(c)]).permutation(len(rows))
+        for i, j in enumerate(order):
+            out[rows[j]] = i % folds
     return out
+
+
+def fold_of(fs: FewShotSet, fold_map: dict[int, int]) -> np.ndarray:
+    """Fold index of each sample of ``fs``."""
+    return np.array([fold_map[int(r)] for r in fs.row_ids], dtype=np.int64)
+
+
+def market_folds(market: Market, cv: "CVConfig") -> dict[int, int]:
+    """:func:`deal_folds` over the k-shot rows of every model of the market, pooled per class."""
+    by_class: dict[int, list[int]] = {}
+    for spec in market.specs():
+        m = market.manifest(spec.id, cv.k, cv.seed)
+        for c, rows in zip(m.classes, m.row_ids):
+            by_class.setdefault(int(c), []).extend(rows)
+    return deal_folds(by_class, cv.folds, cv.fold_seed)
 
 
 class FragmentCache:
@@ -85,47 +102,32 @@ class FragmentCache:
 
     def _load(self, folder: Path) -> Fragment | None:
         if (folder / "fragment.json").is_file():
-            try:
-                frag = Fragment.load(folder)
-                self.reused += 1
-                return frag
-            except ArtifactNotFoundError:   # a concurrent writer is between its two renames
-                return None
+            frag = Fragment.load(folder)
+            self.reused += 1
+            return frag
         return None
 
-    def get_or_make(self, key: str, make: Callable[[], Fragment], wait_s: float = 900.0) -> Fragment:
-        """The cached fragment, or ``make()``'s. While another trial is making the same key (its
-        lock file exists and is younger than ``wait_s``) wait for it rather than slice twice."""
+    def get_or_make(self, key: str, make: Callable[[], Fragment]) -> Fragment:
+        """The cached fragment, or ``make()``'s. Makers of one key are serialised by an exclusive
+        ``flock`` (released by the kernel if the holder dies), so concurrent trials slice each
+        fragment once and nobody reads a half-written one: the spec is renamed in last."""
         folder = self.root / key
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = folder / ".making"
-        while True:
-            frag = self._load(folder)
-            if frag is not None:
-                return frag
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.close(fd)
-                break
-            except FileExistsError:
-                try:
-                    stale = time.time() - lock.stat().st_mtime > wait_s
-                except FileNotFoundError:
-                    continue                 # the maker just finished; load its fragment
-                if stale:                    # its maker died; take over
-                    lock.unlink(missing_ok=True)
-                    continue
-                time.sleep(0.2)
-        try:
-            frag = self._load(folder)        # made between our check and our lock
-            if frag is not None:
-                return frag
-            frag = make()
-            frag.save(folder)
-            self.made += 1
+        frag = self._load(folder)
+        if frag is not None:
             return frag
-        finally:
-            lock.unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                frag = self._load(folder)    # made while we waited
+                if frag is not None:
+                    return frag
+                frag = make()
+                frag.save(folder)
+                self.made += 1
+                return frag
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass
@@ -136,12 +138,13 @@ class FoldResult:
     fragments_made: int
     fragments_reused: int
     seconds: float
-    rows: dict[str, list[int]]      # model id -> train-split row ids this fold touched
+    rows: dict[str, dict[str, list[int]]]   # model id -> train-split rows it trained / held out
 
 
-def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int) -> tuple[FewShotSet, FewShotSet]:
+def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int,
+               fold_map: dict[int, int]) -> tuple[FewShotSet, FewShotSet]:
     fs = market.fewshot(model_id, cv.k, cv.seed)
-    where = fold_of(fs, cv.folds, cv.fold_seed)
+    where = fold_of(fs, fold_map)
     return fs.select(where != fold), fs.select(where == fold)
 
 
@@ -158,16 +161,19 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
                 if c not in needed[spec.id]:
                     needed[spec.id].append(int(c))
     train, held, fragments, rows = {}, {}, {}, {}
+    fold_map = market_folds(market, cv)
+    subset = f"cv{cv.folds}-f{fold}-s{cv.fold_seed}"
     for mid, classes in needed.items():
-        train[mid], held[mid] = _fold_sets(market, mid, cv, fold)
-        full = market.manifest(mid, cv.k, cv.seed)
-        rows[mid] = sorted(r for per_class in full.row_ids for r in per_class)
+        train[mid], held[mid] = _fold_sets(market, mid, cv, fold, fold_map)
+        rows[mid] = {"train": sorted(train[mid].row_ids.tolist()),
+                     "held_out": sorted(held[mid].row_ids.tolist())}
         spec = market.spec(mid)
         slicer: list[ModelSlicer] = []      # built only if some class is not cached
 
         def make(c: int, mid: str = mid, slicer: list = slicer) -> Fragment:
             if not slicer:
-                slicer.append(ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed, fewshot=train[mid]))
+                slicer.append(ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed, fewshot=train[mid],
+                                          subset=subset))
             return slicer[0].slice(c)
 
         for c in classes:

@@ -25,7 +25,8 @@ from snp_ray.market import get_task
 from snp_ray.market.market import Market
 from snp_ray.market.tasks import target_sets
 from snp_ray.packing import PackConfig
-from snp_ray.slicing.config import SliceConfig, pack_overrides, save_preset, slice_preset
+from snp_ray.slicing.config import (SliceConfig, check_preset_name, pack_overrides, save_preset,
+                                   slice_preset)
 from snp_ray.tuning.objective import CVConfig, FragmentCache, cross_validate
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class SweepConfig(Config):
     storage: str = "runs/tune"     # Tune's experiment folder and the fragment cache
     name: str = ""                 # experiment and preset name (default tuned-<task>)
     data_root: str = ""            # forwarded to trials (default: this process's SNP_DATA_ROOT)
+    exclude_targets: list[list[int]] = field(default_factory=list)   # e.g. the sets tested later
 
     def validate(self) -> None:
         if not self.market:
@@ -69,6 +71,10 @@ class SweepConfig(Config):
             if value not in valid:
                 raise ConfigError(f"SweepConfig.{name} must be one of {valid}, got {value!r}")
         slice_preset(self.base_preset)
+        check_preset_name(self.preset_name())
+        if self.preset_name() == self.base_preset:
+            raise ConfigError(f"the sweep would overwrite its own base preset {self.base_preset!r}; "
+                              f"pick another --name")
 
     def preset_name(self) -> str:
         return self.name or f"tuned-{self.task}"
@@ -94,14 +100,24 @@ def default_point(cfg: SweepConfig) -> dict[str, Any]:
             "delta": p.delta, "pack_lr": p.lr}
 
 
-def trial_configs(base_preset: str, trial: dict[str, Any]) -> tuple[SliceConfig, PackConfig]:
-    """(SliceConfig, PackConfig) of one trial's sampled values on top of the base preset."""
+def base_configs(base_preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(slice, pack) settings of a preset as plain dicts, resolved once in the driver: trials run
+    in their own working directory and may not see the preset folder."""
+    pack = {**PackConfig().to_dict(), **pack_overrides(base_preset)}
+    return slice_preset(base_preset).to_dict(), PackConfig.from_dict(pack).to_dict()
+
+
+def trial_configs(base: str | tuple[dict[str, Any], dict[str, Any]],
+                  trial: dict[str, Any]) -> tuple[SliceConfig, PackConfig]:
+    """(SliceConfig, PackConfig) of one trial's sampled values on top of the base preset (a
+    name, or :func:`base_configs`' resolved pair)."""
+    base_slice, base_pack = base_configs(base) if isinstance(base, str) else base
     over = {k: trial[k] for k in SLICE_KEYS if k in trial and k != "epochs"}
     if "epochs" in trial:
         e = int(trial["epochs"])
         over.update(pool_epochs=e, adapt_epochs=e, combine_epochs=e)
-    slice_cfg = slice_preset(base_preset, **over)
-    pack = {**PackConfig().to_dict(), **pack_overrides(base_preset)}
+    slice_cfg = SliceConfig.from_dict({**base_slice, **over})
+    pack = dict(base_pack)
     pack.update({dst: trial[src] for src, dst in PACK_KEYS.items() if src in trial})
     return slice_cfg, PackConfig.from_dict(pack)
 
@@ -114,7 +130,7 @@ def _trainable(trial: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     os.environ[ENV_FENCE] = "1"
     os.environ[ENV_DATA_ROOT] = sweep["data_root"]
     torch.set_num_threads(1)
-    slice_cfg, pack_cfg = trial_configs(sweep["base_preset"], trial)
+    slice_cfg, pack_cfg = trial_configs((sweep["base_slice"], sweep["base_pack"]), trial)
     cross_validate(Market(sweep["market"]), CVConfig.from_dict(sweep["cv"]), slice_cfg, pack_cfg,
                    FragmentCache(sweep["cache"]), report=tune.report)
 
@@ -132,15 +148,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
     ensure_ray()
     market = Market(cfg.market)
     task = get_task(cfg.task)
-    targets = [list(t) for t in target_sets(task, cfg.n_targets, cfg.seed)]
+    excluded = {tuple(sorted(t)) for t in cfg.exclude_targets}
+    pool = [list(t) for t in target_sets(task, cfg.n_targets + len(excluded), cfg.seed)]
+    kept = [t for t in pool if tuple(sorted(t)) not in excluded]
+    targets = kept[: cfg.n_targets] or pool[: cfg.n_targets]   # "all classes" tasks have one set
     cv = CVConfig(k=cfg.k, folds=cfg.folds, targets=targets, seed=0, fold_seed=cfg.seed)
     missing = sorted({c for t in targets for c in t if not market.holders(c)})
     if missing:
         raise ConfigError(f"classes {missing} of task {cfg.task} are held by no model of {cfg.market}")
     storage = Path(cfg.storage).resolve()
     name = cfg.preset_name()
+    base = base_configs(cfg.base_preset)
     sweep = {"market": str(Path(cfg.market).resolve()), "cv": cv.to_dict(),
              "base_preset": cfg.base_preset, "cache": str(storage / "cache"),
+             "base_slice": base[0], "base_pack": base[1],
              "data_root": cfg.data_root or str(data_root().resolve())}
     points = [default_point(cfg)]
     alt = dict(points[0], mode="rate", beta=0.5)                  # the table's S&P (R)
@@ -182,14 +203,15 @@ def run_sweep(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
         raise ConfigError(f"no trial completed every fold; errors: {errors[:3]}")
     best = max(complete, key=lambda t: t["cv_accuracy"])
     default = next((t for t in complete if t["config"] == points[0]), None)
-    slice_cfg, pack_cfg = trial_configs(cfg.base_preset, best["config"])
-    pack_delta = {dst: getattr(pack_cfg, dst) for dst in PACK_KEYS.values()}
-    path = save_preset(name, slice_cfg, pack_delta,
+    slice_cfg, pack_cfg = trial_configs(base, best["config"])
+    pack_all = {k: v for k, v in pack_cfg.to_dict().items() if k != "seed"}
+    path = save_preset(name, slice_cfg, pack_all,
                        {"sweep": cfg.to_dict(), "cv_accuracy": best["cv_accuracy"],
                         "trial": best["config"], "trials": len(trials)})
     log.info("sweep of %d trials in %.0fs; best CV accuracy %.4f saved as preset %r (%s)",
              len(trials), seconds, best["cv_accuracy"], name, path)
     return {"config": cfg.to_dict(), "cv": cv.to_dict(), "seconds": seconds, "trials": trials,
+            "base": {"slice": base[0], "pack": base[1]},
             "errors": errors, "best": best, "default": default, "preset": name,
             "preset_path": str(path), "slice": slice_cfg.to_dict(), "pack": pack_cfg.to_dict(),
             "fragments_made": sum(t["fragments_made"] for t in trials),
