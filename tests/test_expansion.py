@@ -96,4 +96,6 @@ def test_cached_test_features_give_the_same_accuracy(smoke_market):
     list(slice_missing(market, 5, cfg))
     packed = pack_request(market, [0, 4, 7], 5, cfg, PackConfig(epochs=5))
     cached = {f.spec.key: test_features(f, "cifar10") for f in packed.fragments}
-    assert accuracy_from_features(packed, cached) == pack_accuracy(packed)
+    # the same computation; only batch sizes differ (1000 vs 512), so allow 3 of 3000 rows to
+    # flip on a float tie rather than assert bit-equality
+    assert abs(accuracy_from_features(packed, cached) - pack_accuracy(packed)) <= 1e-3

@@ -105,7 +105,8 @@ def time_per_class(market: Market, k: int, cfg: SliceConfig, sizes: list[int], s
     stored fragments (timed), beside the slicing seconds its fragments cost (from their specs)."""
     held = sorted({c for s in market.specs() for c in s.classes})
     rng = np.random.default_rng(seed)
-    rows = []
+    pack_request(market, held[:2], k, cfg, pack or PackConfig())   # untimed warm-up: thread pool,
+    rows = []                                                        # allocator, lazy imports
     for n in sizes:
         classes = sorted(int(c) for c in rng.choice(held, size=min(n, len(held)), replace=False))
         packed = pack_request(market, classes, k, cfg, pack or PackConfig())
