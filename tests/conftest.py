@@ -18,6 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 if "SNP_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
     os.environ["SNP_DATA_ROOT"] = str(SHARED_DATA)
+if os.environ.get("SNP_DATA_ROOT"):   # absolute: jobs and Ray workers run in other directories
+    os.environ["SNP_DATA_ROOT"] = str(Path(os.environ["SNP_DATA_ROOT"]).resolve())
 REAL_DATA_ROOT = os.environ.get("SNP_DATA_ROOT", "")
 
 
