@@ -25,7 +25,7 @@ def gather(out: str | Path) -> str:
     if not tasks:
         parts += ["_not run yet_", ""]
     for t in tasks:
-        parts += [f"### {t}", "", _demote(_demote((out / t / "table.md").read_text())), ""]
+        parts += [_demote(_demote((out / t / "table.md").read_text())), ""]   # titled "T: ours vs paper"
         if (out / t / "figure4.png").is_file():
             parts += [f"![Figure 4, {t}]({t}/figure4.png)", ""]
     sections = [
