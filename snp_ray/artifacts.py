@@ -119,3 +119,16 @@ def load_state_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> str:
+    """Render a matplotlib figure to PNG bytes and write them atomically; close the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return str(path)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.artifacts import atomic_write_bytes, save_figure
 from snp_ray.errors import ArtifactNotFoundError
 from snp_ray.market import Market
 from snp_ray.packing import PackConfig
@@ -29,15 +29,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    _plt().close(fig)
-    tmp.replace(path)
-    return str(path)
 
 
 def unit_iou(a: FragmentSpec, b: FragmentSpec) -> float:
@@ -96,7 +87,7 @@ def figure5(data: dict[str, Any], labels: list[str], path: str | Path) -> str:
             ax.set_title(f"{mid}\n{label}: mean off-diag "
                          f"{data[mid][f'{label} mean off-diagonal']:.2f}", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.6, label="IoU of kept units")
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def time_per_class(market: Market, k: int, cfg: SliceConfig, sizes: list[int], seed: int = 0,
@@ -133,7 +124,7 @@ def figure7(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> st
     ax.set_title(title or "Figure 7: time per class")
     ax.legend()
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, path)
 
 
 def write_json(data: Any, path: str | Path) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snp_ray.artifacts import save_figure
 from snp_ray.config import Config
 from snp_ray.errors import ConfigError
 from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
@@ -299,7 +300,4 @@ def figure4(result: dict[str, Any], path: Path) -> str | None:
     ax.set_title(f"{result['task']}: parameters vs accuracy (Figure 4)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from snp_ray.artifacts import save_figure
 from snp_ray.evaluation.packs import pack_accuracy
 from snp_ray.market import Market, get_task
 from snp_ray.market.tasks import target_sets
@@ -109,10 +110,4 @@ def sweep_figure(result: dict[str, Any], path: str | Path) -> str:
     ax.set_title("Tune sweep (grey: stopped early by ASHA)")
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return str(path)
+    return save_figure(fig, path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.artifacts import atomic_write_bytes, save_figure
 from snp_ray.config import Config, check_range
 from snp_ray.market.tasks import count_combinations, get_task, target_sets
 
@@ -218,7 +218,4 @@ def figure6(result: dict[str, Any], path: Path) -> str:
     ax.set_title(f"{result['task']}: R(e) = p(e) T / N (T={result['T']}, N={result['N']})")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, path)

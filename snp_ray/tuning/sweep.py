@@ -91,13 +91,11 @@ def search_space(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def default_point(cfg: SweepConfig) -> dict[str, Any]:
-    """The base preset (and default packing) as a point of the search space."""
-    s = slice_preset(cfg.base_preset)
-    p = PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(cfg.base_preset)})
-    epochs = s.pool_epochs if s.pool_epochs in cfg.epochs else max(cfg.epochs)
-    return {"alpha": s.alpha, "beta": s.beta, "gamma": s.gamma, "mode": s.mode,
-            "lr_layer": s.lr_layer, "lr_repair": s.lr_repair, "epochs": epochs,
-            "delta": p.delta, "pack_lr": p.lr}
+    """The base preset (with its packing settings) as a point of the search space."""
+    s, p = base_configs(cfg.base_preset)
+    epochs = s["pool_epochs"] if s["pool_epochs"] in cfg.epochs else max(cfg.epochs)
+    return {**{k: s[k] for k in SLICE_KEYS if k != "epochs"}, "epochs": epochs,
+            **{src: p[dst] for src, dst in PACK_KEYS.items() if src in ("delta", "pack_lr")}}
 
 
 def base_configs(base_preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
