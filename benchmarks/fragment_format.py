@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.market import Market
 from snp_ray.slicing import slice_preset
 from snp_ray.slicing.api import market_fragment_store, pair_key
@@ -64,8 +65,7 @@ def main() -> int:
           f"(batch {x.shape[0]}, 1 thread)")
     out = {"machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
            "market": a.market, "k": a.k, "rows": rows, "median_speedup": statistics.median(speedups)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    atomic_write_bytes(Path(a.out), json.dumps(out, indent=1).encode())
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.market import Market
 from snp_ray.slicing import slice_preset
 from snp_ray.slicing.api import ModelSlicer
@@ -76,8 +77,7 @@ def main() -> int:
     out = {"machine": platform.platform(), "processor": platform.processor(),
            "threads": a.threads, "torch": torch.__version__, "market": a.market, "model": mid,
            "k": a.k, "preset": a.preset, "setup_seconds": setup, "fragments": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    atomic_write_bytes(Path(a.out), json.dumps(out, indent=1).encode())
     return 0
 
 

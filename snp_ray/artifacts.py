@@ -128,7 +128,9 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
     return str(path)

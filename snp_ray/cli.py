@@ -172,13 +172,12 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
 def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.packs import evaluate_pack
     from snp_ray.market import Market
-    from snp_ray.packing import PackConfig
+    from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import slice_preset
-    from snp_ray.slicing.config import pack_overrides
 
-    cfg = PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(a.preset), "shared": a.shared,
-                                **({"delta": a.delta} if a.delta is not None else {})})
+    cfg = preset_pack_config(a.preset, shared=a.shared,
+                             **({"delta": a.delta} if a.delta is not None else {}))
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
     packed = pack_request(Market(a.store), requested, a.k, slice_preset(a.preset), cfg, a.seed)
     result = evaluate_pack(packed)
@@ -242,7 +241,12 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
                          n_targets=a.targets, seed=a.seed, slice_preset=a.preset,
                          baselines=[b for b in a.baselines.split(",") if b], root=a.root)
     earlier = Path(a.out) / a.task / "results.json"
-    previous = None if a.fresh or not earlier.exists() else json.loads(earlier.read_text())
+    previous = None
+    if not a.fresh and earlier.exists():
+        try:
+            previous = json.loads(earlier.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log.warning("ignoring unreadable earlier result %s (%s): every arch is rerun", earlier, e)
     result = run_protocol(cfg, progress=sys.stderr.isatty(), previous=previous)
     paths = write_outputs(result, a.out, paper_results())
     paths["report"] = gather(a.out)
@@ -340,6 +344,7 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.protocol import VARIANTS
     from snp_ray.evaluation.report import gather
     from snp_ray.market import Market
+    from snp_ray.packing import preset_pack_config
     from snp_ray.slicing import slice_preset
     from snp_ray.slicing.api import slice_missing
 
@@ -351,7 +356,8 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.out) / "figures"
     iou = iou_matrices(market, a.k, configs)
     chosen = configs["S&P (T)"]
-    rows = time_per_class(market, a.k, chosen, [int(n) for n in a.sizes.split(",") if n], a.seed)
+    rows = time_per_class(market, a.k, chosen, [int(n) for n in a.sizes.split(",") if n], a.seed,
+                          preset_pack_config(a.preset))
     paths = {"figure5": figure5(iou, list(configs), folder / "figure5.png"),
              "figure7": figure7(rows, folder / "figure7.png",
                                 f"Figure 7: {Path(a.market).name}, k={a.k}, S&P (T)"),

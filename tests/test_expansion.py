@@ -38,7 +38,7 @@ def test_expansion_job_outputs_and_resume(smoke_market, tmp_path):
     data = json.loads(open(paths["json"]).read())
     assert set(data["k"]["5"]["p"]) >= {"0.2", "0.3"} and data["k"]["5"]["R"]["0.5"] >= 0
     assert open(paths["figure6"], "rb").read(4) == b"\x89PNG"
-    log = tmp_path / "out" / "T1" / "accuracies-k5.jsonl"
+    (log,) = (tmp_path / "out" / "T1").glob("accuracies-k5-*.jsonl")
     assert len(log.read_text().splitlines()) == 4
     again = run_expansion(cfg, build=False)          # everything done: nothing recomputed
     assert len(log.read_text().splitlines()) == 4
@@ -64,14 +64,20 @@ def test_expansion_job_sigkill_then_resume(smoke_market, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "jobs" / "estimate_expansion.py"), "--task", "T1", "--market",
            str(market), "--k", "5", "--combos", "16", "--preset", "smoke", "--out", str(out), "--json"]
-    log = out / "T1" / "accuracies-k5.jsonl"
+
+    def log_file():
+        found = sorted((out / "T1").glob("accuracies-k5-*.jsonl"))
+        return found[0] if found else out / "T1" / "none-yet"
+
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+    while time.time() < deadline and (not log_file().exists()
+                                      or len(log_file().read_text().splitlines()) < 3):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    log = log_file()
     before = len(log.read_text().splitlines())
     assert 3 <= before < 16, before
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

@@ -76,7 +76,7 @@ def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, 
 
     from snp_ray.evaluation.packs import evaluate_pack
     from snp_ray.market import Market
-    from snp_ray.packing import PackConfig
+    from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import Fragment
     from snp_ray.store import FragmentStore
@@ -88,9 +88,7 @@ def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, 
         spec_json, weights = ray.get(ref)["blobs"]
         return Fragment.from_blobs(spec_json, weights, f"fragment {key}")
 
-    from snp_ray.slicing.config import pack_overrides
-
-    pack_cfg = PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(cfg.preset)})
+    pack_cfg = preset_pack_config(cfg.preset)
     packed = pack_request(Market(store), classes, cfg.k, cfg.slice_config(), pack_cfg,
                           cfg.seed, store=FragmentStore(cfg.store_uri()), fetch=fetch)
     result = evaluate_pack(packed, with_latency=False)

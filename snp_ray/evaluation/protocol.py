@@ -22,9 +22,10 @@ from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
 from snp_ray.market import Market, MarketConfig, TrainConfig, build_market, get_task
 from snp_ray.market.tasks import target_sets
 from snp_ray.models import get_arch
-from snp_ray.packing import PackConfig
+from snp_ray.packing import preset_pack_config
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import slice_preset
+from snp_ray.slicing.config import PRESETS
 from snp_ray.slicing.api import slice_missing
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,20 @@ def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, r
         return None
     same = {k: v for k, v in previous.get("config", {}).items() if k != "archs"} == \
         {k: v for k, v in cfg.to_dict().items() if k != "archs"}
+    if same and cfg.slice_preset not in PRESETS:     # a saved preset can be re-saved: compare content
+        same = previous.get("digests") == _digests(cfg)
     entry = previous["archs"][arch]
     models = {s.id: s.metrics["test_accuracy"] for s in specs}
     if same and entry.get("market") == str(root) and entry.get("model_test_accuracy") == models:
         return entry
     return None
+
+
+def _digests(cfg: ProtocolConfig) -> dict[str, str]:
+    """Digests of the slice config of every variant and of the packing config."""
+    out = {v: slice_preset(cfg.slice_preset, **VARIANTS[v]).digest() for v in cfg.variants}
+    out["pack"] = preset_pack_config(cfg.slice_preset, seed=cfg.seed, epochs=cfg.pack_epochs).digest()
+    return out
 
 
 def run_protocol(cfg: ProtocolConfig, progress: bool = True,
@@ -105,7 +115,8 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
     costs only that arch."""
     task = get_task(cfg.task)
     targets = target_sets(task, cfg.n_targets, cfg.seed)
-    out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets, "archs": {}}
+    out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets,
+                           "digests": _digests(cfg), "archs": {}}
     for arch in cfg.archs:
         mcfg = _market_config(cfg, arch)
         root = Path(cfg.root) / cfg.task / f"{arch}-w{mcfg.width:g}"
@@ -128,7 +139,8 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
                 runs = []
                 for combo in targets:
                     packed = pack_request(market, list(combo), k, scfg,
-                                          PackConfig(seed=cfg.seed, epochs=cfg.pack_epochs))
+                                          preset_pack_config(cfg.slice_preset, seed=cfg.seed,
+                                                             epochs=cfg.pack_epochs))
                     runs.append({"classes": list(combo), "acc": pack_accuracy(packed),
                                  "params": packed.params_deployable(),
                                  "params_training": packed.params_training(),

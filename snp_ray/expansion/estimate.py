@@ -7,6 +7,7 @@ as soon as it is known, so a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -83,8 +84,8 @@ def _fragment_features(market: str, key: str, dataset: str, env: dict[str, str])
     return test_features(market_fragment_store(Market(market)).get(key), dataset)
 
 
-def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pack_epochs: int,
-                    seed: int, env: dict[str, str], features: dict[str, Any]) -> float:
+def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pack_cfg: dict,
+                    env: dict[str, str], features: dict[str, Any]) -> float:
     """One Ray task: pack a combination from the stored fragments and test it on the cached
     test features of its fragments."""
     import ray
@@ -99,7 +100,7 @@ def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pa
     from snp_ray.slicing import SliceConfig
 
     packed = pack_request(Market(market), classes, k, SliceConfig.from_dict(slice_cfg),
-                          PackConfig(epochs=pack_epochs, seed=seed), seed=0)
+                          PackConfig.from_dict(pack_cfg), seed=0)
     keys = [f.spec.key for f in packed.fragments]
     cached = dict(zip(keys, ray.get([features[key] for key in keys])))
     return accuracy_from_features(packed, cached)
@@ -129,12 +130,18 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     from snp_ray.slicing.api import pair_key
 
     mk = Market(cfg.market)
+    from snp_ray.packing import preset_pack_config
+
     scfg = slice_preset(cfg.slice_preset)
+    pcfg = preset_pack_config(cfg.slice_preset, epochs=cfg.pack_epochs, seed=cfg.seed)
+    # the log is tied to everything that decides an accuracy: rerunning with another preset or
+    # packing setting starts a new log instead of reusing stale accuracies
+    tag = hashlib.sha256(f"{scfg.digest()}|{pcfg.digest()}".encode()).hexdigest()[:10]
     result: dict[str, Any] = {"task": cfg.task, "T": total, "N": n_models, "S": len(combos),
                               "k": {}, "config": cfg.to_dict()}
     for k in cfg.ks:
         run_slice_job(SliceJobConfig(market=cfg.market, k=k, preset=cfg.slice_preset))
-        log_path = out_dir / f"accuracies-k{k}.jsonl"
+        log_path = out_dir / f"accuracies-k{k}-{tag}.jsonl"
         done = _read_done(log_path, compact=True)
         todo = [c for c in combos if tuple(c) not in done]
         t0 = time.perf_counter()
@@ -142,7 +149,7 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
         features = {pair_key(spec, c, scfg, k, 0): None for spec in mk.specs()
                     for c in spec.classes if c in needed}
         features = {key: featurize.remote(cfg.market, key, task.dataset, env) for key in features}
-        refs = {remote.remote(cfg.market, c, k, scfg.to_dict(), cfg.pack_epochs, cfg.seed, env,
+        refs = {remote.remote(cfg.market, c, k, scfg.to_dict(), pcfg.to_dict(), env,
                               features): c for c in todo}
         pending = list(refs)
         with open(log_path, "a") as fh:

@@ -32,3 +32,11 @@ class PackConfig(Config):
         check_range(n, "augment_views", self.augment_views, 1, 256)
         if self.shared not in SHARED:
             raise ConfigError(f"PackConfig.shared must be one of {SHARED}, got {self.shared!r}")
+
+
+def preset_pack_config(preset: str, **overrides) -> PackConfig:
+    """The packing settings that go with a slice preset: the defaults, then what a saved (tuned)
+    preset carries (δ, lr, ...), then ``overrides``."""
+    from snp_ray.slicing.config import pack_overrides   # slicing imports packing lazily too
+
+    return PackConfig.from_dict({**PackConfig().to_dict(), **pack_overrides(preset), **overrides})

@@ -96,8 +96,11 @@ class FragmentCache:
 
     @staticmethod
     def key(model_sha: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
-            fold: int, fold_seed: int) -> str:
-        body = json.dumps([model_sha, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed])
+            fold: int, fold_seed: int, train_rows: list[int]) -> str:
+        """Everything that decides the fragment, the exact training rows included (folds depend
+        on every model of the market, so the same model in another market may train on others)."""
+        body = json.dumps([model_sha, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed,
+                           sorted(int(r) for r in train_rows)])
         return hashlib.sha256(body.encode()).hexdigest()[:32]
 
     def _load(self, folder: Path) -> Fragment | None:
@@ -178,7 +181,7 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
 
         for c in classes:
             key = cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
-                            cv.fold_seed)
+                            cv.fold_seed, rows[mid]["train"])
             fragments[(mid, c)] = cache.get_or_make(key, lambda c=c, make=make: make(c))
     accs = []
     for target in cv.targets:

@@ -24,9 +24,8 @@ from snp_ray.errors import ConfigError
 from snp_ray.market import get_task
 from snp_ray.market.market import Market
 from snp_ray.market.tasks import target_sets
-from snp_ray.packing import PackConfig
-from snp_ray.slicing.config import (SliceConfig, check_preset_name, pack_overrides, save_preset,
-                                   slice_preset)
+from snp_ray.packing import PackConfig, preset_pack_config
+from snp_ray.slicing.config import SliceConfig, check_preset_name, save_preset, slice_preset
 from snp_ray.tuning.objective import CVConfig, FragmentCache, cross_validate
 
 log = logging.getLogger(__name__)
@@ -86,23 +85,27 @@ def search_space(cfg: SweepConfig) -> dict[str, Any]:
     return {"alpha": tune.loguniform(1e-5, 1e-1), "beta": tune.uniform(0.3, 0.9),
             "gamma": tune.loguniform(0.1, 10.0), "mode": tune.choice(["threshold", "rate"]),
             "lr_layer": tune.loguniform(1e-4, 1e-3), "lr_repair": tune.loguniform(1e-3, 1e-2),
-            "epochs": tune.choice(sorted(set(cfg.epochs))),
+            "epochs": tune.choice(epoch_choices(cfg)),
             "delta": tune.loguniform(1e-2, 10.0), "pack_lr": tune.loguniform(3e-4, 3e-3)}
+
+
+def epoch_choices(cfg: SweepConfig) -> list[int]:
+    """The per-stage epochs to try, always including the base preset's (so the default trial is
+    the default)."""
+    return sorted(set(cfg.epochs) | {slice_preset(cfg.base_preset).pool_epochs})
 
 
 def default_point(cfg: SweepConfig) -> dict[str, Any]:
     """The base preset (with its packing settings) as a point of the search space."""
     s, p = base_configs(cfg.base_preset)
-    epochs = s["pool_epochs"] if s["pool_epochs"] in cfg.epochs else max(cfg.epochs)
-    return {**{k: s[k] for k in SLICE_KEYS if k != "epochs"}, "epochs": epochs,
+    return {**{k: s[k] for k in SLICE_KEYS if k != "epochs"}, "epochs": s["pool_epochs"],
             **{src: p[dst] for src, dst in PACK_KEYS.items() if src in ("delta", "pack_lr")}}
 
 
 def base_configs(base_preset: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(slice, pack) settings of a preset as plain dicts, resolved once in the driver: trials run
     in their own working directory and may not see the preset folder."""
-    pack = {**PackConfig().to_dict(), **pack_overrides(base_preset)}
-    return slice_preset(base_preset).to_dict(), PackConfig.from_dict(pack).to_dict()
+    return slice_preset(base_preset).to_dict(), preset_pack_config(base_preset).to_dict()
 
 
 def trial_configs(base: str | tuple[dict[str, Any], dict[str, Any]],
