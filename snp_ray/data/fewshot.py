@@ -106,4 +106,4 @@ def load_fewshot(manifest: FewShotManifest, split: Split | None = None) -> FewSh
     if not np.array_equal(sub.labels, expected):
         raise DataError(f"few-shot manifest rows of {manifest.dataset} do not carry the labels it claims")
     raw = sub.images if sub.images is not None else sub.texts
-    return FewShotSet(manifest, raw, sub.labels, [split.class_names[c] for c in manifest.classes])
+    return FewShotSet(manifest, raw, sub.labels, [split.class_names[c] for c in manifest.classes], rows)

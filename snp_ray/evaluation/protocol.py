@@ -22,9 +22,9 @@ from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
 from snp_ray.market import Market, MarketConfig, TrainConfig, build_market, get_task
 from snp_ray.market.tasks import target_sets
 from snp_ray.models import get_arch
-from snp_ray.packing import preset_pack_config
+from snp_ray.packing import PackConfig, preset_pack_config
 from snp_ray.packing.request import pack_request
-from snp_ray.slicing import slice_preset
+from snp_ray.slicing import SliceConfig, slice_preset
 from snp_ray.slicing.config import PRESETS
 from snp_ray.slicing.api import slice_missing
 
@@ -99,6 +99,25 @@ def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, r
     return None
 
 
+def slice_and_test(market: Market, targets: list, k: int, slice_cfg: SliceConfig,
+                   pack_cfg: PackConfig, model_ids: list[str] | None = None
+                   ) -> tuple[list[dict[str, Any]], int, float]:
+    """Slice every pair not stored yet at ``k``, then pack and test each target set.
+
+    Returns (one run per target set, fragments sliced now, seconds spent slicing)."""
+    t0 = time.perf_counter()
+    sliced = sum(1 for *_, f in slice_missing(market, k, slice_cfg, 0, model_ids) if f is not None)
+    slice_s = time.perf_counter() - t0
+    runs = []
+    for combo in targets:
+        packed = pack_request(market, list(combo), k, slice_cfg, pack_cfg)
+        runs.append({"classes": list(combo), "acc": pack_accuracy(packed),
+                     "params": packed.params_deployable(),
+                     "params_training": packed.params_training(),
+                     "pack_seconds": packed.spec.metrics["pack_seconds"]})
+    return runs, sliced, slice_s
+
+
 def _digests(cfg: ProtocolConfig) -> dict[str, str]:
     """Digests of the slice config of every variant and of the packing config."""
     out = {v: slice_preset(cfg.slice_preset, **VARIANTS[v]).digest() for v in cfg.variants}
@@ -130,24 +149,14 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
         ids = [s.id for s in specs]
         ensemble_params = sum(s.params for s in specs)
         cells: dict[str, dict[str, Any]] = {}
+        pcfg = preset_pack_config(cfg.slice_preset, seed=cfg.seed, epochs=cfg.pack_epochs)
         for k in cfg.ks:
             for variant in cfg.variants:
                 scfg = slice_preset(cfg.slice_preset, **VARIANTS[variant])
-                t0 = time.perf_counter()
-                sliced = [f for *_, f in slice_missing(market, k, scfg, 0, ids) if f is not None]
-                slice_s = time.perf_counter() - t0
-                runs = []
-                for combo in targets:
-                    packed = pack_request(market, list(combo), k, scfg,
-                                          preset_pack_config(cfg.slice_preset, seed=cfg.seed,
-                                                             epochs=cfg.pack_epochs))
-                    runs.append({"classes": list(combo), "acc": pack_accuracy(packed),
-                                 "params": packed.params_deployable(),
-                                 "params_training": packed.params_training(),
-                                 "pack_seconds": packed.spec.metrics["pack_seconds"]})
+                runs, sliced, slice_s = slice_and_test(market, targets, k, scfg, pcfg, ids)
                 cells.setdefault(variant, {})[f"k{k}"] = _aggregate(runs, ensemble_params)
                 cells[variant][f"k{k}"]["slice_seconds_new"] = slice_s
-                cells[variant][f"k{k}"]["fragments_sliced"] = len(sliced)
+                cells[variant][f"k{k}"]["fragments_sliced"] = sliced
                 log.info("%s %s k=%d: %.4f", arch, variant, k, cells[variant][f"k{k}"]["acc_mean"])
             for name in cfg.baselines:
                 for label, by_k in _baseline_cells(name, market, ids, targets, k, cfg,

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from snp_ray.artifacts import save_figure
-from snp_ray.evaluation.packs import pack_accuracy
+from snp_ray.evaluation.protocol import slice_and_test
 from snp_ray.market import Market, get_task
 from snp_ray.market.tasks import target_sets
 from snp_ray.packing import PackConfig
-from snp_ray.packing.request import pack_request
 from snp_ray.slicing import SliceConfig
-from snp_ray.slicing.api import slice_missing
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +28,8 @@ def compare_on_test(market: Market, task: str, k: int,
     targets = [list(t) for t in target_sets(get_task(task), n_targets, seed)]
     out: dict[str, Any] = {"targets": targets, "k": k, "configs": {}}
     for label, (slice_cfg, pack_cfg) in configs.items():
-        t0 = time.perf_counter()
-        made = sum(1 for *_, f in slice_missing(market, k, slice_cfg, 0) if f is not None)
-        slice_s = time.perf_counter() - t0
-        accs, params = [], []
-        for combo in targets:
-            packed = pack_request(market, combo, k, slice_cfg, pack_cfg)
-            accs.append(pack_accuracy(packed))
-            params.append(packed.params_deployable())
+        runs, made, slice_s = slice_and_test(market, targets, k, slice_cfg, pack_cfg)
+        accs, params = [r["acc"] for r in runs], [r["params"] for r in runs]
         out["configs"][label] = {
             "acc_mean": statistics.fmean(accs), "acc_std": statistics.pstdev(accs), "accs": accs,
             "params_mean": statistics.fmean(params), "fragments_sliced": made,

@@ -152,7 +152,8 @@ def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int,
 
 
 def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg: PackConfig,
-                  fold: int, cache: FragmentCache) -> FoldResult:
+                  fold: int, cache: FragmentCache,
+                  fold_map: dict[int, int] | None = None) -> FoldResult:
     """Slice on the other folds, pack, and score every target set on fold ``fold``."""
     t0 = time.perf_counter()
     made0, reused0 = cache.made, cache.reused
@@ -164,7 +165,7 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
                 if c not in needed[spec.id]:
                     needed[spec.id].append(int(c))
     train, held, fragments, rows = {}, {}, {}, {}
-    fold_map = market_folds(market, cv)
+    fold_map = fold_map if fold_map is not None else market_folds(market, cv)
     subset = f"cv{cv.folds}-f{fold}-s{cv.fold_seed}"
     for mid, classes in needed.items():
         train[mid], held[mid] = _fold_sets(market, mid, cv, fold, fold_map)
@@ -203,8 +204,9 @@ def cross_validate(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cf
     """All folds in order; ``report`` receives the running result after each fold (Tune's
     scheduler stops a poor trial between folds)."""
     folds: list[FoldResult] = []
+    fold_map = market_folds(market, cv)           # dealt once; every fold reads the same map
     for f in range(cv.folds):
-        folds.append(evaluate_fold(market, cv, slice_cfg, pack_cfg, f, cache))
+        folds.append(evaluate_fold(market, cv, slice_cfg, pack_cfg, f, cache, fold_map))
         metrics = {"cv_accuracy": statistics.fmean(r.accuracy for r in folds), "folds_done": f + 1,
                    "fold_accuracy": folds[-1].accuracy,
                    "fragments_made": sum(r.fragments_made for r in folds),
