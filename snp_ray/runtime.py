@@ -1,10 +1,41 @@
-"""Starting or joining Ray the same way from the CLI, the jobs and the tests."""
+"""Where work runs: starting or joining Ray the same way from the CLI, the jobs and the tests,
+and the torch device and arithmetic that slicing, training and packing use."""
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
+
+#: force a torch device for slicing and training ("cpu", "cuda", "cuda:1"); default: a GPU if seen
+ENV_DEVICE = "SNP_DEVICE"
+
+
+def default_device() -> str:
+    """``SNP_DEVICE`` if set, else the first GPU torch sees (Ray sets what a task sees), else CPU."""
+    import torch
+
+    return os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_precision(precision: str, device: "torch.device") -> str:
+    """``auto``: bf16 where the hardware runs it natively (a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16/AMX through oneDNN), else fp32. Emulated bf16 would be slower than fp32."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        fast = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast = False
+    return "bf16" if device.type == "cpu" and fast else "fp32"
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -72,10 +74,17 @@ class SlicerActor:
                 "model": model_id, "class_id": int(class_id), "class": frag.spec.class_name,
                 "params": frag.spec.params, "source_params": frag.spec.source_params,
                 "seconds": frag.spec.seconds, "actor": self.actor_id, "node": self.node_id,
-                "gpu_ids": self.gpu_ids}
+                "gpu_ids": self.gpu_ids, "device": frag.spec.device,
+                "precision": frag.spec.precision, "peak_rss_mb": _peak_rss_mb()}
 
     @staticmethod
     def _row(row: dict[str, Any]) -> dict[str, Any]:
         return {"model": row["model_id"], "class_id": row["class_id"], "class": row["class_name"],
                 "params": row["params"], "source_params": row["source_params"],
                 "seconds": row["seconds"]}
+
+
+def _peak_rss_mb() -> float:
+    """This actor process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024

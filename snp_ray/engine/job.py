@@ -77,7 +77,8 @@ class SliceJobResult:
                 "fragment_params": sum(r["params"] for r in done),
                 "source_params": sum(r["source_params"] for r in done),
                 "slice_seconds": round(sum(r["seconds"] for r in done), 2),
-                "actors": len(self.actors), "failures": self.failures}
+                "actors": len(self.actors), "failures": self.failures,
+                "peak_rss_mb_per_actor": _peak_rss_per_actor(done)}
 
 
 def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = None) -> SliceJobResult:
@@ -120,6 +121,15 @@ def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = 
     skipped = sum(r["status"] == "skipped" for r in results.values())
     return SliceJobResult(total, done, skipped, len(failures), time.perf_counter() - t_start,
                           results, refs, failures, actors_info)
+
+
+def _peak_rss_per_actor(done: list[dict[str, Any]]) -> dict[str, float]:
+    """The largest peak RSS each actor reported (pairs done this run; skipped pairs have none)."""
+    out: dict[str, float] = {}
+    for r in done:
+        if r.get("peak_rss_mb") is not None:
+            out[r["actor"][:12]] = round(max(out.get(r["actor"][:12], 0.0), r["peak_rss_mb"]), 1)
+    return out
 
 
 def _actor_count(cfg: SliceJobConfig, n_pairs: int) -> tuple[int, float]:

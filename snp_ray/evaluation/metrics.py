@@ -11,9 +11,15 @@ from snp_ray.evaluation.testsplit import load_test_split
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, spec: InputSpec, raw, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
+    from snp_ray.runtime import default_device
+
+    device = torch.device(default_device())
+    model.eval().to(device)
     n = len(raw)
-    chunks = [model(spec.encode(raw[i:i + batch_size])) for i in range(0, n, batch_size)]
+    try:
+        chunks = [model(spec.encode(raw[i:i + batch_size]).to(device)).cpu() for i in range(0, n, batch_size)]
+    finally:
+        model.cpu()
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

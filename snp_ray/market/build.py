@@ -88,7 +88,10 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
     if todo:
         ensure_ray()
         env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
-        remote = ray.remote(num_cpus=cfg.train.threads, max_retries=1)(_train_one)
+        # on a cluster with GPUs, the models share them (a fraction each); else CPUs only
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        share = min(1.0, gpus / len(todo)) if gpus else 0.0
+        remote = ray.remote(num_cpus=cfg.train.threads, num_gpus=share, max_retries=1)(_train_one)
         refs = {remote.options(runtime_env={"env_vars": env}).remote(cfg.to_dict(), i): i for i in todo}
         bar = _bar(len(refs), progress)
         pending = list(refs)

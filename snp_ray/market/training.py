@@ -102,8 +102,11 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     a = get_arch(arch)
     if (a.modality == "image") != (split.images is not None):
         raise ConfigError(f"architecture {arch} ({a.modality}) does not fit dataset {split.dataset}")
+    from snp_ray.runtime import default_device
+
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    device = torch.device(default_device())
     rows = np.flatnonzero(np.isin(split.labels, classes))
     rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
     local_of = {c: i for i, c in enumerate(classes)}
@@ -128,6 +131,7 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         lr = cfg.lr or 2e-3
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
 
+    model.to(device)           # in place: the optimiser keeps the same parameters
     n = x.shape[0]
     steps = cfg.epochs * max(1, -(-n // cfg.batch_size))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
@@ -147,6 +151,7 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
             xb, yb = x[idx], y[idx]
             if a.modality == "image" and cfg.augment:
                 xb = augment_images(xb, gen).contiguous(memory_format=fmt)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad(set_to_none=True)
@@ -164,8 +169,9 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         bar.close()
     model.eval()
     metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-               "train_rows": int(n), "train_seconds": time.perf_counter() - started}
-    return TrainedModel(model.to(memory_format=torch.contiguous_format), spec, metrics)
+               "train_rows": int(n), "train_seconds": time.perf_counter() - started,
+               "train_on_gpu": float(device.type == "cuda")}
+    return TrainedModel(model.cpu().to(memory_format=torch.contiguous_format), spec, metrics)
 
 
 def _bar(total: int, enabled: bool, desc: str):

@@ -7,6 +7,7 @@ from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError
 
 SHARED = ("merge", "best")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -19,6 +20,7 @@ class PackConfig(Config):
     batch_size: int = 256
     augment_views: int = 8       # [ours] cached augmented views per image (1 = none)
     shared: str = "merge"        # two fragments of one class: both feed it, or keep the best
+    precision: str = "auto"      # [ours] training arithmetic: fp32, bf16 (autocast), auto = bf16 where native
     seed: int = 0
 
     def validate(self) -> None:
@@ -32,6 +34,8 @@ class PackConfig(Config):
         check_range(n, "augment_views", self.augment_views, 1, 256)
         if self.shared not in SHARED:
             raise ConfigError(f"PackConfig.shared must be one of {SHARED}, got {self.shared!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"PackConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def preset_pack_config(preset: str, **overrides) -> PackConfig:

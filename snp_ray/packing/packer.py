@@ -20,6 +20,7 @@ from snp_ray.errors import ConfigError, DataError
 from snp_ray.market.training import augment_images
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel, PackSpec
+from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.fragment import Fragment
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,18 @@ class Packer:
         ce = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(cfg.seed)
         n = zcat.shape[0]
+        # bf16 autocast halves the step time on CPUs with native bf16 (the model stays fp32)
+        bf16 = resolve_precision(cfg.precision, torch.device("cpu")) == "bf16"
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
                 zb = zcat[idx]
-                h = torch.relu(enc(zb))
-                loss = ce(head(h), y_all[idx])
-                if cfg.delta > 0:
-                    loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    h = torch.relu(enc(zb))
+                    loss = ce(head(h).float(), y_all[idx])
+                    if cfg.delta > 0:
+                        loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -152,7 +156,8 @@ class Packer:
         spec = PackSpec(class_ids=list(classes), class_names=names,
                         fragments=[f.spec.to_dict() for f in fragments], fragment_targets=targets,
                         hidden=cfg.hidden, config=cfg.to_dict(), dataset=samples.dataset,
-                        metrics={"pack_seconds": seconds, "train_samples": float(len(y))})
+                        metrics={"pack_seconds": seconds, "train_samples": float(len(y)),
+                                 "train_bf16": float(bf16)})
         model = PackedModel(spec, fragments, scales, enc.eval(), head.eval(), decoders.eval())
         for p in model.parameters():
             p.requires_grad_(False)
@@ -176,8 +181,8 @@ class Packer:
 def reconstruction(h: torch.Tensor, zb: torch.Tensor, dec_all: nn.Linear, seg: torch.Tensor,
                    mine: torch.Tensor) -> torch.Tensor:
     """Σ_c Σ_{x of class c} mean_dims (Dec_c(h) − F^c(x))² / batch, for all decoders at once."""
-    err = (torch.relu(dec_all(h)) - zb).pow(2) @ seg          # (batch, fragments)
-    return (err * mine).sum() / h.shape[0]
+    err = (torch.relu(dec_all(h)).float() - zb).pow(2) @ seg  # (batch, fragments)
+    return (err.float() * mine).sum() / h.shape[0]
 
 
 def _warm(old: PackedModel, fragments: list[Fragment], classes: list[int], enc: nn.Linear,

@@ -13,6 +13,7 @@ from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
 from snp_ray.models import count_params
+from snp_ray.runtime import default_device
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.fragment import (Fragment, FragmentSpec, count_macs, example_input,
                                       fragment_key)
@@ -26,16 +27,20 @@ class ModelSlicer:
     the traced graph and the source's size. Build it once per model, then call :meth:`slice`."""
 
     def __init__(self, market: Market, model_id: str, k: int, config: SliceConfig,
-                 fewshot_seed: int = 0, fewshot: FewShotSet | None = None, subset: str = ""):
+                 fewshot_seed: int = 0, fewshot: FewShotSet | None = None, subset: str = "",
+                 engine: str = "cached", device: str | None = None):
         """``fewshot``: slice on this subset of the model's k-shot set instead (a tuning fold),
-        named by ``subset`` so that its fragments never share a key with whole-set ones."""
+        named by ``subset`` so that its fragments never share a key with whole-set ones.
+        ``engine``/``device``: how the slicer runs (same fragments either way, see Slicer);
+        ``device`` None picks a GPU when torch sees one."""
         if (fewshot is None) != (not subset):
             raise ConfigError("a few-shot subset needs a subset name, and a name needs the subset")
         self.subset = subset
         model, self.spec = market.model(model_id)
         self.k, self.config, self.seed = int(k), config, int(fewshot_seed)
         self.fewshot = fewshot if fewshot is not None else market.fewshot(model_id, k, fewshot_seed)
-        self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config)
+        self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config, engine=engine,
+                             device=device or default_device())
         self.example = example_input(self.spec.input_spec)
         self.source_params = count_params(model.features)
         self.source_flops = count_macs(model.features, self.example)
@@ -58,7 +63,8 @@ class ModelSlicer:
             source_params=self.source_params, flops=count_macs(outcome.features, self.example),
             source_flops=self.source_flops, input=spec.input, config=config.to_dict(),
             config_digest=config.digest(), k=self.k, fewshot_seed=self.seed, seconds=seconds,
-            stage_seconds=outcome.stage_seconds, metrics=outcome.metrics, subset=self.subset)
+            stage_seconds=outcome.stage_seconds, metrics=outcome.metrics, subset=self.subset,
+            device=self.slicer.device.type, precision=self.slicer.precision)
         log.info("sliced %s class %s (%s): %d -> %d params, %d features, %.1fs", spec.id,
                  class_id, fspec.class_name, self.source_params, fspec.params, feature_dim, seconds)
         return Fragment(fspec, outcome.features, outcome.probe)

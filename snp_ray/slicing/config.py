@@ -19,6 +19,7 @@ MODES = ("threshold", "rate")
 L21_REDUCE = ("sum", "mean")
 REPAIR_INIT = ("lstsq", "zeros")
 COMBINE_TRAIN = ("current", "all")
+PRECISIONS = ("auto", "fp32", "bf16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -34,7 +35,9 @@ class SliceConfig(Config):
     adapt_epochs: int = 30         # ability adaption, per layer
     combine_epochs: int = 30       # combining, per layer
     batch_size: int = 128
-    augment: bool = True           # random crop + flip of the few-shot images at every step
+    augment: bool = True           # random crop + flip of the few-shot images
+    views: int = 4                 # [ours] augmented copies of D drawn once per model; 0: fresh every step
+    precision: str = "auto"        # [ours] training arithmetic: fp32, bf16 (autocast), auto = bf16 where fast
     l21_reduce: str = "sum"        # [ours] "sum" over units as in the notes; "mean" divides by u
     repair_init: str = "lstsq"     # [ours] least-squares start for the repair; "zeros" = none
     combine_train: str = "current"  # [ours] combining step i trains layer i; "all": layers 1..i
@@ -51,10 +54,12 @@ class SliceConfig(Config):
         for e in ("pool_epochs", "adapt_epochs", "combine_epochs"):
             check_range(n, e, getattr(self, e), 0, 100_000)
         check_range(n, "batch_size", self.batch_size, 1, 65_536)
+        check_range(n, "views", self.views, 0, 1024)
         check_range(n, "min_units", self.min_units, 1, 1_000_000)
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
-                                   ("combine_train", self.combine_train, COMBINE_TRAIN)):
+                                   ("combine_train", self.combine_train, COMBINE_TRAIN),
+                                   ("precision", self.precision, PRECISIONS)):
             if value not in valid:
                 raise ConfigError(f"SliceConfig.{name} must be one of {valid}, got {value!r}")
 

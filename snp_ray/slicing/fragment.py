@@ -54,6 +54,8 @@ class FragmentSpec(Config):
     metrics: dict[str, float] = field(default_factory=dict)
     weights_sha256: str = ""
     subset: str = ""               # "" = the whole k-shot set; e.g. "cv3-f0-s0" = a tuning fold's
+    device: str = "cpu"            # where it was sliced, and in which arithmetic (same key either way)
+    precision: str = "fp32"
     format_version: int = FORMAT_VERSION
 
     def validate(self) -> None:

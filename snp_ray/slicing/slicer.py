@@ -14,12 +14,20 @@ The method (method notes section 2), on a traced copy of the model's feature ext
 A "layer" is a group from :mod:`snp_ray.slicing.graph` (a residual join is one group). The
 network is evaluated functionally, with per-group weight overrides, so one traced graph serves
 the original, pooled, repaired (f~) and original-dropped (f-) networks without copies.
+
+Two engines give the same fragments for a fixed seed. ``naive`` runs the whole network, and the
+original model for targets, at every step. ``cached`` (the default) draws the augmented views once
+per model (``SliceConfig.views``), computes the original model's logits on them once for all
+classes, and runs each step from the frozen frontier of the layer being trained
+(:mod:`snp_ray.slicing.frontier`): the original network's frontier is shared by every class
+of the model, and a combining step's frontier is computed once per step.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -31,15 +39,21 @@ from torch.func import functional_call
 
 from snp_ray.data.fewshot import FewShotSet
 from snp_ray.data.specs import InputSpec
-from snp_ray.errors import DataError
+from snp_ray.errors import ConfigError, DataError
 from snp_ray.market.training import augment_images
 from snp_ray.models import Classifier, channels_last_safe
+from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.config import SliceConfig
+from snp_ray.slicing.frontier import Split, batch_nodes, segment, split
 from snp_ray.slicing.graph import SliceGraph, attach, trace
 from snp_ray.slicing.handlers import handler_for
 from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("cached", "naive")
+#: frontier caches of the original network are kept for every group up to this many MiB
+ENV_CACHE_MB = "SNP_SLICE_CACHE_MB"
 
 
 @dataclass
@@ -82,23 +96,32 @@ class Slicer:
     """Slices every class of one model; the traced graph and data are shared across classes."""
 
     def __init__(self, model: Classifier, input_spec: InputSpec, fewshot: FewShotSet,
-                 config: SliceConfig):
-        self.cfg = config
-        self.model = model.eval()
+                 config: SliceConfig, engine: str = "cached", device: str | torch.device | None = None):
+        if engine not in ENGINES:
+            raise ConfigError(f"slicer engine must be one of {ENGINES}, got {engine!r}")
+        self.cfg, self.engine = config, engine
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.eval()              # stays on the CPU: fusion copies from it
         self.fewshot = fewshot
-        self.x = input_spec.encode(fewshot.raw)
+        x = input_spec.encode(fewshot.raw)
         self.labels = torch.as_tensor(fewshot.labels)
-        self.is_image = self.x.dtype.is_floating_point and self.x.dim() == 4
+        self.is_image = x.dtype.is_floating_point and x.dim() == 4
         self.fmt = torch.contiguous_format
         if self.is_image and channels_last_safe(model):
             self.fmt = torch.channels_last
-            self.x = self.x.contiguous(memory_format=self.fmt)
-        self.graph: SliceGraph = trace(copy.deepcopy(model.features).eval(), self.x[:2])
+            x = x.contiguous(memory_format=self.fmt)
+        self.graph: SliceGraph = trace(copy.deepcopy(model.features).eval(), x[:2])
         self.graph.module.eval()
+        self.per_row = batch_nodes(self.graph.module, x[:3])
         self.gates = attach(self.graph)
-        self.head = model.head
+        self.head = copy.deepcopy(model.head).eval()
         for p in list(self.graph.module.parameters()) + list(self.head.parameters()):
             p.requires_grad_(False)
+        self.graph.module.to(self.device)
+        if engine == "cached" and self.fmt == torch.channels_last:   # weights too: +20-30 % per step
+            self.graph.module.to(memory_format=torch.channels_last)
+        self.head.to(self.device)
+        self.x_cpu, self.x = x, x.to(self.device)
         self.orig = {k: v.detach().clone() for k, v in self.graph.module.state_dict().items()}
         self.tensors: dict[int, list[_Tensor]] = {}
         params = dict(self.graph.module.named_parameters())
@@ -112,6 +135,29 @@ class Slicer:
                         full = f"{mname}.{t}"
                         entries.append(_Tensor(full, t, mod, h, off, full in params))
             self.tensors[g.id] = entries
+        self.pool, self.n_views = self._view_pool()
+        self._pool_logits: torch.Tensor | None = None
+        self._splits: dict[int, tuple[Split, set[str], set[str]]] = {}
+        self._orig_frontier: dict[int, list[torch.Tensor]] = {}
+        self._segments: dict[tuple, tuple] = {}
+        self._cache_budget = float(os.environ.get(ENV_CACHE_MB, 4096)) * 2 ** 20
+        self.precision = resolve_precision(config.precision, self.device)
+
+    def _amp(self):
+        """bf16 autocast for training steps when the config asks for it; fp32 otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def _view_pool(self) -> tuple[torch.Tensor | None, int]:
+        """The few-shot rows every step draws from: ``views`` augmented copies of D, drawn once
+        per model from the seed, so that their targets and frozen activations can be cached.
+        ``views = 0`` draws a fresh augmentation at every step instead (no pool)."""
+        if not (self.cfg.augment and self.is_image):
+            return self.x, 1
+        if self.cfg.views == 0:
+            return None, 0
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + 104_729)
+        views = [augment_images(self.x_cpu, gen) for _ in range(self.cfg.views)]
+        return torch.cat(views).contiguous(memory_format=self.fmt).to(self.device), self.cfg.views
 
     # ------------------------------------------------------------------ forward passes
     def _features(self, x: torch.Tensor, weights: dict[int, dict[str, torch.Tensor]],
@@ -121,9 +167,92 @@ class Slicer:
         self.gates.observe = set(observe)
         self.gates.reset_records()
         try:
-            return functional_call(self.graph.module, overrides, (x,), strict=False)
+            return functional_call(self.graph.module, overrides, (x,), strict=False).float()
         finally:
             self.gates.repairs, self.gates.observe = {}, set()
+
+    def _run(self, xb: torch.Tensor, rows: torch.Tensor | None, weights, repairs,
+             observe: Iterable[int] = (), cache=None) -> torch.Tensor:
+        """The network on one batch: whole (``cache`` None), or from cached frontier rows."""
+        if cache is None or rows is None:
+            return self._features(xb, weights, repairs, observe)
+        sp, _, suffix_names, values = cache
+        overrides = {n: t for ws in weights.values() for n, t in ws.items() if n in suffix_names}
+        self.gates.repairs = repairs
+        self.gates.observe = set(observe)
+        self.gates.reset_records()
+        try:
+            return functional_call(sp.suffix, overrides, tuple(v[rows] for v in values), strict=False).float()
+        finally:
+            self.gates.repairs, self.gates.observe = {}, set()
+
+    def _targets(self, rows: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
+        """The original model's logits on a batch; cached per view row for every class."""
+        if self.engine == "naive" or rows is None:
+            return self.original_logits(xb)
+        if self._pool_logits is None:
+            with torch.no_grad():
+                self._pool_logits = torch.cat([self.original_logits(c) for c in self._chunks(self.pool)])
+        return self._pool_logits[rows]
+
+    def _chunks(self, t: torch.Tensor):
+        bs = self.cfg.batch_size
+        for s in range(0, t.shape[0], bs):
+            yield t[s:s + bs]
+
+    def _split(self, gid: int) -> tuple[Split, set[str], set[str]]:
+        if gid not in self._splits:
+            varying = {t.name.rsplit(".", 1)[0] for t in self.tensors[gid]}
+            sp = split(self.graph.module, varying, self.per_row)
+            self._splits[gid] = (sp, set(sp.prefix.state_dict()), set(sp.suffix.state_dict()))
+        return self._splits[gid]
+
+    @torch.no_grad()
+    def _frontier(self, gid: int, weights, repairs, known: dict[str, torch.Tensor] | None = None) -> tuple:
+        """Frozen frontier values of every pool row while ``gid`` trains (weights fixed).
+
+        ``known``: node values of the previous combining step's frontier (same fixed weights
+        upstream); the new frontier is computed from them and replaces them."""
+        sp, prefix_names, suffix_names = self._split(gid)
+        if sp.trivial:
+            values = [self.pool]
+        else:
+            if known:
+                key = (frozenset(known), tuple(sp.frontier))
+                if key not in self._segments:
+                    inputs, seg = segment(self.graph.module, set(known), sp.frontier)
+                    self._segments[key] = (inputs, seg, set(seg.state_dict()))
+                inputs, module, names = self._segments[key]
+                sources = [known.get(n, self.pool) for n in inputs]
+            else:
+                module, names, sources = sp.prefix, prefix_names, [self.pool]
+            overrides = {n: t.detach() for ws in weights.values() for n, t in ws.items() if n in names}
+            self.gates.repairs = {g: tuple(x.detach() for x in r) for g, r in repairs.items()}
+            self.gates.reset_records()
+            bs, rows = self.cfg.batch_size, self.pool.shape[0]
+            try:
+                with self._amp():
+                    parts = [functional_call(module, overrides, tuple(v[s:s + bs] for v in sources), strict=False)
+                             for s in range(0, rows, bs)]
+            finally:
+                self.gates.repairs = {}
+            values = [torch.cat(vals) for vals in zip(*parts)]
+        if known is not None:
+            known.clear()
+            known.update(zip(sp.frontier, values))
+        return sp, prefix_names, suffix_names, values
+
+    def _stage1_cache(self, gid: int):
+        """The original network's frontier for ``gid``: shared by every class of the model."""
+        if self.engine == "naive" or self.pool is None:
+            return None
+        if gid in self._orig_frontier:
+            return self._orig_frontier[gid]
+        cache = self._frontier(gid, {}, {})
+        used = sum(v.numel() * v.element_size() for c in self._orig_frontier.values() for v in c[3])
+        if used + sum(v.numel() * v.element_size() for v in cache[3]) <= self._cache_budget:
+            self._orig_frontier[gid] = cache
+        return cache
 
     def _merged(self, gid: int, ft: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
         """f-: kept units from the fine-tuned weights, dropped units from the original ones."""
@@ -133,6 +262,7 @@ class Slicer:
             dim = t.handler.out_dim
             mask = torch.zeros(full.shape[dim], dtype=torch.bool)
             mask[t.handler.unit_positions(t.module, t.attr, t.offset + kept)] = True
+            mask = mask.to(full.device)
             shape = [1] * full.dim()
             shape[dim] = -1
             out[t.name] = torch.where(mask.view(shape), ft[t.name], full)
@@ -140,7 +270,7 @@ class Slicer:
 
     def _tilde(self, gid: int, ft: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
         """f~: the fine-tuned weights as the sliced layer will run them (recurrent cuts applied)."""
-        dropped = _complement(kept, self.graph.group(gid).size)
+        dropped = _complement(kept, self.graph.group(gid).size).to(self.device)
         return {t.name: t.handler.tilde_override(t.module, t.attr, ft[t.name], dropped)
                 for t in self.tensors[gid]}
 
@@ -160,7 +290,8 @@ class Slicer:
         if n_pos == 0 or n_pos == len(y_bin):
             raise DataError(f"class {class_id} needs both positive and negative few-shot samples")
         weight = torch.tensor([len(y_bin) / (2.0 * (len(y_bin) - n_pos)), len(y_bin) / (2.0 * n_pos)])
-        ce = nn.CrossEntropyLoss(weight=weight)
+        ce = nn.CrossEntropyLoss(weight=weight.to(self.device))
+        y_bin = y_bin.to(self.device)
         groups = [g.id for g in self.graph.groups]
         times = {"pooling": 0.0, "adaption": 0.0, "combining": 0.0, "fusion": 0.0}
         feat_dim = self.head.in_features
@@ -176,31 +307,35 @@ class Slicer:
             w = self._fresh(gid)
             self._pool(gid, w, y_bin, gen)
             scores = self._scores(gid, w, y_bin)
-            kept[gid] = select_units(scores, cfg.mode, cfg.beta, cfg.min_units)
+            kept[gid] = select_units(scores.cpu(), cfg.mode, cfg.beta, cfg.min_units)
             times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mats[gid] = self._init_repair(gid, w, kept[gid])
-            heads[gid] = nn.Linear(feat_dim, 2)
+            heads[gid] = nn.Linear(feat_dim, 2).to(self.device)
+            frozen = self._stage1_cache(gid)
             self._adapt([gid], [gid], w_all={gid: w}, kept=kept, mats=mats, head=heads[gid],
-                        y_bin=y_bin, ce=ce, gen=gen, epochs=cfg.adapt_epochs)
+                        y_bin=y_bin, ce=ce, gen=gen, epochs=cfg.adapt_epochs, caches=(frozen, frozen))
             ft[gid] = w
             times["adaption"] += time.perf_counter() - t0
 
         # stage 2: combine layer by layer from the front
         t0 = time.perf_counter()
         head = heads[groups[-1]]
+        known: tuple[dict, dict] = ({}, {})     # the last step's f~ and f- frontier values
         for i, gid in enumerate(groups):
             replaced = groups[: i + 1]
             train = replaced if cfg.combine_train == "all" else [gid]
+            caches = self._combine_caches(replaced, train, ft, kept, mats, known)
             self._adapt(replaced, train, w_all=ft, kept=kept, mats=mats, head=head, y_bin=y_bin,
-                        ce=ce, gen=gen, epochs=cfg.combine_epochs)
+                        ce=ce, gen=gen, epochs=cfg.combine_epochs, caches=caches)
         times["combining"] = time.perf_counter() - t0
 
         # fusion
         t0 = time.perf_counter()
         repairs = self._repairs(kept, mats)
-        features = self.fused_features(ft, kept, repairs)
-        probe = fold_into_linear(copy.deepcopy(head), self.graph, repairs, kept)
+        cpu_repairs = {g: tuple(t.cpu() for t in r) for g, r in repairs.items()}
+        features = self.fused_features(ft, kept, cpu_repairs)
+        probe = fold_into_linear(copy.deepcopy(head).cpu(), self.graph, cpu_repairs, kept)
         times["fusion"] = time.perf_counter() - t0
         outcome = SliceOutcome(features, probe, {g: kept[g].tolist() for g in groups},
                                {g.id: g.producers[0][0] for g in self.graph.groups}, times)
@@ -212,16 +347,36 @@ class Slicer:
         return {t.name: self.orig[t.name].clone().requires_grad_(t.trainable) for t in self.tensors[gid]}
 
     def _batches(self, gen: torch.Generator, epochs: int):
+        """``(few-shot indices, view-pool rows or None, batch)``; epoch e reads view e mod V."""
         n = self.x.shape[0]
         bs = self.cfg.batch_size
-        for _ in range(epochs):
+        for e in range(epochs):
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, bs):
                 idx = order[s:s + bs]
-                xb = self.x[idx]
-                if self.cfg.augment and self.is_image:
-                    xb = augment_images(xb, gen).contiguous(memory_format=self.fmt)
-                yield idx, xb
+                if self.pool is None:     # a fresh augmentation at every step
+                    xb = augment_images(self.x_cpu[idx], gen).contiguous(memory_format=self.fmt)
+                    yield idx, None, xb.to(self.device)
+                else:
+                    rows = idx + (e % self.n_views) * n
+                    yield idx, rows, self.pool[rows]
+
+    def _combine_caches(self, replaced, train, ft, kept, mats, known: tuple[dict, dict]):
+        """Frontiers of the f~ and f- networks for one combining step, where every replaced layer
+        but the trained one is fixed; worth it only when the pool is smaller than the step's rows.
+        ``known``: the previous step's frontier values per network, updated in place."""
+        cfg = self.cfg
+        if (self.engine == "naive" or self.pool is None or len(train) != 1
+                or self.n_views >= cfg.combine_epochs):
+            for k in known:
+                k.clear()
+            return None, None
+        gid = train[0]
+        fixed = [g for g in replaced if g != gid]
+        tilde = {g: self._tilde(g, ft[g], kept[g]) for g in fixed}
+        merged = {g: self._merged(g, ft[g], kept[g]) for g in fixed}
+        return (self._frontier(gid, tilde, self._repairs({g: kept[g] for g in fixed}, mats), known[0]),
+                self._frontier(gid, merged, {}, known[1]))
 
     def _pool(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor, gen) -> None:
         cfg = self.cfg
@@ -230,13 +385,15 @@ class Slicer:
             return
         opt = torch.optim.Adam(params, lr=cfg.lr_layer)
         size = self.graph.group(gid).size
-        for idx, xb in self._batches(gen, cfg.pool_epochs):
-            target = self.original_logits(xb)
-            feats = self._features(xb, {gid: w}, {}, observe=[gid])
+        frozen = self._stage1_cache(gid)
+        for idx, rows, xb in self._batches(gen, cfg.pool_epochs):
+            target = self._targets(rows, xb)
+            with self._amp():
+                feats = self._run(xb, rows, {gid: w}, {}, observe=[gid], cache=frozen)
             loss = (self.head(feats) - target).pow(2).sum(1).mean()
             pos = y_bin[idx].bool()
             if cfg.alpha > 0 and bool(pos.any()):
-                z = self.gates.unit_norms(gid)[pos]
+                z = self.gates.unit_norms(gid)[pos].float()
                 l21 = z.sum(1).mean() / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21
             opt.zero_grad(set_to_none=True)
@@ -254,11 +411,11 @@ class Slicer:
         size = self.graph.group(gid).size
         dropped = _complement(kept, size)
         if dropped.numel() == 0 or self.cfg.repair_init == "zeros":
-            return torch.zeros(dropped.numel(), kept.numel())
+            return torch.zeros(dropped.numel(), kept.numel(), device=self.device)
         acts = self._group_activations(gid, w)
         zk, zd = acts[:, kept], acts[:, dropped]
-        sol = torch.linalg.lstsq(zk.double(), zd.double(), driver="gelsd").solution  # (k, d)
-        return sol.t().float().contiguous()
+        sol = torch.linalg.lstsq(zk.double().cpu(), zd.double().cpu(), driver="gelsd").solution  # (k, d)
+        return sol.t().float().contiguous().to(self.device)
 
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor], limit: int = 20_000) -> torch.Tensor:
         """Unit vectors of the group at every gate position on D, as rows (n_positions, units)."""
@@ -287,11 +444,11 @@ class Slicer:
         for gid, k in kept.items():
             d = _complement(k, self.graph.group(gid).size)
             if d.numel():
-                out[gid] = (k, d, mats[gid])
+                out[gid] = (k.to(self.device), d.to(self.device), mats[gid])
         return out
 
     def _adapt(self, replaced: list[int], train: list[int], w_all, kept, mats, head: nn.Linear,
-               y_bin: torch.Tensor, ce: nn.Module, gen, epochs: int) -> None:
+               y_bin: torch.Tensor, ce: nn.Module, gen, epochs: int, caches=(None, None)) -> None:
         cfg = self.cfg
         if epochs == 0:
             return
@@ -301,14 +458,25 @@ class Slicer:
         repair_params = [mats[g] for g in train if mats[g].numel()] + list(head.parameters())
         opt = torch.optim.Adam([{"params": layer_params, "lr": cfg.lr_layer},
                                 {"params": repair_params, "lr": cfg.lr_repair}])
-        for idx, xb in self._batches(gen, epochs):
-            weights = {g: self._tilde(g, w_all[g], kept[g]) for g in replaced}
-            feats = self._features(xb, weights, self._repairs({g: kept[g] for g in replaced}, mats))
+        cache_t, cache_m = caches
+        fixed_t, fixed_m = {}, {}
+        if cache_t is not None:   # layers not trained in this step: their weights once, detached
+            fixed = [g for g in replaced if g not in train]
+            with torch.no_grad():
+                fixed_t = {g: self._tilde(g, w_all[g], kept[g]) for g in fixed}
+                fixed_m = {g: self._merged(g, w_all[g], kept[g]) for g in fixed}
+        for idx, rows, xb in self._batches(gen, epochs):
+            weights = {g: fixed_t.get(g) or self._tilde(g, w_all[g], kept[g]) for g in replaced}
+            with self._amp():
+                feats = self._run(xb, rows, weights, self._repairs({g: kept[g] for g in replaced}, mats),
+                                  cache=cache_t)
             loss = ce(head(feats), y_bin[idx])
             if cfg.gamma > 0:
-                target = self.original_logits(xb)
-                merged = {g: self._merged(g, w_all[g], kept[g]) for g in replaced}
-                bar = self.head(self._features(xb, merged, {}))
+                target = self._targets(rows, xb)
+                merged = {g: fixed_m.get(g) or self._merged(g, w_all[g], kept[g]) for g in replaced}
+                with self._amp():
+                    bar_feats = self._run(xb, rows, merged, {}, cache=cache_m)
+                bar = self.head(bar_feats)
                 loss = loss + cfg.gamma * (bar - target).pow(2).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -333,20 +501,21 @@ class Slicer:
     def repaired_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unfused, repaired network of the last slice, restricted to its kept output units."""
         ft, kept, repairs = self._last
+        x = x.to(self.device)
         feats = self._features(x, {g: self._tilde(g, w, kept[g]) for g, w in ft.items()}, repairs)
         idx = torch.cat([off + kept[g] for g, off, _ in self.graph.output_layout])
-        return feats.index_select(1, idx)
+        return feats.index_select(1, idx.to(self.device)).cpu()
 
     @torch.no_grad()
     def _fewshot_metrics(self, features, probe, y_bin, ft, repairs) -> dict[str, float]:
         """Few-shot-only diagnostics: probe AUC on D and the f- network's fidelity to M."""
         features.eval()
-        scores = torch.softmax(probe(features(self.x)), 1)[:, 1]
+        scores = torch.softmax(probe(features(self.x_cpu)), 1)[:, 1]
         target = self.original_logits(self.x)
         kept = self._last[1]
         merged = {g: self._merged(g, ft[g], kept[g]) for g in ft}
         bar = self.head(self._features(self.x, merged, {}))
-        return {"fewshot_auc": roc_auc(scores.numpy(), y_bin.numpy()),
+        return {"fewshot_auc": roc_auc(scores.numpy(), y_bin.cpu().numpy()),
                 "fewshot_consistency_mse": float((bar - target).pow(2).sum(1).mean()),
                 "fewshot_original_agreement": float((bar.argmax(1) == target.argmax(1)).float().mean())}
 

@@ -1,0 +1,28 @@
+"""benchmarks/gpu_t1.py, the GPU run of #8, on the CPU at a tiny width: the same path (train a
+VGG16 T1 market, slice all 10 pairs with the Ray slice job, pack, write JSON) end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from jsonout import last_json
+from test_engine import REPO, _env
+
+
+def test_gpu_t1_script_runs_end_to_end_on_cpu_at_tiny_width(real_data, tmp_path):
+    out = tmp_path / "gpu_t1.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_t1.py"), "--width", "0.0625", "--epochs", "1",
+           "--train-fraction", "0.05", "--preset", "smoke", "--targets", "1",
+           "--root", str(tmp_path / "market"), "--out", str(out)]
+    env = {**_env(), "SNP_DEVICE": "cpu"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = last_json(proc.stdout)
+    assert summary["fragments"] == 10 and summary["device"] == "cpu"
+    result = json.loads(out.read_text())
+    assert result["slice"]["fragments_done"] == 10 and result["slice"]["failed"] == 0
+    assert len(result["original_models"]) == 3
+    assert all(0.0 <= m["test_accuracy"] <= 1.0 and not m["train_on_gpu"] for m in result["original_models"])
+    assert len(result["packs"]) == 1 and 0.0 <= result["packs"][0]["accuracy"] <= 1.0
+    assert len(result["slice"]["seconds_per_fragment"]) == 10
