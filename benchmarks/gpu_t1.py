@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,6 +69,8 @@ def main() -> int:
     slice_s = time.perf_counter() - t0
     done = [r for r in result.results.values() if r.get("status") == "done"]
     per_fragment = [r["seconds"] for r in done]
+    # where the actors really sliced, and in which arithmetic (not the driver's view)
+    sliced_on = dict(Counter(f"{r.get('device')}/{r.get('precision')}" for r in done))
 
     market, slice_cfg = Market(root), slice_preset(a.preset)
     t0 = time.perf_counter()
@@ -88,7 +91,9 @@ def main() -> int:
                              "train_on_gpu": bool(s.metrics.get("train_on_gpu", 0.0))} for s in specs],
         "train_wall_seconds": train_s,
         "slice": {"wall_seconds": slice_s, "fragments_done": len(done), "skipped": result.skipped,
-                  "failed": result.failed, "median_seconds_per_fragment":
+                  "failed": result.failed, "sliced_on": sliced_on,
+                  "peak_rss_mb_per_actor": result.summary()["peak_rss_mb_per_actor"],
+                  "median_seconds_per_fragment":
                       statistics.median(per_fragment) if per_fragment else None,
                   "seconds_per_fragment": per_fragment},
         "packs": packs, "pack_wall_seconds": pack_s,
@@ -99,6 +104,7 @@ def main() -> int:
     print(json.dumps({"slice_wall_s": round(slice_s, 1), "fragments": len(done),
                       "median_s_per_fragment": out["slice"]["median_seconds_per_fragment"],
                       "mean_pack_accuracy": out["mean_pack_accuracy"], "device": device, "gpu": gpu_name,
+                      "sliced_on": sliced_on,
                       "models_test_accuracy": [m["test_accuracy"] for m in out["original_models"]],
                       "train_wall_s": round(train_s, 1), "total_s": round(out["total_wall_seconds_after_install"], 1)}))
     return 0 if not result.failed else 1

@@ -1,7 +1,8 @@
 """Packing in fp32 vs bf16 autocast on stored fragments: test accuracy and seconds per pack.
 
 The packs are the T1 target sets plus one pack of every class of the market, all at k. Each
-precision runs the same packs; rounds alternate the precisions, and seconds are medians.
+precision runs the same packs after one warm-up pack each; the order of the two precisions
+alternates from round to round, and seconds are medians over the rounds.
 
 Usage: python benchmarks/pack_precision.py [--market runs/fig7-vgg11] [--k 10] [--preset quick]
            [--targets 5] [--rounds 2]
@@ -44,10 +45,11 @@ def main() -> int:
     every = sorted({c for m in market.ids() for c in market.spec(m).classes})
     combos = [list(c) for c in target_sets(task, a.targets, 0)] + [every]
     slice_cfg = slice_preset(a.preset)
-    pack_request(market, combos[0], a.k, slice_cfg, PackConfig(precision="fp32"))   # warm-up
+    for prec in ("fp32", "bf16"):                                                   # warm-up
+        pack_request(market, combos[0], a.k, slice_cfg, PackConfig(precision=prec))
     runs: dict[str, dict] = {p: {"accuracy": None, "seconds": [[] for _ in combos]} for p in ("fp32", "bf16")}
-    for _ in range(a.rounds):
-        for prec in ("fp32", "bf16"):
+    for r in range(a.rounds):
+        for prec in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
             accs = []
             for i, combo in enumerate(combos):
                 packed = pack_request(market, combo, a.k, slice_cfg, PackConfig(precision=prec))

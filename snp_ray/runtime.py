@@ -23,19 +23,31 @@ def default_device() -> str:
 
 
 def resolve_precision(precision: str, device: "torch.device") -> str:
-    """``auto``: bf16 where the hardware runs it natively (a CUDA GPU with bf16, or a CPU with
-    AVX512-BF16/AMX through oneDNN), else fp32. Emulated bf16 would be slower than fp32."""
+    """``auto``: bf16 where the hardware runs it natively (a CUDA GPU of compute capability 8.0
+    or newer, or a Linux CPU with AVX512-BF16 or AMX-BF16 and oneDNN), else fp32. Emulated bf16
+    is slower than fp32, so it is never chosen automatically."""
     import torch
 
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags list AVX512-BF16 or AMX-BF16 (Linux; False where unknown)."""
     try:
-        fast = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        fast = False
-    return "bf16" if device.type == "cpu" and fast else "fp32"
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:

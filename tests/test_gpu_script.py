@@ -6,8 +6,11 @@ import json
 import subprocess
 import sys
 
+import torch
 from jsonout import last_json
 from test_engine import REPO, _env
+
+from snp_ray.runtime import resolve_precision
 
 
 def test_gpu_t1_script_runs_end_to_end_on_cpu_at_tiny_width(real_data, tmp_path):
@@ -19,10 +22,15 @@ def test_gpu_t1_script_runs_end_to_end_on_cpu_at_tiny_width(real_data, tmp_path)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = last_json(proc.stdout)
-    assert summary["fragments"] == 10 and summary["device"] == "cpu"
+    assert summary["fragments"] == 10
+    # the actors report where they sliced: the CPU, in the arithmetic auto picks on this CPU
+    expected = "cpu/" + resolve_precision("auto", torch.device("cpu"))
+    assert summary["sliced_on"] == {expected: 10}
     result = json.loads(out.read_text())
     assert result["slice"]["fragments_done"] == 10 and result["slice"]["failed"] == 0
     assert len(result["original_models"]) == 3
     assert all(0.0 <= m["test_accuracy"] <= 1.0 and not m["train_on_gpu"] for m in result["original_models"])
     assert len(result["packs"]) == 1 and 0.0 <= result["packs"][0]["accuracy"] <= 1.0
     assert len(result["slice"]["seconds_per_fragment"]) == 10
+    assert result["slice"]["peak_rss_mb_per_actor"] and all(
+        50 < v < 64_000 for v in result["slice"]["peak_rss_mb_per_actor"].values())

@@ -8,11 +8,15 @@ import torch
 from snp_ray.errors import ConfigError
 from snp_ray.slicing import Slicer, slice_preset
 from snp_ray.slicing.frontier import batch_nodes, split
+from snp_ray import runtime
 from snp_ray.runtime import resolve_precision
 from tests.test_slicing import setup
 
-# combine_epochs > views, so that combining runs from its per-step frontier cache too
-ENGINE_CFG = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=3, views=2, precision="fp32")
+# combine_epochs > views, so that combining runs from its step-to-step frontier cache too;
+# batch 5 over 12 rows: several batches per epoch and several chunks per frontier; rate 0.5 drops
+# half of every layer, so repairs run inside the cached frontiers
+ENGINE_CFG = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=3, views=2, precision="fp32",
+                  batch_size=5, mode="rate", beta=0.5)
 
 
 def _slice(arch: str, engine: str, class_id: int = 1, **cfg):
@@ -27,11 +31,15 @@ def test_cached_engine_gives_the_naive_fragments(arch):
 
     Where both engines run the same memory format the arithmetic is the same op for op; the
     cached engine computes frozen activations over the whole view pool at once and runs VGG
-    weights channels_last, which changes summation order in the last bits. Adam turns a last-bit
-    gradient difference into a step of up to the learning rate, so the tolerance is a small
-    relative difference of the fragment's outputs, not bit equality."""
-    spec, fs, _, naive = _slice(arch, "naive")
-    _, _, _, cached = _slice(arch, "cached")
+    weights channels_last, and text models read a contiguous copy of a transposed activation;
+    both change summation order in the last bits. Adam turns a last-bit gradient difference
+    into a step of up to the learning rate, so the tolerance is a small relative difference of
+    the fragment's outputs, not bit equality. Many small batches (more Adam steps) or rate
+    selection can flip a near-tie between two units' scores. The bit-exact check is the next
+    test; text models' GEMMs also round differently for the pool's last, shorter chunk."""
+    cfg = dict(mode="threshold", beta=0.6, batch_size=128)    # one batch per epoch, as in T1-T7
+    spec, fs, slicer, naive = _slice(arch, "naive", **cfg)
+    _, _, _, cached = _slice(arch, "cached", **cfg)
     assert naive.kept == cached.kept
     x = spec.encode(fs.raw)
     a, b = naive.features(x), cached.features(x)
@@ -42,11 +50,16 @@ def test_cached_engine_gives_the_naive_fragments(arch):
     assert torch.equal(pa.argmax(1), pb.argmax(1))
 
 
-def test_engines_are_bit_identical_where_the_arithmetic_is():
-    """ResNet-20 runs contiguous in both engines: caching alone changes nothing at all."""
-    _, _, naive_slicer, naive = _slice("resnet20", "naive")
-    _, _, cached_slicer, cached = _slice("resnet20", "cached")
-    assert naive_slicer.fmt == cached_slicer.fmt == torch.contiguous_format
+@pytest.mark.parametrize("arch", ["vgg11", "resnet20"])
+def test_engines_are_bit_identical_where_the_arithmetic_is(arch, monkeypatch):
+    """With the same weight memory format in both engines, caching changes nothing at all: not
+    the logits, the stage-1 frontiers, nor the combining frontiers carried from step to step."""
+    monkeypatch.setattr(Slicer, "weights_channels_last", False)
+    _, _, naive_slicer, naive = _slice(arch, "naive")
+    _, _, cached_slicer, cached = _slice(arch, "cached")
+    assert cached_slicer._segments          # combining did reuse the previous step's frontier
+    assert any(len(v) < naive_slicer.graph.group(int(g)).size for g, v in naive.kept.items())
+    assert naive.kept == cached.kept
     sa, sb = naive.features.state_dict(), cached.features.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -105,6 +118,9 @@ def test_text_models_use_their_few_shot_rows_as_the_only_view():
 def test_bf16_slices_run_and_fuse_exactly():
     spec, fs, slicer, out = _slice("vgg11", "cached", precision="bf16", mode="rate", beta=0.5)
     assert slicer.precision == "bf16"
+    # autocast really ran: the frozen activations cached during training are bf16
+    deep = [c for c in slicer._orig_frontier.values() if not c[0].trivial]
+    assert deep and all(v.dtype == torch.bfloat16 for c in deep for v in c[3])
     x = spec.encode(fs.raw)
     fused, unfused = out.features(x), slicer.repaired_features(x)   # fusion itself stays fp32
     assert fused.dtype == torch.float32
@@ -112,11 +128,19 @@ def test_bf16_slices_run_and_fuse_exactly():
     assert all(v.dtype == torch.float32 for v in out.features.state_dict().values() if v.is_floating_point())
 
 
-def test_auto_precision_follows_the_hardware():
+def test_auto_precision_follows_the_cpu_flags(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    with_bf16, plain = tmp_path / "bf16", tmp_path / "plain"
+    with_bf16.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    plain.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512bw avx512_vnni\n")
+    assert runtime.cpu_has_native_bf16(str(with_bf16))
+    assert not runtime.cpu_has_native_bf16(str(plain))          # AVX-512 alone is emulated bf16
+    assert not runtime.cpu_has_native_bf16(str(tmp_path / "missing"))
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == ("bf16" if torch.backends.mkldnn.is_available() else "fp32")
 
 
 def test_bad_engine_views_and_precision_are_config_errors():
@@ -141,11 +165,18 @@ def test_cache_budget_zero_still_slices_the_same(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
-def test_slicing_on_a_gpu_returns_a_cpu_fragment_like_the_cpu_one():
-    model, spec, fs = setup("vgg11")
-    cfg = slice_preset("quick", **ENGINE_CFG)
-    gpu = Slicer(model, spec, fs, cfg, device="cuda").slice_class(1)
-    cpu = Slicer(model, spec, fs, cfg, device="cpu").slice_class(1)
+@pytest.mark.parametrize("arch", ["vgg11", "resnet20", "gru"])
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_slicing_on_a_gpu_returns_a_cpu_fragment_close_to_the_cpu_one(arch, precision):
+    model, spec, fs = setup(arch)
+    cfg = slice_preset("quick", **{**ENGINE_CFG, "precision": precision})
+    slicer = Slicer(model, spec, fs, cfg, device="cuda")
+    gpu = slicer.slice_class(1)
+    cpu = Slicer(model, spec, fs, slice_preset("quick", **ENGINE_CFG), device="cpu").slice_class(1)
     assert all(t.device.type == "cpu" for t in gpu.features.state_dict().values())
+    assert any(len(v) < slicer.graph.group(int(g)).size for g, v in gpu.kept.items())
     x = spec.encode(fs.raw)
-    assert gpu.features(x).shape == cpu.features(x).shape
+    fused, unfused = gpu.features(x), slicer.repaired_features(x)     # fusion exact on a GPU slice
+    assert float((fused - unfused).norm() / unfused.norm()) <= 1e-4
+    if gpu.kept == cpu.kept:   # GPU rounding may flip a near-tie; then only the shapes can match
+        assert float((gpu.features(x) - cpu.features(x)).norm() / cpu.features(x).norm()) < 0.1

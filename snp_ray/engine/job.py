@@ -153,7 +153,8 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
     from snp_ray.engine.actors import SlicerActor
 
     n_actors, gpus = _actor_count(cfg, n_todo)
-    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "AWS_ACCESS_KEY_ID",
+    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_DEVICE", "SNP_SLICE_CACHE_MB",
+                                      "AWS_ACCESS_KEY_ID",
                                       "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
            if k in os.environ}
     remote = ray.remote(SlicerActor).options(

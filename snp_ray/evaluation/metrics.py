@@ -14,12 +14,13 @@ def predict_logits(model: nn.Module, spec: InputSpec, raw, batch_size: int = 100
     from snp_ray.runtime import default_device
 
     device = torch.device(default_device())
+    home = next(model.parameters()).device
     model.eval().to(device)
     n = len(raw)
     try:
         chunks = [model(spec.encode(raw[i:i + batch_size]).to(device)).cpu() for i in range(0, n, batch_size)]
     finally:
-        model.cpu()
+        model.to(home)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
 

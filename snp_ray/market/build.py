@@ -87,7 +87,7 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
             todo.append(i)
     if todo:
         ensure_ray()
-        env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
+        env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_DEVICE") if k in os.environ}
         # on a cluster with GPUs, the models share them (a fraction each); else CPUs only
         gpus = float(ray.cluster_resources().get("GPU", 0))
         share = min(1.0, gpus / len(todo)) if gpus else 0.0

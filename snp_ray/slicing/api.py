@@ -31,8 +31,9 @@ class ModelSlicer:
                  engine: str = "cached", device: str | None = None):
         """``fewshot``: slice on this subset of the model's k-shot set instead (a tuning fold),
         named by ``subset`` so that its fragments never share a key with whole-set ones.
-        ``engine``/``device``: how the slicer runs (same fragments either way, see Slicer);
-        ``device`` None picks a GPU when torch sees one."""
+        ``engine``: naive or cached (the same fragments up to rounding, see Slicer);
+        ``device``: None picks a GPU when torch sees one. Floating-point results, and with
+        ``precision="auto"`` the arithmetic, depend on the device; the fragment records both."""
         if (fewshot is None) != (not subset):
             raise ConfigError("a few-shot subset needs a subset name, and a name needs the subset")
         self.subset = subset

@@ -166,8 +166,8 @@ class RecurrentHandler(Handler):
     def tilde_override(self, module, tensor, value, dropped):
         if tensor != "weight_hh_l0" or dropped.numel() == 0:
             return value
-        mask = torch.ones(value.shape[1], dtype=value.dtype)
-        mask[dropped] = 0
+        mask = torch.ones(value.shape[1], dtype=value.dtype, device=value.device)
+        mask[dropped.to(value.device)] = 0
         return value * mask
 
     def keep_out(self, module, kept):
