@@ -71,29 +71,14 @@ def split(gm: fx.GraphModule, varying_modules: set[str], per_row: set[str]) -> S
             env[n] = sg.node_copy(n, lambda a: env[a])
     sg.output(fx.map_arg(out_node.args[0], lambda a: env[a]))
 
-    pg, penv = fx.Graph(), {}
-    keep = _ancestors(frontier)
-    for n in nodes:
-        if n in keep:
-            penv[n] = pg.node_copy(n, lambda a: penv[a])
-    pg.output(tuple(penv[f] for f in frontier))
+    names = [f.name for f in frontier]
+    _, prefix = segment(gm, set(), names)     # from the input alone
     trivial = len(frontier) == 1 and frontier[0].op == "placeholder"
-    return Split([f.name for f in frontier], fx.GraphModule(gm, pg), fx.GraphModule(gm, sg), trivial)
+    return Split(names, prefix, fx.GraphModule(gm, sg), trivial)
 
 
 def _owned(target: str, modules: set[str]) -> bool:
     return any(target == m or target.startswith(m + ".") for m in modules)
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def segment(gm: fx.GraphModule, known: set[str], outputs: list[str]) -> tuple[list[str], fx.GraphModule]:

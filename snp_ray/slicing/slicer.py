@@ -167,12 +167,18 @@ class Slicer:
     # ------------------------------------------------------------------ forward passes
     def _features(self, x: torch.Tensor, weights: dict[int, dict[str, torch.Tensor]],
                   repairs: dict[int, Repair], observe: Iterable[int] = ()) -> torch.Tensor:
-        overrides = {name: t for ws in weights.values() for name, t in ws.items()}
+        return self._call(self.graph.module, None, weights, (x,), repairs, observe).float()
+
+    def _call(self, module: nn.Module, names: set[str] | None, weights, args: tuple, repairs,
+              observe: Iterable[int] = ()):
+        """``module`` (the graph or a piece of it) with the groups' weight overrides that it has
+        (``names``; None: all) and the gates set to ``repairs``/``observe`` for this call only."""
+        overrides = {n: t for ws in weights.values() for n, t in ws.items() if names is None or n in names}
         self.gates.repairs = repairs
         self.gates.observe = set(observe)
         self.gates.reset_records()
         try:
-            return functional_call(self.graph.module, overrides, (x,), strict=False).float()
+            return functional_call(module, overrides, args, strict=False)
         finally:
             self.gates.repairs, self.gates.observe = {}, set()
 
@@ -182,14 +188,8 @@ class Slicer:
         if cache is None or rows is None:
             return self._features(xb, weights, repairs, observe)
         sp, _, suffix_names, values = cache
-        overrides = {n: t for ws in weights.values() for n, t in ws.items() if n in suffix_names}
-        self.gates.repairs = repairs
-        self.gates.observe = set(observe)
-        self.gates.reset_records()
-        try:
-            return functional_call(sp.suffix, overrides, tuple(v[rows] for v in values), strict=False).float()
-        finally:
-            self.gates.repairs, self.gates.observe = {}, set()
+        return self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
+                          observe).float()
 
     def _targets(self, rows: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
         """The original model's logits on a batch; cached per view row for every class."""
@@ -231,16 +231,10 @@ class Slicer:
                 sources = [known.get(n, self.pool) for n in inputs]
             else:
                 module, names, sources = sp.prefix, prefix_names, [self.pool]
-            overrides = {n: t.detach() for ws in weights.values() for n, t in ws.items() if n in names}
-            self.gates.repairs = {g: tuple(x.detach() for x in r) for g, r in repairs.items()}
-            self.gates.reset_records()
             bs, rows = self.cfg.batch_size, self.pool.shape[0]
-            try:
-                with self._amp():
-                    parts = [functional_call(module, overrides, tuple(v[s:s + bs] for v in sources), strict=False)
-                             for s in range(0, rows, bs)]
-            finally:
-                self.gates.repairs = {}
+            with self._amp():    # under no_grad: the fixed weights and repairs need no detaching
+                parts = [self._call(module, names, weights, tuple(v[s:s + bs] for v in sources), repairs)
+                         for s in range(0, rows, bs)]
             values = [torch.cat(vals) for vals in zip(*parts)]
         if known is not None:
             known.clear()
@@ -335,9 +329,9 @@ class Slicer:
         for i, gid in enumerate(groups):
             replaced = groups[: i + 1]
             train = replaced if cfg.combine_train == "all" else [gid]
-            caches = self._combine_caches(replaced, train, ft, kept, mats, known)
+            caches, fixed = self._combine_caches(replaced, train, ft, kept, mats, known)
             self._adapt(replaced, train, w_all=ft, kept=kept, mats=mats, head=head, y_bin=y_bin,
-                        ce=ce, gen=gen, epochs=cfg.combine_epochs, caches=caches)
+                        ce=ce, gen=gen, epochs=cfg.combine_epochs, caches=caches, fixed=fixed)
         times["combining"] = time.perf_counter() - t0
 
         # fusion
@@ -374,19 +368,22 @@ class Slicer:
     def _combine_caches(self, replaced, train, ft, kept, mats, known: tuple[dict, dict]):
         """Frontiers of the f~ and f- networks for one combining step, where every replaced layer
         but the trained one is fixed; worth it only when the pool is smaller than the step's rows.
-        ``known``: the previous step's frontier values per network, updated in place."""
+        ``known``: the previous step's frontier values per network, updated in place.
+        Returns the two caches and the fixed layers' f~ and f- weights (detached, for the step)."""
         cfg = self.cfg
         if (self.engine == "naive" or self.pool is None or len(train) != 1
                 or self.n_views >= cfg.combine_epochs):
             for k in known:
                 k.clear()
-            return None, None
+            return (None, None), ({}, {})
         gid = train[0]
         fixed = [g for g in replaced if g != gid]
-        tilde = {g: self._tilde(g, ft[g], kept[g]) for g in fixed}
-        merged = {g: self._merged(g, ft[g], kept[g]) for g in fixed}
-        return (self._frontier(gid, tilde, self._repairs({g: kept[g] for g in fixed}, mats), known[0]),
-                self._frontier(gid, merged, {}, known[1]))
+        with torch.no_grad():
+            tilde = {g: self._tilde(g, ft[g], kept[g]) for g in fixed}
+            merged = {g: self._merged(g, ft[g], kept[g]) for g in fixed}
+        caches = (self._frontier(gid, tilde, self._repairs({g: kept[g] for g in fixed}, mats), known[0]),
+                  self._frontier(gid, merged, {}, known[1]))
+        return caches, (tilde, merged)
 
     def _pool(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor, gen) -> None:
         cfg = self.cfg
@@ -458,7 +455,9 @@ class Slicer:
         return out
 
     def _adapt(self, replaced: list[int], train: list[int], w_all, kept, mats, head: nn.Linear,
-               y_bin: torch.Tensor, ce: nn.Module, gen, epochs: int, caches=(None, None)) -> None:
+               y_bin: torch.Tensor, ce: nn.Module, gen, epochs: int, caches=(None, None),
+               fixed=({}, {})) -> None:
+        """``fixed``: f~ and f- weights of layers this step does not train, computed once."""
         cfg = self.cfg
         if epochs == 0:
             return
@@ -469,17 +468,13 @@ class Slicer:
         opt = torch.optim.Adam([{"params": layer_params, "lr": cfg.lr_layer},
                                 {"params": repair_params, "lr": cfg.lr_repair}])
         cache_t, cache_m = caches
-        fixed_t, fixed_m = {}, {}
-        if cache_t is not None:   # layers not trained in this step: their weights once, detached
-            fixed = [g for g in replaced if g not in train]
-            with torch.no_grad():
-                fixed_t = {g: self._tilde(g, w_all[g], kept[g]) for g in fixed}
-                fixed_m = {g: self._merged(g, w_all[g], kept[g]) for g in fixed}
+        fixed_t, fixed_m = fixed
+        # the repairs hold the trained matrices themselves (updated in place), so built once
+        repairs = self._repairs({g: kept[g] for g in replaced}, mats)
         for idx, rows, xb in self._batches(gen, epochs):
             weights = {g: fixed_t.get(g) or self._tilde(g, w_all[g], kept[g]) for g in replaced}
             with self._amp():
-                feats = self._run(xb, rows, weights, self._repairs({g: kept[g] for g in replaced}, mats),
-                                  cache=cache_t)
+                feats = self._run(xb, rows, weights, repairs, cache=cache_t)
             loss = ce(head(feats), y_bin[idx])
             if cfg.gamma > 0:
                 target = self._targets(rows, xb)
