@@ -14,7 +14,7 @@ endif
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean cluster submit cluster-stop
 
 install: $(STAMP)
 
@@ -29,6 +29,38 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+# A local Ray head with token auth, started from .venv so that a job's `python` is the venv's
+# (`ray start` outside the venv gives jobs the system python: "No module named 'torch'").
+# The token lives in RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token, created if missing); any
+# client needs RAY_AUTH_MODE=token and that token, as `make submit` sets them.
+RAY := $(VENV)/bin/ray
+VENV_BIN := $(abspath $(VENV))/bin
+RAY_AUTH_TOKEN_PATH ?= $(HOME)/.ray/auth_token
+CLUSTER_DIR ?= /tmp/snp-ray-cluster
+RAY_PORT ?= 6379
+DASHBOARD_HOST ?= 127.0.0.1
+DASHBOARD_PORT ?= 8265
+RAY_JOB_ADDRESS ?= http://127.0.0.1:$(DASHBOARD_PORT)
+ARGS ?= --preset quickstart --store $(CURDIR)/runs/quickstart
+TOKEN_ENV = RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$(RAY_AUTH_TOKEN_PATH)"
+
+cluster: $(STAMP)
+	@test -s "$(RAY_AUTH_TOKEN_PATH)" || { mkdir -p "$(dir $(RAY_AUTH_TOKEN_PATH))" && \
+	  (umask 077; $(PY) -c 'import secrets; print(secrets.token_hex(32), end="")' \
+	  > "$(RAY_AUTH_TOKEN_PATH)") && echo "created the Ray auth token $(RAY_AUTH_TOKEN_PATH)"; }
+	PATH="$(VENV_BIN):$$PATH" $(TOKEN_ENV) $(RAY) start --head --port=$(RAY_PORT) \
+	  --dashboard-host=$(DASHBOARD_HOST) --dashboard-port=$(DASHBOARD_PORT) \
+	  --temp-dir=$(CLUSTER_DIR) --disable-usage-stats $(RAY_START_ARGS)
+	@echo "Ray head up (token auth on): job API $(RAY_JOB_ADDRESS), token in $(RAY_AUTH_TOKEN_PATH)"
+	@echo "jobs run with $(VENV_BIN)/python; submit with: make submit [ARGS='...']; stop: make cluster-stop"
+
+submit: $(STAMP)
+	$(TOKEN_ENV) $(RAY) job submit --address $(RAY_JOB_ADDRESS) --working-dir . \
+	  -- python jobs/slice_market.py $(ARGS)
+
+cluster-stop: $(STAMP)
+	$(PY) -m snp_ray.engine.localcluster stop $(CLUSTER_DIR)
 
 clean:
 	rm -rf .pytest_cache build *.egg-info

@@ -5,6 +5,7 @@ Usage: python jobs/estimate_expansion.py [--task T3-C10] [--combos 100] [--k 5,1
 """
 import sys
 
+import _jobenv  # noqa: F401  - exits with a hint when this python is not the project's venv
 from snp_ray.cli import main
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import _jobenv  # noqa: F401  - exits with a hint when this python is not the project's venv
 from snp_ray.cli import main as snp
 from snp_ray.data.catalog import available
 

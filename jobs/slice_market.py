@@ -6,6 +6,7 @@ Ray in-process) or with ``ray job submit --working-dir . -- python jobs/slice_ma
 """
 import sys
 
+import _jobenv  # noqa: F401  - exits with a hint when this python is not the project's venv
 from snp_ray.engine.main import main
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Usage: python jobs/tune_hparams.py [--task T1] [--trials 16] [--json]
 """
 import sys
 
+import _jobenv  # noqa: F401  - exits with a hint when this python is not the project's venv
 from snp_ray.cli import main
 
 if __name__ == "__main__":

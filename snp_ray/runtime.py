@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,16 +51,67 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+#: Ray's logger for the token-auth notices, and the notices that are routine on a local start
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_NOTICES = ("Token authentication is enabled", "Generated new authentication token")
+
+
+class _AuthNoticeFilter(logging.Filter):
+    """Drops Ray's routine "token authentication is enabled / token generated" notices.
+
+    Every local ``ray.init`` prints them, and they tell a user nothing to act on. Authentication
+    itself stays on; Ray's warning that authentication is *disabled* still gets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_AUTH_NOTICES)
+
+
+def quiet_ray_notices() -> None:
+    """Install :class:`_AuthNoticeFilter` on Ray's auth logger (once; idempotent)."""
+    logger = logging.getLogger(_AUTH_LOGGER)
+    if not any(isinstance(f, _AuthNoticeFilter) for f in logger.filters):
+        logger.addFilter(_AuthNoticeFilter())
+
+
+def ray_env_defaults() -> None:
+    """Environment defaults for a driver, set before Ray is imported (Ray reads them then).
+
+    Ray's log deduplication folds worker lines that differ only in numbers into one
+    "[repeated Nx across cluster]" line, which would hide all but one model's per-epoch
+    progress; lines from snp_ray loggers are exempted. A value the user set is kept.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r" snp_ray\.")
+
+
+def worker_logging(level: int = logging.INFO) -> None:
+    """Send snp_ray log records of a Ray worker to its stderr, which Ray forwards to the driver.
+
+    Ray workers configure only Ray's own logger, so without this INFO lines (per-epoch training
+    progress) are dropped. A no-op when the snp_ray logger already has a handler.
+    """
+    logger = logging.getLogger("snp_ray")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
     """Attach to ``RAY_ADDRESS`` when set; otherwise start a local Ray in this process.
 
     A no-op when Ray is already initialised (tests share one session cluster).
     """
+    ray_env_defaults()
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_ray_notices()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)

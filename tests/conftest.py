@@ -16,6 +16,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["SNP_DOWNLOAD"] = "0"   # tests never download a dataset, even on a machine with a network
 if "SNP_DATA_ROOT" not in os.environ and SHARED_DATA.is_dir():
     os.environ["SNP_DATA_ROOT"] = str(SHARED_DATA)
 if os.environ.get("SNP_DATA_ROOT"):   # absolute: jobs and Ray workers run in other directories
@@ -37,6 +38,18 @@ def _restore_data_root(monkeypatch):
     """Tests may point SNP_DATA_ROOT elsewhere; every test starts from the real root."""
     if REAL_DATA_ROOT:
         monkeypatch.setenv("SNP_DATA_ROOT", REAL_DATA_ROOT)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: two intra-op threads on a busy 2-core machine slow tiny
+    nets down many times."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +143,7 @@ def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
 
     from snp_ray.data.fewshot import FewShotManifest, FewShotSet
     from snp_ray.models import build_model
-    from snp_ray.slicing import Fragment, FragmentSpec, SliceConfig, Slicer, slice_preset
-    from snp_ray.slicing.fragment import count_macs
+    from snp_ray.slicing import Slicer, slice_preset
     from test_slicing import TINY, _randomise_bn
 
     torch.manual_seed(seed)
@@ -143,10 +155,19 @@ def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
                                     row_ids=rows), raw, labels, [f"c{c}" for c in classes])
     model = _randomise_bn(build_model(arch, len(classes), 0.25), seed)
     slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY, mode="rate", beta=0.5))
-    out = slicer.slice_class(class_id)
-    x = spec.encode(raw[:1])
+    return as_fragment(slicer.slice_class(class_id), slicer, arch, 0.25, class_id, seed), fs
+
+
+def as_fragment(out, slicer, arch: str, width: float, class_id: int, seed: int):
+    """A Fragment (with a made-up source identity) from a slicing outcome of ``slicer``."""
+    from snp_ray.slicing import Fragment, FragmentSpec, SliceConfig
+    from snp_ray.slicing.fragment import count_macs
+
+    spec = slicer.input_spec
+    x = slicer.x_cpu[:1]
+    classes = slicer.fewshot.classes
     fspec = FragmentSpec(
-        source_model=f"{arch}-{seed}", source_sha256=f"{seed:02d}" * 32, arch=arch, width=0.25,
+        source_model=f"{arch}-{seed}", source_sha256=f"{seed:02d}" * 32, arch=arch, width=width,
         source_classes=len(classes), class_id=class_id, class_name=f"c{class_id}",
         kept={str(g): v for g, v in out.kept.items()},
         group_names={str(g): n for g, n in out.group_names.items()},
@@ -154,6 +175,4 @@ def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
         feature_dim=int(out.features(x).shape[1]), params=1, source_params=2,
         flops=count_macs(out.features, x), source_flops=1, input=spec.to_dict(),
         config=SliceConfig().to_dict(), config_digest="d", k=3, fewshot_seed=seed, seconds=0.1)
-    return Fragment(fspec, out.features, out.probe), fs
-
-
+    return Fragment(fspec, out.features, out.probe)

@@ -43,7 +43,10 @@ def test_train_market_json(ray_cluster, real_data, tmp_path, capsys):
     assert rc == 0
     out = last_json(capsys.readouterr().out)
     assert [m["classes"] for m in out["models"]] == [["ABBR", "DESC", "ENTY"], ["HUM", "LOC", "NUM"]]
-    assert all(0 <= m["test_accuracy"] <= 1 and m["params"] > 0 for m in out["models"])
+    assert all(m["params"] > 0 for m in out["models"])
+    from test_market import assert_stored_test_accuracy
+    for m in out["models"]:   # the printed accuracy is exactly that of the weights it stored
+        assert_stored_test_accuracy(tmp_path, m["id"], m["test_accuracy"])
 
 
 def test_bad_input_exits_2_with_json_error(capsys, tmp_path):

@@ -108,6 +108,17 @@ def test_file_mounts_ship_project_and_data(raw):
     assert ".venv" in raw["rsync_exclude"]  # never ship the local venv
 
 
+def test_token_auth_on_every_node(cfg):
+    """The launcher's ~/.ray/auth_token goes to every node and Ray starts there in token mode."""
+    assert cfg["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        joined = "\n".join(cfg[key])
+        assert "export RAY_AUTH_MODE=token" in joined and "~/.bashrc" in joined, key
+        assert "RAY_AUTH_MODE=disabled" not in joined, key
+    starts = "\n".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=disabled" not in starts
+
+
 def test_setup_installs_with_constraints_and_sets_env(cfg):
     for key in ("head_setup_commands", "worker_setup_commands"):  # setup_commands merged in
         cmds = cfg[key]

@@ -140,5 +140,23 @@ def test_image_spec_normalises_with_its_own_statistics():
     assert x.shape == (50, 3, 32, 32)
     assert np.allclose(x.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-3)
     assert np.allclose(x.std(dim=(0, 2, 3)).numpy(), 1, atol=1e-2)
+    assert spec.size == [32, 32]
     with pytest.raises(DataError, match="shape"):
-        spec.encode(np.zeros((2, 28, 28, 3), np.uint8))
+        spec.encode(np.zeros((2, 28, 28, 4), np.uint8))
+    with pytest.raises(DataError, match="shape"):
+        spec.encode(np.zeros((28, 28, 3), np.uint8))
+
+
+def test_image_spec_carries_its_size_and_resizes_other_sizes_to_it():
+    """The input spec, not a constant, says what size a model takes (issue 12)."""
+    big = np.zeros((2, 64, 48, 3), np.uint8)
+    big[:, :32] = 255                                  # top half white
+    spec = ImageSpec(mean=[0.0] * 3, std=[1.0] * 3, size=[16, 24])
+    x = spec.encode(big)
+    assert x.shape == (2, 3, 16, 24)
+    assert float(x[:, :, :7].min()) == 1.0 and float(x[:, :, 9:].max()) == 0.0
+    assert ImageSpec.fit(big).size == [64, 48]
+    assert ImageSpec.from_dict({"kind": "image", "mean": [0.5] * 3, "std": [0.2] * 3}).size == [32, 32]
+    assert spec.example(3).shape == (3, 3, 16, 24)
+    with pytest.raises(ConfigError, match="size"):
+        ImageSpec(size=[0, 32])

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -11,6 +14,45 @@ from snp_ray.errors import ArtifactNotFoundError, IntegrityError, UnknownNameErr
 from snp_ray.market import Market, ModelSpec, ModelStore, build_market
 from snp_ray.market.tasks import TASKS, combinations, count_combinations, get_task, target_sets
 from snp_ray.models import build_model
+
+
+def n_test_rows(dataset: str, classes) -> int:
+    """How many test rows ``classes`` have, counted straight from the parquet file."""
+    labels = pq.read_table(Path(os.environ["SNP_DATA_ROOT"]) / dataset / "test.parquet",
+                           columns=["label"]).column("label").to_numpy()
+    return int(np.isin(labels, list(classes)).sum())
+
+
+def assert_is_test_accuracy(acc: float, dataset: str, classes) -> int:
+    """``acc`` is a count of correct predictions over the test rows of ``classes``: a multiple of
+    1/n (an accuracy on other rows, or a mean of per-batch accuracies, is not). Returns n."""
+    n = n_test_rows(dataset, classes)
+    assert n > 0 and abs(acc * n - round(acc * n)) < 1e-6, (acc, n)
+    return n
+
+
+def assert_stored_test_accuracy(root, model_id: str, reported: float) -> None:
+    """``reported`` is the test accuracy of the weights stored under ``model_id``, recomputed here
+    independently: the whole test split, filtered and labelled with numpy, the stored model run on
+    it and its outputs mapped to global class ids by hand. Exact, except that a row whose two top
+    logits lie within 1e-4 (where float rounding could flip the argmax) may count either way."""
+    from snp_ray.evaluation import load_test_split
+
+    model, spec = ModelStore(root).load(model_id)
+    split = load_test_split(spec.dataset)
+    rows = np.flatnonzero(np.isin(split.labels, spec.classes))
+    assert rows.size == n_test_rows(spec.dataset, spec.classes)
+    sub = split.rows(rows)
+    raw = sub.images if sub.images is not None else sub.texts
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(spec.input_spec.encode(raw[i:i + 1000]))
+                            for i in range(0, len(raw), 1000)])
+    assert logits.shape == (rows.size, len(spec.classes))
+    top2 = logits.topk(2, dim=1).values
+    close = int((top2[:, 0] - top2[:, 1] < 1e-4).sum())
+    correct = int((np.asarray(spec.classes)[logits.argmax(1).numpy()] == sub.labels).sum())
+    assert abs(reported * rows.size - correct) <= close + 1e-6, (model_id, reported, correct, rows.size)
+
 
 def test_task_splits_follow_the_method_notes():
     assert TASKS["T1"].model_classes == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
@@ -101,8 +143,9 @@ def test_build_market_trains_through_ray_and_skips_on_rerun(smoke_market):
     assert [s.id for s in specs] == [f"T1-m{i}-vgg11-w0.125" for i in range(3)]
     assert [s.classes for s in specs] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     assert specs[0].class_names == ["airplane", "automobile", "bird"]
-    for s in specs:
-        assert 0.0 <= s.metrics["test_accuracy"] <= 1.0 and s.params > 0
+    for s in specs:   # the reported test accuracy is exactly that of the stored weights
+        assert s.params > 0
+        assert_stored_test_accuracy(tmp_path, s.id, s.metrics["test_accuracy"])
     weights = ModelStore(tmp_path).model_dir(specs[0].id) / "weights.safetensors"
     before = os.stat(weights).st_mtime_ns
     again = build_market(SMOKE, tmp_path, progress=False)

@@ -151,22 +151,28 @@ def test_pack_request_errors(text_market):
         pack_request(market, ["neutral"], 5, slice_preset("paper"))
 
 
-def test_vectorised_reconstruction_equals_one_decoder_per_fragment():
-    """The packer's one-matmul reconstruction term is the method's per-fragment sum."""
+@pytest.mark.parametrize("recon", ["mean", "sum"])
+def test_vectorised_reconstruction_equals_one_decoder_per_fragment(recon):
+    """The packer's one-matmul reconstruction term is the method's per-fragment sum: ReLU
+    decoders for non-negative fragments, linear ones for signed fragments (the second here)."""
     from torch import nn
 
     from snp_ray.packing.packer import reconstruction
 
     torch.manual_seed(0)
     dims, serves, hidden, batch = [5, 3, 7], torch.tensor([0, 2, 1]), 8, 12
+    signed = [False, True, False]
     decoders = [nn.Linear(hidden, d) for d in dims]
-    h, z = torch.randn(batch, hidden), [torch.randn(batch, d) for d in dims]
+    h = torch.randn(batch, hidden)
+    z = [torch.randn(batch, d) if s else torch.rand(batch, d) for d, s in zip(dims, signed)]
     y = torch.randint(0, 3, (batch,))
     loop = 0.0
     for j, dec in enumerate(decoders):
         mine = y == serves[j]
         if bool(mine.any()):
-            loop = loop + (torch.relu(dec(h[mine])) - z[j][mine]).pow(2).mean(1).sum() / batch
+            out = dec(h[mine]) if signed[j] else torch.relu(dec(h[mine]))
+            err = (out - z[j][mine]).pow(2)
+            loop = loop + (err.mean(1) if recon == "mean" else err.sum(1)).sum() / batch
     dec_all = nn.Linear(hidden, sum(dims))
     with torch.no_grad():
         dec_all.weight.copy_(torch.cat([d.weight for d in decoders]))
@@ -174,7 +180,31 @@ def test_vectorised_reconstruction_equals_one_decoder_per_fragment():
     seg = torch.zeros(sum(dims), len(dims))
     off = 0
     for j, d in enumerate(dims):
-        seg[off:off + d, j] = 1.0 / d
+        seg[off:off + d, j] = 1.0 / d if recon == "mean" else 1.0
         off += d
     mine = (y[:, None] == serves[None, :]).float()
-    assert torch.allclose(reconstruction(h, torch.cat(z, 1), dec_all, seg, mine), loop, atol=1e-6)
+    nonneg = torch.cat([torch.full((d,), not s) for d, s in zip(dims, signed)])
+    got = reconstruction(h, torch.cat(z, 1), dec_all, seg, mine, nonneg)
+    assert torch.allclose(got, loop, atol=1e-5), (got, loop)
+
+
+def test_fragments_of_different_input_sizes_rebuild_pack_and_export(tmp_path):
+    """Each fragment runs at its own input size (the spec's, not a constant): it rebuilds from
+    its files at that size, packs beside a 32x32 fragment, and the exported graph resizes too."""
+    import onnxruntime as ort
+
+    from snp_ray.slicing import Fragment
+
+    a, fa = make_fragment("resnet20", 0, ImageSpec(size=[40, 40]), 3)
+    b, fb = make_fragment("resnet20", 4, ImageSpec(), 4, classes=(3, 4, 5))
+    a.save(tmp_path / "a")
+    again = Fragment.load(tmp_path / "a")
+    x = fa.raw[:3]
+    assert tuple(again.encode(x).shape[-2:]) == (40, 40)
+    torch.testing.assert_close(again(again.encode(x)), a(a.encode(x)))
+    samples = PackSamples.from_fewshot([fa, fb], [0, 4])
+    packed = Packer(FAST).pack([again, b], samples, [0, 4])
+    raw40 = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
+    ref = packed(*packed.encode(raw40))
+    sess = ort.InferenceSession(str(export_onnx(packed, tmp_path / "p.onnx")))
+    np.testing.assert_allclose(sess.run(None, {"images": raw40})[0], ref.numpy(), rtol=1e-4, atol=1e-5)

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
+from test_market import assert_is_test_accuracy
 
 from snp_ray.evaluation.protocol import ProtocolConfig, paper_results, render_table, run_protocol, write_outputs
 
@@ -16,8 +20,15 @@ def test_protocol_writes_table_json_and_figure(ray_cluster, real_data, tmp_path)
     for method, by_k in cells.items():
         assert set(by_k) == {"k5", "k10"}, method          # every method has every k
         for c in by_k.values():
-            assert c["status"] == "ok" and c["n"] == 2 and 0 <= c["acc_mean"] <= 1
+            assert c["status"] == "ok" and c["n"] == 2
             assert [r["classes"] for r in c["runs"]] == [list(t) for t in result["targets"]]
+            # each run's accuracy counts correct predictions over the test rows of its classes
+            # (3000 for three CIFAR-10 classes), and the cell summarises exactly those runs
+            accs = [r["acc"] for r in c["runs"]]
+            for r in c["runs"]:
+                assert assert_is_test_accuracy(r["acc"], "cifar10", r["classes"]) == 3000, method
+            assert c["acc_mean"] == pytest.approx(statistics.fmean(accs), abs=1e-12), method
+            assert c["acc_std"] == pytest.approx(statistics.pstdev(accs), abs=1e-12), method
     assert abs(cells["Ensemble"]["k5"]["pct_of_ensemble"] - 100) < 1
     assert cells["S&P (R)"]["k5"]["pct_of_ensemble"] < 100
     paper = paper_results()

@@ -195,3 +195,75 @@ def test_bad_config_and_class():
     model, spec, fs = setup("vgg11")
     with pytest.raises(DataError, match="not a class"):
         Slicer(model, spec, fs, slice_preset("quick", **TINY)).slice_class(7)
+
+
+# ------------------------------------------------------------------ fidelity (issue 12)
+def test_recurrent_units_are_scored_on_every_time_step():
+    """A GRU unit's score is the norm of its whole output map (all time steps), as the method
+    notes define it, not of the last hidden state alone."""
+    model, spec, fs = setup("gru")
+    slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY))
+    rnn_group = next(g for g in slicer.graph.groups if any(n == "rnn" for n, _ in g.producers))
+    y = torch.as_tensor(fs.labels == 1).long()
+    scores = slicer._scores(rnn_group.id, slicer._fresh(rnn_group.id), y)
+    with torch.no_grad():
+        seq, _ = model.features.rnn(model.features.embedding(spec.encode(fs.raw)[fs.labels == 1]))
+    torch.testing.assert_close(scores, seq.pow(2).sum(1).sqrt().mean(0))
+    last_only = seq[:, -1].abs().mean(0)
+    assert not torch.allclose(scores, last_only)
+
+
+def test_a_module_called_twice_is_refused_before_training():
+    class Shared(nn.Module):       # one conv used as two layers: one kept set cannot serve both
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            h = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.pool(torch.relu(self.b(h))).flatten(1)
+
+    with pytest.raises(ConfigError, match=r"module b \(Conv2d\) is called more than once"):
+        trace(Shared(), torch.randn(2, 3, 8, 8))
+    relu_twice = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert len(trace(relu_twice, torch.randn(2, 3, 8, 8)).groups) == 1   # weightless reuse is fine
+
+
+class _LastState(nn.Module):
+    """``h[-1]`` after a GRU: the final state of the last layer (an integer index on a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(len(VOCAB), 8, padding_idx=0)
+        self.rnn = nn.GRU(8, 6, batch_first=True)
+
+    def forward(self, tokens):
+        _, h = self.rnn(self.embedding(tokens))
+        return h[-1]
+
+
+def test_integer_index_after_a_recurrent_layer_slices_exactly():
+    from snp_ray.models import Classifier
+
+    torch.manual_seed(0)
+    _, spec, fs = setup("gru")
+    model = Classifier(_LastState(), 6, 3).eval()
+    slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY, mode="rate", beta=0.5))
+    out = slicer.slice_class(1)
+    x = spec.encode(fs.raw)
+    assert out.features(x).shape == (len(fs.labels), 3)
+    torch.testing.assert_close(out.features(x), slicer.repaired_features(x), rtol=1e-5, atol=1e-6)
+
+
+def test_integer_index_on_the_unit_dim_is_a_typed_error_naming_the_module():
+    class FirstChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).transpose(0, 1)[0].flatten(1)
+
+    with pytest.raises(ConfigError, match="unit dim of the output of module conv"):
+        trace(FirstChannel(), torch.randn(2, 3, 8, 8))

@@ -28,7 +28,8 @@ few-shot data alone, before the final training. The run fails when a target clas
 than ``min_per_class`` samples, when training diverges (non-finite loss), or when stratified
 ``cv_folds``-fold cross-validation of the very same recipe on the few-shot samples cannot show
 that the student learned anything: pooled held-out accuracy below chance + ``cv_margin``, or a
-one-sided binomial test against chance with p > ``cv_alpha``. Chance = the largest class share.
+one-sided binomial test against chance with p > ``cv_alpha`` (:func:`failure_rule`). Chance = the
+largest class share.
 Optionally (``min_samples``, off by default) it also fails with fewer target samples than that:
 the authors' training loop skips batches smaller than its batch size (64), so with 64 it takes
 no step at all. The S&P paper's Table 2 reports "(failed)" exactly where k * |C| < 64, plus
@@ -315,14 +316,23 @@ def feasibility(data: TaskData, cache: _Cache, cfg: CAMKDConfig) -> tuple[str, d
         correct += int((pred == y[held]).sum())
     n = len(y)
     chance = float(counts.max() / n)
+    metrics = {"cv_accuracy": correct / n, "cv_pvalue": binomial_sf(correct, n, chance),
+               "chance": chance, "cv_folds": float(folds), "cv_correct": float(correct),
+               "cv_samples": float(n)}
+    return failure_rule(correct, n, chance, folds, cfg), metrics
+
+
+def failure_rule(correct: int, n: int, chance: float, folds: int, cfg: CAMKDConfig) -> str:
+    """The cross-validation failure rule: '' when ``correct`` of ``n`` held-out predictions are
+    clearly above ``chance`` (accuracy >= chance + ``cv_margin`` and one-sided binomial
+    p <= ``cv_alpha``), else the reason the run fails. ``folds`` only enters the reason."""
     acc = correct / n
     pvalue = binomial_sf(correct, n, chance)
-    metrics = {"cv_accuracy": acc, "cv_pvalue": pvalue, "chance": chance, "cv_folds": float(folds)}
     if acc < chance + cfg.cv_margin or pvalue > cfg.cv_alpha:
         return (f"{folds}-fold cross-validated few-shot accuracy {acc:.3f} ({correct}/{n}) is not "
                 f"clearly above chance {chance:.3f} (needs >= chance + {cfg.cv_margin} and "
-                f"binomial p <= {cfg.cv_alpha}, got p = {pvalue:.3g}): too few samples"), metrics
-    return "", metrics
+                f"binomial p <= {cfg.cv_alpha}, got p = {pvalue:.3g}): too few samples")
+    return ""
 
 
 def distil(data: TaskData, cfg: CAMKDConfig) -> BaselineResult:

@@ -232,7 +232,8 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.T
     order = torch.randperm(n, generator=generator)
     out = [order[s:s + batch_size] for s in range(0, n, batch_size)]
     if len(out) > 1 and len(out[-1]) == 1:
-        out[-2] = torch.cat([out[-2], out.pop()])
+        last = out.pop()          # popped first: in `out[-2] = cat([out[-2], out.pop()])` the
+        out[-1] = torch.cat([out[-1], last])    # target index is taken after the pop
     return out
 
 

@@ -23,6 +23,9 @@ class InputSpec(Config):
     def encode(self, raw: object, strict: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def example(self, batch: int = 2) -> torch.Tensor:
+        raise NotImplementedError
+
     def compatible_with(self, other: "InputSpec") -> bool:
         return self.kind == other.kind
 
@@ -37,30 +40,42 @@ class InputSpec(Config):
 
 @dataclass
 class ImageSpec(InputSpec):
-    """Per-channel mean/std on the 0..1 scale, computed from the model's own training data."""
+    """Per-channel mean/std on the 0..1 scale, computed from the model's own training data, and
+    the (height, width) the model takes; other sizes are resized to it when encoded, so a pack can
+    hold fragments of models trained at different resolutions."""
 
     kind: str = "image"
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    size: list[int] = field(default_factory=lambda: list(IMAGE_SHAPE[:2]))
 
     def validate(self) -> None:
         if self.kind != "image" or len(self.mean) != 3 or len(self.std) != 3:
             raise ConfigError("ImageSpec needs kind='image' and 3 means and 3 stds")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"ImageSpec.std must be positive, got {self.std}")
+        if len(self.size) != 2 or any(not 1 <= int(s) <= 4096 for s in self.size):
+            raise ConfigError(f"ImageSpec.size must be [height, width] in 1..4096, got {self.size}")
 
     @classmethod
     def fit(cls, images: np.ndarray) -> "ImageSpec":
         x = images.reshape(-1, 3).astype(np.float64) / 255.0
-        return cls(mean=x.mean(0).round(6).tolist(), std=np.maximum(x.std(0), 1e-3).round(6).tolist())
+        return cls(mean=x.mean(0).round(6).tolist(), std=np.maximum(x.std(0), 1e-3).round(6).tolist(),
+                   size=[int(images.shape[1]), int(images.shape[2])])
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        """An encoded input of the model's shape (for tracing)."""
+        return torch.zeros(batch, 3, *self.size)
 
     def encode(self, raw: object, strict: bool = False) -> torch.Tensor:
-        """(N,32,32,3) uint8 array or tensor -> normalised float (N,3,32,32), NCHW-contiguous."""
+        """(N,H,W,3) uint8 array or tensor -> normalised float (N,3,*size), NCHW-contiguous."""
         x = torch.as_tensor(np.asarray(raw)) if not isinstance(raw, torch.Tensor) else raw
-        if x.dim() != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
-            raise DataError(f"images must have shape (N, {', '.join(map(str, IMAGE_SHAPE))}), "
-                            f"got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[3] != 3 or min(x.shape[1:3]) < 1:
+            raise DataError(f"images must have shape (N, height, width, 3), got {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if list(x.shape[2:]) != list(self.size):
+            x = torch.nn.functional.interpolate(x, size=tuple(self.size), mode="bilinear",
+                                                align_corners=False, antialias=False)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous()
@@ -85,6 +100,9 @@ class TextSpec(InputSpec):
         if not 1 <= self.max_len <= 4096:
             raise ConfigError(f"TextSpec.max_len must be in [1, 4096], got {self.max_len}")
         self._index = {tok: i for i, tok in enumerate(self.vocab)}
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        return torch.ones(batch, self.max_len, dtype=torch.long)
 
     def encode(self, raw: object, strict: bool = False) -> torch.Tensor:
         if isinstance(raw, str) or not all(isinstance(t, str) for t in raw):  # type: ignore[union-attr]

@@ -70,12 +70,19 @@ class SliceJobResult:
     actors: list[dict[str, Any]]
 
     def summary(self) -> dict[str, Any]:
+        """``fragment_params``/``source_params`` total every stored fragment of the job's pairs
+        (sliced now or skipped as already stored), so a rerun that skips everything reports the
+        same totals as the run that sliced them; the ``*_this_run`` fields count this run only."""
         done = [r for r in self.results.values() if r["status"] == "done"]
+        stored = [r for r in self.results.values() if r["status"] in ("done", "skipped")]
         return {"pairs": self.total, "done": self.done, "skipped": self.skipped,
                 "failed": self.failed, "wall_seconds": round(self.wall_seconds, 2),
                 "throughput_pairs_per_s": round(self.done / self.wall_seconds, 4) if self.wall_seconds else 0,
-                "fragment_params": sum(r["params"] for r in done),
-                "source_params": sum(r["source_params"] for r in done),
+                "fragments_stored": len(stored),
+                "fragment_params": sum(r["params"] for r in stored),
+                "source_params": sum(r["source_params"] for r in stored),
+                "fragment_params_this_run": sum(r["params"] for r in done),
+                "source_params_this_run": sum(r["source_params"] for r in done),
                 "slice_seconds": round(sum(r["seconds"] for r in done), 2),
                 "actors": len(self.actors), "failures": self.failures,
                 "peak_rss_mb_per_actor": _peak_rss_per_actor(done)}

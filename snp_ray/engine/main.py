@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -27,11 +28,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack", default="", help="comma-separated classes to pack (default: the "
                    "task's first seeded target set)")
     p.add_argument("--no-pack", action="store_true")
+    p.add_argument("--no-download", action="store_true", help="never download a missing dataset "
+                   "(also SNP_DOWNLOAD=0); by default CIFAR-10 is fetched when online")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from snp_ray.runtime import ray_env_defaults
+
+    ray_env_defaults()         # before anything imports Ray, which reads them at import
     a = parse(argv)
     rc, summary = run_command(lambda: run(a), a.json)
     if rc:
@@ -45,6 +51,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     preset = get_preset(a.preset)
     store = a.store or preset.store
+    ensure_data(get_task(preset.market.task).dataset, a.no_download)
     specs = build_market(preset.market, store, progress=sys.stderr.isatty())
     cfg = SliceJobConfig(market=store, fragments=a.fragments, k=a.k or preset.k,
                          preset=a.slice_preset or preset.slice_preset, actors=a.actors,
@@ -54,11 +61,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                            **market_summary(specs), "slicing": job.summary()}
     s = out["slicing"]
     print()
+    # parameter totals cover every stored fragment of the job's pairs, the skipped ones too
     print(table([[s["pairs"], s["done"], s["skipped"], s["failed"], f"{s['fragment_params']:,}",
                   f"{s['source_params']:,}", f"{s['wall_seconds']:.1f}",
                   f"{s['throughput_pairs_per_s']:.3f}"]],
-                ["pairs", "done", "skipped", "failed", "fragment params", "source params",
-                 "wall s", "pairs/s"]))
+                ["pairs", "sliced now", "skipped", "failed", "fragment params (all stored)",
+                 "source params (all stored)", "wall s", "sliced/s"]))
     if preset.pack and not a.no_pack:
         classes = [c for c in a.pack.split(",") if c] or list(target_sets(get_task(preset.market.task), 1, 0)[0])
         out["pack"] = pack_step(store, classes, cfg, job)
@@ -68,6 +76,17 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                       f"{p['params_deployable']:,}", f"{p['pack_seconds']:.2f}"]],
                     ["packed classes", "test acc", "params (deployable)", "pack s"]))
     return out
+
+
+def ensure_data(dataset: str, no_download: bool) -> None:
+    """Find (or download) the dataset before Ray starts: a missing dataset is then one clean
+    error instead of a failure inside every training task. Sets ``SNP_DATA_ROOT`` to the
+    (absolute) root found, which the job forwards to its Ray tasks and actors."""
+    from snp_ray.data.catalog import ENV_DATA_ROOT
+    from snp_ray.data.fetch import ensure_dataset
+
+    root = ensure_dataset(dataset, allow_download=False if no_download else None)
+    os.environ[ENV_DATA_ROOT] = str(root)
 
 
 def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from snp_ray.packing import PackConfig
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import SliceConfig
 from snp_ray.slicing.api import market_fragment_store, pair_key
-from snp_ray.slicing.fragment import FragmentSpec
+from snp_ray.slicing.fragment import FragmentSpec, kept_iou
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,15 @@ def _plt():
     return plt
 
 
+def layer_iou(a: FragmentSpec, b: FragmentSpec) -> float:
+    """The paper's Figure 5 value: the IoU of kept units per layer (group), averaged over layers."""
+    per_group = kept_iou(a, b)
+    return statistics.fmean(per_group.values()) if per_group else 1.0
+
+
 def unit_iou(a: FragmentSpec, b: FragmentSpec) -> float:
-    """IoU of the kept units of two fragments of one model, over all its unit groups."""
+    """IoU of the kept units of two fragments of one model, pooled over all its unit groups (wide
+    layers weigh more than in :func:`layer_iou`; reported beside it)."""
     inter = union = 0
     for gid in a.kept:
         sa, sb = set(a.kept[gid]), set(b.kept.get(gid, []))
@@ -54,17 +61,23 @@ def _specs(market: Market, model_id: str, k: int, cfg: SliceConfig) -> list[Frag
 
 
 def iou_matrices(market: Market, k: int, configs: dict[str, SliceConfig]) -> dict[str, Any]:
-    """{model id: {"classes": [...], label: IoU matrix}} for every model of the market."""
+    """{model id: {"classes": [...], label: per-layer mean IoU matrix, "<label> pooled": pooled
+    IoU matrix, and the mean off-diagonal value of each}} for every model of the market."""
     out: dict[str, Any] = {}
     for mid in market.ids():
         entry: dict[str, Any] = {"classes": market.spec(mid).class_names}
         for label, cfg in configs.items():
             specs = _specs(market, mid, k, cfg)
-            entry[label] = [[unit_iou(a, b) for b in specs] for a in specs]
-            off = [entry[label][i][j] for i in range(len(specs)) for j in range(len(specs)) if i != j]
-            entry[f"{label} mean off-diagonal"] = statistics.fmean(off) if off else 1.0
+            for name, fn in ((label, layer_iou), (f"{label} pooled", unit_iou)):
+                entry[name] = [[fn(a, b) for b in specs] for a in specs]
+                entry[f"{name} mean off-diagonal"] = mean_off_diagonal(entry[name])
         out[mid] = entry
     return out
+
+
+def mean_off_diagonal(matrix: list[list[float]]) -> float:
+    off = [row[j] for i, row in enumerate(matrix) for j in range(len(row)) if i != j]
+    return statistics.fmean(off) if off else 1.0
 
 
 def figure5(data: dict[str, Any], labels: list[str], path: str | Path) -> str:
@@ -84,9 +97,9 @@ def figure5(data: dict[str, Any], labels: list[str], path: str | Path) -> str:
                             color="white" if m[i, j] < 0.6 else "black")
             ax.set_xticks(range(len(names)), names, rotation=45, fontsize=7)
             ax.set_yticks(range(len(names)), names, fontsize=7)
-            ax.set_title(f"{mid}\n{label}: mean off-diag "
-                         f"{data[mid][f'{label} mean off-diagonal']:.2f}", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.6, label="IoU of kept units")
+            ax.set_title(f"{mid}\n{label}: mean off-diag {data[mid][f'{label} mean off-diagonal']:.2f}"
+                         f" (pooled {data[mid][f'{label} pooled mean off-diagonal']:.2f})", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label="IoU of kept units, mean over layers")
     return save_figure(fig, path)
 
 

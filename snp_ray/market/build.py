@@ -55,15 +55,19 @@ def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, A
     from snp_ray.data.tables import read_split
     from snp_ray.evaluation import test_accuracy
     from snp_ray.market.training import train_original
+    from snp_ray.runtime import worker_logging
 
+    worker_logging()           # the per-epoch progress lines reach the driver through Ray
     cfg = MarketConfig.from_dict(cfg_dict)
     task = get_task(cfg.task)
     classes = task.model_classes[index]
     split = read_split(task.dataset, "train")
-    trained = train_original(split, classes, cfg.arch, cfg.width, cfg.train.replace(seed=cfg.train.seed + index))
+    mid = model_id(cfg.task, index, cfg.arch, cfg.width)
+    trained = train_original(split, classes, cfg.arch, cfg.width,
+                             cfg.train.replace(seed=cfg.train.seed + index), label=mid)
     metrics = dict(trained.metrics)
     metrics["test_accuracy"] = test_accuracy(trained.model, trained.input_spec, task.dataset, classes)
-    spec = ModelSpec(id=model_id(cfg.task, index, cfg.arch, cfg.width), task=cfg.task, index=index,
+    spec = ModelSpec(id=mid, task=cfg.task, index=index,
                      arch=cfg.arch, width=cfg.width, dataset=task.dataset, classes=list(classes),
                      class_names=[split.class_names[c] for c in classes],
                      input=trained.input_spec.to_dict(), train=cfg.train.to_dict(), metrics=metrics)
@@ -72,8 +76,6 @@ def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, A
 
 def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> list[ModelSpec]:
     """Train the models of ``cfg.task`` that ``root`` lacks; return every model's spec."""
-    import ray
-
     from snp_ray.runtime import ensure_ray
 
     store = ModelStore(root)
@@ -86,12 +88,16 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
         else:
             todo.append(i)
     if todo:
-        ensure_ray()
+        ensure_ray()           # before importing Ray: it sets the driver's Ray log defaults
+        import ray
+
         env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_DEVICE") if k in os.environ}
         # on a cluster with GPUs, the models share them (a fraction each); else CPUs only
         gpus = float(ray.cluster_resources().get("GPU", 0))
         share = min(1.0, gpus / len(todo)) if gpus else 0.0
         remote = ray.remote(num_cpus=cfg.train.threads, num_gpus=share, max_retries=1)(_train_one)
+        log.info("training %d model(s) of %s on Ray (%d epochs each; a line per epoch follows): %s",
+                 len(todo), cfg.task, cfg.train.epochs, ", ".join(ids[i] for i in todo))
         refs = {remote.options(runtime_env={"env_vars": env}).remote(cfg.to_dict(), i): i for i in todo}
         bar = _bar(len(refs), progress)
         pending = list(refs)
@@ -100,6 +106,7 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
             try:
                 blob, spec_dict = ray.get(done[0])
             except ray.exceptions.RayTaskError as e:
+                _drain(ray, pending)
                 cause = e.cause if hasattr(e, "cause") else e
                 if isinstance(cause, Exception) and type(cause).__module__.startswith("snp_ray"):
                     raise cause from None
@@ -120,6 +127,24 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
         for k in cfg.ks:
             market.manifest(mid, k, cfg.fewshot_seed)
     return [store.spec(mid) for mid in ids]
+
+
+def _drain(ray, refs: list) -> None:
+    """Cancel the other training tasks after one failed and consume their results.
+
+    A task whose failed result is never read makes Ray print an "Unhandled error" traceback
+    later, after the job already reported the first failure as one clean error.
+    """
+    if not refs:
+        return
+    for ref in refs:
+        ray.cancel(ref)
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - the first failure is the one reported
+            pass
 
 
 def _bar(total: int, enabled: bool):

@@ -97,8 +97,12 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_original(split: Split, classes: list[int], arch: str, width: float,
-                   cfg: TrainConfig, progress: bool = False) -> TrainedModel:
-    """Train ``arch`` on the rows of ``split`` whose label is in ``classes`` (global ids)."""
+                   cfg: TrainConfig, progress: bool = False, label: str = "") -> TrainedModel:
+    """Train ``arch`` on the rows of ``split`` whose label is in ``classes`` (global ids).
+
+    Logs one INFO line per epoch (``label``, epoch i/n, loss, seconds), so that a market that
+    trains for minutes shows its progress; inside a Ray task the line reaches the driver.
+    """
     a = get_arch(arch)
     if (a.modality == "image") != (split.images is not None):
         raise ConfigError(f"architecture {arch} ({a.modality}) does not fit dataset {split.dataset}")
@@ -138,10 +142,14 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
-    bar = _bar(cfg.epochs, progress, f"{arch} {classes}")
+    label = label or f"{arch} {classes}"
+    log.info("%s: training on %d rows of %d classes for %d epochs on %s", label, n, len(classes),
+             cfg.epochs, device)
+    bar = _bar(cfg.epochs, progress, label)
     correct = seen = 0
     loss_sum = 0.0
     for epoch in range(cfg.epochs):
+        epoch_started = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=gen)
         correct = seen = 0
@@ -164,7 +172,8 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        log.debug("%s epoch %d loss %.4f acc %.4f", arch, epoch, loss_sum / seen, correct / seen)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, %.1f s", label, epoch + 1, cfg.epochs,
+                 loss_sum / seen, correct / seen, time.perf_counter() - epoch_started)
     if bar is not None:
         bar.close()
     model.eval()

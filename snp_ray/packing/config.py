@@ -7,6 +7,7 @@ from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError
 
 SHARED = ("merge", "best")
+RECON = ("mean", "sum")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -15,11 +16,13 @@ class PackConfig(Config):
     delta: float = 1.0           # weight of the decoders' reconstruction term
     hidden: int = 256            # width of Enc
     epochs: int = 200            # passes over the cached few-shot features
-    lr: float = 1e-3             # Adam
+    lr: float = 1e-3             # Adam (0 freezes Enc, decoders and head: a control, not a pack)
     weight_decay: float = 1e-4
     batch_size: int = 256
     augment_views: int = 8       # [ours] cached augmented views per image (1 = none)
     shared: str = "merge"        # two fragments of one class: both feed it, or keep the best
+    recon: str = "mean"          # [ours] reconstruction per sample: mean over the fragment's dims
+                                 # (one delta for any width), or "sum" = the notes' ||.||^2
     precision: str = "auto"      # [ours] training arithmetic: fp32, bf16 (autocast), auto = bf16 where native
     seed: int = 0
 
@@ -28,12 +31,14 @@ class PackConfig(Config):
         check_range(n, "delta", self.delta, 0.0, 1000.0)
         check_range(n, "hidden", self.hidden, 1, 65_536)
         check_range(n, "epochs", self.epochs, 1, 100_000)
-        check_range(n, "lr", self.lr, 0.0, 1.0, lo_open=True)
+        check_range(n, "lr", self.lr, 0.0, 1.0)
         check_range(n, "weight_decay", self.weight_decay, 0.0, 1.0)
         check_range(n, "batch_size", self.batch_size, 1, 1 << 20)
         check_range(n, "augment_views", self.augment_views, 1, 256)
         if self.shared not in SHARED:
             raise ConfigError(f"PackConfig.shared must be one of {SHARED}, got {self.shared!r}")
+        if self.recon not in RECON:
+            raise ConfigError(f"PackConfig.recon must be one of {RECON}, got {self.recon!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"PackConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
 

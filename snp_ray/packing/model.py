@@ -176,8 +176,9 @@ class PackedModel(nn.Module):
 
 
 class RawImagePack(nn.Module):
-    """Export wrapper: raw uint8 images (N, 32, 32, 3) in, logits out; every fragment's own
-    normalisation runs inside the graph, so TorchScript and ONNX files are self-contained."""
+    """Export wrapper: raw uint8 images (N, H, W, 3) in, logits out; every fragment's own
+    resizing and normalisation run inside the graph, so exported files are self-contained.
+    (H, W) is the size of the largest fragment input."""
 
     def __init__(self, packed: PackedModel):
         super().__init__()
@@ -185,12 +186,18 @@ class RawImagePack(nn.Module):
         if not all(isinstance(s, ImageSpec) for s in specs):
             raise ConfigError("raw-image export needs a pack of image fragments")
         self.packed = packed.eval()
+        self.sizes = [tuple(s.size) for s in specs]
+        self.size = max(self.sizes, key=lambda hw: hw[0] * hw[1])
         self.register_buffer("mean", torch.tensor([s.mean for s in specs]).view(len(specs), 1, 3, 1, 1))
         self.register_buffer("std", torch.tensor([s.std for s in specs]).view(len(specs), 1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() / 255.0
-        inputs = [(x - self.mean[i]) / self.std[i] for i in range(self.mean.shape[0])]
+        inputs = []
+        for i, size in enumerate(self.sizes):
+            xi = x if size == self.size else nn.functional.interpolate(
+                x, size=size, mode="bilinear", align_corners=False, antialias=False)
+            inputs.append((xi - self.mean[i]) / self.std[i])
         return self.packed(*inputs)
 
 
@@ -217,6 +224,7 @@ def export_onnx(packed: PackedModel, path: str | Path) -> Path:
 
 def _export_module(packed: PackedModel) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     if packed.modality == "image":
-        return RawImagePack(packed), (torch.zeros(2, 32, 32, 3, dtype=torch.uint8),)
+        module = RawImagePack(packed)
+        return module, (torch.zeros(2, *module.size, 3, dtype=torch.uint8),)
     lens = [f.spec.input_spec.max_len for f in packed.fragments]  # type: ignore[union-attr]
     return packed.eval(), tuple(torch.ones(2, n, dtype=torch.long) for n in lens)

@@ -125,7 +125,11 @@ class Packer:
         seg = torch.zeros(sum(dims), len(dims))
         bounds = np.cumsum([0] + dims)
         for j in range(len(dims)):
-            seg[bounds[j]:bounds[j + 1], j] = 1.0 / dims[j]
+            seg[bounds[j]:bounds[j + 1], j] = 1.0 / dims[j] if cfg.recon == "mean" else 1.0
+        # Dec_c = Linear + activation, the activation matching the range of F^c: ReLU for
+        # fragments whose features are never negative (conv nets), none for signed ones (a GRU's
+        # tanh states), which a ReLU decoder could not reconstruct
+        nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
         mine_all = (y_all[:, None] == serves[None, :]).float()        # (samples, fragments)
         params = list(enc.parameters()) + list(head.parameters()) + list(dec_all.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -143,7 +147,8 @@ class Packer:
                     h = torch.relu(enc(zb))
                     loss = ce(head(h).float(), y_all[idx])
                     if cfg.delta > 0:
-                        loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx])
+                        loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx],
+                                                                 nonneg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -179,10 +184,15 @@ class Packer:
 
 
 def reconstruction(h: torch.Tensor, zb: torch.Tensor, dec_all: nn.Linear, seg: torch.Tensor,
-                   mine: torch.Tensor) -> torch.Tensor:
-    """Σ_c Σ_{x of class c} mean_dims (Dec_c(h) − F^c(x))² / batch, for all decoders at once."""
-    err = (torch.relu(dec_all(h)).float() - zb).pow(2) @ seg  # (batch, fragments)
-    return (err.float() * mine).sum() / h.shape[0]
+                   mine: torch.Tensor, nonneg: torch.Tensor) -> torch.Tensor:
+    """Σ_c Σ_{x of class c} ||Dec_c(h) − F^c(x)||² · seg / batch, for all decoders at once.
+
+    ``seg`` maps dims to fragments (1/d_c: the mean over a fragment's dims; 1: the notes' squared
+    norm); ``nonneg`` marks the dims whose decoder ends in ReLU (the others are linear)."""
+    out = dec_all(h).float()
+    out = torch.where(nonneg, torch.relu(out), out)
+    err = (out - zb).pow(2) @ seg  # (batch, fragments)
+    return (err * mine).sum() / h.shape[0]
 
 
 def _warm(old: PackedModel, fragments: list[Fragment], classes: list[int], enc: nn.Linear,

@@ -113,6 +113,9 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     consumers: list[tuple[str, fx.Node]] = []
     first_seen: dict[int, int] = {}
     out_node: fx.Node | None = None
+    called: set[str] = set()                          # modules with weights already called once
+    recurrent: set[fx.Node] = set()
+    sequences: list[fx.Node] = []                     # a recurrent layer's per-step output
 
     def new_space(node: fx.Node, name: str, size: int, pos: int) -> int:
         sid = len(sizes)
@@ -133,6 +136,11 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if node.op == "call_module":
             mod = modules[node.target]
             h = handler_for(mod)
+            if any(True for _ in mod.parameters(recurse=False)) or h is not None:
+                if node.target in called:   # one module, two layers: one set of kept units cannot serve both
+                    raise ConfigError(f"module {node.target} ({type(mod).__name__}) is called more than "
+                                      "once (shared weights); the slicer needs one call per layer")
+                called.add(node.target)
             if h is not None and h.consumes(mod):          # conv / linear / recurrent
                 if lay_in is not None:
                     expected = len(_shape(args[0])) - 1 if (isinstance(mod, nn.Linear) or h.recurrent) else 1
@@ -141,6 +149,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     consumers.append((node.target, args[0]))
                 if h.recurrent:   # (output sequence, final state): units on the last dim of both
                     out_dim, size = 2, mod.hidden_size
+                    recurrent.add(node)
                 else:
                     out_dim = len(_shape(node)) - 1 if isinstance(mod, nn.Linear) else 1
                     size = _shape(node)[out_dim]
@@ -189,7 +198,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if target is getattr or (node.op == "call_method" and target == "size"):
             continue                                   # shapes are not tensors with units
         if target is operator.getitem and isinstance(node.args[1], int):
-            layouts[node] = ins[0]                     # an element of a recurrent layer's output
+            if hasattr(args[0].meta.get("tensor_meta"), "shape"):   # a tensor: drops its first dim
+                if ins[0].dim == 0:
+                    raise ConfigError(f"{node.name}: an integer index on the unit dim of the output "
+                                      f"of {_source(args[0])}")
+                layouts[node] = Layout(ins[0].dim - 1, ins[0].segments)
+            else:                                      # an element of a module's tuple output
+                layouts[node] = ins[0]
+                if args[0] in recurrent and node.args[1] == 0:
+                    sequences.append(node)
             continue
         if node.op == "call_method" and target == "gather":
             if node.args[1] % len(_shape(args[0])) == ins[0].dim:
@@ -261,16 +278,39 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     gate_layouts[gated[out_node]] = output_layout
     for g, off, _ in output_layout:
         groups[g].output_offsets.append(off)
-    for node, gname in gated.items():
+    # a recurrent layer's units are scored on their whole output map (every time step), not on
+    # the state its consumers read: a score-only gate there, and the other gates stop scoring it
+    scored_at: dict[int, str] = {}
+    score_only: dict[fx.Node, str] = {}
+    for node in sequences:
+        gname = f"score{len(score_only)}"
+        score_only[node] = gname
+        gate_layouts[gname] = [(gid(s), off, size) for s, off, size in layouts[node].with_offsets()]
+        scored_at.update((g, gname) for g, _, _ in gate_layouts[gname])
+    for node, gname in list(gated.items()) + list(score_only.items()):
         for g, off, _ in gate_layouts[gname]:
             groups[g].gates.append((gname, off))
-        gm.add_submodule(gname, Gate(gname, layouts[node].dim, gate_layouts[gname]))
+        scores = {g for g, _, _ in gate_layouts[gname] if scored_at.get(g, gname) == gname}
+        gm.add_submodule(gname, Gate(gname, layouts[node].dim, gate_layouts[gname], scores,
+                                     repairs=node not in score_only))
         with gm.graph.inserting_after(node):
             gate_node = gm.graph.call_module(gname, (node,))
         node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
     gm.graph.lint()
     gm.recompile()
     return SliceGraph(gm, groups, gate_layouts, output_layout)
+
+
+def _source(node: fx.Node) -> str:
+    """The module whose output ``node`` is, or reads from most directly (for error messages)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop(0)
+        if n.op == "call_module":
+            return f"module {n.target}"
+        seen.add(n)
+        stack.extend(a for a in n.all_input_nodes if a not in seen)
+    return f"node {node.name}"
 
 
 def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int) -> Layout:
@@ -299,11 +339,17 @@ def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
 
 class Gate(nn.Module):
     """Sits on a traced tensor. Idle it is the identity; it can record per-unit norms (for
-    scores and the l2,1 penalty) and rebuild dropped units from kept ones through a repair."""
+    scores and the l2,1 penalty) and rebuild dropped units from kept ones through a repair.
 
-    def __init__(self, name: str, dim: int, segments: list[Segment]):
+    ``scores``: the groups whose norms this gate records (default: all of its segments);
+    ``repairs``: False for a score-only gate, which never rebuilds units."""
+
+    def __init__(self, name: str, dim: int, segments: list[Segment], scores: set[int] | None = None,
+                 repairs: bool = True):
         super().__init__()
         self.gate_name, self.dim, self.segments = name, dim, segments
+        self.scores = {g for g, _, _ in segments} if scores is None else set(scores)
+        self.repairs = repairs
         self.state: "GateState | None" = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,11 +359,11 @@ class Gate(nn.Module):
         pieces, changed = [], False
         for g, off, size in self.segments:
             seg = x.narrow(self.dim, off, size)
-            if g in st.observe:
+            if g in st.observe and g in self.scores:
                 other = [d for d in range(x.dim()) if d not in (0, self.dim)]
                 norms = seg.pow(2).sum(dim=other).clamp_min(1e-12).sqrt() if other else seg.abs()
                 st.record(g, norms)
-            repair = st.repairs.get(g)
+            repair = st.repairs.get(g) if self.repairs else None
             if repair is not None:
                 kept, dropped, mat = repair
                 k = seg.index_select(self.dim, kept).movedim(self.dim, -1)

@@ -45,7 +45,7 @@ from snp_ray.models import Classifier, channels_last_safe
 from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.frontier import Split, batch_nodes, segment, split
-from snp_ray.slicing.graph import SliceGraph, attach, trace
+from snp_ray.slicing.graph import Gate, SliceGraph, attach, trace
 from snp_ray.slicing.handlers import handler_for
 from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
@@ -106,7 +106,7 @@ class Slicer:
         self.cfg, self.engine = config, engine
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = model.eval()              # stays on the CPU: fusion copies from it
-        self.fewshot = fewshot
+        self.fewshot, self.input_spec = fewshot, input_spec
         x = input_spec.encode(fewshot.raw)
         self.labels = torch.as_tensor(fewshot.labels)
         self.is_image = x.dtype.is_floating_point and x.dim() == 4
@@ -427,7 +427,7 @@ class Slicer:
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor], limit: int = 20_000) -> torch.Tensor:
         """Unit vectors of the group at every gate position on D, as rows (n_positions, units)."""
         captured: list[torch.Tensor] = []
-        gates = [m for m in self.graph.module.modules() if hasattr(m, "segments")]
+        gates = [m for m in self.graph.module.modules() if isinstance(m, Gate) and m.repairs]
         hooks = []
         for gate in gates:
             for g, off, size in gate.segments:
