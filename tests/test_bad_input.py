@@ -126,7 +126,7 @@ def predict_unknown_text(root):
 
 def images_wrong_shape(root):
     from snp_ray.data.specs import ImageSpec
-    ImageSpec().encode(np.zeros((2, 28, 28, 3), np.uint8))
+    ImageSpec().encode(np.zeros((2, 28, 28, 4), np.uint8))   # other sizes are resized; 4 channels are not images
 
 
 def mixed_inputs(root):
@@ -158,7 +158,7 @@ CASES: list[tuple[str, Callable | None, Callable, type, tuple[str, ...]]] = [
     ("k = 0", None, fewshot(0), DataError, ("k must be a positive integer",)),
     ("k above the samples", None, fewshot(10_000), DataError, ("fewer than k=10000", "class")),
     ("text of unknown tokens", None, predict_unknown_text, DataError, ("no token known", "zzz")),
-    ("images of the wrong shape", None, images_wrong_shape, DataError, ("shape", "28")),
+    ("images of the wrong shape", None, images_wrong_shape, DataError, ("shape", "28, 28, 4")),
     ("alpha out of range", None, slice_with(alpha=-1.0), ConfigError, ("alpha",)),
     ("beta out of range", None, slice_with(beta=1.5), ConfigError, ("beta",)),
     ("gamma out of range", None, slice_with(gamma=-0.1), ConfigError, ("gamma",)),
