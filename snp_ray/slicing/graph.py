@@ -237,7 +237,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 if lay_in is not None:
                     expected = len(_shape(args[0])) - 1 if (isinstance(mod, nn.Linear) or h.recurrent) else 1
                     if lay_in.dim != expected:
-                        raise ConfigError(f"{node.target}: units are not on its input channel dim")
+                        raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                    "units are not on its input channel dim")
                     consumers.append((node.target, args[0]))
                 if h.recurrent:   # (output sequence, final state): units on the last dim of both
                     out_dim, size = 2, mod.hidden_size
@@ -286,13 +287,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             if not any(lays):
                 continue
             if any(lay is None for lay in lays):
-                raise ConfigError(f"{node.name}: concatenates traced and untraced tensors")
+                raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
+                                            "and untraced tensors")
             ndim = len(_shape(node))
             dim = dim % ndim
             if all(lay.dim == dim for lay in lays):
                 layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments])
             else:
-                raise ConfigError(f"{node.name}: concatenation along a non-unit dim")
+                raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
+                                            "non-unit dim")
             continue
         ins = [layouts.get(a) for a in args]
         if not any(ins):
@@ -302,7 +305,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if target is operator.getitem and isinstance(node.args[1], int):
             if hasattr(args[0].meta.get("tensor_meta"), "shape"):   # a tensor: drops its first dim
                 if ins[0].dim == 0:
-                    raise ConfigError(f"{node.name}: an integer index on the unit dim of the output "
+                    raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
+                                                "index on the unit dim of the output "
                                       f"of {_source(args[0])}")
                 layouts[node] = Layout(ins[0].dim - 1, ins[0].segments)
             else:                                      # an element of a module's tuple output
@@ -312,14 +316,14 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             continue
         if node.op == "call_method" and target == "gather":
             if node.args[1] % len(_shape(args[0])) == ins[0].dim:
-                raise ConfigError(f"{node.name}: gathers along the unit dim")
+                raise UnsupportedLayerError("gather", _path(node), f"{node.name} gathers along the unit dim")
             layouts[node] = ins[0]
             continue
         if node.op == "call_method" and target == "squeeze":
             d = node.args[1] % len(_shape(args[0]))
             lay = ins[0]
             if d == lay.dim:
-                raise ConfigError(f"{node.name}: squeezes the unit dim")
+                raise UnsupportedLayerError("squeeze", _path(node), f"{node.name} squeezes the unit dim")
             layouts[node] = Layout(lay.dim - (1 if d < lay.dim else 0), lay.segments)
             continue
         if target in _ADD_FUNCS or (node.op == "call_method" and target in ("add", "add_")):
@@ -454,7 +458,8 @@ def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int) -> Layout:
         return lay
     if lay.dim == start and all(s == 1 for s in shape[start + 1:]):
         return Layout(start, lay.segments)
-    raise ConfigError(f"{node.name}: flattening unit maps larger than 1x1 is not supported; "
+    raise UnsupportedLayerError("flatten", _path(node), f"{node.name}: flattening unit maps "
+                                "larger than 1x1 is not supported; "
                       "pool to 1x1 first")
 
 
@@ -463,10 +468,12 @@ def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
     if dims is None:
-        raise ConfigError(f"{node.name}: reduces over every dim, units included")
+        raise UnsupportedLayerError(_name(node.target), _path(node),
+                                    f"{node.name} reduces over every dim, units included")
     dims = [d % ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if lay.dim in dims:
-        raise ConfigError(f"{node.name}: reduces over the unit dim")
+        raise UnsupportedLayerError(_name(node.target), _path(node),
+                                    f"{node.name} reduces over the unit dim")
     shift = 0 if keep else sum(1 for d in dims if d < lay.dim)
     return Layout(lay.dim - shift, lay.segments)
 

@@ -135,7 +135,7 @@ class Slicer:
                 h = self.graph.handler(mname, mod)
                 for t in h.out_tensors:
                     if getattr(mod, t, None) is not None:
-                        full = f"{mname}.{t}"
+                        full = f"{mname}.{t}" if mname else t   # "": a root parameter
                         entries.append(_Tensor(full, t, mod, h, off, full in params))
             self.tensors[g.id] = entries
         self.pool, self.n_views = self._view_pool()
