@@ -278,3 +278,13 @@ def test_split_classifier_needs_one_final_linear():
                          nn.Dropout(), nn.Identity())
     clf = split_classifier(head, torch.randn(2, 3, 8, 8))
     assert clf.feature_dim == 4 and clf.head.out_features == 3
+
+
+def test_a_multiply_with_an_untraced_per_channel_tensor_is_refused():
+    class Mask(nn.Module):       # a computed (N, C, 1, 1) tensor: it would not be sliced with the units
+        def forward(self, x):
+            return x * torch.ones(1, x.shape[1], 1, 1)
+
+    spec, fs = _fewshot()
+    with pytest.raises(UnsupportedLayerError, match="multiply at block .*carries no traced units"):
+        trace(_block_model(Mask(), 8, 8).features, spec.encode(fs.raw[:2]))
