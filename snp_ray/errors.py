@@ -57,3 +57,12 @@ class IntegrityError(StoreError):
 
 class EngineError(SnpError, RuntimeError):
     """A distributed job could not complete."""
+
+
+class UnsupportedLayerError(ConfigError):
+    """The slicer cannot follow units through an operation; raised while tracing, before any
+    training. ``op`` names the operation and ``path`` the module (or graph node) it sits in."""
+
+    def __init__(self, op: str, path: str, why: str):
+        self.op, self.path, self.why = op, path, why
+        super().__init__(f"the slicer cannot handle {op} at {path}: {why}")

@@ -10,6 +10,7 @@ Nothing here knows what a VGG or a ResNet is: the groups fall out of the traced 
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 
@@ -18,8 +19,8 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snp_ray.errors import ConfigError
-from snp_ray.slicing.handlers import CHANNELWISE, handler_for
+from snp_ray.errors import ConfigError, UnsupportedLayerError
+from snp_ray.slicing.handlers import CHANNELWISE, Handler, ParamHandler, handler_for, is_depthwise
 
 Segment = tuple[int, int, int]  # (space or group id, offset in the unit dim, size)
 
@@ -52,6 +53,7 @@ class Group:
     gates: list[tuple[str, int]] = field(default_factory=list)       # (gate name, offset)
     output_offsets: list[int] = field(default_factory=list)          # where it lands in features
     order: int = 0                                                   # first producer's position
+    fixed: str = ""              # why every unit must be kept ("" = the group can be sliced)
 
 
 @dataclass
@@ -60,9 +62,32 @@ class SliceGraph:
     groups: list[Group]           # in forward order
     gate_layouts: dict[str, list[Segment]]
     output_layout: list[Segment]
+    #: producers that are not modules with a handler of their own (a bare parameter such as a
+    #: layer scale, hosted by the module that owns it): producer name -> handler
+    extra_handlers: dict[str, Handler] = field(default_factory=dict)
 
     def group(self, gid: int) -> Group:
         return next(g for g in self.groups if g.id == gid)
+
+    def handler(self, name: str, module: nn.Module) -> Handler | None:
+        """The handler of producer/consumer ``name`` (``module`` is the module at that path)."""
+        return self.extra_handlers.get(name) or handler_for(module)
+
+
+class SliceTracer(fx.Tracer):
+    """fx tracing where every module with a slicing handler is a leaf (a subclass such as a
+    channels-first LayerNorm or a BatchNorm fused with its activation stays one module)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or handler_for(m) is not None
+
+
+def symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    """``module`` as a GraphModule (a GraphModule's own graph is copied, keeping its meta)."""
+    if isinstance(module, fx.GraphModule):
+        return fx.GraphModule(module, copy.deepcopy(module.graph))
+    graph = SliceTracer().trace(module)
+    return fx.GraphModule(module, graph, type(module).__name__)
 
 
 class _UnionFind:
@@ -82,10 +107,21 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-_PASS_FUNCS = {torch.relu, nn.functional.relu, torch.sigmoid, torch.tanh, nn.functional.dropout,
-               nn.functional.gelu}
+F = nn.functional
+#: functions that act on each unit alone (first argument = the tensor)
+_PASS_FUNCS = {torch.relu, F.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout1d, F.dropout2d,
+               F.gelu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.mish,
+               F.hardtanh, F.softplus, F.leaky_relu, F.sigmoid, F.tanh, torch.relu_, F.relu_,
+               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
+               F.adaptive_max_pool2d, F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d}
+try:   # per-sample (row) dropping: acts on whole rows, never across units
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    _PASS_FUNCS.add(_stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-_PASS_METHODS = {"relu", "contiguous", "float", "sigmoid", "tanh", "clone"}
+_MUL_FUNCS = {operator.mul, torch.mul, operator.imul}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "float", "sigmoid", "sigmoid_", "tanh", "clone"}
 _REDUCE_METHODS = {"amax", "max", "mean", "sum"}
 _REDUCE_FUNCS = {torch.amax, torch.mean, torch.sum}
 
@@ -100,7 +136,7 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
 def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
     try:
-        gm = fx.symbolic_trace(features)
+        gm = symbolic_trace(features)
     except Exception as e:  # fx raises many types for untraceable code
         raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
     ShapeProp(gm).propagate(example)
@@ -116,6 +152,57 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     called: set[str] = set()                          # modules with weights already called once
     recurrent: set[fx.Node] = set()
     sequences: list[fx.Node] = []                     # a recurrent layer's per-step output
+    fixed: dict[int, str] = {}                        # space -> why all its units must be kept
+    extra: dict[str, Handler] = {}                    # bare parameters hosted by their owner
+    params = dict(gm.named_parameters()) | dict(gm.named_buffers())
+
+    def member_param(node: fx.Node, p: fx.Node, lay: Layout) -> None:
+        """A bare parameter combined element-wise with a unit tensor: if it has one entry per
+        unit it rides on the units (like a BN affine); if it broadcasts over them it is inert."""
+        t = params.get(p.target)
+        if t is None:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"combines units with the untraced tensor {p.name}")
+        ndim = len(_shape(node))
+        d = lay.dim - (ndim - t.dim())
+        if d < 0 or t.shape[d] == 1:
+            return                                     # broadcast over the units
+        if t.shape[d] != lay.width:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"parameter {p.target} does not line up with the units")
+        owner, _, attr = p.target.rpartition(".")
+        if owner in extra or (owner in modules and handler_for(modules[owner]) is not None):
+            raise UnsupportedLayerError(f"parameter {p.target}", _path(node), "a module hosting "
+                                        "more than one per-unit parameter is not supported")
+        extra[owner] = ParamHandler(attr, d)
+        for sid, off, _ in lay.with_offsets():
+            members.append((owner, sid, off))
+
+    def elementwise(node: fx.Node, kind: str) -> None:
+        """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
+        rides on the units; constants and tensors broadcast over the units are inert."""
+        ops = [a for a in node.args if isinstance(a, fx.Node)]
+        lays = [layouts.get(a) for a in ops]
+        traced = [lay for lay in lays if lay is not None]
+        a = traced[0]
+        for b in traced[1:]:
+            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim:
+                raise UnsupportedLayerError(f"{kind}", _path(node),
+                                            f"{node.name} {kind}s tensors whose units do not line up")
+            for (sa, _), (sb, _) in zip(a.segments, b.segments):
+                uf.union(sa, sb)
+        for op, lay in zip(ops, lays):
+            if lay is not None:
+                continue
+            if op.op == "get_attr":
+                member_param(node, op, a)
+                continue
+            shape = _shape(op) if hasattr(op.meta.get("tensor_meta"), "shape") else ()
+            d = a.dim - (len(_shape(node)) - len(shape))
+            if d >= 0 and shape[d] != 1:
+                raise UnsupportedLayerError(f"{kind}", _path(node), f"{node.name} combines units "
+                                            f"with {op.name}, which carries no traced units")
+        layouts[node] = a
 
     def new_space(node: fx.Node, name: str, size: int, pos: int) -> int:
         sid = len(sizes)
@@ -141,11 +228,17 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     raise ConfigError(f"module {node.target} ({type(mod).__name__}) is called more than "
                                       "once (shared weights); the slicer needs one call per layer")
                 called.add(node.target)
+            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not is_depthwise(mod):
+                raise UnsupportedLayerError(
+                    f"grouped {type(mod).__name__} (groups={mod.groups}, {mod.in_channels}->"
+                    f"{mod.out_channels} channels)", node.target, "an output channel reads a block "
+                    "of input channels; only dense and depthwise convolutions are supported")
             if h is not None and h.consumes(mod):          # conv / linear / recurrent
                 if lay_in is not None:
                     expected = len(_shape(args[0])) - 1 if (isinstance(mod, nn.Linear) or h.recurrent) else 1
                     if lay_in.dim != expected:
-                        raise ConfigError(f"{node.target}: units are not on its input channel dim")
+                        raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                    "units are not on its input channel dim")
                     consumers.append((node.target, args[0]))
                 if h.recurrent:   # (output sequence, final state): units on the last dim of both
                     out_dim, size = 2, mod.hidden_size
@@ -159,9 +252,18 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 out_dim = len(_shape(node)) - 1
                 sid = new_space(node, node.target, _shape(node)[out_dim], pos)
                 layouts[node] = Layout(out_dim, [(sid, sizes[sid])])
-            elif h is not None and h.produces(mod):        # batch norm: rides on its input's units
+            elif h is not None and h.produces(mod):        # BN, depthwise conv, LayerNorm: ride on units
                 if lay_in is None:
-                    raise ConfigError(f"{node.target}: normalises tensors with no traced units")
+                    raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                "it acts on a tensor with no traced units")
+                if is_depthwise(mod) and lay_in.dim != 1:
+                    raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                "units are not on its input channel dim")
+                if h.normalises:
+                    _check_normalised(node, mod, args[0], lay_in)
+                    for sid, _, _ in lay_in.with_offsets():
+                        fixed.setdefault(sid, f"normalised over its units by {node.target} "
+                                              f"({type(mod).__name__})")
                 for sid, off, _ in lay_in.with_offsets():
                     members.append((node.target, sid, off))
                 layouts[node] = lay_in
@@ -172,8 +274,9 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 if lay_in is not None:
                     layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim)
             elif lay_in is not None or any(True for _ in mod.parameters()):
-                raise ConfigError(f"the slicer has no handler for {type(mod).__name__} "
-                                  f"({node.target}); register one in snp_ray.slicing.handlers")
+                raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                            f"the slicer has no handler for {type(mod).__name__}; "
+                                            "register one in snp_ray.slicing.handlers")
             continue
         # call_function / call_method
         target = node.target
@@ -184,13 +287,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             if not any(lays):
                 continue
             if any(lay is None for lay in lays):
-                raise ConfigError(f"{node.name}: concatenates traced and untraced tensors")
+                raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
+                                            "and untraced tensors")
             ndim = len(_shape(node))
             dim = dim % ndim
             if all(lay.dim == dim for lay in lays):
                 layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments])
             else:
-                raise ConfigError(f"{node.name}: concatenation along a non-unit dim")
+                raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
+                                            "non-unit dim")
             continue
         ins = [layouts.get(a) for a in args]
         if not any(ins):
@@ -200,7 +305,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if target is operator.getitem and isinstance(node.args[1], int):
             if hasattr(args[0].meta.get("tensor_meta"), "shape"):   # a tensor: drops its first dim
                 if ins[0].dim == 0:
-                    raise ConfigError(f"{node.name}: an integer index on the unit dim of the output "
+                    raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
+                                                "index on the unit dim of the output "
                                       f"of {_source(args[0])}")
                 layouts[node] = Layout(ins[0].dim - 1, ins[0].segments)
             else:                                      # an element of a module's tuple output
@@ -210,29 +316,34 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             continue
         if node.op == "call_method" and target == "gather":
             if node.args[1] % len(_shape(args[0])) == ins[0].dim:
-                raise ConfigError(f"{node.name}: gathers along the unit dim")
+                raise UnsupportedLayerError("gather", _path(node), f"{node.name} gathers along the unit dim")
             layouts[node] = ins[0]
             continue
         if node.op == "call_method" and target == "squeeze":
             d = node.args[1] % len(_shape(args[0]))
             lay = ins[0]
             if d == lay.dim:
-                raise ConfigError(f"{node.name}: squeezes the unit dim")
+                raise UnsupportedLayerError("squeeze", _path(node), f"{node.name} squeezes the unit dim")
             layouts[node] = Layout(lay.dim - (1 if d < lay.dim else 0), lay.segments)
             continue
-        if target in _ADD_FUNCS:
-            a, b = ins[0], ins[1] if len(ins) > 1 else None
-            if a is not None and b is not None:
-                if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim:
-                    raise ConfigError(f"{node.name}: adds tensors whose units do not line up")
-                for (sa, _), (sb, _) in zip(a.segments, b.segments):
-                    uf.union(sa, sb)
-            layouts[node] = a or b
+        if target in _ADD_FUNCS or (node.op == "call_method" and target in ("add", "add_")):
+            elementwise(node, "add")
+        elif target in _MUL_FUNCS or (node.op == "call_method" and target in ("mul", "mul_")):
+            elementwise(node, "multiply")
+        elif target is torch.flatten:
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            layouts[node] = _flatten(node, args[0], ins[0], start)
+        elif target is torch.permute or (node.op == "call_method" and target == "permute"):
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+                else node.args[1:]
+            dims = node.kwargs.get("dims", dims)
+            ndim = len(_shape(args[0]))
+            layouts[node] = Layout([d % ndim for d in dims].index(ins[0].dim), ins[0].segments)
         elif target in _PASS_FUNCS or (node.op == "call_method" and target in _PASS_METHODS):
             layouts[node] = ins[0]
         elif (node.op == "call_method" and target in _REDUCE_METHODS) or target in _REDUCE_FUNCS:
             layouts[node] = _reduce(node, args[0], ins[0])
-        elif node.op == "call_method" and target == "transpose":
+        elif (node.op == "call_method" and target == "transpose") or target is torch.transpose:
             d0, d1 = (x % len(_shape(args[0])) for x in node.args[1:3])
             lay = ins[0]
             dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
@@ -241,8 +352,9 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             layouts[node] = _flatten(node, args[0], ins[0], start)
         else:
-            raise ConfigError(f"the slicer cannot follow units through {node.op} {target!r} "
-                              f"({node.name})")
+            raise UnsupportedLayerError(f"{node.op} {_name(target)}", _path(node),
+                                        f"the slicer cannot follow units through it ({node.name}); "
+                                        "e.g. a reshape, split or channel shuffle of the unit dim")
     if out_node is None or out_node not in layouts:
         raise ConfigError("the feature extractor's output carries no traced units")
 
@@ -258,6 +370,9 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         g.order = min(g.order or first_seen[sid], first_seen[sid])
     for name, sid, off in members:
         groups[gid_of[uf.find(sid)]].producers.append((name, off))
+    for sid, why in fixed.items():
+        g = groups[gid_of[uf.find(sid)]]
+        g.fixed = g.fixed or why
 
     def gid(sid: int) -> int:
         return gid_of[uf.find(sid)]
@@ -298,7 +413,30 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
     gm.graph.lint()
     gm.recompile()
-    return SliceGraph(gm, groups, gate_layouts, output_layout)
+    return SliceGraph(gm, groups, gate_layouts, output_layout, extra)
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _path(node: fx.Node) -> str:
+    """The module path a graph node sits in (its innermost traced module), for error messages."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack), None) if stack else None
+    return f"{path} ({node.name})" if path else node.name
+
+
+def _check_normalised(node: fx.Node, mod: nn.Module, src: fx.Node, lay: Layout) -> None:
+    """A LayerNorm must normalise exactly the unit dim: the last dim for ``nn.LayerNorm`` itself,
+    the channel dim for a channels-first subclass (one that overrides ``forward``)."""
+    shape = getattr(mod, "normalized_shape", None)
+    ndim = len(_shape(src))
+    ok = shape is not None and tuple(shape) == (lay.width,)
+    own = type(mod).forward is not nn.LayerNorm.forward
+    if not ok or (not own and lay.dim != ndim - 1) or (own and lay.dim != 1):
+        raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                    "it does not normalise exactly the unit dim")
 
 
 def _source(node: fx.Node) -> str:
@@ -320,7 +458,8 @@ def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int) -> Layout:
         return lay
     if lay.dim == start and all(s == 1 for s in shape[start + 1:]):
         return Layout(start, lay.segments)
-    raise ConfigError(f"{node.name}: flattening unit maps larger than 1x1 is not supported; "
+    raise UnsupportedLayerError("flatten", _path(node), f"{node.name}: flattening unit maps "
+                                "larger than 1x1 is not supported; "
                       "pool to 1x1 first")
 
 
@@ -329,10 +468,12 @@ def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
     if dims is None:
-        raise ConfigError(f"{node.name}: reduces over every dim, units included")
+        raise UnsupportedLayerError(_name(node.target), _path(node),
+                                    f"{node.name} reduces over every dim, units included")
     dims = [d % ndim for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
     if lay.dim in dims:
-        raise ConfigError(f"{node.name}: reduces over the unit dim")
+        raise UnsupportedLayerError(_name(node.target), _path(node),
+                                    f"{node.name} reduces over the unit dim")
     shift = 0 if keep else sum(1 for d in dims if d < lay.dim)
     return Layout(lay.dim - shift, lay.segments)
 

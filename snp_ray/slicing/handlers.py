@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from snp_ray.errors import ConfigError
+from snp_ray.errors import ConfigError, UnsupportedLayerError
 
 
 class Handler:
@@ -29,6 +29,9 @@ class Handler:
         return self.in_dim is not None
 
     recurrent = False
+    #: the module mixes units through statistics over them (LayerNorm over channels): the groups
+    #: it normalises are kept whole, since dropping a unit would change every other unit's output
+    normalises = False
 
     def unit_positions(self, module: nn.Module, tensor: str, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``out_dim`` of ``tensor`` that belong to ``units``."""
@@ -94,7 +97,9 @@ class ConvHandler(Handler):
 
     def consumes(self, module: nn.Module) -> bool:
         if module.groups != 1:
-            raise ConfigError(f"grouped convolutions are not supported by the slicer ({module})")
+            raise UnsupportedLayerError(f"grouped {type(module).__name__} (groups={module.groups})",
+                                        type(module).__name__, "only dense and depthwise "
+                                        "convolutions are supported")
         return True
 
     def set_out_size(self, module, n):
@@ -102,6 +107,49 @@ class ConvHandler(Handler):
 
     def set_in_size(self, module, n):
         module.in_channels = n
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A convolution whose output channel j reads input channel j only."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
+class DepthwiseConvHandler(Handler):
+    """Depthwise convolution (groups == in == out channels): channel j of its output reads only
+    channel j of its input, so it rides on its input's units like a batch norm: filter j is
+    dropped together with input channel j, and it never absorbs a repair (a repair mixes
+    channels, which a depthwise filter cannot hold)."""
+
+    out_tensors = ("weight", "bias")
+
+    def set_out_size(self, module, n):
+        module.in_channels = module.out_channels = module.groups = n
+
+
+class LayerNormHandler(Handler):
+    """LayerNorm over the unit dim: per-unit affine, but its statistics mix every unit, so the
+    groups it normalises are kept whole (``normalises``)."""
+
+    out_tensors = ("weight", "bias")
+    normalises = True
+
+    def set_out_size(self, module, n):
+        module.normalized_shape = (n,)
+
+
+class ParamHandler(Handler):
+    """A bare parameter multiplied or added onto a unit tensor (e.g. ConvNeXt's layer scale):
+    its ``dim`` indexes the units. Hosted by the module that owns the parameter."""
+
+    out_dim = 0
+
+    def __init__(self, attr: str, dim: int):
+        self.out_tensors = (attr,)
+        self.out_dim = dim
+
+    def set_out_size(self, module, n):
+        pass
 
 
 class LinearHandler(Handler):
@@ -192,17 +240,23 @@ HANDLERS: dict[type, Handler] = {
     nn.Conv1d: ConvHandler(), nn.Conv2d: ConvHandler(), nn.Linear: LinearHandler(),
     nn.BatchNorm1d: BatchNormHandler(), nn.BatchNorm2d: BatchNormHandler(),
     nn.Embedding: EmbeddingHandler(), nn.GRU: RecurrentHandler(), nn.LSTM: RecurrentHandler(),
+    nn.LayerNorm: LayerNormHandler(),
 }
+DEPTHWISE = DepthwiseConvHandler()
 
 #: modules that keep units apart (act on each channel alone) and so pass a channel layout through
 CHANNELWISE: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
                                  nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
                                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
                                  nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                                 nn.Identity)
+                                 nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.SiLU,
+                                 nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
+                                 nn.Softplus, nn.Hardtanh)
 
 
 def handler_for(module: nn.Module) -> Handler | None:
+    if is_depthwise(module):
+        return DEPTHWISE
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             return HANDLERS[cls]

@@ -46,7 +46,6 @@ from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.frontier import Split, batch_nodes, segment, split
 from snp_ray.slicing.graph import Gate, SliceGraph, attach, trace
-from snp_ray.slicing.handlers import handler_for
 from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
@@ -133,10 +132,10 @@ class Slicer:
             entries = []
             for mname, off in g.producers:
                 mod = self.graph.module.get_submodule(mname)
-                h = handler_for(mod)
+                h = self.graph.handler(mname, mod)
                 for t in h.out_tensors:
                     if getattr(mod, t, None) is not None:
-                        full = f"{mname}.{t}"
+                        full = f"{mname}.{t}" if mname else t   # "": a root parameter
                         entries.append(_Tensor(full, t, mod, h, off, full in params))
             self.tensors[g.id] = entries
         self.pool, self.n_views = self._view_pool()
@@ -309,9 +308,13 @@ class Slicer:
         for gid in groups:
             t0 = time.perf_counter()
             w = self._fresh(gid)
-            self._pool(gid, w, y_bin, gen)
-            scores = self._scores(gid, w, y_bin)
-            kept[gid] = select_units(scores.cpu(), cfg.mode, cfg.beta, cfg.min_units)
+            group = self.graph.group(gid)
+            if group.fixed:          # e.g. normalised by a LayerNorm: every unit stays
+                kept[gid] = torch.arange(group.size)
+            else:
+                self._pool(gid, w, y_bin, gen)
+                scores = self._scores(gid, w, y_bin)
+                kept[gid] = select_units(scores.cpu(), cfg.mode, cfg.beta, cfg.min_units)
             times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mats[gid] = self._init_repair(gid, w, kept[gid])

@@ -29,7 +29,7 @@ def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor]
             inputs.setdefault(name, []).append((off, g.id))
     for name, segs in inputs.items():
         mod = modules[name]
-        h = handler_for(mod)
+        h = graph.handler(name, mod)
         for off, gid in sorted(segs, reverse=True):
             size = graph.group(gid).size
             if repairs and gid in repairs:
@@ -44,7 +44,7 @@ def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor]
             outputs.setdefault(name, []).append((off, g.id))
     for name, segs in outputs.items():
         idx = torch.cat([off + kept[gid] for off, gid in sorted(segs)])
-        handler_for(modules[name]).keep_out(modules[name], idx)
+        graph.handler(name, modules[name]).keep_out(modules[name], idx)
     return features
 
 
