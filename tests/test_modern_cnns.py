@@ -20,7 +20,7 @@ from snp_ray.models import Classifier, count_params, split_classifier
 from snp_ray.slicing import Slicer, slice_preset
 from snp_ray.slicing.graph import trace
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ONE = dict(pool_epochs=1, adapt_epochs=1, combine_epochs=1, mode="rate", beta=0.5)
 
 
@@ -30,7 +30,8 @@ def _tv(name, **kw):
 
 def _timm(name, **kw):
     def build():
-        timm = pytest.importorskip("timm")
+        import timm   # a dependency (pyproject): never skipped
+
         return timm.create_model(name, pretrained=False, num_classes=3, **kw)
     return build
 
