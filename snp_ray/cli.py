@@ -154,6 +154,82 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     return {"fragments": out}
 
 
+# ---------------------------------------------------------------- snp market add/list/remove
+def _floats3(text: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    return vals
+
+
+def _market_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="market_command", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="add your own trained model (safetensors weights)",
+                         description="add your own trained model (safetensors weights)")
+    add.add_argument("--store", required=True, help="market store folder (created if missing)")
+    add.add_argument("--arch", required=True,
+                     help="torchvision:NAME[?k=v&...], timm:NAME[?k=v&...] or snp:ZOO_NAME[?width=W]")
+    add.add_argument("--weights", required=True, help="the model's state_dict as .safetensors")
+    add.add_argument("--classes", required=True,
+                     help="comma-separated class names (or ids) of the dataset: output i is class i")
+    add.add_argument("--dataset", required=True, help="dataset whose class vocabulary is used")
+    add.add_argument("--k", type=int, default=20, help="few-shot samples per class (default 20)")
+    add.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
+    add.add_argument("--id", dest="model_id", default=None, help="model id (default: from the arch)")
+    add.add_argument("--replace", action="store_true", help="overwrite a model with the same id")
+    add.add_argument("--input-size", type=int, default=32, help="square input size (default 32)")
+    add.add_argument("--mean", type=_floats3, default=None,
+                     help="per-channel mean R,G,B on the 0..1 scale (default ImageNet's)")
+    add.add_argument("--std", type=_floats3, default=None, help="per-channel std R,G,B (default ImageNet's)")
+    add.add_argument("--fewshot", default=None,
+                     help="your own few-shot samples: Parquet in the dataset's schema")
+    lst = sub.add_parser("list", help="the models of a market", description="the models of a market")
+    lst.add_argument("--store", required=True, help="market store folder")
+    rm = sub.add_parser("remove", help="remove a model from a market",
+                        description="remove a model from a market")
+    rm.add_argument("--store", required=True, help="market store folder")
+    rm.add_argument("--id", dest="model_id", required=True, help="model id")
+    for q in (add, lst, rm):   # --json after the action too; SUPPRESS keeps one given before it
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result as JSON on the last line")
+
+
+def _model_row(s) -> dict[str, Any]:
+    return {"id": s.id, "arch": s.arch if s.arch.count(":") else f"snp:{s.arch}?width={s.width:g}",
+            "params": s.params, "classes": s.class_names, "dataset": s.dataset,
+            "added": bool(s.train.get("added")), "input": s.input}
+
+
+@command("market", "add your own model to a market, list its models, remove one", _market_args)
+def cmd_market(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.market import Market
+
+    market = Market(a.store)
+    if a.market_command == "add":
+        added = market.add_model(a.arch, a.weights, [c for c in a.classes.split(",") if c.strip()],
+                                 a.dataset, k=a.k, seed=a.seed, model_id=a.model_id,
+                                 input_size=a.input_size, mean=a.mean, std=a.std,
+                                 fewshot=a.fewshot, replace=a.replace)
+        m = added.summary()
+        print(table([[m["id"], m["arch"], f"{m['params']:,}", f"{m['macs']:,}", ",".join(m["classes"]),
+                      f"{m['fewshot_accuracy']:.4f} ({m['fewshot_samples']} samples)"]],
+                    ["model", "arch", "params", "MACs/sample", "classes",
+                     "accuracy on the few-shot samples"]))
+        return {"model": m}
+    if a.market_command == "list":
+        rows = [_model_row(s) for s in market.specs()]
+        print(table([[r["id"], r["arch"], f"{r['params']:,}", ",".join(r["classes"]),
+                      "added" if r["added"] else "trained"] for r in rows],
+                    ["model", "arch", "params", "classes", "origin"]))
+        return {"models": rows}
+    spec = market.remove_model(a.model_id)
+    print(f"removed {spec.id}")
+    return {"removed": spec.id}
+
+
 # ---------------------------------------------------------------- snp pack / evaluate
 def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="market store folder with sliced fragments")

@@ -66,3 +66,12 @@ class UnsupportedLayerError(ConfigError):
     def __init__(self, op: str, path: str, why: str):
         self.op, self.path, self.why = op, path, why
         super().__init__(f"the slicer cannot handle {op} at {path}: {why}")
+
+
+class WeightsError(ConfigError):
+    """A weights file offered to the market is unusable: not safetensors (e.g. a pickle), not
+    for the named architecture (missing/unexpected keys, shape mismatches), or not finite."""
+
+
+class ModelExistsError(ConfigError):
+    """A model id that is already in the store was given without asking to replace it."""

@@ -178,3 +178,40 @@ def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
             raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")
         out[i] = arr
     return out
+
+
+def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[str],
+                     what: str) -> Split:
+    """A split from Parquet bytes in ``dataset``'s schema (e.g. a developer's own few-shot
+    samples); labels are ``dataset``'s class ids, checked against ``class_names``."""
+    info = get_dataset(dataset)
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{what} is not a readable Parquet file: {e}") from None
+    check_schema(table.schema, info.columns, what)
+    if table.column("label").null_count:
+        raise DataError(f"{what}: the label column has missing values")
+    try:
+        labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
+    except (pa.ArrowInvalid, ValueError, TypeError) as e:
+        raise DataError(f"{what}: unusable label column ({e})") from None
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise DataError(f"{what}: labels out of range [0, {len(class_names)}) of {dataset}: "
+                        f"found {int(labels.min())}..{int(labels.max())}")
+    out = Split(dataset, split, labels, list(class_names))
+    if info.modality == "image":
+        out.images = decode_images(table.column("image").to_pylist(), what)
+    else:
+        out.texts = [t if t is not None else "" for t in table.column("text").to_pylist()]
+    return out
+
+
+def dataset_class_names(dataset: str) -> list[str]:
+    """The class vocabulary of ``dataset`` (read from its train split's schema only)."""
+    path = split_file(dataset, "train")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path} is not a readable Parquet file: {e}") from None
+    return class_names_of(schema, path)

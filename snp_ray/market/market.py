@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot
-from snp_ray.data.tables import Split, read_split
-from snp_ray.errors import ArtifactNotFoundError, DataError
+from snp_ray.artifacts import read_bytes, sha256_bytes
+from snp_ray.data.tables import Split, read_split, split_from_bytes
+from snp_ray.errors import ArtifactNotFoundError, DataError, IntegrityError
 from snp_ray.market.modelstore import ModelSpec, ModelStore
 from snp_ray.models import Classifier
 
@@ -22,6 +23,7 @@ class Market:
         self.store = ModelStore(root)
         self._splits: dict[str, Split] = {}
         self._models: dict[str, tuple[Classifier, ModelSpec]] = {}
+        self._uploads: dict[str, Split] = {}
 
     @property
     def root(self) -> Path:
@@ -46,21 +48,64 @@ class Market:
             self._splits[dataset] = read_split(dataset, "train")
         return self._splits[dataset]
 
+    def upload_split(self, model_id: str) -> Split | None:
+        """The few-shot samples the developer uploaded with an added model (checked against
+        their sha256), or None when the model's samples come from the dataset's train split."""
+        spec = self.spec(model_id)
+        info = spec.train.get("fewshot", {})
+        if not isinstance(info, dict) or info.get("source") != "upload":
+            return None
+        if model_id not in self._uploads:
+            what = f"uploaded few-shot samples of model {model_id}"
+            blob = read_bytes(self.store.model_dir(model_id) / str(info["file"]), what)
+            if sha256_bytes(blob) != info.get("sha256"):
+                raise IntegrityError(f"{what}: sha256 mismatch (file changed or corrupt)")
+            self._uploads[model_id] = split_from_bytes(blob, spec.dataset, "upload",
+                                                       list(info["class_names"]), what)
+        return self._uploads[model_id]
+
     def manifest(self, model_id: str, k: int, seed: int = 0) -> FewShotManifest:
-        """The model's k-shot manifest, drawn and stored on first use."""
+        """The model's k-shot manifest, drawn and stored on first use: from the developer's
+        uploaded samples when there are some, otherwise from the dataset's train split."""
         spec = self.spec(model_id)
         mseed = fewshot_seed(seed, spec.index)
         found = self.store.manifest(model_id, k, mseed)
         if found is not None:
             return found
-        labels = self.train_split(spec.dataset).labels
-        manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
+        upload = self.upload_split(model_id)
+        if upload is not None:
+            manifest = sample_k_shot(upload.labels, spec.classes, k, mseed, spec.dataset, "upload")
+        else:
+            labels = self.train_split(spec.dataset).labels
+            manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
         self.store.save_manifest(model_id, manifest)
         return manifest
 
     def fewshot(self, model_id: str, k: int, seed: int = 0) -> FewShotSet:
         manifest = self.manifest(model_id, k, seed)
+        if manifest.split == "upload":
+            split = self.upload_split(model_id)
+            if split is None:
+                raise IntegrityError(f"model {model_id}: a manifest refers to uploaded samples "
+                                     "the model does not have")
+            return load_fewshot(manifest, split)
         return load_fewshot(manifest, self.train_split(manifest.dataset))
+
+    def add_model(self, arch: str, weights, classes: list[str], dataset: str, **options):
+        """Add a developer's own trained model (see :func:`snp_ray.market.add.add_model`)."""
+        from snp_ray.market.add import add_model
+
+        result = add_model(self, arch, weights, classes, dataset, **options)
+        self._models.pop(result.spec.id, None)
+        self._uploads.pop(result.spec.id, None)
+        return result
+
+    def remove_model(self, model_id: str) -> ModelSpec:
+        """Remove a model from the store (its stored fragments stay in the fragment store)."""
+        spec = self.store.remove(model_id)
+        self._models.pop(model_id, None)
+        self._uploads.pop(model_id, None)
+        return spec
 
     def holders(self, class_id: int) -> list[ModelSpec]:
         """Models that hold global class ``class_id``."""

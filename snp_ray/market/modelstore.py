@@ -23,8 +23,9 @@ from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, read_bytes
 from snp_ray.config import Config
 from snp_ray.data.fewshot import FewShotManifest
 from snp_ray.data.specs import InputSpec
-from snp_ray.errors import ArtifactNotFoundError, ConfigError, IntegrityError, SnpError
-from snp_ray.models import Classifier, build_model, count_params
+from snp_ray.errors import ArtifactNotFoundError, ConfigError, IntegrityError, SnpError, StoreError
+from snp_ray.models import Classifier, count_params
+from snp_ray.models.refs import build_arch
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -57,7 +58,8 @@ class ModelSpec(Config):
 
     def build(self) -> Classifier:
         vocab = len(self.input.get("vocab", [])) or None
-        return build_model(self.arch, len(self.classes), self.width, vocab_size=vocab)
+        return build_arch(self.arch, len(self.classes), self.width, vocab_size=vocab,
+                          example=self.input_spec.example())
 
 
 def check_id(model_id: str) -> str:
@@ -119,6 +121,19 @@ class ModelStore:
             raise IntegrityError(f"spec of model {model_id} cannot be built: {e}") from None
         load_state_strict(model, tensors, what)
         return model.eval(), spec
+
+    def remove(self, model_id: str) -> "ModelSpec":
+        """Delete a model: its spec first (the model disappears at once), then its folder."""
+        import shutil
+
+        spec = self.spec(model_id)
+        folder = self.model_dir(model_id)
+        try:
+            (folder / "spec.json").unlink()
+            shutil.rmtree(folder)
+        except OSError as e:
+            raise StoreError(f"cannot remove model {model_id} at {folder}: {e.strerror or e}") from e
+        return spec
 
     def save_manifest(self, model_id: str, manifest: FewShotManifest) -> None:
         atomic_write_json(self._manifest_path(model_id, manifest.k, manifest.seed), manifest.to_dict())

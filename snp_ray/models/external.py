@@ -58,4 +58,5 @@ def split_classifier(model: nn.Module, example: torch.Tensor) -> Classifier:
                           f"(batch, {head.in_features}) features")
     clf = Classifier(gm, head.in_features, head.out_features)
     clf.head = head
+    clf.head_path = str(node.target)   # the head's module path in ``model`` (for error messages)
     return clf.eval()

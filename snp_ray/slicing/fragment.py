@@ -19,7 +19,7 @@ from snp_ray.artifacts import (atomic_write_bytes, load_state_strict,
 from snp_ray.config import Config
 from snp_ray.data.specs import InputSpec, TextSpec
 from snp_ray.errors import ConfigError, IntegrityError, SnpError
-from snp_ray.models import build_model
+from snp_ray.models.refs import build_arch
 from snp_ray.models.base import channels_last_safe
 from snp_ray.slicing.graph import trace
 from snp_ray.slicing.surgery import shrink
@@ -167,7 +167,8 @@ def rebuild_features(spec: FragmentSpec) -> nn.Module:
     """The source architecture's extractor cut to the fragment's shapes (weights not loaded)."""
     inp = spec.input_spec
     vocab = len(inp.vocab) if isinstance(inp, TextSpec) else None
-    model = build_model(spec.arch, spec.source_classes, spec.width, vocab_size=vocab)
+    model = build_arch(spec.arch, spec.source_classes, spec.width, vocab_size=vocab,
+                       example=example_input(inp))
     features = model.features.eval()
     graph = trace(features, example_input(inp))
     sizes = {str(g.id): g.size for g in graph.groups}

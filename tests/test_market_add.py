@@ -1,0 +1,300 @@
+"""Issue 13 section 1: a developer adds their own trained model to a market.
+
+``snp market add/list/remove`` (and ``Market.add_model``) on a small torchvision MobileNetV2 with
+random weights saved as safetensors by the test itself; the added model slices, and its fragment
+reloads from the store and runs. Every bad input is a typed error (exit 2, ``{"error", "type"}``
+with ``--json``) and leaves the store byte-identical."""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from conftest import png_bytes, write_image_parquet
+from snp_ray.artifacts import sha256_bytes
+from snp_ray.cli import main
+from snp_ray.errors import ModelExistsError, WeightsError
+from snp_ray.market import Market
+from snp_ray.models import build_model
+from snp_ray.slicing import slice_missing, slice_preset
+from snp_ray.store import FragmentStore
+
+ARCH = "torchvision:mobilenet_v2?width_mult=0.25"
+CLASSES = "airplane,cat,dog"            # cifar10 ids 0, 3, 5
+
+
+def _mv2(num_classes: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=num_classes,
+                                        width_mult=0.25).eval()
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def snp(*argv: str) -> tuple[int, dict]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = main([*argv, "--json"])
+    return rc, json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def add_args(store: Path, weights: Path, **over: str) -> list[str]:
+    opts = {"--store": str(store), "--arch": ARCH, "--weights": str(weights), "--classes": CLASSES,
+            "--dataset": "cifar10", "--k": "5", "--id": "mv2"} | over
+    return ["market", "add"] + [x for kv in opts.items() for x in kv if x != ""]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, real_data, one_thread):
+    """Weights files (good, NaN, wrong architecture, pickles) and a store holding one added model."""
+    d = tmp_path_factory.mktemp("add")
+    model = _mv2()
+    save_file(model.state_dict(), d / "mv2.safetensors")
+    bad = {k: v.clone() for k, v in model.state_dict().items()}
+    bad["features.0.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(bad, d / "nan.safetensors")
+    other = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=3,
+                                         width_mult=0.25)
+    save_file(other.state_dict(), d / "v3.safetensors")
+    (d / "model.pth").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    (d / "model.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 60)       # torch.save's zip layout
+    save_file(build_model("vgg11", 3, 0.125).state_dict(), d / "vgg.safetensors")
+    store = d / "store"
+    rc, _ = snp(*add_args(store, d / "mv2.safetensors"))
+    assert rc == 0
+    return d, store, model
+
+
+@pytest.fixture
+def store_copy(files, tmp_path):
+    d, store, _ = files
+    dest = tmp_path / "store"
+    shutil.copytree(store, dest)
+    return dest
+
+
+def test_add_list_remove_through_the_cli(files, tmp_path):
+    d, _, model = files
+    store = tmp_path / "m"
+    rc, out = snp(*add_args(store, d / "mv2.safetensors", **{"--id": "mine", "--mean": "0.4,0.5,0.6",
+                                                           "--std": "0.2,0.2,0.3"}))
+    assert rc == 0, out
+    m = out["model"]
+    assert m["id"] == "mine" and m["arch"] == ARCH and m["classes"] == ["airplane", "cat", "dog"]
+    assert m["params"] == sum(p.numel() for p in model.parameters())
+    assert m["input"] == {"kind": "image", "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.3],
+                          "size": [32, 32]}
+    assert 0.0 <= m["fewshot_accuracy"] <= 1.0 and m["fewshot_samples"] == 15 and m["macs"] > 0
+    assert m["fewshot"]["source"] == "train"
+    # stored like a trained model: safetensors + spec with the weights' sha256, a k-shot manifest
+    folder = store / "models" / "mine"
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec["weights_sha256"] == sha256_bytes((folder / "weights.safetensors").read_bytes())
+    assert spec["index"] == 0 and spec["arch"] == ARCH
+    manifests = list((folder / "fewshot").glob("k5-s*.json"))
+    assert len(manifests) == 1 and json.loads(manifests[0].read_text())["split"] == "train"
+    # the stored model computes what the developer's model computes (output i = class i)
+    clf, mspec = Market(store).model("mine")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), model(x))
+    # a second model gets the next index; an existing id needs --replace
+    assert snp(*add_args(store, d / "mv2.safetensors", **{"--id": "two"}))[0] == 0
+    assert Market(store).spec("two").index == 1
+    rc, err = snp(*add_args(store, d / "mv2.safetensors", **{"--id": "two"}))
+    assert rc == 2 and err["type"] == "ModelExistsError" and "--replace" in err["error"]
+    rc, out = snp(*add_args(store, d / "mv2.safetensors", **{"--id": "two", "--replace": "",
+                                                           "--classes": "cat,dog,frog"}))
+    assert rc == 0 and out["model"]["classes"] == ["cat", "dog", "frog"]
+    assert Market(store).spec("two").index == 1
+    rc, out = snp("market", "list", "--store", str(store))
+    assert rc == 0 and [r["id"] for r in out["models"]] == ["mine", "two"]
+    assert all(r["added"] and r["arch"] == ARCH for r in out["models"])
+    rc, out = snp("market", "remove", "--store", str(store), "--id", "mine")
+    assert rc == 0 and out == {"removed": "mine"} and not folder.exists()
+    assert [r["id"] for r in snp("market", "list", "--store", str(store))[1]["models"]] == ["two"]
+    rc, err = snp("market", "remove", "--store", str(store), "--id", "mine")
+    assert rc == 2 and err["type"] == "ArtifactNotFoundError"
+
+
+def test_added_torchvision_model_slices_and_its_fragment_reloads(store_copy):
+    market = Market(store_copy)
+    cfg = slice_preset("smoke")
+    made = list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=3))
+    assert len(made) == 1
+    _, class_id, key, frag = made[0]
+    assert class_id == 3 and frag is not None and frag.spec.arch == ARCH
+    assert frag.spec.params < frag.spec.source_params
+    loaded = FragmentStore(store_copy / "fragments").get(key)
+    raw = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = loaded.encode(raw)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), frag(x))
+        assert loaded(x).shape == (3, frag.spec.feature_dim)
+    # a rerun of the CLI finds it stored
+    rc, out = snp("slice", "--store", str(store_copy), "--model", "mv2", "--class", "cat", "--k", "5",
+                  "--preset", "smoke")
+    assert rc == 0 and out == {"fragments": []}
+    # snp pack and snp evaluate take the added model's fragments (the pack saves, reloads, runs)
+    assert len(list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=5))) == 1
+    rc, out = snp("pack", "--store", str(store_copy), "--classes", "cat,dog", "--k", "5", "--preset",
+                  "smoke", "--out", str(store_copy.parent / "pack"))
+    assert rc == 0, out
+    assert out["classes"] == ["cat", "dog"] and 0.0 <= out["test_accuracy"] <= 1.0
+    rc, again = snp("evaluate", "--pack", str(store_copy.parent / "pack"))
+    assert rc == 0 and again["test_accuracy"] == pytest.approx(out["test_accuracy"])
+
+
+def _upload(path: Path, per_class: dict[int, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([[c] * n for c, n in per_class.items()])
+    images = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
+    return write_image_parquet(path, images, labels, [f"c{i}" for i in range(10)])
+
+
+def test_own_fewshot_samples_are_stored_and_are_all_the_market_uses(files, tmp_path):
+    d, _, _ = files
+    store = tmp_path / "m"
+    up = _upload(tmp_path / "mine.parquet", {0: 6, 3: 5, 5: 7})
+    rc, out = snp(*add_args(store, d / "mv2.safetensors", **{"--fewshot": str(up)}))
+    assert rc == 0, out
+    assert out["model"]["fewshot"]["source"] == "upload" and out["model"]["fewshot_samples"] == 15
+    stored = store / "models" / "mv2" / "fewshot" / "upload.parquet"
+    assert stored.read_bytes() == up.read_bytes()
+    assert out["model"]["fewshot"]["sha256"] == sha256_bytes(up.read_bytes())
+    table = pq.read_table(up)
+    uploaded = set(table.column("image").to_pylist())
+    fs = Market(store).fewshot("mv2", 5)
+    assert fs.manifest.split == "upload" and len(fs) == 15
+    assert sorted(set(fs.labels.tolist())) == [0, 3, 5]
+    assert {png_bytes(img) for img in fs.raw} <= uploaded
+    # tampering with the stored samples is detected
+    stored.write_bytes(stored.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(Exception, match="sha256"):
+        Market(store).fewshot("mv2", 4)
+
+
+BAD = {
+    # case: (argument overrides (given the fixture folder d), error type, words in the message)
+    "pickle weights file": (lambda d: {"--weights": str(d / "model.pth")}, "WeightsError",
+                            ["pickle", "safetensors", "save_file(model.state_dict()"]),
+    "zip (torch.save) weights file": (lambda d: {"--weights": str(d / "model.pt")}, "WeightsError",
+                                      ["zip", "save_file(model.state_dict()"]),
+    "weights of another architecture": (lambda d: {"--weights": str(d / "v3.safetensors")},
+                                        "WeightsError", ["missing keys", "unexpected keys"]),
+    "class count differs from the head": (lambda d: {"--classes": "airplane,cat"}, "ConfigError",
+                                          ["2 classes", "3 outputs"]),
+    "unknown class name": (lambda d: {"--classes": "airplane,cat,dgo"}, "UnknownNameError",
+                           ["'dgo'", "dog", "truck"]),
+    "unknown torchvision name": (lambda d: {"--arch": "torchvision:mobilenet_v9"}, "UnknownNameError",
+                                 ["mobilenet_v9", "mobilenet_v2"]),
+    "unknown timm name": (lambda d: {"--arch": "timm:no_such_net"}, "UnknownNameError",
+                          ["no_such_net", "resnet18"]),
+    "unknown source": (lambda d: {"--arch": "keras:resnet"}, "UnknownNameError", ["torchvision", "timm"]),
+    "id already exists": (lambda d: {}, "ModelExistsError", ["mv2", "--replace"]),
+    "NaN weights": (lambda d: {"--weights": str(d / "nan.safetensors")}, "WeightsError", ["NaN"]),
+    "no single final Linear": (lambda d: {"--arch": "torchvision:squeezenet1_1"}, "ConfigError",
+                               ["final nn.Linear"]),
+    "input size the model cannot run": (
+        lambda d: {"--arch": "snp:vgg11?width=0.125", "--weights": str(d / "vgg.safetensors"),
+                   "--input-size": "8"}, "ConfigError", ["cannot run", "8x8"]),
+    "few-shot file with the wrong schema": (lambda d: {"--fewshot": str(d / "schema.parquet")},
+                                            "SchemaError", ["image", "label"]),
+    "few-shot file with fewer than k rows of a class": (
+        lambda d: {"--fewshot": str(d / "short.parquet")}, "DataError", ["fewer than k=5", "cat"]),
+    "few-shot file with another class": (lambda d: {"--fewshot": str(d / "stray.parquet")},
+                                         "DataError", ["frog"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_typed_error_and_leaves_the_store_unchanged(case, files, store_copy):
+    d, _, _ = files
+    if not (d / "schema.parquet").exists():
+        t = pa.table({"img": pa.array([b"x"], pa.binary()), "label": pa.array([0], pa.int16())})
+        pq.write_table(t, d / "schema.parquet")
+        _upload(d / "short.parquet", {0: 5, 3: 4, 5: 5})
+        _upload(d / "stray.parquet", {0: 5, 3: 5, 5: 5, 6: 1})
+    over, err_type, words = BAD[case]
+    opts = over(d)
+    if case != "id already exists":
+        opts = {"--id": "new"} | opts
+    before = snapshot(store_copy)
+    rc, err = snp(*add_args(store_copy, d / "mv2.safetensors", **opts))
+    assert rc == 2 and err["type"] == err_type, err
+    for w in words:
+        assert w in err["error"], (w, err["error"])
+    assert snapshot(store_copy) == before
+
+
+def test_library_entry_point_and_replace(files, tmp_path):
+    d, _, model = files
+    market = Market(tmp_path / "m")
+    weights = (d / "mv2.safetensors").read_bytes()
+    added = market.add_model(ARCH, weights, ["airplane", "3", "dog"], "cifar10", k=5, model_id="a")
+    assert added.spec.classes == [0, 3, 5] and added.spec.class_names == ["airplane", "cat", "dog"]
+    with pytest.raises(ModelExistsError):
+        market.add_model(ARCH, weights, ["airplane", "cat", "dog"], "cifar10", k=5, model_id="a")
+    assert market.model("a")[1].weights_sha256 == added.spec.weights_sha256
+
+
+def test_pickles_are_refused_without_being_opened_and_added_models_load_without_pickle(
+        files, store_copy, monkeypatch):
+    d, _, model = files
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used")
+
+    for name in ("load", "loads"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    for weights in ("model.pth", "model.pt"):
+        with pytest.raises(WeightsError, match="only safetensors is accepted"):
+            Market(store_copy).add_model(ARCH, d / weights, CLASSES.split(","), "cifar10", k=5,
+                                         model_id="p")
+    clf, _ = Market(store_copy).model("mv2")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), model(x))
+
+
+def test_architecture_references_parse_and_refuse_downloads():
+    from snp_ray.errors import ConfigError
+    from snp_ray.models.refs import parse_ref
+
+    ref = parse_ref("torchvision:mobilenet_v2?width_mult=0.5&dropout=0.1")
+    assert (ref.source, ref.name, ref.kwargs) == ("torchvision", "mobilenet_v2",
+                                                  {"width_mult": 0.5, "dropout": 0.1})
+    assert parse_ref("timm:resnet18d?drop_rate=0&global_pool=avg").kwargs == {
+        "drop_rate": 0, "global_pool": "avg"}
+    assert parse_ref("vgg11") == parse_ref("snp:vgg11")
+    assert parse_ref("snp:vgg11?width=0.25").kwargs == {"width": 0.25}
+    for bad in ("torchvision:resnet18?weights=IMAGENET1K_V1", "timm:resnet18?pretrained=true",
+                "torchvision:resnet18?num_classes=5", "snp:vgg11?depth=3", "torchvision:"):
+        with pytest.raises(ConfigError):
+            parse_ref(bad)
+
+
+def test_the_distributed_slice_job_takes_an_added_model(ray_cluster, store_copy):
+    from snp_ray.engine.job import SliceJobConfig, run_slice_job
+
+    result = run_slice_job(SliceJobConfig(market=str(store_copy), k=5, preset="smoke", actors=1))
+    assert (result.total, result.done, result.failed) == (3, 3, 0), result.failures
+    store = FragmentStore(store_copy / "fragments")
+    assert {r["class_id"] for r in store.rows().values()} == {0, 3, 5}
+    for key in store.keys():
+        frag = store.get(key)
+        assert frag.spec.arch == ARCH and frag.spec.params < frag.spec.source_params
