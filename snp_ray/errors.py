@@ -17,9 +17,21 @@ class ConfigError(SnpError, ValueError):
 class UnknownNameError(ConfigError, KeyError):
     """A name (task, architecture, preset, class) is not one of the valid ones."""
 
+    #: longer lists (timm has ~1400 models) are cut to the closest names
+    MAX_LISTED = 30
+
     def __init__(self, kind: str, name: object, valid: list[str] | tuple[str, ...]):
         self.kind, self.name, self.valid = kind, name, sorted(map(str, valid))
-        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(self.valid)}")
+        if len(self.valid) <= self.MAX_LISTED:
+            listed = f"valid {kind}s: {', '.join(self.valid)}"
+        else:
+            import difflib
+
+            close = difflib.get_close_matches(str(name), self.valid, n=8, cutoff=0.5)
+            listed = (f"closest of the {len(self.valid)} valid {kind}s: {', '.join(close)}" if close
+                      else f"none of the {len(self.valid)} valid {kind}s is close, e.g. "
+                           f"{', '.join(self.valid[:8])}")
+        super().__init__(f"unknown {kind} {name!r}; {listed}")
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
         return self.args[0]

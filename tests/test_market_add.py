@@ -202,7 +202,7 @@ BAD = {
     "unknown torchvision name": (lambda d: {"--arch": "torchvision:mobilenet_v9"}, "UnknownNameError",
                                  ["mobilenet_v9", "mobilenet_v2"]),
     "unknown timm name": (lambda d: {"--arch": "timm:no_such_net"}, "UnknownNameError",
-                          ["no_such_net", "resnet18"]),
+                          ["no_such_net", "valid timm"]),
     "unknown source": (lambda d: {"--arch": "keras:resnet"}, "UnknownNameError", ["torchvision", "timm"]),
     "id already exists": (lambda d: {}, "ModelExistsError", ["mv2", "--replace"]),
     "NaN weights": (lambda d: {"--weights": str(d / "nan.safetensors")}, "WeightsError", ["NaN"]),
