@@ -11,8 +11,10 @@ last. The test split is never read.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from snp_ray.data.specs import ImageSpec
 from snp_ray.data.tables import dataset_class_names, split_from_bytes
 from snp_ray.errors import (ConfigError, DataError, IntegrityError, ModelExistsError, SnpError,
                             UnknownNameError, WeightsError)
-from snp_ray.market.modelstore import ModelSpec, check_id
+from snp_ray.market.modelstore import ModelSpec, ModelStore, check_id
 from snp_ray.models import Classifier, count_params, split_classifier
 from snp_ray.models.refs import build_external, parse_ref, ref_width
 from snp_ray.models.registry import build_model
@@ -222,14 +224,17 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
                               "macs": float(count_macs(model, example))})
     spec.validate()
 
-    # --- write: nothing above wrote anything
-    folder = store.model_dir(mid)
-    if mid in existing:
-        store.remove(mid)
-    elif folder.exists():                      # leftovers of an interrupted add: no spec, not a model
-        shutil.rmtree(folder)
-    if upload_blob is not None:
-        atomic_write_bytes(folder / UPLOAD_FILE, upload_blob)
-    saved = store.save(model, spec)            # weights, then the spec: visible once complete
-    store.save_manifest(mid, manifest)
+    # --- write: nothing above wrote anything. The model is written to a private staging folder
+    # and moved into place by renames, so a failure at any point leaves the old model (or none).
+    staged = ModelStore(store.root / ".staging" / uuid.uuid4().hex)
+    try:
+        if upload_blob is not None:
+            atomic_write_bytes(staged.model_dir(mid) / UPLOAD_FILE, upload_blob)
+        saved = staged.save(model, spec)       # weights, then the spec
+        staged.save_manifest(mid, manifest)
+        store.install(staged.model_dir(mid), mid)
+    finally:
+        shutil.rmtree(staged.root, ignore_errors=True)
+        with contextlib.suppress(OSError):     # only when empty: another add may be staging
+            staged.root.parent.rmdir()
     return AddedModel(saved, int(spec.metrics["macs"]), accuracy, int(rows.size))

@@ -11,6 +11,7 @@ The spec is written after the weights, so a model becomes visible only once both
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,38 @@ class ModelStore:
         except OSError as e:
             raise StoreError(f"cannot remove model {model_id} at {folder}: {e.strerror or e}") from e
         return spec
+
+    def install(self, staged: Path, model_id: str) -> None:
+        """Move a complete model folder (written elsewhere on this filesystem) into place.
+
+        An existing model is first renamed aside, then the new one renamed in, then the old one
+        deleted: readers see the old model or the new one, never a mix, and if the second rename
+        fails the old model is put back."""
+        import shutil
+        import uuid
+
+        dest = self.model_dir(model_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        aside = None
+        try:
+            if dest.exists():
+                aside = self.root / ".trash" / f"{model_id}-{uuid.uuid4().hex}"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(dest, aside)
+            try:
+                os.rename(staged, dest)
+            except OSError:
+                if aside is not None:
+                    os.rename(aside, dest)
+                raise
+        except OSError as e:
+            raise StoreError(f"cannot install model {model_id} at {dest}: {e.strerror or e}") from e
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            try:
+                aside.parent.rmdir()           # only when empty: another replace may be running
+            except OSError:
+                pass
 
     def save_manifest(self, model_id: str, manifest: FewShotManifest) -> None:
         atomic_write_json(self._manifest_path(model_id, manifest.k, manifest.seed), manifest.to_dict())

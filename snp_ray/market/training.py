@@ -106,34 +106,50 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     a = get_arch(arch)
     if (a.modality == "image") != (split.images is not None):
         raise ConfigError(f"architecture {arch} ({a.modality}) does not fit dataset {split.dataset}")
-    from snp_ray.runtime import default_device
-
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)            # before the model is built: its init is seeded
     torch.set_num_threads(cfg.threads)
-    device = torch.device(default_device())
     rows = np.flatnonzero(np.isin(split.labels, classes))
     rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
     local_of = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([local_of[int(c)] for c in split.labels[rows]], dtype=torch.long)
 
-    spec: InputSpec
-    fmt = torch.contiguous_format
     if a.modality == "image":
-        spec = ImageSpec.fit(split.images[rows])
+        spec: InputSpec = ImageSpec.fit(split.images[rows])
         model = build_model(arch, len(classes), width)
-        fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
-        x = spec.encode(split.images[rows]).contiguous(memory_format=fmt)
-        model = model.to(memory_format=fmt)
-        lr = cfg.lr or 0.05
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                              weight_decay=cfg.weight_decay)
+        x = spec.encode(split.images[rows])
     else:
         texts = [split.texts[i] for i in rows]
         spec = TextSpec(vocab=build_vocab(texts, max_size=cfg.vocab_size), max_len=cfg.max_len)
         x = spec.encode(texts)
         model = build_model(arch, len(classes), width, vocab_size=len(spec.vocab))
-        lr = cfg.lr or 2e-3
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    metrics = fit_classifier(model, x, y, cfg, image=a.modality == "image",
+                             label=label or f"{arch} {classes}", progress=progress)
+    return TrainedModel(model, spec, metrics)
+
+
+def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *,
+                   image: bool, label: str, progress: bool = False) -> dict[str, float]:
+    """Train any logits module in place on encoded inputs ``x`` and local labels ``y``.
+
+    The fixed schedule of :func:`train_original` (SGD + warm-up cosine for images, AdamW for
+    text), shared so that a developer's torchvision/timm model (``jobs/build_mixed_market.py``) is
+    trained exactly like ours. Logs one INFO line per epoch; returns the training metrics and
+    leaves the model on the CPU in eval mode. The caller seeds torch (before building the model).
+    """
+    from snp_ray.runtime import default_device
+
+    torch.set_num_threads(cfg.threads)
+    device = torch.device(default_device())
+    fmt = torch.contiguous_format
+    if image:
+        fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)
+        model = model.to(memory_format=fmt)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr or 0.05, momentum=0.9, nesterov=True,
+            weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 2e-3, weight_decay=cfg.weight_decay)
 
     model.to(device)           # in place: the optimiser keeps the same parameters
     n = x.shape[0]
@@ -142,9 +158,8 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()
-    label = label or f"{arch} {classes}"
-    log.info("%s: training on %d rows of %d classes for %d epochs on %s", label, n, len(classes),
-             cfg.epochs, device)
+    log.info("%s: training on %d rows of %d classes for %d epochs on %s", label, n,
+             int(y.max()) + 1 if n else 0, cfg.epochs, device)
     bar = _bar(cfg.epochs, progress, label)
     correct = seen = 0
     loss_sum = 0.0
@@ -157,7 +172,7 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             xb, yb = x[idx], y[idx]
-            if a.modality == "image" and cfg.augment:
+            if image and cfg.augment:
                 xb = augment_images(xb, gen).contiguous(memory_format=fmt)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             logits = model(xb)
@@ -177,10 +192,10 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
     if bar is not None:
         bar.close()
     model.eval()
-    metrics = {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-               "train_rows": int(n), "train_seconds": time.perf_counter() - started,
-               "train_on_gpu": float(device.type == "cuda")}
-    return TrainedModel(model.cpu().to(memory_format=torch.contiguous_format), spec, metrics)
+    model.cpu().to(memory_format=torch.contiguous_format)
+    return {"train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+            "train_rows": int(n), "train_seconds": time.perf_counter() - started,
+            "train_on_gpu": float(device.type == "cuda")}
 
 
 def _bar(total: int, enabled: bool, desc: str):
