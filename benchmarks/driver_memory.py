@@ -7,9 +7,11 @@ starts a ``ray.cluster_utils.Cluster`` of logical nodes (a head with no CPUs plu
 actors write a placeholder fragment of ``--fragment-kb`` KiB to the store instead of slicing.
 
 - memory: the driver's peak RSS (VmHWM) at 50, 200 and 1000 pairs on 2 nodes, and its growth;
-- overhead: the job's cost per pair beyond the actor's own work, at 1, 2 and 4 nodes: the time
-  between the first and the last finished pair, times the actors, per pair, minus the actor's
-  time to make and store the fragment; also the driver's CPU milliseconds per pair.
+- overhead: the job's cost per pair beyond the actor's own work, at 1, 2 and 4 nodes: for each
+  actor, the time between two of its pairs finishing (as the driver sees them) minus the actor's
+  own time for the second (making and storing the fragment), the median over all such intervals
+  (actors start at different times, so intervals are per actor, not over the whole pool); also
+  the driver's CPU milliseconds per finished pair.
 
 Run against another checkout (e.g. the code before issue #14) with ``PYTHONPATH=/path/to/it``:
 where the engine has no ``noop-benchmark`` mode, the actor class is replaced by one that does the
@@ -28,6 +30,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -133,11 +136,11 @@ def measure(pairs: int, nodes: int, kb: int) -> dict:
         cfg = SliceJobConfig(market=str(Path(tmp) / "market"), fragments=str(Path(tmp) / "frags"),
                              k=1, preset="smoke", actors=nodes, ping_timeout_s=120.0,
                              startup_timeout_s=300.0, **extra)
-        marks: list[tuple[float, float]] = []      # (wall, driver CPU) at each finished pair
+        marks: list[tuple[float, float, float]] = []   # (wall, driver CPU, RSS) per finished pair
 
         def progress(_msg: str) -> None:
             ru = resource.getrusage(resource.RUSAGE_SELF)
-            marks.append((time.perf_counter(), ru.ru_utime + ru.ru_stime))
+            marks.append((time.perf_counter(), ru.ru_utime + ru.ru_stime, _status_mb("VmRSS")))
 
         samples: list[float] = []
         stop = threading.Event()
@@ -160,19 +163,25 @@ def measure(pairs: int, nodes: int, kb: int) -> dict:
     cluster.shutdown()
     if res.done != pairs or res.failed:
         raise RuntimeError(f"the job did not do every pair: {res.summary()}")
-    (t_first, cpu_first), (t_last, cpu_last) = marks[0], marks[-1]
-    per_pair_s = (t_last - t_first) / max(1, len(marks) - 1)
+    overheads, last_seen = [], {}
+    for (t, _cpu, _rss), row in zip(marks, done):     # results are kept in the order pairs finished
+        work = row["seconds"] + row.get("put_seconds", 0.0)
+        if row["actor"] in last_seen:
+            overheads.append(t - last_seen[row["actor"]] - work)
+        last_seen[row["actor"]] = t
+    cpu_s = (marks[-1][1] - marks[0][1]) / max(1, len(marks) - 1)
     actor_s = sum(r["seconds"] + r.get("put_seconds", 0.0) for r in done) / len(done)
     return {"code": "legacy" if legacy else "this checkout", "pairs": pairs, "nodes": nodes,
-            "actors": len(res.actors), "fragment_kb": kb,
+            "actors": len(res.actors), "actors_used": len(last_seen), "fragment_kb": kb,
             "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(peak, 1),
             "peak_rss_sampled_mb": round(max(samples, default=rss_start), 1),
+            "rss_last_pair_mb": round(marks[-1][2], 1),
             "growth_mb": round(peak - rss_start, 1), "wall_s": round(wall, 2),
-            "pool_ms_per_pair": round(per_pair_s * 1000, 2),
             "actor_ms_per_pair": round(actor_s * 1000, 2),
             "store_put_ms": round(sum(r.get("put_seconds", 0.0) for r in done) / len(done) * 1000, 2),
-            "overhead_ms_per_pair": round((per_pair_s * len(res.actors) - actor_s) * 1000, 2),
-            "driver_cpu_ms_per_pair": round((cpu_last - cpu_first) / max(1, len(marks) - 1) * 1000, 2)}
+            "overhead_ms_per_pair": round(statistics.median(overheads) * 1000, 2),
+            "overhead_ms_per_pair_mean": round(statistics.fmean(overheads) * 1000, 2),
+            "driver_cpu_ms_per_pair": round(cpu_s * 1000, 2)}
 
 
 # ------------------------------------------------------------------ the orchestrator
@@ -216,14 +225,16 @@ def main() -> int:
     lo, hi = memory[0], memory[-1]
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
            "code": lo["code"], "fragment_kb": a.fragment_kb, "command": " ".join(sys.argv),
-           "memory": [{k: r[k] for k in ("pairs", "rss_start_mb", "peak_rss_mb", "growth_mb",
+           "memory": [{k: r[k] for k in ("pairs", "rss_start_mb", "rss_last_pair_mb", "peak_rss_mb", "growth_mb",
                                          "wall_s")} for r in memory],
            "peak_rss_ratio": round(hi["peak_rss_mb"] / lo["peak_rss_mb"], 3),
+           "growth_ratio": round(hi["growth_mb"] / max(lo["growth_mb"], 0.1), 3),
            "driver_kb_per_pair": round((hi["peak_rss_mb"] - lo["peak_rss_mb"]) * 1024
                                        / max(1, hi["pairs"] - lo["pairs"]), 2),
            "overhead": [{k: runs[(a.overhead_pairs, n)][k] for k in (
-               "nodes", "pairs", "pool_ms_per_pair", "actor_ms_per_pair", "store_put_ms",
-               "overhead_ms_per_pair", "driver_cpu_ms_per_pair")} for n in node_counts]}
+               "nodes", "pairs", "actors_used", "actor_ms_per_pair", "store_put_ms",
+               "overhead_ms_per_pair", "overhead_ms_per_pair_mean", "driver_cpu_ms_per_pair")}
+               for n in node_counts]}
     text = json.dumps(out, indent=2)
     if a.out:
         from snp_ray.artifacts import atomic_write_bytes

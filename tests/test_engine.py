@@ -89,6 +89,7 @@ def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path, mo
         assert not _bulky(g), _bulky(g)
         assert len(pickle.dumps(g)) < 4096
     assert not hasattr(first, "refs")                    # no per-fragment object refs kept
+    assert first.compacted_by == "actor"                 # the manifest read stays off the driver
     assert not _bulky(first.results) and len(pickle.dumps(first)) < 10 * 4096
     store = FragmentStore(market / "fragments")
     writers = {a["writer"] for a in first.actors}
@@ -158,6 +159,22 @@ def test_actor_returns_metadata_and_rechecks_the_store_on_retries(smoke_market, 
     retry = b.slice_pair(mid, c, True)
     assert retry["status"] == "skipped" and retry["writer"] == a.store.writer
     assert FragmentStore(tmp_path / "frags").dataset().count_rows() == 1
+
+
+def test_store_io_errors_are_retried_then_reported(smoke_market, tmp_path, caplog):
+    """A StoreError in an actor (here: the blobs folder is a file) is an I/O failure, retried up
+    to max_attempts like a lost actor, then reported as the pair's failure."""
+    market = _market_copy(smoke_market, tmp_path)
+    frags = tmp_path / "frags"
+    frags.mkdir()
+    (frags / "blobs").write_text("not a folder")
+    cfg = SliceJobConfig(market=str(market), fragments=str(frags), k=5, preset="smoke",
+                         slice_mode=NOOP_BENCHMARK, max_attempts=2, actors=2)
+    with caplog.at_level("ERROR", logger="snp_ray.engine.job"):
+        res = run_slice_job(cfg)
+    assert (res.done, res.failed) == (0, 10)
+    assert all("cannot write" in f["error"] for f in res.failures)
+    assert caplog.text.count("after 2 attempts") == 10
 
 
 def test_driver_refuses_actor_results_that_carry_weights():

@@ -56,6 +56,10 @@ class SlicerActor:
     def ping(self) -> bool:
         return True
 
+    def compact(self) -> int:
+        """Fold the store's manifest parts into one (see FragmentStore.compact); parts removed."""
+        return self.store.refresh().compact()
+
     def slice_pair(self, model_id: str, class_id: int, recheck: bool = True) -> dict[str, Any]:
         """Slice one pair into the store; returns its key and metadata only (no weights).
 

@@ -6,7 +6,7 @@ actor the model with the most pairs left otherwise, and never has more than one 
 per actor. Lost actors (a node removed, a process killed) are noticed by a ping that times out;
 their pair goes back to the queue and a replacement actor is requested. Writes are idempotent and
 the store keeps one row per key, so a pair done twice is stored once; the job compacts the
-manifest at the end.
+manifest at the end, on one of its actors (the driver only when none is left).
 
 The driver never holds fragment weights: actors write fragments to the store themselves and
 return a small dict of metadata (key, sizes, timings, writer), which is all the driver keeps per
@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from snp_ray.config import Config, check_range
 from snp_ray.engine.noop import SLICE, check_mode, job_pair_key
-from snp_ray.errors import ConfigError, EngineError, SnpError
+from snp_ray.errors import ConfigError, EngineError, SnpError, StoreError
 from snp_ray.market.market import Market
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.store import FragmentStore
@@ -77,6 +77,7 @@ class SliceJobResult:
     failures: list[dict[str, Any]]
     actors: list[dict[str, Any]]
     timings: dict[str, float] = field(default_factory=dict)   # plan/startup/pool/compact seconds
+    compacted_by: str = ""                      # "actor", "driver" or "" (nothing to do)
 
     def summary(self) -> dict[str, Any]:
         """``fragment_params``/``source_params`` total every stored fragment of the job's pairs
@@ -95,7 +96,8 @@ class SliceJobResult:
                 "slice_seconds": round(sum(r["seconds"] for r in done), 2),
                 "actors": len(self.actors), "failures": self.failures,
                 "peak_rss_mb_per_actor": _peak_rss_per_actor(done),
-                "timings": {k: round(v, 3) for k, v in self.timings.items()}}
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
+                "compacted_by": self.compacted_by}
 
 
 def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = None) -> SliceJobResult:
@@ -134,16 +136,19 @@ def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = 
     failures: list[dict[str, Any]] = []
     actors_info: list[dict[str, Any]] = []
     timings = {"plan_s": time.perf_counter() - t_start}
+    compacted_by = ""
     if pairs:
         timings.update(_run_pool(cfg, scfg, market, queues, results, failures, actors_info,
                                  progress, len(pairs)))
-        t_compact = time.perf_counter()
-        store.refresh().compact()
-        timings["compact_s"] = time.perf_counter() - t_compact
+        compacted_by = "actor" if "compact_s" in timings else "driver"
+        if compacted_by == "driver":       # no actor could: the driver reads the manifest itself
+            t_compact = time.perf_counter()
+            store.refresh().compact()
+            timings["compact_s"] = time.perf_counter() - t_compact
     done = sum(r["status"] == "done" for r in results.values())
     skipped = sum(r["status"] == "skipped" for r in results.values())
     return SliceJobResult(total, done, skipped, len(failures), time.perf_counter() - t_start,
-                          results, failures, actors_info, timings)
+                          results, failures, actors_info, timings, compacted_by)
 
 
 def _peak_rss_per_actor(done: list[dict[str, Any]]) -> dict[str, float]:
@@ -305,7 +310,9 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
                 row = ray.get(ref)
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, SnpError):
+                if type(cause) is StoreError:     # an I/O error of the store, not bad input:
+                    requeue(mid, c, key, str(cause))          # retried like a lost actor
+                elif isinstance(cause, SnpError):
                     failures.append({"model": mid, "class_id": c, "key": key, "error": str(cause)})
                     log.error("pair %s/%s failed: %s", mid, c, cause)
                 else:
@@ -335,11 +342,30 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
                 except (GetTimeoutError, RayActorError) as e:
                     lose(aid, type(e).__name__)
     t_end = time.perf_counter()
+    compact_s = _compact_on_an_actor([actors[aid] for aid in ready if aid in actors])
     for a in actors.values():
         try:
             ray.kill(a)
         except Exception:  # noqa: BLE001
             pass
     t_ready = t0 if t_ready is None else t_ready
-    return {"startup_s": t_ready - t0, "pool_s": t_end - t_ready,
-            "driver_cpu_pool_s": _cpu_seconds() - cpu_ready}
+    out = {"startup_s": t_ready - t0, "pool_s": t_end - t_ready,
+           "driver_cpu_pool_s": _cpu_seconds() - cpu_ready}
+    return out if compact_s is None else {**out, "compact_s": compact_s}
+
+
+def _compact_on_an_actor(alive: list[Any]) -> float | None:
+    """Compact the manifest on the first live actor that can (reading every manifest row is the
+    job's largest read, kept off the driver); its seconds, or None when none could."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    for actor in alive:
+        t0 = time.perf_counter()
+        try:
+            ray.get(actor.compact.remote())
+            return time.perf_counter() - t0
+        except (RayActorError, RayTaskError) as e:
+            log.warning("compaction on an actor failed (%s); trying another",
+                        str(e).splitlines()[0])
+    return None
