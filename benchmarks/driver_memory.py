@@ -15,7 +15,10 @@ actors write a placeholder fragment of ``--fragment-kb`` KiB to the store instea
 
 Run against another checkout (e.g. the code before issue #14) with ``PYTHONPATH=/path/to/it``:
 where the engine has no ``noop-benchmark`` mode, the actor class is replaced by one that does the
-same placeholder work and returns the fragment's blobs as the old actors did ("legacy").
+same placeholder work and returns the fragment's blobs as the old actors did ("legacy"). The old
+actors also reread the whole manifest before every pair (O(pairs^2) reads in all: at 1000 pairs
+that alone outlasts the run's timeout on 2 cores); the shim does so only with ``--legacy-recheck``,
+so by default it differs from the new actors only in what it returns.
 
 Usage: python benchmarks/driver_memory.py [--pairs 50,200,1000] [--nodes 1,2,4]
        [--overhead-pairs 200] [--fragment-kb 64] [--out FILE]      (prints one JSON object)
@@ -78,7 +81,7 @@ def synthetic_market(root: Path, pairs: int, k: int = 1) -> None:
             row_ids=[[c * k + j for j in range(k)] for c in classes]))
 
 
-def _legacy_actor(kb: int):
+def _legacy_actor(kb: int, recheck: bool):
     """For an engine without the noop mode: an actor doing the same placeholder work that
     returns the fragment's blobs, as actors did before issue #14 (the old driver expects them)."""
     import ray
@@ -95,7 +98,7 @@ def _legacy_actor(kb: int):
         def slice_pair(self, model_id, class_id):
             mspec = self.market.spec(model_id)
             key = pair_key(mspec, class_id, self.config, self.k, self.seed)
-            if self.store.refresh().has(key):        # what the old actor did on every pair
+            if recheck and self.store.refresh().has(key):   # the old actor: on every pair
                 return {"key": key, "status": "skipped", "blobs": self.store.blobs(key),
                         **self._row(self.store.rows()[key])}
             frag = noop.noop_fragment(mspec, class_id, self.config, self.k, self.seed, kb)
@@ -111,7 +114,7 @@ def _legacy_actor(kb: int):
     actors.SlicerActor = LegacyNoopActor        # _run_pool imports it from the module at run time
 
 
-def measure(pairs: int, nodes: int, kb: int) -> dict:
+def measure(pairs: int, nodes: int, kb: int, legacy_recheck: bool = False) -> dict:
     """One run in this process: cluster, synthetic market, the job; the driver's numbers."""
     import ray
     from ray.cluster_utils import Cluster
@@ -128,7 +131,7 @@ def measure(pairs: int, nodes: int, kb: int) -> dict:
     cluster.wait_for_nodes()
     extra = {}
     if legacy:
-        _legacy_actor(kb)
+        _legacy_actor(kb, legacy_recheck)
     else:
         extra = {"slice_mode": "noop-benchmark", "noop_fragment_kb": kb}
     with tempfile.TemporaryDirectory(prefix="driver-memory-") as tmp:
@@ -171,7 +174,8 @@ def measure(pairs: int, nodes: int, kb: int) -> dict:
         last_seen[row["actor"]] = t
     cpu_s = (marks[-1][1] - marks[0][1]) / max(1, len(marks) - 1)
     actor_s = sum(r["seconds"] + r.get("put_seconds", 0.0) for r in done) / len(done)
-    return {"code": "legacy" if legacy else "this checkout", "pairs": pairs, "nodes": nodes,
+    code = ("legacy, rechecking" if legacy_recheck else "legacy") if legacy else "this checkout"
+    return {"code": code, "pairs": pairs, "nodes": nodes,
             "actors": len(res.actors), "actors_used": len(last_seen), "fragment_kb": kb,
             "rss_start_mb": round(rss_start, 1), "peak_rss_mb": round(peak, 1),
             "peak_rss_sampled_mb": round(max(samples, default=rss_start), 1),
@@ -185,8 +189,9 @@ def measure(pairs: int, nodes: int, kb: int) -> dict:
 
 
 # ------------------------------------------------------------------ the orchestrator
-def run_child(pairs: int, nodes: int, kb: int, timeout: float) -> dict:
+def run_child(pairs: int, nodes: int, kb: int, timeout: float, recheck: bool) -> dict:
     cmd = [sys.executable, str(HERE), "--child", f"{pairs},{nodes}", "--fragment-kb", str(kb)]
+    cmd += ["--legacy-recheck"] if recheck else []
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -205,22 +210,24 @@ def main() -> int:
                         "so results that carry blobs land in the driver's own heap)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--legacy-recheck", action="store_true",
+                   help="legacy runs only: reread the manifest before every pair, as the old actors did")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if a.child:
         pairs, nodes = (int(x) for x in a.child.split(","))
-        print(json.dumps(measure(pairs, nodes, a.fragment_kb)))
+        print(json.dumps(measure(pairs, nodes, a.fragment_kb, a.legacy_recheck)))
         return 0
     pair_counts = [int(x) for x in a.pairs.split(",")]
     node_counts = [int(x) for x in a.nodes.split(",")]
     runs: dict[tuple[int, int], dict] = {}
     for n in pair_counts:
-        runs[(n, 2)] = run_child(n, 2, a.fragment_kb, a.timeout)
+        runs[(n, 2)] = run_child(n, 2, a.fragment_kb, a.timeout, a.legacy_recheck)
     for nodes in node_counts:
         if (a.overhead_pairs, nodes) not in runs:
             runs[(a.overhead_pairs, nodes)] = run_child(a.overhead_pairs, nodes, a.fragment_kb,
-                                                        a.timeout)
+                                                        a.timeout, a.legacy_recheck)
     memory = [runs[(n, 2)] for n in pair_counts]
     lo, hi = memory[0], memory[-1]
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",

@@ -182,6 +182,8 @@ def test_driver_refuses_actor_results_that_carry_weights():
         _metadata_only({"key": "k", "status": "done", "blobs": (b"{}", b"w")}, "k")
     with pytest.raises(EngineError, match="not a metadata dict"):
         _metadata_only((b"{}", b"w"), "k")
+    with pytest.raises(EngineError, match="gpu_ids"):
+        _metadata_only({"key": "k", "gpu_ids": [b"w"]}, "k")
     with pytest.raises(ConfigError, match="slice mode"):
         SliceJobConfig(market="m", slice_mode="fast")
 

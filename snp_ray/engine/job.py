@@ -178,8 +178,9 @@ def _metadata_only(row: Any, key: str) -> dict[str, Any]:
     """The actor's result row, refused (EngineError) if it carries anything but small metadata."""
     if not isinstance(row, dict):
         raise EngineError(f"pair {key}: an actor returned {type(row).__name__}, not a metadata dict")
-    bulky = sorted(k for k, v in row.items() if not isinstance(v, (str, int, float, bool, list,
-                                                                     type(None))))
+    scalar = (str, int, float, bool, type(None))
+    bulky = sorted(k for k, v in row.items() if not (isinstance(v, scalar) or (
+        isinstance(v, list) and all(isinstance(x, scalar) for x in v))))
     if bulky:
         raise EngineError(f"pair {key}: an actor returned non-metadata fields {bulky}; actors must "
                           "write fragments to the store and return keys and metadata only")
