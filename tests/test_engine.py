@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import secrets
 import shutil
 import signal
@@ -17,9 +18,15 @@ from collections import Counter
 from pathlib import Path
 
 
+import pytest
+
 from jsonout import last_json
 from snp_ray.engine import localcluster
-from snp_ray.engine.job import SliceJobConfig, run_slice_job
+from snp_ray.engine.job import SliceJobConfig, _metadata_only, run_slice_job
+from snp_ray.engine.noop import NOOP_BENCHMARK, job_pair_key
+from snp_ray.errors import ConfigError, EngineError
+from snp_ray.market import Market
+from snp_ray.slicing.api import pair_key
 from snp_ray.store import FragmentStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +47,63 @@ def _market_copy(smoke_market, tmp_path) -> Path:
     return dest
 
 
-def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path):
+def _spy_ray_get(monkeypatch) -> list:
+    """Every value the driver's ``ray.get`` returns, recorded."""
+    import ray
+
+    seen, real = [], ray.get
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(ray, "get", spy)
+    return seen
+
+
+def _bulky(value, path="") -> list[str]:
+    """Paths of weight-like values (bytes, tensors, arrays) inside ``value``."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, (bytes, bytearray, memoryview, torch.Tensor, np.ndarray)):
+        return [f"{path}: {type(value).__name__}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _bulky(v, f"{path}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _bulky(v, f"{path}[{i}]")]
+    return []
+
+
+def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path, monkeypatch):
     market = _market_copy(smoke_market, tmp_path)
     cfg = SliceJobConfig(market=str(market), k=5, preset="smoke")
+    got = _spy_ray_get(monkeypatch)
     first = run_slice_job(cfg)
     assert (first.total, first.done, first.skipped, first.failed) == (10, 10, 0, 0)
-    assert set(first.refs) == set(first.results)                  # blobs in the object store
+    # the driver never received weights: every ray.get it made returned small metadata
+    rows = [g for g in got if isinstance(g, dict) and "key" in g]
+    assert len(rows) == 10
+    for g in got:
+        assert not _bulky(g), _bulky(g)
+        assert len(pickle.dumps(g)) < 4096
+    assert not hasattr(first, "refs")                    # no per-fragment object refs kept
+    assert first.compacted_by == "actor"                 # the manifest read stays off the driver
+    assert not _bulky(first.results) and len(pickle.dumps(first)) < 10 * 4096
     store = FragmentStore(market / "fragments")
+    writers = {a["writer"] for a in first.actors}
+    for key, row in store.rows().items():   # each fragment was written by the actor that sliced it
+        assert row["writer"] == first.results[key]["writer"] in writers
+        assert row["writer"].startswith("actor-")
+        assert row["sha256"] == first.results[key]["weights_sha256"]
     assert len(store.keys()) == 10 and store.dataset().count_rows() == 10
     assert len(list((market / "fragments" / "manifest").iterdir())) == 1   # compacted
     assert {r["class_id"] for r in store.rows().values()} == set(range(10))
     again = run_slice_job(cfg)
     assert (again.done, again.skipped) == (0, 10)
+    assert {k: r["writer"] for k, r in again.results.items()} == \
+        {k: r["writer"] for k, r in first.results.items()}
     s1, s2 = first.summary(), again.summary()    # a fully skipped rerun reports the stored totals
     assert s1["fragment_params"] == sum(r["params"] for r in store.rows().values()) > 0
     assert s1["source_params"] == sum(r["source_params"] for r in store.rows().values())
@@ -59,6 +111,81 @@ def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path):
         assert s2[name] == s1[name], name
     assert s1["fragment_params_this_run"] == s1["fragment_params"]
     assert (s2["fragment_params_this_run"], s2["source_params_this_run"]) == (0, 0)
+
+
+def test_noop_benchmark_mode_keeps_its_fragments_apart(smoke_market, tmp_path, monkeypatch):
+    """The benchmark-only mode writes placeholder fragments under keys no real pair has, still
+    returns metadata only, and resumes like the real mode."""
+    market = _market_copy(smoke_market, tmp_path)
+    cfg = SliceJobConfig(market=str(market), k=5, preset="smoke", slice_mode=NOOP_BENCHMARK,
+                         noop_fragment_kb=2, actors=2)
+    got = _spy_ray_get(monkeypatch)
+    first = run_slice_job(cfg)
+    assert (first.done, first.failed) == (10, 0)
+    assert all(not _bulky(g) for g in got)
+    store = FragmentStore(market / "fragments")
+    m = Market(market)
+    real = {pair_key(m.spec(mid), c, cfg.slice_config(), 5, 0) for mid in m.ids()
+            for c in m.spec(mid).classes}
+    assert store.keys() == {f"{k}-{NOOP_BENCHMARK}" for k in real}
+    assert not store.keys() & real
+    for key in store.keys():
+        row = store.rows()[key]
+        assert json.loads(row["metrics"]) == {"noop_benchmark": 1.0}
+        assert 2048 <= row["params"] * 4 < 2048 + 64          # ~2 KiB of fp32 weights
+    again = run_slice_job(cfg)
+    assert (again.done, again.skipped) == (0, 10)
+
+
+def test_actor_returns_metadata_and_rechecks_the_store_on_retries(smoke_market, tmp_path, ray_cluster):
+    """The actor body (run in-process here): a first attempt writes under its own writer id and
+    returns metadata; a retry on another actor finds the key stored and skips it."""
+    from snp_ray.engine.actors import SlicerActor
+    from snp_ray.slicing.config import slice_preset
+
+    market = _market_copy(smoke_market, tmp_path)
+    m = Market(market)
+    mid = m.ids()[0]
+    c = m.spec(mid).classes[0]
+    scfg = slice_preset("smoke")
+    args = (str(market), str(tmp_path / "frags"), scfg.to_dict(), 5, 0, {})
+    a = SlicerActor(*args, mode=NOOP_BENCHMARK)
+    row = a.slice_pair(mid, c, False)
+    key = job_pair_key(m.spec(mid), c, scfg, 5, 0, NOOP_BENCHMARK)
+    assert row["key"] == key and row["status"] == "done" and not _bulky(row)
+    assert _metadata_only(row, key) is row and len(pickle.dumps(row)) < 2048
+    assert FragmentStore(tmp_path / "frags").rows()[key]["writer"] == row["writer"] == a.store.writer
+    b = SlicerActor(*args, mode=NOOP_BENCHMARK)
+    retry = b.slice_pair(mid, c, True)
+    assert retry["status"] == "skipped" and retry["writer"] == a.store.writer
+    assert FragmentStore(tmp_path / "frags").dataset().count_rows() == 1
+
+
+def test_store_io_errors_are_retried_then_reported(smoke_market, tmp_path, caplog):
+    """A StoreError in an actor (here: the blobs folder is a file) is an I/O failure, retried up
+    to max_attempts like a lost actor, then reported as the pair's failure."""
+    market = _market_copy(smoke_market, tmp_path)
+    frags = tmp_path / "frags"
+    frags.mkdir()
+    (frags / "blobs").write_text("not a folder")
+    cfg = SliceJobConfig(market=str(market), fragments=str(frags), k=5, preset="smoke",
+                         slice_mode=NOOP_BENCHMARK, max_attempts=2, actors=2)
+    with caplog.at_level("ERROR", logger="snp_ray.engine.job"):
+        res = run_slice_job(cfg)
+    assert (res.done, res.failed) == (0, 10)
+    assert all("cannot write" in f["error"] for f in res.failures)
+    assert caplog.text.count("after 2 attempts") == 10
+
+
+def test_driver_refuses_actor_results_that_carry_weights():
+    with pytest.raises(EngineError, match="blobs"):
+        _metadata_only({"key": "k", "status": "done", "blobs": (b"{}", b"w")}, "k")
+    with pytest.raises(EngineError, match="not a metadata dict"):
+        _metadata_only((b"{}", b"w"), "k")
+    with pytest.raises(EngineError, match="gpu_ids"):
+        _metadata_only({"key": "k", "gpu_ids": [b"w"]}, "k")
+    with pytest.raises(ConfigError, match="slice mode"):
+        SliceJobConfig(market="m", slice_mode="fast")
 
 
 def _multinode(mode: str, market: Path, store: Path) -> dict:

@@ -2,8 +2,9 @@
 
 An actor keeps the last models it sliced (model, few-shot set, traced graph) so consecutive
 pairs of one model pay the loading and tracing once. It writes each fragment to the shared store
-itself (its own manifest parts, so writers never collide) and returns the fragment's blobs, which
-the driver holds as object refs for a packing step in the same cluster.
+itself (its own manifest parts, so writers never collide) and returns only the fragment's key and
+a small dict of metadata, never weights: the driver's memory does not grow with the fragments,
+and packing reads them back from the store when it needs them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import resource
 import socket
 import sys
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -22,11 +24,13 @@ class SlicerActor:
     """The body of the remote actor (wrapped with ``ray.remote`` by the pool)."""
 
     def __init__(self, market_root: str, store_uri: str, slice_config: dict[str, Any], k: int,
-                 seed: int, env: dict[str, str], cache_models: int = 2):
+                 seed: int, env: dict[str, str], cache_models: int = 2, mode: str = "slice",
+                 noop_kb: int = 1):
         os.environ.update(env)
         import ray
         import torch
 
+        from snp_ray.engine.noop import check_mode
         from snp_ray.market.market import Market
         from snp_ray.slicing.config import SliceConfig
         from snp_ray.store import FragmentStore
@@ -41,47 +45,64 @@ class SlicerActor:
         self.store = FragmentStore(store_uri, writer=f"actor-{self.actor_id[:12]}-{os.getpid()}")
         self.config = SliceConfig.from_dict(slice_config)
         self.k, self.seed = int(k), int(seed)
+        self.mode, self.noop_kb = check_mode(mode), int(noop_kb)
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_models = cache_models
 
     def info(self) -> dict[str, Any]:
         return {"actor_id": self.actor_id, "node_id": self.node_id, "gpu_ids": self.gpu_ids,
-                "pid": os.getpid(), "host": socket.gethostname()}
+                "pid": os.getpid(), "host": socket.gethostname(), "writer": self.store.writer}
 
     def ping(self) -> bool:
         return True
 
-    def slice_pair(self, model_id: str, class_id: int) -> dict[str, Any]:
-        from snp_ray.slicing.api import ModelSlicer, pair_key
+    def compact(self) -> int:
+        """Fold the store's manifest parts into one (see FragmentStore.compact); parts removed."""
+        return self.store.refresh().compact()
+
+    def slice_pair(self, model_id: str, class_id: int, recheck: bool = True) -> dict[str, Any]:
+        """Slice one pair into the store; returns its key and metadata only (no weights).
+
+        ``recheck`` rereads the manifest first and skips a key already stored (a retry after a
+        lost actor, or another writer got there); the driver asks for it on retries only, as it
+        planned the first attempts against the store already.
+        """
+        from snp_ray.engine.noop import NOOP_BENCHMARK, job_pair_key, noop_fragment
+        from snp_ray.slicing.api import ModelSlicer
 
         spec = self.market.spec(model_id)
-        key = pair_key(spec, class_id, self.config, self.k, self.seed)
-        if self.store.refresh().has(key):     # a retry after a crash, or another writer got there
-            spec_json, weights = self.store.blobs(key)
-            return {"key": key, "status": "skipped", "blobs": (spec_json, weights),
-                    **self._row(self.store.rows()[key])}
-        ms = self.cache.get(model_id)
-        if ms is None:
-            ms = ModelSlicer(self.market, model_id, self.k, self.config, self.seed)
-            self.cache[model_id] = ms
-            while len(self.cache) > self.cache_models:
-                self.cache.popitem(last=False)
-        self.cache.move_to_end(model_id)
-        frag = ms.slice(class_id)
-        self.store.put(frag)
-        spec_json, weights = frag.to_blobs()
-        return {"key": key, "status": "done", "blobs": (spec_json, weights),
-                "model": model_id, "class_id": int(class_id), "class": frag.spec.class_name,
-                "params": frag.spec.params, "source_params": frag.spec.source_params,
-                "seconds": frag.spec.seconds, "actor": self.actor_id, "node": self.node_id,
-                "gpu_ids": self.gpu_ids, "device": frag.spec.device,
-                "precision": frag.spec.precision, "peak_rss_mb": _peak_rss_mb()}
+        key = job_pair_key(spec, class_id, self.config, self.k, self.seed, self.mode)
+        if recheck and self.store.refresh().has(key):
+            return {"key": key, "status": "skipped", **self._row(self.store.rows()[key])}
+        if self.mode == NOOP_BENCHMARK:
+            frag = noop_fragment(spec, class_id, self.config, self.k, self.seed, self.noop_kb)
+        else:
+            ms = self.cache.get(model_id)
+            if ms is None:
+                ms = ModelSlicer(self.market, model_id, self.k, self.config, self.seed)
+                self.cache[model_id] = ms
+                while len(self.cache) > self.cache_models:
+                    self.cache.popitem(last=False)
+            self.cache.move_to_end(model_id)
+            frag = ms.slice(class_id)
+        t_put = time.perf_counter()
+        stored_key, written = self.store.put(frag)
+        put_seconds = time.perf_counter() - t_put
+        return {"key": stored_key, "status": "done", "model": model_id, "class_id": int(class_id),
+                "class": frag.spec.class_name, "params": frag.spec.params,
+                "source_params": frag.spec.source_params, "seconds": frag.spec.seconds,
+                "actor": self.actor_id, "node": self.node_id, "gpu_ids": self.gpu_ids,
+                "device": frag.spec.device, "precision": frag.spec.precision,
+                "writer": self.store.writer, "written": written,
+                "weights_sha256": frag.spec.weights_sha256, "put_seconds": put_seconds,
+                "peak_rss_mb": _peak_rss_mb()}
 
     @staticmethod
     def _row(row: dict[str, Any]) -> dict[str, Any]:
         return {"model": row["model_id"], "class_id": row["class_id"], "class": row["class_name"],
                 "params": row["params"], "source_params": row["source_params"],
-                "seconds": row["seconds"]}
+                "seconds": row["seconds"], "writer": row["writer"],
+                "weights_sha256": row["sha256"]}
 
 
 def _peak_rss_mb() -> float:

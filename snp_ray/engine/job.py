@@ -6,21 +6,26 @@ actor the model with the most pairs left otherwise, and never has more than one 
 per actor. Lost actors (a node removed, a process killed) are noticed by a ping that times out;
 their pair goes back to the queue and a replacement actor is requested. Writes are idempotent and
 the store keeps one row per key, so a pair done twice is stored once; the job compacts the
-manifest at the end.
+manifest at the end, on one of its actors (the driver only when none is left).
+
+The driver never holds fragment weights: actors write fragments to the store themselves and
+return a small dict of metadata (key, sizes, timings, writer), which is all the driver keeps per
+pair. Its memory therefore does not grow with the fragments (``benchmarks/driver_memory.py``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from snp_ray.config import Config, check_range
-from snp_ray.errors import ConfigError, EngineError, SnpError
+from snp_ray.engine.noop import SLICE, check_mode, job_pair_key
+from snp_ray.errors import ConfigError, EngineError, SnpError, StoreError
 from snp_ray.market.market import Market
-from snp_ray.slicing.api import pair_key
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.store import FragmentStore
 
@@ -43,8 +48,12 @@ class SliceJobConfig(Config):
     ping_timeout_s: float = 20.0
     startup_timeout_s: float = 120.0
     models: list[str] = field(default_factory=list)           # empty: every model
+    slice_mode: str = SLICE            # "noop-benchmark": placeholder fragments, benchmarks only
+    noop_fragment_kb: int = 1          # weights per placeholder fragment in that mode
 
     def validate(self) -> None:
+        check_mode(self.slice_mode)
+        check_range("SliceJobConfig", "noop_fragment_kb", self.noop_fragment_kb, 1, 1 << 20)
         check_range("SliceJobConfig", "k", self.k, 1, 100_000)
         check_range("SliceJobConfig", "actors", self.actors, 0, 100_000)
         check_range("SliceJobConfig", "gpus_per_actor", self.gpus_per_actor, 0.0, 8.0, lo_open=True)
@@ -64,10 +73,11 @@ class SliceJobResult:
     skipped: int
     failed: int
     wall_seconds: float
-    results: dict[str, dict[str, Any]]          # key -> row (without blobs)
-    refs: dict[str, Any]                        # key -> ObjectRef of the actor's result (blobs)
+    results: dict[str, dict[str, Any]]          # key -> metadata row (never weights)
     failures: list[dict[str, Any]]
     actors: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)   # plan/startup/pool/compact seconds
+    compacted_by: str = ""                      # "actor", "driver" or "" (nothing to do)
 
     def summary(self) -> dict[str, Any]:
         """``fragment_params``/``source_params`` total every stored fragment of the job's pairs
@@ -85,10 +95,13 @@ class SliceJobResult:
                 "source_params_this_run": sum(r["source_params"] for r in done),
                 "slice_seconds": round(sum(r["seconds"] for r in done), 2),
                 "actors": len(self.actors), "failures": self.failures,
-                "peak_rss_mb_per_actor": _peak_rss_per_actor(done)}
+                "peak_rss_mb_per_actor": _peak_rss_per_actor(done),
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
+                "compacted_by": self.compacted_by}
 
 
 def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = None) -> SliceJobResult:
+    """Slice every pair of the market not stored yet; fragments go to the store, not the driver."""
     from snp_ray.runtime import ensure_ray
 
     ensure_ray()
@@ -99,35 +112,43 @@ def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = 
         raise ConfigError(f"the market at {cfg.market} holds no models")
     scfg = cfg.slice_config()
     store = FragmentStore(cfg.store_uri(), writer="driver")
-    stored = store.keys()
+    stored = store.rows()
     pairs, results = [], {}
     for mid in ids:
         spec = market.spec(mid)
         market.manifest(mid, cfg.k, cfg.seed)     # draw the few-shot manifest once, up front
         for c in spec.classes:
-            key = pair_key(spec, c, scfg, cfg.k, cfg.seed)
-            if key in stored:
-                row = store.rows()[key]
+            key = job_pair_key(spec, c, scfg, cfg.k, cfg.seed, cfg.slice_mode)
+            row = stored.get(key)
+            if row is not None:
                 results[key] = {"key": key, "status": "skipped", "model": mid, "class_id": c,
                                 "class": row["class_name"], "params": row["params"],
-                                "source_params": row["source_params"], "seconds": row["seconds"]}
+                                "source_params": row["source_params"], "seconds": row["seconds"],
+                                "writer": row["writer"]}
             else:
                 pairs.append((mid, c, key))
+    del stored
+    store.refresh()            # the manifest rows (spec JSON included) are not kept while slicing
     total = len(pairs) + len(results)
     queues: dict[str, deque] = {}
     for mid, c, key in pairs:
         queues.setdefault(mid, deque()).append((c, key))
-    refs: dict[str, Any] = {}
     failures: list[dict[str, Any]] = []
     actors_info: list[dict[str, Any]] = []
+    timings = {"plan_s": time.perf_counter() - t_start}
+    compacted_by = ""
     if pairs:
-        _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, progress,
-                  len(pairs))
-        store.refresh().compact()
+        timings.update(_run_pool(cfg, scfg, market, queues, results, failures, actors_info,
+                                 progress, len(pairs)))
+        compacted_by = "actor" if "compact_s" in timings else "driver"
+        if compacted_by == "driver":       # no actor could: the driver reads the manifest itself
+            t_compact = time.perf_counter()
+            store.refresh().compact()
+            timings["compact_s"] = time.perf_counter() - t_compact
     done = sum(r["status"] == "done" for r in results.values())
     skipped = sum(r["status"] == "skipped" for r in results.values())
     return SliceJobResult(total, done, skipped, len(failures), time.perf_counter() - t_start,
-                          results, refs, failures, actors_info)
+                          results, failures, actors_info, timings, compacted_by)
 
 
 def _peak_rss_per_actor(done: list[dict[str, Any]]) -> dict[str, float]:
@@ -153,7 +174,27 @@ def _actor_count(cfg: SliceJobConfig, n_pairs: int) -> tuple[int, float]:
     return max(1, min(n, n_pairs)), (cfg.gpus_per_actor if gpus > 0 else 0.0)
 
 
-def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, progress, n_todo):
+def _metadata_only(row: Any, key: str) -> dict[str, Any]:
+    """The actor's result row, refused (EngineError) if it carries anything but small metadata."""
+    if not isinstance(row, dict):
+        raise EngineError(f"pair {key}: an actor returned {type(row).__name__}, not a metadata dict")
+    scalar = (str, int, float, bool, type(None))
+    bulky = sorted(k for k, v in row.items() if not (isinstance(v, scalar) or (
+        isinstance(v, list) and all(isinstance(x, scalar) for x in v))))
+    if bulky:
+        raise EngineError(f"pair {key}: an actor returned non-metadata fields {bulky}; actors must "
+                          "write fragments to the store and return keys and metadata only")
+    return row
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progress,
+              n_todo) -> dict[str, float]:
+    """Run the pairs in ``queues`` on an actor pool; returns its timings (seconds)."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -168,6 +209,7 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
         num_cpus=1, num_gpus=gpus, max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries, max_concurrency=2, scheduling_strategy="SPREAD")
     args = (os.path.abspath(cfg.market), cfg.store_uri(), scfg.to_dict(), cfg.k, cfg.seed, env)
+    kwargs = {"mode": cfg.slice_mode, "noop_kb": cfg.noop_fragment_kb}
 
     actors: dict[int, Any] = {}
     starting: dict[Any, int] = {}
@@ -176,7 +218,7 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
 
     def spawn() -> None:
         nonlocal next_id, deadline
-        a = remote.remote(*args)
+        a = remote.remote(*args, **kwargs)
         actors[next_id] = a
         starting[a.info.remote()] = next_id
         next_id += 1
@@ -189,6 +231,8 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
     in_flight: dict[Any, tuple[int, str, int, str, float]] = {}
     attempts: Counter = Counter()
     done_count, t0 = 0, time.perf_counter()
+    t_ready: float | None = None            # when the first actor was ready
+    cpu_ready = 0.0
 
     def next_pair(aid: int):
         mid = last_model.get(aid)
@@ -238,6 +282,8 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
                     continue
                 ready[aid] = info
                 actors_info.append(info)
+                if t_ready is None:
+                    t_ready, cpu_ready = time.perf_counter(), _cpu_seconds()
         if not ready and not in_flight:
             if time.time() > deadline:
                 raise EngineError("no slicer actor could start: the cluster lacks the resources "
@@ -253,7 +299,7 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
             if pick is None:
                 break
             mid, c, key = pick
-            ref = actors[aid].slice_pair.remote(mid, c)
+            ref = actors[aid].slice_pair.remote(mid, c, attempts[key] > 0)
             in_flight[ref] = (aid, mid, c, key, time.perf_counter())
             last_model[aid] = mid
         if not in_flight:
@@ -265,7 +311,9 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
                 row = ray.get(ref)
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
-                if isinstance(cause, SnpError):
+                if type(cause) is StoreError:     # an I/O error of the store, not bad input:
+                    requeue(mid, c, key, str(cause))          # retried like a lost actor
+                elif isinstance(cause, SnpError):
                     failures.append({"model": mid, "class_id": c, "key": key, "error": str(cause)})
                     log.error("pair %s/%s failed: %s", mid, c, cause)
                 else:
@@ -275,8 +323,7 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
                 in_flight[ref] = (aid, mid, c, key, started_at)
                 lose(aid, f"actor died: {str(e).splitlines()[0]}")
                 continue
-            refs[key] = ref
-            results[key] = {k: v for k, v in row.items() if k != "blobs"}
+            results[key] = _metadata_only(row, key)
             done_count += 1
             rate = done_count / (time.perf_counter() - t0)
             eta = (n_todo - done_count) / rate if rate > 0 else float("inf")
@@ -295,8 +342,31 @@ def _run_pool(cfg, scfg, market, queues, results, refs, failures, actors_info, p
                     in_flight[ref] = (aid, *_r, now)          # alive: check again later
                 except (GetTimeoutError, RayActorError) as e:
                     lose(aid, type(e).__name__)
+    t_end = time.perf_counter()
+    compact_s = _compact_on_an_actor([actors[aid] for aid in ready if aid in actors])
     for a in actors.values():
         try:
             ray.kill(a)
         except Exception:  # noqa: BLE001
             pass
+    t_ready = t0 if t_ready is None else t_ready
+    out = {"startup_s": t_ready - t0, "pool_s": t_end - t_ready,
+           "driver_cpu_pool_s": _cpu_seconds() - cpu_ready}
+    return out if compact_s is None else {**out, "compact_s": compact_s}
+
+
+def _compact_on_an_actor(alive: list[Any]) -> float | None:
+    """Compact the manifest on the first live actor that can (reading every manifest row is the
+    job's largest read, kept off the driver); its seconds, or None when none could."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    for actor in alive:
+        t0 = time.perf_counter()
+        try:
+            ray.get(actor.compact.remote())
+            return time.perf_counter() - t0
+        except (RayActorError, RayTaskError) as e:
+            log.warning("compaction on an actor failed (%s); trying another",
+                        str(e).splitlines()[0])
+    return None

@@ -1,5 +1,6 @@
 """The body of jobs/slice_market.py: train the market if missing, slice every pair on the actor
-pool, pack one class set from the fragments in the object store, print a summary."""
+pool (each actor writes its fragments to the fragment store), pack one class set reading only
+the fragments it needs from that store, print a summary."""
 from __future__ import annotations
 
 import argparse
@@ -90,26 +91,17 @@ def ensure_data(dataset: str, no_download: bool) -> None:
 
 
 def pack_step(store: str, classes: list, cfg: SliceJobConfig, job) -> dict[str, Any]:
-    """Pack from fragments the job left in the object store (the file store for older ones)."""
-    import ray
-
+    """Pack ``classes`` from the fragment store the job wrote to, loading each fragment lazily
+    (only the requested classes' fragments, one ``get`` each; the job itself holds no weights)."""
     from snp_ray.evaluation.packs import evaluate_pack
     from snp_ray.market import Market
     from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
-    from snp_ray.slicing import Fragment
     from snp_ray.store import FragmentStore
-
-    def fetch(key: str):
-        ref = job.refs.get(key)
-        if ref is None:
-            return None
-        spec_json, weights = ray.get(ref)["blobs"]
-        return Fragment.from_blobs(spec_json, weights, f"fragment {key}")
 
     pack_cfg = preset_pack_config(cfg.preset)
     packed = pack_request(Market(store), classes, cfg.k, cfg.slice_config(), pack_cfg,
-                          cfg.seed, store=FragmentStore(cfg.store_uri()), fetch=fetch)
+                          cfg.seed, store=FragmentStore(cfg.store_uri()))
     result = evaluate_pack(packed, with_latency=False)
-    result["from_object_store"] = sum(1 for f in packed.fragments if f.spec.key in job.refs)
+    result["from_this_job"] = sum(1 for f in packed.fragments if f.spec.key in job.results)
     return result
