@@ -238,6 +238,26 @@ def test_reader_lists_again_when_a_compaction_folds_its_parts(tmp_path, frags, m
     assert len(listings) == 2 and not set(listings[0]) & set(listings[1])
 
 
+def test_two_compactions_at_once_lose_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    w = FragmentStore(root)
+    for i in range(3):                                  # three parts per class
+        w.put_rows(synthetic_rows(6, classes=2, start=10 * i))
+    a = FragmentStore(root, writer="a")
+    real, fired = a._read_parts, []
+
+    def racing(paths, *args, **kwargs):                 # b folds everything a listed, first
+        if paths and not fired:
+            fired.append(True)
+            assert FragmentStore(root, writer="b").compact() == 6
+        return real(paths, *args, **kwargs)
+    monkeypatch.setattr(a, "_read_parts", racing)
+    assert a.compact() == 0 and fired
+    want = {r["key"] for i in range(3) for r, _ in synthetic_rows(6, classes=2, start=10 * i)}
+    assert len(want) == 18 and FragmentStore(root).keys() == want
+    assert len(_parts(root)) == 2 and FragmentStore(root).dataset().count_rows() == 18
+
+
 _WRITER = """
 import sys
 from snp_ray.store import FragmentStore

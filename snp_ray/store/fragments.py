@@ -425,12 +425,13 @@ class FragmentStore:
         tables, read = tables + more, read + more_read
         table = _unique(pa.concat_tables(tables)) if tables else SCHEMA.empty_table()
         stamp = f"part-{time.time_ns()}-compact-{uuid.uuid4().hex[:8]}"
-        for c in sorted(classes):
-            self._write_part(c, f"{stamp}.parquet", table.filter(pc.equal(table[PARTITION], c)))
+        by_class = {c: table.filter(pc.equal(table[PARTITION], c)) for c in sorted(classes)}
+        written = [(c, t) for c, t in by_class.items() if t.num_rows]   # none if all vanished
+        self._each(lambda ct: self._write_part(ct[0], f"{stamp}.parquet", ct[1]), written)
         self._each(self._delete, read)   # every row of these is in a part written above
         self.refresh()
         log.info("compacted %d manifest parts of %s into %d (%d rows) in %.2f s", len(read), self,
-                 len(classes), table.num_rows, time.perf_counter() - t0)
+                 len(written), table.num_rows, time.perf_counter() - t0)
         return len(read)
 
     def _delete(self, path: str) -> None:
