@@ -107,6 +107,7 @@ class FragmentStore:
         self._rows: dict[str, dict[str, Any]] | None = None        # the whole manifest, once read
         self._keys: set[str] | None = None                         # its keys alone (cheaper)
         self._classes: dict[int, dict[str, dict[str, Any]]] = {}   # partitions read one by one
+        self._found: dict[str, dict[str, Any]] = {}                # rows looked up one by one
 
     def __repr__(self) -> str:
         return f"FragmentStore({self.uri!r})"
@@ -228,7 +229,7 @@ class FragmentStore:
 
     # ------------------------------------------------------------------ manifest
     def refresh(self) -> "FragmentStore":
-        self._rows, self._keys, self._classes = None, None, {}
+        self._rows, self._keys, self._classes, self._found = None, None, {}, {}
         return self
 
     def rows(self) -> dict[str, dict[str, Any]]:
@@ -252,7 +253,7 @@ class FragmentStore:
         if self._rows is not None:
             return set(self._rows)
         if self._keys is None:
-            self._keys = {k for k in self._load(columns=["key"])["key"].to_pylist() if k is not None}
+            self._keys = set(self._load(columns=["key"])["key"].drop_null().to_pylist())
         return set(self._keys)
 
     def has(self, key: str) -> bool:
@@ -271,7 +272,12 @@ class FragmentStore:
             return self.rows().get(key)
         if c in self._classes:
             return self._classes[c].get(key)
-        return _as_rows(self._load(c, key=key)).get(key)
+        if key not in self._found:        # has() then get() reads the partition once
+            row = _as_rows(self._load(c, key=key)).get(key)
+            if row is None:
+                return None
+            self._found[key] = row
+        return self._found[key]
 
     def class_rows(self, class_id: int) -> dict[str, dict[str, Any]]:
         """key -> row of one class's fragments, reading its partition (and any flat parts)."""
