@@ -2,10 +2,10 @@
 manifest rows (tiny blobs), then time ``keys()``, the lookup of all fragments of one class, the
 lookup of one key and a compaction, each on a fresh store object (no cache).
 
-The fill writes N - ``--fresh`` rows in bulk parts (``--part-rows`` rows each, split by class), as
-many jobs would leave them before compaction, then the last ``--fresh`` rows through the normal per-fragment path
-(one blob and one manifest part each, after a fresh store's check that the key is new, as a
-slicing actor does); their mean seconds are ``put_s_per_fragment``. ``--layout flat`` instead
+The fill writes N - ``--fresh`` rows in bulk parts (``--part-rows`` rows each, split by class),
+as many jobs would leave them before compaction, then the last ``--fresh`` rows through the normal
+per-fragment path (one blob and one manifest part each, after a fresh store's check that the key
+is new, as a slicing actor does); their mean seconds are ``put_s_per_fragment``. ``--layout flat`` instead
 writes the layout of stores before the partitioning (one flat part per row), to compare with; the
 timing phase uses only ``keys``/``find``/``rows``/``compact``, so ``--reuse`` can time a filled
 store with an older snp_ray on PYTHONPATH.
