@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import pytest
@@ -299,7 +300,8 @@ def test_s3_manifest_partitions_compaction_and_old_layout(seaweed, frags):
     old, weights = next(synthetic_rows(1, classes=3, start=20))      # class 2, in a flat old part
     FragmentStore(uri, writer="old").put_rows([(old, weights)])
     fs, base = seaweed.filesystem(), "market/scale/manifest"
-    [flat] = [i.path for i in fs.get_file_info(pafs_selector(f"{base}/class_id=2")) if "-old-" in i.path]
+    [flat] = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{base}/class_id=2"))
+              if "-old-" in i.path]
     fs.move(flat, f"{base}/part-old.parquet")
     want = {k0, old["key"]} | {r["key"] for r, _ in synthetic_rows(6, classes=3)}
     before = FragmentStore(uri).rows()
@@ -308,17 +310,11 @@ def test_s3_manifest_partitions_compaction_and_old_layout(seaweed, frags):
         sorted([old["key"]] + [r["key"] for r, _ in synthetic_rows(6, classes=3) if r["class_id"] == 2])
     assert FragmentStore(uri).lookup(old["key"])["writer"] == "old"
     assert FragmentStore(uri).compact() == 4         # class 0's two parts, class 2's and the flat one
-    parts = sorted(i.path[len(base) + 1:].split("/")[0] for i in fs.get_file_info(pafs_selector(base, True))
-                   if i.path.endswith(".parquet"))
+    listed = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    parts = sorted(i.path[len(base) + 1:].split("/")[0] for i in listed if i.path.endswith(".parquet"))
     assert parts == ["class_id=0", "class_id=1", "class_id=2"]
     assert FragmentStore(uri).rows() == before
     assert FragmentStore(uri).get(k0).spec.key == k0
-
-
-def pafs_selector(path: str, recursive: bool = False):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSelector(path, recursive=recursive)
 
 
 def _free_port() -> int:

@@ -9,7 +9,8 @@ Layout under the store URI (a local path or ``s3://bucket/prefix``)::
 Why partition by class: a pack request asks for classes, and a fragment key names its class
 (``<sha>-c<class>-<config>-k<k>-s<seed>``), so a class lookup and a key lookup each read one
 partition, not the whole manifest. The directories are hive-style, so pyarrow, Ray Data and other
-Parquet readers prune them on ``class_id`` filters.
+Parquet readers prune them on ``class_id`` filters (Ray Data takes ``class_id`` from the path, so it
+sees none in the flat parts of an old store that was never compacted).
 
 A fragment becomes visible only when a manifest part that names it exists, and a part is written
 after its blob, each in one atomic step (rename on local disks, a single PUT on S3). Many writers
