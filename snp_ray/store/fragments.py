@@ -2,26 +2,42 @@
 
 Layout under the store URI (a local path or ``s3://bucket/prefix``)::
 
-    blobs/<sha256>.safetensors            weights, content-addressed
-    manifest/part-<time>-<writer>-<id>.parquet   one row per fragment (spec JSON included)
+    blobs/<sha256>.safetensors                         weights, content-addressed
+    manifest/class_id=<c>/part-<time>-<writer>-<id>.parquet   manifest rows of class c
+    manifest/part-*.parquet                            the flat layout of older stores (still read)
+
+Why partition by class: a pack request asks for classes, and a fragment key names its class
+(``<sha>-c<class>-<config>-k<k>-s<seed>``), so a class lookup and a key lookup each read one
+partition, not the whole manifest. The directories are hive-style, so pyarrow, Ray Data and other
+Parquet readers prune them on ``class_id`` filters (Ray Data takes ``class_id`` from the path, so it
+sees none in the flat parts of an old store that was never compacted).
 
 A fragment becomes visible only when a manifest part that names it exists, and a part is written
 after its blob, each in one atomic step (rename on local disks, a single PUT on S3). Many writers
 never touch the same file: each writes its own parts. Readers take the union of the parts and keep
-one row per key (model weights hash + class + slice config + k + sample seed), so a pair sliced
-twice (a retried task, a lost node) still appears once. ``compact`` folds the parts into one.
+one row per key (model weights hash + class + slice config + k + sample seed; the earliest write
+wins), so a pair sliced twice (a retried task, a lost node) still appears once.
+
+``compact`` folds each partition's parts into one part sorted by key, and moves the rows of old
+flat parts into their partitions. It deletes only the parts it listed and read, and only after the
+compacted parts are written, so a concurrent writer's new part is never lost; a reader that finds a
+listed part gone (compacted meanwhile) lists again, so it never misses a row either.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import time
 import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlparse
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -41,6 +57,21 @@ SCHEMA = pa.schema([
     ("seconds", pa.float64()), ("sha256", pa.string()), ("spec_sha256", pa.string()),
     ("blob", pa.string()), ("spec", pa.string()), ("created", pa.float64()), ("writer", pa.string()),
 ])
+#: the manifest's partition column (hive-style directories ``class_id=<c>``)
+PARTITION = "class_id"
+PARTITIONING = pads.partitioning(pa.schema([(PARTITION, pa.int32())]), flavor="hive")
+_PARTITION_DIR = re.compile(rf"^{PARTITION}=(-?\d+)$")
+_KEY_CLASS = re.compile(r"^[0-9a-f]+-c(\d+)-")
+#: rows per row group of a compacted part: small enough that a key filter skips most of a part
+ROW_GROUP = 4096
+#: how often a reader lists again when a listed part vanished under a concurrent compaction
+_RELIST = 5
+
+
+def class_of_key(key: str) -> int | None:
+    """The class a fragment key names (keys are ``<sha>-c<class>-...``); None if it names none."""
+    m = _KEY_CLASS.match(key)
+    return int(m.group(1)) if m else None
 
 
 def open_filesystem(uri: str, connect_timeout: float = 3.0, retries: int = 3) -> tuple[pafs.FileSystem, str]:
@@ -74,7 +105,10 @@ class FragmentStore:
         self.fs, self.base = open_filesystem(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.writer = writer or f"{os.uname().nodename}-{os.getpid()}"
-        self._rows: dict[str, dict[str, Any]] | None = None
+        self._rows: dict[str, dict[str, Any]] | None = None        # the whole manifest, once read
+        self._keys: set[str] | None = None                         # its keys alone (cheaper)
+        self._classes: dict[int, dict[str, dict[str, Any]]] = {}   # partitions read one by one
+        self._found: dict[str, dict[str, Any]] = {}                # rows looked up one by one
 
     def __repr__(self) -> str:
         return f"FragmentStore({self.uri!r})"
@@ -113,65 +147,162 @@ class FragmentStore:
         except FileNotFoundError:
             raise ArtifactNotFoundError(f"{what} {path} is missing from {self}") from None
         except OSError as e:
-            if "not found" in str(e).lower() or "no such" in str(e).lower():
+            if _not_found(e):
                 raise ArtifactNotFoundError(f"{what} {path} is missing from {self}") from None
             raise StoreError(f"cannot read {what} {path} from {self}: {e}") from e
 
-    def _parts(self) -> list[str]:
+    def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self._path("manifest"), allow_not_found=True))
+            return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True,
+                                                           recursive=recursive))
         except OSError as e:
             raise StoreError(f"cannot list the manifest of {self}: {e}") from e
+
+    def _where(self, path: str) -> int | None | bool:
+        """A part's partition: its class id, None for a flat (old-layout) part, False if the
+        file is no part (a temp file, another file, a folder that is no partition)."""
+        rel = path[len(self._path("manifest")) + 1:].split("/")
+        name = rel[-1]
+        if not name.endswith(".parquet") or name.startswith((".", "_")):
+            return False
+        if len(rel) == 1:
+            return None
+        m = _PARTITION_DIR.match(rel[0]) if len(rel) == 2 else None
+        return int(m.group(1)) if m else False
+
+    def _parts(self, class_id: int | None = None) -> list[str]:
+        """Every manifest part, or those of one class partition plus the flat ones."""
+        root = self._path("manifest")
+        if class_id is None:
+            infos = self._list(root, recursive=True)
+        else:
+            infos = self._list(root, False) + self._list(f"{root}/{PARTITION}={int(class_id)}", False)
         return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                      and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_")))
+                      and self._where(i.path) is not False)
+
+    def _read_part(self, path: str, columns: list[str] | None, key: str | None) -> pa.Table | None:
+        """One part's rows (only ``columns``; only ``key``'s rows, skipping row groups whose key
+        range excludes it); None if the part vanished, i.e. a compaction folded it meanwhile."""
+        names = columns or SCHEMA.names
+        try:
+            with self.fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                have = pf.schema_arrow.names
+                missing = [n for n in SCHEMA.names if n not in have]
+                if not missing:
+                    groups = _groups_holding(pf, key) if key is not None else None
+                    t = (pf.read_row_groups(groups, columns=names) if groups is not None
+                         else pf.read(columns=names))
+                    t = t.select(names).cast(pa.schema([SCHEMA.field(n) for n in names]))
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowException, OSError) as e:
+            if _not_found(e):
+                return None
+            raise IntegrityError(f"manifest part {path} of {self} is unreadable: {e}") from None
+        if missing:
+            raise IntegrityError(f"manifest part {path} of {self} lacks columns {missing}")
+        return t.filter(pc.equal(t["key"], key)) if key is not None else t
+
+    def _read_parts(self, paths: list[str], columns: list[str] | None = None,
+                    key: str | None = None) -> tuple[list[pa.Table], list[str], list[str]]:
+        """(tables, paths read, paths vanished), reading parts in parallel (S3 latency)."""
+        if len(paths) > 1:
+            with ThreadPoolExecutor(min(16, len(paths))) as ex:
+                tables = list(ex.map(lambda p: self._read_part(p, columns, key), paths))
+        else:
+            tables = [self._read_part(p, columns, key) for p in paths]
+        read = [p for p, t in zip(paths, tables) if t is not None]
+        gone = [p for p, t in zip(paths, tables) if t is None]
+        return [t for t in tables if t is not None], read, gone
+
+    def _load(self, class_id: int | None = None, columns: list[str] | None = None,
+              key: str | None = None) -> pa.Table:
+        """The manifest's raw rows (or one partition's plus the flat parts'). A listed part that
+        vanished was folded by a compaction whose part is already written: list again."""
+        for _ in range(_RELIST):
+            tables, _, gone = self._read_parts(self._parts(class_id), columns, key)
+            if not gone:
+                schema = pa.schema([SCHEMA.field(n) for n in columns or SCHEMA.names])
+                return pa.concat_tables(tables) if tables else schema.empty_table()
+            log.debug("%d manifest parts of %s vanished while read; listing again", len(gone), self)
+        raise StoreError(f"the manifest of {self} kept changing under {_RELIST} reads; try again")
 
     # ------------------------------------------------------------------ manifest
     def refresh(self) -> "FragmentStore":
-        self._rows = None
+        self._rows, self._keys, self._classes, self._found = None, None, {}, {}
         return self
 
     def rows(self) -> dict[str, dict[str, Any]]:
         """key -> manifest row, one per key (the earliest write wins)."""
         if self._rows is None:
-            table = self.manifest_table()
-            rows: dict[str, dict[str, Any]] = {}
-            for r in sorted(table.to_pylist(), key=lambda r: (r["created"], r["writer"])):
-                rows.setdefault(r["key"], r)
-            self._rows = rows
+            self._rows = _as_rows(self._load())
         return self._rows
 
     def manifest_table(self) -> pa.Table:
-        tables = []
-        for part in self._parts():
-            try:
-                with self.fs.open_input_file(part) as f:
-                    t = pq.read_table(f)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise IntegrityError(f"manifest part {part} of {self} is unreadable: {e}") from None
-            missing = [n for n in SCHEMA.names if n not in t.schema.names]
-            if missing:
-                raise IntegrityError(f"manifest part {part} of {self} lacks columns {missing}")
-            tables.append(t.select(SCHEMA.names).cast(SCHEMA))
-        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        """Every manifest row as read (duplicate keys included, until a compaction)."""
+        return self._load()
 
     def dataset(self) -> pads.Dataset:
-        """The raw manifest as a pyarrow dataset (may hold duplicate keys before compaction)."""
+        """The raw manifest as a pyarrow dataset (may hold duplicate keys before compaction);
+        ``class_id`` filters prune partitions."""
         return pads.dataset(self._path("manifest"), filesystem=self.fs, format="parquet",
-                            schema=SCHEMA)
+                            schema=SCHEMA, partitioning=PARTITIONING)
 
     def keys(self) -> set[str]:
-        return set(self.rows())
+        """Every stored key, reading the key column alone."""
+        if self._rows is not None:
+            return set(self._rows)
+        if self._keys is None:
+            self._keys = set(self._load(columns=["key"])["key"].drop_null().to_pylist())
+        return set(self._keys)
 
     def has(self, key: str) -> bool:
-        return key in self.rows()
+        if self._rows is not None:
+            return key in self._rows
+        if self._keys is not None:
+            return key in self._keys
+        return self.lookup(key) is not None
+
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """The manifest row of ``key`` or None, reading only the partition of the class it names."""
+        if self._rows is not None:
+            return self._rows.get(key)
+        c = class_of_key(key)
+        if c is None:
+            return self.rows().get(key)
+        if c in self._classes:
+            return self._classes[c].get(key)
+        if key not in self._found:        # has() then get() reads the partition once
+            row = _as_rows(self._load(c, key=key)).get(key)
+            if row is None:
+                return None
+            self._found[key] = row
+        return self._found[key]
+
+    def class_rows(self, class_id: int) -> dict[str, dict[str, Any]]:
+        """key -> row of one class's fragments, reading its partition (and any flat parts)."""
+        c = int(class_id)
+        if self._rows is not None:
+            return {k: r for k, r in self._rows.items() if r["class_id"] == c}
+        if c not in self._classes:
+            t = self._load(c)
+            self._classes[c] = _as_rows(t.filter(pc.equal(t[PARTITION], c)))
+        return self._classes[c]
+
+    def _class_keys(self, class_id: int) -> set[str]:
+        if class_id in self._classes:
+            return set(self._classes[class_id])
+        t = self._load(class_id, columns=["key", PARTITION])
+        return set(t.filter(pc.equal(t[PARTITION], class_id))["key"].to_pylist())
 
     def find(self, model_id: str | None = None, class_id: int | None = None,
              config_digest: str | None = None, k: int | None = None,
              seed: int | None = None) -> list[dict[str, Any]]:
         want = {"model_id": model_id, "class_id": class_id, "config_digest": config_digest,
                 "k": k, "fewshot_seed": seed}
-        return [r for r in self.rows().values()
-                if all(v is None or r[f] == v for f, v in want.items())]
+        rows = self.rows() if class_id is None else self.class_rows(class_id)
+        return [r for r in rows.values() if all(v is None or r[f] == v for f, v in want.items())]
 
     # ------------------------------------------------------------------ fragments
     def put(self, fragment: Fragment) -> tuple[str, bool]:
@@ -180,27 +311,85 @@ class FragmentStore:
         spec = fragment.spec
         if self.has(spec.key):
             return spec.key, False
-        blob = f"blobs/{spec.weights_sha256}.safetensors"
-        self._write(self._path(blob), weights)
         row = {"key": spec.key, "model_id": spec.source_model, "model_sha256": spec.source_sha256,
                "class_id": spec.class_id, "class_name": spec.class_name,
                "config_digest": spec.config_digest, "k": spec.k, "fewshot_seed": spec.fewshot_seed,
                "arch": spec.arch, "kept": json.dumps(spec.kept), "feature_dim": spec.feature_dim,
                "params": spec.params, "source_params": spec.source_params, "flops": spec.flops,
                "metrics": json.dumps(spec.metrics), "seconds": spec.seconds,
-               "sha256": spec.weights_sha256, "spec_sha256": sha256_bytes(spec_json), "blob": blob,
-               "spec": spec_json.decode(), "created": time.time(), "writer": self.writer}
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist([row], schema=SCHEMA), sink)
-        name = f"part-{time.time_ns()}-{_safe(self.writer)}-{uuid.uuid4().hex[:8]}.parquet"
-        self._write(self._path("manifest", name), sink.getvalue().to_pybytes())
-        if self._rows is not None:
-            self._rows.setdefault(spec.key, row)
+               "spec": spec_json.decode()}
+        self._append([(row, weights)])
         return spec.key, True
+
+    def put_rows(self, items: Iterable[tuple[dict[str, Any], bytes]]) -> list[str]:
+        """Store many fragments, each a (manifest row, weights) pair, in one part per class: a bulk
+        import, where one part per fragment would be wasteful. The store fills in ``sha256``,
+        ``spec_sha256``, ``blob``, ``created`` and ``writer``; stored keys are skipped. Returns the
+        keys written."""
+        items = list(items)
+        for row, _ in items:
+            missing = [n for n in SCHEMA.names if n not in row and n not in _FILLED]
+            if missing:
+                raise ConfigError(f"manifest row {row.get('key')!r} lacks fields {missing}")
+            if class_of_key(row["key"]) not in (None, int(row["class_id"])):
+                raise ConfigError(f"key {row['key']!r} names another class than {row['class_id']}")
+        if self._rows is not None or self._keys is not None:
+            stored = self.keys()
+        else:                             # only the key column of the partitions these rows go to
+            stored = set().union(*(self._class_keys(c) for c in {int(r["class_id"]) for r, _ in items}))
+        fresh, seen = [], set()
+        for row, weights in items:
+            if row["key"] not in stored and row["key"] not in seen:
+                seen.add(row["key"])
+                fresh.append((row, weights))
+        self._append(fresh)
+        return [r["key"] for r, _ in fresh]
+
+    def _append(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
+        """Blobs first, then one manifest part per class: a row is never visible before its blob."""
+        blobs: dict[str, bytes] = {}
+        rows = []
+        now = time.time()
+        for row, weights in items:
+            sha = sha256_bytes(weights)
+            blobs[sha] = weights
+            rows.append({**row, "sha256": sha, "blob": f"blobs/{sha}.safetensors",
+                         "spec_sha256": sha256_bytes(row["spec"].encode()), "created": now,
+                         "writer": self.writer})
+        self._each(lambda kv: self._write(self._path("blobs", f"{kv[0]}.safetensors"), kv[1]),
+                   list(blobs.items()))
+        by_class: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            by_class[int(row["class_id"])].append(row)
+        for c, group in sorted(by_class.items()):
+            name = f"part-{time.time_ns()}-{_safe(self.writer)}-{uuid.uuid4().hex[:8]}.parquet"
+            self._write_part(c, name, pa.Table.from_pylist(group, schema=SCHEMA))
+        for row in rows:
+            if self._rows is not None:
+                self._rows.setdefault(row["key"], row)
+            if self._keys is not None:
+                self._keys.add(row["key"])
+            if int(row["class_id"]) in self._classes:
+                self._classes[int(row["class_id"])].setdefault(row["key"], row)
+
+    def _write_part(self, class_id: int, name: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=ROW_GROUP)
+        self._write(self._path("manifest", f"{PARTITION}={int(class_id)}", name),
+                    sink.getvalue().to_pybytes())
+
+    def _each(self, fn, items: list) -> None:
+        """``fn`` over ``items``, in parallel threads when there are many (object-store latency)."""
+        if len(items) > 1:
+            with ThreadPoolExecutor(min(16, len(items))) as ex:
+                list(ex.map(fn, items))
+        else:
+            for item in items:
+                fn(item)
 
     def blobs(self, key: str) -> tuple[bytes, bytes]:
         """(spec JSON, weights) of a stored fragment, both checked against the manifest."""
-        row = self.rows().get(key)
+        row = self.lookup(key)
         if row is None:
             raise ArtifactNotFoundError(f"fragment {key} is not in {self}")
         spec_json = row["spec"].encode()
@@ -219,23 +408,88 @@ class FragmentStore:
         return [FragmentSpec.from_json(r["spec"]) for r in (rows or self.rows().values())]
 
     def compact(self) -> int:
-        """Fold every manifest part into one file (duplicates dropped); returns parts removed."""
-        parts = self._parts()
-        if len(parts) <= 1:
+        """Fold each partition's parts into one part sorted by key (one row per key), moving the
+        rows of flat old-layout parts into their partitions; returns the number of parts removed.
+
+        Safe beside writers and other compactions: only the parts listed here and read whole are
+        deleted, and only after every compacted part is written. A part written meanwhile is not
+        listed, so it stays; a listed part that vanished was folded by another compaction, whose
+        part this one did not list and so leaves alone."""
+        t0 = time.perf_counter()
+        groups: dict[int | None, list[str]] = defaultdict(list)
+        for p in self._parts():
+            groups[self._where(p)].append(p)
+        flat = groups.pop(None, [])
+        tables, read, _ = self._read_parts(flat)
+        classes = {c for c, ps in groups.items() if len(ps) > 1}
+        for t in tables:
+            if t[PARTITION].null_count:
+                raise IntegrityError(f"a flat manifest part of {self} has rows without a class_id")
+            classes.update(pc.unique(t[PARTITION]).to_pylist())
+        if not classes:
             return 0
+        more, more_read, _ = self._read_parts(sorted(p for c in classes for p in groups.get(c, [])))
+        tables, read = tables + more, read + more_read
+        table = _unique(pa.concat_tables(tables)) if tables else SCHEMA.empty_table()
+        stamp = f"part-{time.time_ns()}-compact-{uuid.uuid4().hex[:8]}"
+        by_class = {c: table.filter(pc.equal(table[PARTITION], c)) for c in sorted(classes)}
+        written = [(c, t) for c, t in by_class.items() if t.num_rows]   # none if all vanished
+        self._each(lambda ct: self._write_part(ct[0], f"{stamp}.parquet", ct[1]), written)
+        self._each(self._delete, read)   # every row of these is in a part written above
         self.refresh()
-        rows = list(self.rows().values())
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink)
-        name = f"part-{time.time_ns()}-compact-{uuid.uuid4().hex[:8]}.parquet"
-        self._write(self._path("manifest", name), sink.getvalue().to_pybytes())
-        for p in parts:  # the new part holds every row of these, so removing them loses nothing
-            try:
-                self.fs.delete_file(p)
-            except OSError as e:
-                log.warning("could not remove compacted part %s: %s", p, e)
-        self.refresh()
-        return len(parts)
+        log.info("compacted %d manifest parts of %s into %d (%d rows) in %.2f s", len(read), self,
+                 len(written), table.num_rows, time.perf_counter() - t0)
+        return len(read)
+
+    def _delete(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass                      # another compaction removed it after folding it
+        except OSError as e:
+            if not _not_found(e):
+                log.warning("could not remove compacted part %s: %s", path, e)
+
+
+#: the manifest fields the store fills in itself when it writes rows
+_FILLED = ("sha256", "spec_sha256", "blob", "created", "writer")
+
+
+def _not_found(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, FileNotFoundError) or any(
+        s in text for s in ("not found", "no such", "does not exist", "nosuchkey"))
+
+
+def _groups_holding(pf: pq.ParquetFile, key: str) -> list[int] | None:
+    """Row groups whose key statistics admit ``key`` (None: no statistics, read the whole part)."""
+    idx = pf.schema_arrow.get_field_index("key")
+    out = []
+    for g in range(pf.metadata.num_row_groups):
+        st = pf.metadata.row_group(g).column(idx).statistics
+        if st is None or not st.has_min_max:
+            return None
+        if st.min <= key <= st.max:
+            out.append(g)
+    return out
+
+
+def _unique(table: pa.Table) -> pa.Table:
+    """One row per key, the earliest write (``created``, then ``writer``) winning; sorted by key."""
+    if table.num_rows < 2:
+        return table
+    t = table.sort_by([("key", "ascending"), ("created", "ascending"), ("writer", "ascending")])
+    keys = t["key"].combine_chunks()
+    first = pc.fill_null(pc.not_equal(keys[1:], keys[:-1]), True)
+    return t.filter(pa.concat_arrays([pa.array([True]), first]))
+
+
+def _as_rows(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """key -> row, one per key, in write order."""
+    t = _unique(table).sort_by([("created", "ascending"), ("writer", "ascending")])
+    names = t.column_names                # column by column: ~2x faster than Table.to_pylist
+    return {r["key"]: r for r in (dict(zip(names, values))
+                                  for values in zip(*(t[n].to_pylist() for n in names)))}
 
 
 def _safe(text: str) -> str:
