@@ -72,8 +72,10 @@ class SlicerActor:
 
         spec = self.market.spec(model_id)
         key = job_pair_key(spec, class_id, self.config, self.k, self.seed, self.mode)
-        if recheck and self.store.refresh().has(key):
-            return {"key": key, "status": "skipped", **self._row(self.store.rows()[key])}
+        if recheck:
+            row = self.store.refresh().lookup(key)     # reads only the key's class partition
+            if row is not None:
+                return {"key": key, "status": "skipped", **self._row(row)}
         if self.mode == NOOP_BENCHMARK:
             frag = noop_fragment(spec, class_id, self.config, self.k, self.seed, self.noop_kb)
         else:

@@ -152,11 +152,18 @@ class FragmentStore:
             raise StoreError(f"cannot read {what} {path} from {self}: {e}") from e
 
     def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
-        try:
-            return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True,
-                                                           recursive=recursive))
-        except OSError as e:
-            raise StoreError(f"cannot list the manifest of {self}: {e}") from e
+        """List a manifest folder. A recursive listing can race a writer creating or a compaction
+        emptying a subfolder ("Cannot list directory ...: No such file"); that is retried."""
+        for attempt in range(5):
+            try:
+                return self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True,
+                                                               recursive=recursive))
+            except OSError as e:
+                if attempt < 4 and _not_found(e):
+                    time.sleep(0.02 * (attempt + 1))
+                    continue
+                raise StoreError(f"cannot list the manifest of {self}: {e}") from e
+        raise AssertionError("unreachable")
 
     def _where(self, path: str) -> int | None | bool:
         """A part's partition: its class id, None for a flat (old-layout) part, False if the
