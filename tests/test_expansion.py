@@ -150,3 +150,24 @@ def test_holders_mode_is_checked():
         ExpansionConfig(holders="everyone")
     with pytest.raises(ConfigError, match="merge"):
         run_expansion(ExpansionConfig(task="T7", holders="own"), build=False)
+
+
+def test_one_per_model_count_and_sampler_on_small_markets():
+    """T of "6 of N models, one class each, distinct classes" by DP equals brute force; on
+    T3-C10 (size = N) it is the 464 of the method notes; samples are valid and distinct."""
+    from snp_ray.expansion.estimate import count_one_per_model, sample_one_per_model
+    from snp_ray.market.tasks import get_task
+
+    small = [[0, 1], [1, 2], [2, 3], [0, 3], [1, 3]]
+    for size in (1, 2, 3, 4):
+        brute = {frozenset(zip(ms, cs)) for ms in itertools.combinations(range(5), size)
+                 for cs in itertools.product(*(small[m] for m in ms)) if len(set(cs)) == size}
+        assert count_one_per_model(small, size) == len(brute)
+    assert count_one_per_model(get_task("T3-C10").model_classes, 5) == 464
+    m50 = get_task("C10-M50").model_classes
+    combos = sample_one_per_model(m50, 6, 50, seed=0)
+    assert len({tuple(c) for c in combos}) == 50
+    for combo in combos:
+        assert len({m for m, _ in combo}) == 6 and len({c for _, c in combo}) == 6
+        assert all(c in m50[m] for m, c in combo)
+    assert combos == sample_one_per_model(m50, 6, 50, seed=0)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from snp_ray.artifacts import atomic_write_bytes, save_figure
 from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError, UnknownNameError
@@ -122,6 +124,38 @@ def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pa
     keys = [f.spec.key for f in packed.fragments]
     cached = dict(zip(keys, ray.get([features[key] for key in keys])))
     return accuracy_from_features(packed, cached)
+
+
+def count_one_per_model(model_classes: list[list[int]], size: int) -> int:
+    """T for one-class-per-model combinations of ``size``: sets of ``size`` (model, class) pairs,
+    distinct models and distinct classes. Exact, by dynamic programming over class subsets."""
+    ways = {(0, 0): 1}                        # (classes used bitmask, models used) -> count
+    for cs in model_classes:
+        nxt = dict(ways)
+        for (mask, n), w in ways.items():
+            if n == size:
+                continue
+            for c in cs:
+                if not mask >> c & 1:
+                    key = (mask | 1 << c, n + 1)
+                    nxt[key] = nxt.get(key, 0) + w
+        ways = nxt
+    return sum(w for (_, n), w in ways.items() if n == size)
+
+
+def sample_one_per_model(model_classes: list[list[int]], size: int, n: int, seed: int
+                         ) -> list[list[tuple[int, int]]]:
+    """``n`` distinct seeded combinations: ``size`` distinct models, one class drawn from each
+    (uniformly among its classes), all classes distinct; as sorted (model index, class) pairs.
+    When every model holds equally many classes, each of the T combinations is equally likely."""
+    rng = np.random.default_rng(seed)
+    seen: dict[tuple, None] = {}
+    while len(seen) < n:
+        models = rng.choice(len(model_classes), size, replace=False)
+        combo = tuple(sorted((int(m), int(rng.choice(model_classes[m]))) for m in models))
+        if len({c for _, c in combo}) == size:
+            seen.setdefault(combo, None)
+    return [list(c) for c in seen]
 
 
 def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
