@@ -33,7 +33,7 @@ PRESETS: dict[str, JobPreset] = {p.name: p for p in [
               k=5, store="runs/smoke", slice_preset="smoke"),
     JobPreset("market50", MarketConfig(task="C10-M50", arch="vgg11", width=0.125,
                                        train=TrainConfig(epochs=8), ks=[5, 10]),
-              k=10, store="runs/market50"),
+              k=10, store="runs/market50", slice_preset="fast"),
     JobPreset("market12", MarketConfig(task="C10-M12", arch="vgg11", width=0.125,
                                        train=TrainConfig(epochs=1, train_fraction=0.25), ks=[5]),
               k=5, store="runs/market12", slice_preset="smoke"),
