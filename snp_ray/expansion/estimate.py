@@ -69,11 +69,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rates(accs: list[float], total: int, n_models: int, z: float = 1.96) -> dict[str, Any]:
-    """p(e), its Wilson band and R(e) = p(e) T / N over the e grid."""
+def rates(accs: list[float], total: int, n_models: int, z: float = 1.96,
+          grid: list[float] | None = None) -> dict[str, Any]:
+    """p(e), its Wilson band and R(e) = p(e) T / N over the e grid (default 0 to 0.5)."""
     s = len(accs)
     out: dict[str, dict[str, float]] = {"p": {}, "p_low": {}, "p_high": {}, "R": {}, "R_low": {}, "R_high": {}}
-    for e in E_GRID:
+    for e in grid or E_GRID:
         hits = sum(a >= 1 - e - 1e-12 for a in accs)
         lo, hi = wilson(hits, s, z)
         p = hits / s if s else 0.0
