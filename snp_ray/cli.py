@@ -240,6 +240,10 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--shared", choices=["merge", "best"], default="merge",
                    help="two fragments of one class: both feed it, or keep the better one")
+    p.add_argument("--plan", default="", help="plan the fragments per class: best, top-<m> "
+                   "(e.g. top-2) or all, scored on held-out few-shot data only (overrides --shared)")
+    p.add_argument("--plan-samples", choices=["chosen", "union"], default="chosen",
+                   help="with --plan: train on the chosen fragments' own k shots, or every holder's")
     p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
     p.add_argument("--out", default="", help="folder to save the packed model in")
 
@@ -255,8 +259,19 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     cfg = preset_pack_config(a.preset, shared=a.shared,
                              **({"delta": a.delta} if a.delta is not None else {}))
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
-    packed = pack_request(Market(a.store), requested, a.k, slice_preset(a.preset), cfg, a.seed)
+    market, plan = Market(a.store), None
+    if a.plan:                 # choose first, on few-shot data only; the test split comes after
+        from snp_ray.packing.planner import PlanConfig, pack_planned, plan_request
+        from snp_ray.packing.request import resolve_classes
+
+        plan = plan_request(market, resolve_classes(market, requested), a.k, slice_preset(a.preset),
+                            PlanConfig(policy=a.plan, samples=a.plan_samples), a.seed)
+        packed = pack_planned(market, plan, a.k, cfg, a.seed)
+    else:
+        packed = pack_request(market, requested, a.k, slice_preset(a.preset), cfg, a.seed)
     result = evaluate_pack(packed)
+    if plan is not None:
+        result["plan"] = plan.to_dict()
     if a.out:
         packed.save(a.out)
         result["path"] = a.out
@@ -472,6 +487,9 @@ def _expansion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help="slice preset")
     p.add_argument("--out", default="results/expansion")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holders", choices=["own", "merge"], default="own",
+                   help="own (default, method notes): each class packs only the fragment of the model "
+                        "it was drawn from, with exactly k shots; merge: every holder's fragment and shots")
 
 
 @command("expansion", "estimate the market's equivalent expansion rate R(e) (Figure 6)", _expansion_args)
@@ -480,11 +498,12 @@ def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
 
     cfg = ExpansionConfig(task=a.task, market=a.market or f"runs/expansion/{a.task}",
                           ks=[int(k) for k in a.k.split(",") if k], combos=a.combos, seed=a.seed,
-                          slice_preset=a.preset, out=a.out)
+                          slice_preset=a.preset, out=a.out, holders=a.holders)
     result = run_expansion(cfg)
     paths = write_outputs(result, a.out)
     print(open(paths["md"]).read())
-    return {"T": result["T"], "N": result["N"], "S": result["S"], "paths": paths,
+    return {"T": result["T"], "N": result["N"], "S": result["S"], "holders": result["holders"],
+            "paths": paths,
             "k": {k: {"p": {e: r["p"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
                       "R": {e: r["R"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
                       "mean_acc": r["mean_acc"]} for k, r in result["k"].items()}}

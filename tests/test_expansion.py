@@ -33,6 +33,7 @@ def test_expansion_job_outputs_and_resume(smoke_market, tmp_path):
                           pack_epochs=2, out=str(tmp_path / "out"))
     result = run_expansion(cfg, build=False)
     assert (result["T"], result["N"], result["S"]) == (36, 3, 4)
+    assert result["holders"] == "own"                         # the method notes' default
     assert len(result["k"]["5"]["accuracies"]) == 4
     paths = write_outputs(result, tmp_path / "out")
     data = json.loads(open(paths["json"]).read())
@@ -43,6 +44,7 @@ def test_expansion_job_outputs_and_resume(smoke_market, tmp_path):
         assert data["k"]["5"]["p"][e] == hits / 4
         assert math.isclose(data["k"]["5"]["R"][e], hits / 4 * 36 / 3)
     assert open(paths["figure6"], "rb").read(4) == b"\x89PNG"
+    assert "Holders: **own**" in open(paths["md"]).read()
     (log,) = (tmp_path / "out" / "T1").glob("accuracies-k5-*.jsonl")
     assert len(log.read_text().splitlines()) == 4
     again = run_expansion(cfg, build=False)          # everything done: nothing recomputed
@@ -110,3 +112,62 @@ def test_cached_test_features_give_the_same_accuracy(smoke_market):
     # the same computation; only batch sizes differ (1000 vs 512), so allow 3 of 3000 rows to
     # flip on a float tie rather than assert bit-equality
     assert abs(accuracy_from_features(packed, cached) - pack_accuracy(packed)) <= 1e-3
+
+
+def test_own_holders_pack_one_fragment_and_exactly_k_shots_per_class(text_market):
+    """Issue 14: a combination's class packs only the fragment of the model it was drawn from,
+    with that model's k shots. T7's class 2 is held by both models: merging would give it two
+    fragments and 2k shots; the default must give one and k."""
+    import numpy as np
+
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.request import assignment_samples, pack_assignment, pack_request
+
+    root, specs, scfg = text_market
+    market, k = Market(root), 5
+    m0, m1 = sorted(specs, key=lambda s: s.index)
+    assert 2 in m0.classes and 2 in m1.classes                  # the shared class
+    assignment = [(m0.id, 2), (m1.id, 3)]
+    samples = assignment_samples(market, assignment, k)
+    assert np.bincount(samples.labels, minlength=5).tolist() == [0, 0, k, k, 0]
+    own_rows = set(market.fewshot(m0.id, k).of_class(2).row_ids.tolist())
+    assert len(own_rows) == k
+    packed = pack_assignment(market, assignment, k, scfg, PackConfig(epochs=2, hidden=8))
+    assert [(f.spec.source_model, f.spec.class_id) for f in packed.fragments] == assignment
+    assert packed.spec.metrics["train_samples"] == 2 * k
+    merged = pack_request(market, [2, 3], k, scfg, PackConfig(epochs=2, hidden=8))
+    assert len(merged.fragments) == 3                            # the option it replaced
+    assert merged.spec.metrics["train_samples"] == 3 * k         # class 2: 2k shots
+
+
+def test_holders_mode_is_checked():
+    import pytest
+
+    from snp_ray.errors import ConfigError, UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="holders mode"):
+        ExpansionConfig(holders="everyone")
+    with pytest.raises(ConfigError, match="merge"):
+        run_expansion(ExpansionConfig(task="T7", holders="own"), build=False)
+
+
+def test_one_per_model_count_and_sampler_on_small_markets():
+    """T of "6 of N models, one class each, distinct classes" by DP equals brute force; on
+    T3-C10 (size = N) it is the 464 of the method notes; samples are valid and distinct."""
+    from snp_ray.expansion.estimate import count_one_per_model, sample_one_per_model
+    from snp_ray.market.tasks import get_task
+
+    small = [[0, 1], [1, 2], [2, 3], [0, 3], [1, 3]]
+    for size in (1, 2, 3, 4):
+        brute = {frozenset(zip(ms, cs)) for ms in itertools.combinations(range(5), size)
+                 for cs in itertools.product(*(small[m] for m in ms)) if len(set(cs)) == size}
+        assert count_one_per_model(small, size) == len(brute)
+    assert count_one_per_model(get_task("T3-C10").model_classes, 5) == 464
+    m50 = get_task("C10-M50").model_classes
+    combos = sample_one_per_model(m50, 6, 50, seed=0)
+    assert len({tuple(c) for c in combos}) == 50
+    for combo in combos:
+        assert len({m for m, _ in combo}) == 6 and len({c for _, c in combo}) == 6
+        assert all(c in m50[m] for m, c in combo)
+    assert combos == sample_one_per_model(m50, 6, 50, seed=0)

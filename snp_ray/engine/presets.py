@@ -1,6 +1,8 @@
 """Named job presets: a market to train (or reuse) and the few-shot size to slice it with.
 
 ``quickstart`` is what ``make run`` does; ``smoke`` is a tiny, fast version for tests.
+``market50`` is a market of 50 developers (issue #14: CIFAR-10, 4 random classes each, disjoint
+train shards, VGG11 x 1/8, few epochs); ``market12`` is its 12-model smoke version for tests.
 """
 from __future__ import annotations
 
@@ -29,6 +31,12 @@ PRESETS: dict[str, JobPreset] = {p.name: p for p in [
     JobPreset("smoke", MarketConfig(task="T1", arch="vgg11", width=0.125,
                                     train=TrainConfig(epochs=1, train_fraction=0.04), ks=[5, 10]),
               k=5, store="runs/smoke", slice_preset="smoke"),
+    JobPreset("market50", MarketConfig(task="C10-M50", arch="vgg11", width=0.125,
+                                       train=TrainConfig(epochs=8), ks=[5, 10]),
+              k=10, store="runs/market50", slice_preset="fast"),
+    JobPreset("market12", MarketConfig(task="C10-M12", arch="vgg11", width=0.125,
+                                       train=TrainConfig(epochs=1, train_fraction=0.25), ks=[5]),
+              k=5, store="runs/market12", slice_preset="smoke"),
 ]}
 
 

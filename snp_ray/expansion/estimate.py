@@ -4,6 +4,12 @@ Sample S class combinations (one class from each of the task's N models, all dis
 them when there are T <= S), pack and test each, and estimate p(e) = #{acc >= 1 - e} / S, with a
 Wilson band, and R(e) = p(e) * T / N. Each combination's accuracy is appended to a JSON-lines file
 as soon as it is known, so a killed run resumes where it stopped.
+
+Holders (issue #14): by default a combination packs, for each class, only the fragment of the
+model the class was drawn from, with that model's k shots of it (``holders="own"``), as the method
+notes define a combination. ``holders="merge"`` is the earlier behaviour: every holder of a
+class feeds it with its fragment and its own k shots, so a class held twice trains on 2k shots;
+its output is labelled and written beside, never over, the default's.
 """
 from __future__ import annotations
 
@@ -17,13 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from snp_ray.artifacts import atomic_write_bytes, save_figure
 from snp_ray.config import Config, check_range
+from snp_ray.errors import ConfigError, UnknownNameError
 from snp_ray.market.tasks import count_combinations, get_task, target_sets
 
 log = logging.getLogger(__name__)
 
 E_GRID = [round(0.01 * i, 2) for i in range(51)]
+HOLDERS = {"own": "one fragment per class: the model it was drawn from, exactly k shots",
+           "merge": "merged holders: every holder's fragment and k shots (2k for a class held twice)"}
 
 
 @dataclass
@@ -37,9 +48,12 @@ class ExpansionConfig(Config):
     pack_epochs: int = 200
     out: str = "results/expansion"
     z: float = 1.96                       # Wilson band width (95 %)
+    holders: str = "own"                  # own (method notes) or merge (every holder; labelled)
 
     def validate(self) -> None:
         get_task(self.task)
+        if self.holders not in HOLDERS:
+            raise UnknownNameError("holders mode", self.holders, list(HOLDERS))
         check_range("ExpansionConfig", "combos", self.combos, 1, 1_000_000)
         check_range("ExpansionConfig", "z", self.z, 0.0, 10.0, lo_open=True)
 
@@ -55,11 +69,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def rates(accs: list[float], total: int, n_models: int, z: float = 1.96) -> dict[str, Any]:
-    """p(e), its Wilson band and R(e) = p(e) T / N over the e grid."""
+def rates(accs: list[float], total: int, n_models: int, z: float = 1.96,
+          grid: list[float] | None = None) -> dict[str, Any]:
+    """p(e), its Wilson band and R(e) = p(e) T / N over the e grid (default 0 to 0.5)."""
     s = len(accs)
     out: dict[str, dict[str, float]] = {"p": {}, "p_low": {}, "p_high": {}, "R": {}, "R_low": {}, "R_high": {}}
-    for e in E_GRID:
+    for e in grid or E_GRID:
         hits = sum(a >= 1 - e - 1e-12 for a in accs)
         lo, hi = wilson(hits, s, z)
         p = hits / s if s else 0.0
@@ -85,9 +100,11 @@ def _fragment_features(market: str, key: str, dataset: str, env: dict[str, str])
 
 
 def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pack_cfg: dict,
-                    env: dict[str, str], features: dict[str, Any]) -> float:
+                    env: dict[str, str], features: dict[str, Any],
+                    assignment: list[tuple[str, int]] | None = None) -> float:
     """One Ray task: pack a combination from the stored fragments and test it on the cached
-    test features of its fragments."""
+    test features of its fragments. With ``assignment`` ((model, class) pairs), exactly those
+    fragments and their models' k shots; without, every holder of each class (merge)."""
     import ray
     import torch
 
@@ -96,14 +113,50 @@ def _evaluate_combo(market: str, classes: list[int], k: int, slice_cfg: dict, pa
     from snp_ray.evaluation.packs import accuracy_from_features
     from snp_ray.market import Market
     from snp_ray.packing import PackConfig
-    from snp_ray.packing.request import pack_request
+    from snp_ray.packing.request import pack_assignment, pack_request
     from snp_ray.slicing import SliceConfig
 
-    packed = pack_request(Market(market), classes, k, SliceConfig.from_dict(slice_cfg),
-                          PackConfig.from_dict(pack_cfg), seed=0)
+    if assignment is not None:
+        packed = pack_assignment(Market(market), [tuple(a) for a in assignment], k,
+                                 SliceConfig.from_dict(slice_cfg), PackConfig.from_dict(pack_cfg), seed=0)
+    else:
+        packed = pack_request(Market(market), classes, k, SliceConfig.from_dict(slice_cfg),
+                              PackConfig.from_dict(pack_cfg), seed=0)
     keys = [f.spec.key for f in packed.fragments]
     cached = dict(zip(keys, ray.get([features[key] for key in keys])))
     return accuracy_from_features(packed, cached)
+
+
+def count_one_per_model(model_classes: list[list[int]], size: int) -> int:
+    """T for one-class-per-model combinations of ``size``: sets of ``size`` (model, class) pairs,
+    distinct models and distinct classes. Exact, by dynamic programming over class subsets."""
+    ways = {(0, 0): 1}                        # (classes used bitmask, models used) -> count
+    for cs in model_classes:
+        nxt = dict(ways)
+        for (mask, n), w in ways.items():
+            if n == size:
+                continue
+            for c in cs:
+                if not mask >> c & 1:
+                    key = (mask | 1 << c, n + 1)
+                    nxt[key] = nxt.get(key, 0) + w
+        ways = nxt
+    return sum(w for (_, n), w in ways.items() if n == size)
+
+
+def sample_one_per_model(model_classes: list[list[int]], size: int, n: int, seed: int
+                         ) -> list[list[tuple[int, int]]]:
+    """``n`` distinct seeded combinations: ``size`` distinct models, one class drawn from each
+    (uniformly among its classes), all classes distinct; as sorted (model index, class) pairs.
+    When every model holds equally many classes, each of the T combinations is equally likely."""
+    rng = np.random.default_rng(seed)
+    seen: dict[tuple, None] = {}
+    while len(seen) < n:
+        models = rng.choice(len(model_classes), size, replace=False)
+        combo = tuple(sorted((int(m), int(rng.choice(model_classes[m]))) for m in models))
+        if len({c for _, c in combo}) == size:
+            seen.setdefault(combo, None)
+    return [list(c) for c in seen]
 
 
 def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
@@ -115,6 +168,9 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     from snp_ray.runtime import ensure_ray
 
     task = get_task(cfg.task)
+    if cfg.holders == "own" and task.target_mode != "one_per_model":
+        raise ConfigError(f"holders='own' draws one class from each model; task {cfg.task} "
+                          f"requests all its classes at once (use holders='merge')")
     if build and not (Path(cfg.market) / "market.json").is_file():   # an existing market is used as is
         build_market(market_config(cfg.task, task.default_arch, ks=cfg.ks), cfg.market, progress=False)
     total, n_models = count_combinations(task), task.num_models
@@ -134,10 +190,24 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
 
     scfg = slice_preset(cfg.slice_preset)
     pcfg = preset_pack_config(cfg.slice_preset, epochs=cfg.pack_epochs, seed=cfg.seed)
-    # the log is tied to everything that decides an accuracy: rerunning with another preset or
-    # packing setting starts a new log instead of reusing stale accuracies
-    tag = hashlib.sha256(f"{scfg.digest()}|{pcfg.digest()}".encode()).hexdigest()[:10]
+    # the log is tied to everything that decides an accuracy: rerunning with another preset,
+    # packing setting or holders mode starts a new log instead of reusing stale accuracies
+    # (merge keeps the tag it had before the holders mode existed, so its old logs still count)
+    tag_text = f"{scfg.digest()}|{pcfg.digest()}" + ("" if cfg.holders == "merge" else f"|{cfg.holders}")
+    tag = hashlib.sha256(tag_text.encode()).hexdigest()[:10]
+    by_index = {s.index: s for s in mk.specs() if s.task == cfg.task}
+    if cfg.holders == "own" and sorted(by_index) != list(range(n_models)):
+        raise ConfigError(f"market {cfg.market} does not hold models 0..{n_models - 1} of task "
+                          f"{cfg.task} (found indices {sorted(by_index)})")
+
+    def pairs(combo: list[int]) -> list[tuple[Any, int]]:
+        """(model spec, class) of every fragment the combination packs."""
+        if cfg.holders == "own":
+            return [(by_index[i], c) for i, c in enumerate(combo)]
+        return [(spec, c) for c in combo for spec in mk.holders(c)]
+
     result: dict[str, Any] = {"task": cfg.task, "T": total, "N": n_models, "S": len(combos),
+                              "holders": cfg.holders, "holders_label": HOLDERS[cfg.holders],
                               "k": {}, "config": cfg.to_dict()}
     for k in cfg.ks:
         run_slice_job(SliceJobConfig(market=cfg.market, k=k, preset=cfg.slice_preset))
@@ -145,12 +215,11 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
         done = _read_done(log_path, compact=True)
         todo = [c for c in combos if tuple(c) not in done]
         t0 = time.perf_counter()
-        needed = {c for combo in todo for c in combo}
-        features = {pair_key(spec, c, scfg, k, 0): None for spec in mk.specs()
-                    for c in spec.classes if c in needed}
+        features = {pair_key(spec, c, scfg, k, 0): None for combo in todo for spec, c in pairs(combo)}
         features = {key: featurize.remote(cfg.market, key, task.dataset, env) for key in features}
-        refs = {remote.remote(cfg.market, c, k, scfg.to_dict(), pcfg.to_dict(), env,
-                              features): c for c in todo}
+        refs = {remote.remote(cfg.market, c, k, scfg.to_dict(), pcfg.to_dict(), env, features,
+                              [(s.id, cl) for s, cl in pairs(c)] if cfg.holders == "own" else None): c
+                for c in todo}
         pending = list(refs)
         with open(log_path, "a") as fh:
             while pending:
@@ -190,9 +259,13 @@ def _read_done(path: Path, compact: bool = False) -> dict[tuple[int, ...], float
 
 
 def write_outputs(result: dict[str, Any], out: str | Path) -> dict[str, str]:
-    folder = Path(out) / result["task"]
+    """expansion.json, expansion.md and figure6.png in ``<out>/<task>`` (``<task>-merge`` for
+    the merged-holders option, so it never replaces the default's files)."""
+    holders = result.get("holders", "merge")
+    folder = Path(out) / (result["task"] if holders == "own" else f"{result['task']}-{holders}")
     atomic_write_bytes(folder / "expansion.json", json.dumps(result, indent=1).encode())
     lines = [f"# Equivalent expansion rate: {result['task']}", "",
+             f"Holders: **{holders}** ({HOLDERS.get(holders, holders)}).", "",
              f"T = {result['T']} combinations, N = {result['N']} original models, "
              f"S = {result['S']} sampled (all of them when T <= S).", "",
              "| k | mean acc | p(0.2) | R(0.2) [95 % band] | p(0.3) | R(0.3) [95 % band] |",
@@ -222,7 +295,8 @@ def figure6(result: dict[str, Any], path: Path) -> str:
     ax.set_yscale("log")
     ax.set_xlabel("acceptable error e")
     ax.set_ylabel("equivalent expansion rate R(e)")
-    ax.set_title(f"{result['task']}: R(e) = p(e) T / N (T={result['T']}, N={result['N']})")
+    ax.set_title(f"{result['task']}: R(e) = p(e) T / N (T={result['T']}, N={result['N']})\n"
+                 f"holders: {result.get('holders', 'merge')}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)

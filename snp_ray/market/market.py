@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot
 from snp_ray.artifacts import read_bytes, sha256_bytes
 from snp_ray.data.tables import Split, read_split, split_from_bytes
 from snp_ray.errors import ArtifactNotFoundError, DataError, IntegrityError
 from snp_ray.market.modelstore import ModelSpec, ModelStore
+from snp_ray.market.tasks import TASKS, shard_rows
 from snp_ray.models import Classifier
 
 
@@ -77,6 +80,11 @@ class Market:
             manifest = sample_k_shot(upload.labels, spec.classes, k, mseed, spec.dataset, "upload")
         else:
             labels = self.train_split(spec.dataset).labels
+            task = TASKS.get(spec.task)
+            if task is not None and task.shards:    # drawn from the developer's own shard only
+                inside = np.zeros(labels.shape[0], dtype=bool)
+                inside[shard_rows(task, spec.index, labels)] = True
+                labels = np.where(inside, labels, -1)
             manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
         self.store.save_manifest(model_id, manifest)
         return manifest

@@ -22,7 +22,7 @@ CIFAR100_FINE_TO_COARSE = [
     17, 4, 18, 17, 10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2,
     4, 6, 19, 5, 5, 8, 19, 18, 1, 2, 15, 6, 0, 17, 8, 14, 13]
 
-TARGET_MODES = ("one_per_model", "all")
+TARGET_MODES = ("one_per_model", "all", "request")
 
 
 @dataclass
@@ -33,10 +33,15 @@ class TaskConfig(Config):
     target_mode: str                 # one_per_model: one class from each model; all: every class
     default_arch: str
     description: str = ""
+    shards: bool = False             # each model trains on its own disjoint shard of the train rows
+    request_size: int = 0            # target_mode "request": classes per request (any holders)
 
     def validate(self) -> None:
         if self.target_mode not in TARGET_MODES:
             raise ConfigError(f"TaskConfig.target_mode must be one of {TARGET_MODES}")
+        if self.target_mode == "request" and not 1 <= self.request_size <= len(self.classes):
+            raise ConfigError(f"task {self.name}: request_size must be in [1, {len(self.classes)}], "
+                              f"got {self.request_size}")
         if not self.model_classes or any(len(c) < 2 for c in self.model_classes):
             raise ConfigError(f"task {self.name}: every model needs at least two classes")
         if any(len(set(c)) != len(c) for c in self.model_classes):
@@ -73,6 +78,29 @@ def _random_partition(n_classes: int, n_models: int, seed: int) -> list[list[int
 
 PARTITION_SEED = 2025
 
+
+def _random_classes(n_classes: int, n_models: int, per_model: int, seed: int) -> list[list[int]]:
+    """Each model draws ``per_model`` distinct classes at random (models may overlap; a market
+    of many developers holds every class many times)."""
+    rng = np.random.default_rng(seed)
+    return [sorted(int(c) for c in rng.choice(n_classes, per_model, replace=False))
+            for _ in range(n_models)]
+
+
+def shard_rows(task: "TaskConfig", index: int, labels: np.ndarray) -> np.ndarray:
+    """Train-split rows of model ``index``'s own shard (sorted): every class's rows are split,
+    by a seeded permutation, into equal disjoint parts, one per model holding the class, so no
+    two models see the same image. Training and few-shot sampling both draw from it."""
+    if not task.shards:
+        raise ConfigError(f"task {task.name} has no disjoint shards")
+    rows = []
+    for c in task.model_classes[index]:
+        holders = task.holders(c)
+        idx = np.flatnonzero(labels == c)
+        perm = idx[np.random.default_rng([PARTITION_SEED, int(c)]).permutation(idx.size)]
+        rows.append(np.array_split(perm, len(holders))[holders.index(index)])
+    return np.sort(np.concatenate(rows))
+
 TASKS: dict[str, TaskConfig] = {t.name: t for t in [
     TaskConfig("T1", "cifar10", [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], "one_per_model", "vgg11",
                "CIFAR-10, 3 models"),
@@ -87,6 +115,12 @@ TASKS: dict[str, TaskConfig] = {t.name: t for t in [
     TaskConfig("T6", "trec", [[0, 1, 2], [3, 4, 5]], "all", "gru", "TREC, 2 RNN models"),
     TaskConfig("T7", "sst5", [[0, 1, 2], [2, 3, 4]], "all", "textcnn",
                "SST-5, 2 TextCNN models sharing class 2"),
+    TaskConfig("C10-M50", "cifar10", _random_classes(10, 50, 4, PARTITION_SEED), "request", "vgg11",
+               "CIFAR-10, 50 developers' models of 4 random classes, disjoint train shards",
+               shards=True, request_size=6),
+    TaskConfig("C10-M12", "cifar10", _random_classes(10, 12, 4, PARTITION_SEED), "request", "vgg11",
+               "CIFAR-10, 12 models of 4 random classes, disjoint train shards (smoke)",
+               shards=True, request_size=6),
     TaskConfig("T3-C10", "cifar10", [sorted({(2 * i + j) % 10 for j in range(4)}) for i in range(5)],
                "one_per_model", "vgg11", "CIFAR-10, 5 models of 4 classes, each class held twice"),
 ]}
@@ -103,6 +137,8 @@ def combinations(task: TaskConfig) -> list[tuple[int, ...]]:
     """Every target class set of a one-class-per-model task (distinct classes), in order."""
     if task.target_mode == "all":
         return [tuple(task.classes)]
+    if task.target_mode == "request":
+        return list(itertools.combinations(task.classes, task.request_size))
     return [combo for combo in itertools.product(*task.model_classes) if len(set(combo)) == len(combo)]
 
 
@@ -112,6 +148,8 @@ def count_combinations(task: TaskConfig) -> int:
     disjoint = sum(map(len, sets)) == len(set().union(*sets))
     if task.target_mode == "all":
         return 1
+    if task.target_mode == "request":
+        return math.comb(len(task.classes), task.request_size)
     return math.prod(map(len, sets)) if disjoint else len(combinations(task))
 
 

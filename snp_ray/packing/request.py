@@ -61,6 +61,45 @@ def validation_auc(fragment: Fragment, samples: PackSamples) -> float:
         return roc_auc(fragment.class_score(raw).numpy(), labels)
 
 
+def assignment_samples(market: Market, assignment: list[tuple[str, int]], k: int,
+                       seed: int = 0) -> PackSamples:
+    """Exactly the k shots of each class that its model's developer uploaded: the samples of a
+    one-class-per-model combination (method notes section 5), never another holder's."""
+    classes = [c for _, c in assignment]
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"duplicate classes in the assignment {assignment}")
+    sets = []
+    for mid, c in assignment:
+        spec = market.spec(mid)
+        if c not in spec.classes:
+            raise ConfigError(f"class {c} is not held by model {mid} (it holds {spec.classes})")
+        sets.append(market.fewshot(mid, k, seed).of_class(c))
+    return PackSamples.from_fewshot(sets, classes)
+
+
+def pack_assignment(market: Market, assignment: list[tuple[str, int]], k: int,
+                    slice_cfg: SliceConfig, pack_cfg: PackConfig | None = None, seed: int = 0,
+                    store=None, fetch=None) -> PackedModel:
+    """Pack one fragment per class: for each ``(model id, class id)``, that model's fragment of
+    the class, trained on that model's k shots of it only. Unlike :func:`pack_request`, another
+    holder of the class contributes neither its fragment nor its samples, so k stays k."""
+    store = store or market_fragment_store(market)
+    fragments = []
+    for mid, c in assignment:
+        key = pair_key(market.spec(mid), c, slice_cfg, k, seed)
+        found = fetch(key) if fetch else None
+        if found is None:
+            if not store.has(key):
+                raise ArtifactNotFoundError(
+                    f"no fragment of class {c} from {mid} at k={k} with this slice config; slice "
+                    f"it first (snp slice --store {market.root} --k {k} --model {mid})")
+            found = store.get(key)
+        fragments.append(found)
+    samples = assignment_samples(market, assignment, k, seed)
+    classes = [c for _, c in assignment]
+    return Packer(pack_cfg or PackConfig()).pack(fragments, samples, classes)
+
+
 def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: SliceConfig,
                  pack_cfg: PackConfig | None = None, seed: int = 0,
                  warm_start: PackedModel | None = None, store=None, fetch=None) -> PackedModel:

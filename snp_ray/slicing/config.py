@@ -67,6 +67,8 @@ class SliceConfig(Config):
 PRESETS: dict[str, SliceConfig] = {
     "paper": SliceConfig(),
     "quick": SliceConfig(pool_epochs=8, adapt_epochs=8, combine_epochs=8),
+    # half of quick's epochs: what a 200-pair market (market50) can afford on a shared 2-core VM
+    "fast": SliceConfig(pool_epochs=4, adapt_epochs=4, combine_epochs=4),
     "smoke": SliceConfig(pool_epochs=1, adapt_epochs=1, combine_epochs=1),   # plumbing tests only
 }
 
