@@ -190,8 +190,8 @@ def test_bad_config_and_class():
         SliceConfig(beta=0)
     with pytest.raises(ConfigError, match="mode"):
         SliceConfig(mode="random")
-    with pytest.raises(UnknownNameError, match="paper, quick, smoke"):
-        slice_preset("fast")
+    with pytest.raises(UnknownNameError, match="fast, paper, quick, smoke"):
+        slice_preset("fastest")
     model, spec, fs = setup("vgg11")
     with pytest.raises(DataError, match="not a class"):
         Slicer(model, spec, fs, slice_preset("quick", **TINY)).slice_class(7)
