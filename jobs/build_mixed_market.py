@@ -78,13 +78,12 @@ def train_member(m: Member, a: argparse.Namespace, weights: Path) -> dict[str, A
     """The developer's side: train the family's model on its classes, save a safetensors file.
 
     Returns the input normalisation the developer used (given to ``snp market add``)."""
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
     from snp_ray.data.specs import ImageSpec
     from snp_ray.data.tables import dataset_class_names, read_split
-    from snp_ray.market.training import TrainConfig, fit_classifier, stratified_fraction
+    from snp_ray.market.training import TrainConfig, fit_classifier, training_rows
     from snp_ray.models.refs import build_external, parse_ref, ref_width
     from snp_ray.models.registry import build_model
 
@@ -94,12 +93,10 @@ def train_member(m: Member, a: argparse.Namespace, weights: Path) -> dict[str, A
     cfg = TrainConfig(epochs=max(1, round(m.epochs * a.epochs_scale)), seed=0,
                       train_fraction=a.train_fraction or m.train_fraction,
                       threads=a.threads or os.cpu_count() or 1)
-    rows = np.flatnonzero(np.isin(split.labels, ids))
-    rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
+    rows, y = training_rows(split, ids, cfg)
     fitted = ImageSpec.fit(split.images[rows])
     spec = ImageSpec(mean=fitted.mean, std=fitted.std, size=[m.input_size, m.input_size])
     x = spec.encode(split.images[rows])
-    y = torch.tensor([ids.index(int(c)) for c in split.labels[rows]], dtype=torch.long)
     torch.manual_seed(cfg.seed)
     ref = parse_ref(m.arch)
     model = build_external(ref, len(ids)) if ref.external else build_model(ref.name, len(ids), ref_width(ref))

@@ -11,6 +11,7 @@ The spec is written after the weights, so a model becomes visible only once both
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -163,10 +164,8 @@ class ModelStore:
             raise StoreError(f"cannot install model {model_id} at {dest}: {e.strerror or e}") from e
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
-            try:
-                aside.parent.rmdir()           # only when empty: another replace may be running
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):     # only when empty: another replace may run
+                aside.parent.rmdir()
 
     def save_manifest(self, model_id: str, manifest: FewShotManifest) -> None:
         atomic_write_json(self._manifest_path(model_id, manifest.k, manifest.seed), manifest.to_dict())

@@ -96,6 +96,15 @@ def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.contiguous()
 
 
+def training_rows(split: Split, classes: list[int], cfg: TrainConfig) -> tuple[np.ndarray, torch.Tensor]:
+    """The developer's training rows (``cfg.train_fraction`` of each class in ``classes``) and
+    their local labels (index in ``classes``)."""
+    rows = np.flatnonzero(np.isin(split.labels, classes))
+    rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
+    local_of = {c: i for i, c in enumerate(classes)}
+    return rows, torch.tensor([local_of[int(c)] for c in split.labels[rows]], dtype=torch.long)
+
+
 def train_original(split: Split, classes: list[int], arch: str, width: float,
                    cfg: TrainConfig, progress: bool = False, label: str = "") -> TrainedModel:
     """Train ``arch`` on the rows of ``split`` whose label is in ``classes`` (global ids).
@@ -108,10 +117,7 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         raise ConfigError(f"architecture {arch} ({a.modality}) does not fit dataset {split.dataset}")
     torch.manual_seed(cfg.seed)            # before the model is built: its init is seeded
     torch.set_num_threads(cfg.threads)
-    rows = np.flatnonzero(np.isin(split.labels, classes))
-    rows = rows[stratified_fraction(split.labels[rows], cfg.train_fraction, cfg.seed)]
-    local_of = {c: i for i, c in enumerate(classes)}
-    y = torch.tensor([local_of[int(c)] for c in split.labels[rows]], dtype=torch.long)
+    rows, y = training_rows(split, classes, cfg)
 
     if a.modality == "image":
         spec: InputSpec = ImageSpec.fit(split.images[rows])
