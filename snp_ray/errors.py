@@ -21,15 +21,17 @@ class UnknownNameError(ConfigError, KeyError):
     MAX_LISTED = 30
 
     def __init__(self, kind: str, name: object, valid: list[str] | tuple[str, ...]):
-        self.kind, self.name, self.valid = kind, name, sorted(map(str, valid))
-        if len(self.valid) <= self.MAX_LISTED:
-            listed = f"valid {kind}s: {', '.join(self.valid)}"
-        else:
-            import difflib
+        import difflib
 
-            close = difflib.get_close_matches(str(name), self.valid, n=8, cutoff=0.5)
-            listed = (f"closest of the {len(self.valid)} valid {kind}s: {', '.join(close)}" if close
-                      else f"none of the {len(self.valid)} valid {kind}s is close, e.g. "
+        self.kind, self.name, self.valid = kind, name, sorted(map(str, valid))
+        #: the valid names closest to ``name`` (a service returns them with its 404)
+        self.close = close = difflib.get_close_matches(str(name), self.valid, n=8, cutoff=0.5)
+        kinds = kind + ("es" if kind.endswith("s") else "s")
+        if len(self.valid) <= self.MAX_LISTED:
+            listed = f"valid {kinds}: {', '.join(self.valid)}"
+        else:
+            listed = (f"closest of the {len(self.valid)} valid {kinds}: {', '.join(close)}" if close
+                      else f"none of the {len(self.valid)} valid {kinds} is close, e.g. "
                            f"{', '.join(self.valid[:8])}")
         super().__init__(f"unknown {kind} {name!r}; {listed}")
 

@@ -118,6 +118,52 @@ def smoke_market(ray_cluster, real_data, tmp_path_factory):
     return cfg, root, specs
 
 
+@pytest.fixture(scope="session")
+def sliced_smoke(smoke_market, tmp_path_factory) -> Path:
+    """A copy of the smoke market with every pair sliced (k=5, ``smoke`` preset) into its
+    fragment store, made once per session. Tests that change it copy it first."""
+    import shutil
+
+    from snp_ray.market import Market
+    from snp_ray.slicing import slice_missing, slice_preset
+
+    _, root, _ = smoke_market
+    dest = tmp_path_factory.mktemp("sliced_smoke") / "market"
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("fragments"))
+    list(slice_missing(Market(dest), 5, slice_preset("smoke")))
+    return dest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_market(ray_cluster, sliced_smoke, tmp_path_factory):
+    """The market service (Ray Serve, loopback only) over a copy of the sliced smoke market, once
+    per session: (base URL, ServeConfig)."""
+    import shutil
+
+    from ray import serve
+
+    from snp_ray.serve.config import ServeConfig
+    from snp_ray.serve.deploy import start
+
+    root = tmp_path_factory.mktemp("served") / "market"
+    shutil.copytree(sliced_smoke, root)
+    cfg = ServeConfig(market=str(root), preset="smoke", port=free_port(), max_batch_size=8,
+                      max_models_per_replica=2)
+    url = start(cfg)
+    try:
+        yield url, cfg
+    finally:
+        serve.shutdown()
+
+
 TINY_SLICE = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=2)
 
 

@@ -22,13 +22,8 @@ SMOKE = slice_preset("smoke")
 
 
 @pytest.fixture(scope="module")
-def sliced_market(smoke_market, tmp_path_factory):
-    """A copy of the smoke market with every pair sliced (k=5) into its fragment store."""
-    _, root, _ = smoke_market
-    dest = tmp_path_factory.mktemp("bad") / "market"
-    shutil.copytree(root, dest, ignore=shutil.ignore_patterns("fragments"))
-    list(slice_missing(Market(dest), 5, SMOKE))
-    return dest
+def sliced_market(sliced_smoke):
+    return sliced_smoke
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

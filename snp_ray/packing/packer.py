@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,79 @@ class Packer:
         the earlier pack already had (plug-and-play add or remove without reslicing).
         """
         cfg = self.cfg
+        targets, y, raw = self._check(fragments, samples, classes)
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        feats, y_all = self._cached_features(fragments, raw, y)
+        scales = _scales(feats, len(y))
+        dims = [f.spec.feature_dim for f in fragments]
+        enc = nn.Linear(sum(dims), cfg.hidden)
+        head = nn.Linear(cfg.hidden, len(classes))
+        decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
+        if warm_start is not None:
+            _warm(warm_start, fragments, classes, enc, head, decoders)
+        zcat = torch.cat([f * s for f, s in zip(feats, scales)], 1)
+        nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
+        bf16 = self._fit(zcat, y_all, torch.tensor(targets), dims, nonneg, enc, head, decoders)
+        seconds = time.perf_counter() - t0
+        names = [samples.class_names.get(c, str(c)) for c in classes]
+        spec = PackSpec(class_ids=list(classes), class_names=names,
+                        fragments=[f.spec.to_dict() for f in fragments], fragment_targets=targets,
+                        hidden=cfg.hidden, config=cfg.to_dict(), dataset=samples.dataset,
+                        metrics={"pack_seconds": seconds, "train_samples": float(len(y)),
+                                 "train_bf16": float(bf16)})
+        model = PackedModel(spec, fragments, scales, enc.eval(), head.eval(), decoders.eval())
+        for p in model.parameters():
+            p.requires_grad_(False)
+        log.info("packed %d fragments for %s in %.2fs", len(fragments), names, seconds)
+        return model
+
+    def cross_validate(self, fragments: list[Fragment], samples: PackSamples, classes: list[int],
+                       folds: int = 3) -> dict[str, Any]:
+        """A few-shot accuracy estimate of the pack that :meth:`pack` would make: stratified
+        ``folds``-fold cross-validation on the same few-shot samples. Each fold packs (scales,
+        Enc, decoders, head) on the other folds' samples and all their augmented views, and is
+        scored on its own samples' plain view. Fragment features are computed once for all folds.
+        No test data exists here: a market request only has its few-shot uploads."""
+        cfg = self.cfg
+        targets, y, raw = self._check(fragments, samples, classes)
+        t0 = time.perf_counter()
+        n = len(y)
+        folds = min(folds, int(np.bincount(y.numpy(), minlength=len(classes)).min()))
+        if folds < 2:
+            return {"accuracy": None, "folds": 0, "samples": n, "seconds": 0.0,
+                    "method": "not estimated: a class has fewer than 2 few-shot samples"}
+        feats, y_all = self._cached_features(fragments, raw, y)
+        views = len(y_all) // n
+        gen = torch.Generator().manual_seed(cfg.seed + 2)
+        fold_of = torch.empty(n, dtype=torch.long)
+        for c in range(len(classes)):           # stratified: each class spread over the folds
+            idx = torch.nonzero(y == c).flatten()
+            fold_of[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
+        dims = [f.spec.feature_dim for f in fragments]
+        nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
+        correct = 0
+        for k in range(folds):
+            held = fold_of == k
+            train = (~held).repeat(views)
+            scales = _scales([f[:n][~held] for f in feats], int((~held).sum()))
+            zcat = torch.cat([f * s for f, s in zip(feats, scales)], 1)
+            torch.manual_seed(cfg.seed)
+            enc = nn.Linear(sum(dims), cfg.hidden)
+            head = nn.Linear(cfg.hidden, len(classes))
+            decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
+            self._fit(zcat[train], y_all[train], torch.tensor(targets), dims, nonneg, enc, head,
+                      decoders)
+            with torch.no_grad():
+                pred = head(torch.relu(enc(zcat[:n][held]))).argmax(1)
+            correct += int((pred == y[held]).sum())
+        return {"accuracy": correct / n, "folds": folds, "samples": n,
+                "seconds": time.perf_counter() - t0,
+                "method": f"stratified {folds}-fold cross-validation on the few-shot samples"}
+
+    def _check(self, fragments: list[Fragment], samples: PackSamples, classes: list[int]
+               ) -> tuple[list[int], torch.Tensor, Any]:
+        """Validate a pack request; returns (fragment -> head row, labels as head rows, inputs)."""
         check_compatible(fragments)
         if len(set(classes)) != len(classes):
             raise ConfigError(f"duplicate classes in the pack request {classes}")
@@ -97,21 +171,13 @@ class Packer:
             raise DataError(f"no few-shot samples of classes {[classes[i] for i in absent]}")
         raw = samples.raw[keep] if isinstance(samples.raw, np.ndarray) else \
             [t for t, k in zip(samples.raw, keep) if k]
+        return targets, y, raw
 
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
-        feats, y_all = self._cached_features(fragments, raw, y)
-        scales = torch.stack([1.0 / f.pow(2).mean().sqrt().clamp_min(1e-6) for f in
-                              (ff[: len(y)] for ff in feats)])
-        z = [f * s for f, s in zip(feats, scales)]
-        dims = [f.spec.feature_dim for f in fragments]
-        enc = nn.Linear(sum(dims), cfg.hidden)
-        head = nn.Linear(cfg.hidden, len(classes))
-        decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
-        if warm_start is not None:
-            _warm(warm_start, fragments, classes, enc, head, decoders)
-        zcat = torch.cat(z, 1)
-        serves = torch.tensor(targets)
+    def _fit(self, zcat: torch.Tensor, y_all: torch.Tensor, serves: torch.Tensor, dims: list[int],
+             nonneg: torch.Tensor, enc: nn.Linear, head: nn.Linear, decoders: nn.ModuleList) -> bool:
+        """Train Enc, the decoders and the head in place on scaled features; returns whether the
+        steps ran in bf16."""
+        cfg = self.cfg
         # All decoders as one Linear: its output is the concatenation of every Dec_c's, so one
         # matmul replaces a loop over fragments. ``seg`` averages each fragment's slice of the
         # squared error; ``mine`` keeps Dec_c's term only on samples of class c (the same loss).
@@ -126,10 +192,9 @@ class Packer:
         bounds = np.cumsum([0] + dims)
         for j in range(len(dims)):
             seg[bounds[j]:bounds[j + 1], j] = 1.0 / dims[j] if cfg.recon == "mean" else 1.0
-        # Dec_c = Linear + activation, the activation matching the range of F^c: ReLU for
-        # fragments whose features are never negative (conv nets), none for signed ones (a GRU's
-        # tanh states), which a ReLU decoder could not reconstruct
-        nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
+        # Dec_c = Linear + activation, the activation matching the range of F^c (``nonneg``):
+        # ReLU for fragments whose features are never negative (conv nets), none for signed ones
+        # (a GRU's tanh states), which a ReLU decoder could not reconstruct
         mine_all = (y_all[:, None] == serves[None, :]).float()        # (samples, fragments)
         params = list(enc.parameters()) + list(head.parameters()) + list(dec_all.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -156,18 +221,7 @@ class Packer:
             for j, d in enumerate(decoders):
                 d.weight.copy_(dec_all.weight[bounds[j]:bounds[j + 1]])
                 d.bias.copy_(dec_all.bias[bounds[j]:bounds[j + 1]])
-        seconds = time.perf_counter() - t0
-        names = [samples.class_names.get(c, str(c)) for c in classes]
-        spec = PackSpec(class_ids=list(classes), class_names=names,
-                        fragments=[f.spec.to_dict() for f in fragments], fragment_targets=targets,
-                        hidden=cfg.hidden, config=cfg.to_dict(), dataset=samples.dataset,
-                        metrics={"pack_seconds": seconds, "train_samples": float(len(y)),
-                                 "train_bf16": float(bf16)})
-        model = PackedModel(spec, fragments, scales, enc.eval(), head.eval(), decoders.eval())
-        for p in model.parameters():
-            p.requires_grad_(False)
-        log.info("packed %d fragments for %s in %.2fs", len(fragments), names, seconds)
-        return model
+        return bf16
 
     @torch.no_grad()
     def _cached_features(self, fragments: list[Fragment], raw, y: torch.Tensor):
@@ -181,6 +235,11 @@ class Packer:
                 views.append(aug.to(torch.uint8).numpy())
         feats = [torch.cat([f(f.encode(v)) for v in views]) for f in fragments]
         return feats, y.repeat(len(views))
+
+
+def _scales(feats: list[torch.Tensor], n: int) -> torch.Tensor:
+    """One fixed scale per fragment: 1 / RMS of its features on the plain view of the samples."""
+    return torch.stack([1.0 / f[:n].pow(2).mean().sqrt().clamp_min(1e-6) for f in feats])
 
 
 def reconstruction(h: torch.Tensor, zb: torch.Tensor, dec_all: nn.Linear, seg: torch.Tensor,

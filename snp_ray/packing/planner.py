@@ -28,6 +28,7 @@ import torch
 from snp_ray.config import Config
 from snp_ray.errors import ArtifactNotFoundError, ConfigError, UnknownNameError
 from snp_ray.market.market import Market
+from snp_ray.market.modelstore import ModelSpec
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import Packer, PackSamples
@@ -166,11 +167,15 @@ class Plan:
 
 def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceConfig,
                  cfg: PlanConfig, seed: int = 0, cache: ScoreCache | None = None,
-                 load: Callable[[str], Fragment] | None = None) -> Plan:
+                 load: Callable[[str], Fragment] | None = None,
+                 holders_of: Callable[[int], list[ModelSpec]] | None = None) -> Plan:
     """Score every holder's fragment of each requested class and keep the policy's choice.
 
     ``load(key)`` fetches a fragment (default: the market's fragment store); ``cache`` reuses
-    class scores across requests (default: a pool of the holders of the requested classes)."""
+    class scores across requests (default: a pool of the holders of the requested classes);
+    ``holders_of(class)`` limits the candidates (default: every model holding the class, e.g. a
+    service passes the holders whose fragment is stored)."""
+    holders_of = holders_of or market.holders
     t0 = time.perf_counter()
     if load is None:
         store = market_fragment_store(market)
@@ -181,11 +186,11 @@ def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceCon
                                             f"market first (snp slice --store {market.root} --k {k})")
             return store.get(key)
     if cache is None:
-        holders = sorted({s.id for c in classes for s in market.holders(c)})
+        holders = sorted({s.id for c in classes for s in holders_of(c)})
         cache = ScoreCache(FewShotPool.from_market(market, k, seed, holders))
     chosen, candidates = {}, {}
     for c in classes:
-        holders = market.holders(c)
+        holders = holders_of(c)
         if not holders:
             raise ConfigError(f"class {c} is held by no model of {market.root}")
         frags = [load(pair_key(spec, c, slice_cfg, k, seed)) for spec in holders]

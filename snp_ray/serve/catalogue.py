@@ -1,0 +1,127 @@
+"""What the market can serve: every class with a stored fragment, who holds it, at which k.
+
+Read from the market's model specs and the fragment store's manifest (never from fragment
+weights), so listing a market of thousands of fragments stays cheap. Only fragments of the
+service's slice config and seed, of models still in the market with the same weights, count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from snp_ray.errors import ConfigError, UnknownNameError
+from snp_ray.market.market import Market
+from snp_ray.market.modelstore import ModelSpec
+
+
+@dataclass
+class Holder:
+    """One stored fragment of a class."""
+
+    model: str
+    family: str
+    key: str
+    k: int
+    params: int
+    source_params: int
+    fewshot_auc: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ServedClass:
+    id: int
+    name: str
+    holders: list[Holder] = field(default_factory=list)
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted({h.k for h in self.holders})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "ks": self.ks,
+                "holders": [h.to_dict() for h in self.holders]}
+
+
+class Catalogue:
+    """A snapshot of the servable classes; :meth:`load` builds a fresh one."""
+
+    def __init__(self, classes: dict[int, ServedClass], specs: dict[str, ModelSpec],
+                 dataset: str | None, loaded_at: float):
+        self.classes, self.specs, self.dataset, self.loaded_at = classes, specs, dataset, loaded_at
+        self._by_name = {c.name: c.id for c in classes.values()}
+        keys = sorted(h.key for c in classes.values() for h in c.holders)
+        #: changes whenever a fragment or a model comes or goes
+        self.version = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, market: Market, store, config_digest: str, seed: int) -> "Catalogue":
+        specs = {s.id: s for s in market.specs()}
+        datasets = {s.dataset for s in specs.values()}
+        classes: dict[int, ServedClass] = {}
+        for key, row in sorted(store.rows().items()):
+            spec = specs.get(row["model_id"])
+            if (spec is None or row["model_sha256"] != spec.weights_sha256
+                    or row["config_digest"] != config_digest or int(row["fewshot_seed"]) != seed):
+                continue
+            cid = int(row["class_id"])
+            served = classes.setdefault(cid, ServedClass(cid, str(row["class_name"])))
+            metrics = json.loads(row["metrics"] or "{}")
+            served.holders.append(Holder(
+                model=spec.id, family=spec.arch, key=key, k=int(row["k"]),
+                params=int(row["params"]), source_params=int(row["source_params"]),
+                fewshot_auc=metrics.get("fewshot_auc")))
+        return cls(dict(sorted(classes.items())), specs,
+                   datasets.pop() if len(datasets) == 1 else None, time.time())
+
+    @property
+    def ks(self) -> list[int]:
+        return sorted({k for c in self.classes.values() for k in c.ks})
+
+    def resolve(self, requested: Any) -> list[int]:
+        """Class names or ids -> ids, sorted (one pack per class set, whatever the order).
+        Empty, duplicate, malformed or unknown entries are refused with a typed error."""
+        if not isinstance(requested, list) or not requested:
+            raise ConfigError("'classes' must be a non-empty list of class names or ids")
+        ids = []
+        for c in requested:
+            if isinstance(c, bool) or not isinstance(c, (str, int)):
+                raise ConfigError(f"a class is a name or an id, got {c!r}")
+            if isinstance(c, int) or c.strip().isdigit():
+                if int(c) not in self.classes:
+                    raise UnknownNameError("class", c, list(self._by_name))
+                ids.append(int(c))
+            elif c.strip() in self._by_name:
+                ids.append(self._by_name[c.strip()])
+            else:
+                raise UnknownNameError("class", c, list(self._by_name))
+        dupes = sorted({self.classes[i].name for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ConfigError(f"duplicate classes in the request: {dupes}")
+        return sorted(ids)
+
+    def check_k(self, ids: list[int], k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ConfigError(f"'k' must be an integer, got {k!r}")
+        if k not in self.ks:
+            raise ConfigError(f"k={k} is not sliced in this market; sliced k values: {self.ks}")
+        missing = [self.classes[i].name for i in ids if k not in self.classes[i].ks]
+        if missing:
+            raise ConfigError(f"no fragment of {missing} is sliced at k={k}")
+        return k
+
+    def holders(self, class_id: int, k: int) -> list[ModelSpec]:
+        """The models with a stored fragment of ``class_id`` at ``k``."""
+        return [self.specs[h.model] for h in self.classes[class_id].holders if h.k == k]
+
+    def candidates(self, ids: list[int], k: int) -> list[str]:
+        return sorted(h.key for i in ids for h in self.classes[i].holders if h.k == k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "ks": self.ks, "version": self.version,
+                "models": len(self.specs), "classes": [c.to_dict() for c in self.classes.values()]}

@@ -1,0 +1,47 @@
+"""The service's settings: one typed, serialisable config shared by `snp serve`, `serve run` and
+the tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from snp_ray.config import Config, check_range
+from snp_ray.errors import ConfigError
+
+
+@dataclass
+class ServeConfig(Config):
+    """Where the market lives and how the service answers.
+
+    ``packs``: the content-addressed pack store (default ``<market>/packs``); ``fragments``: the
+    fragment store URI (default ``<market>/fragments``); ``preset``: the slice preset whose
+    fragments the service packs; ``folds``: the cross-validation folds of the few-shot accuracy
+    estimate; ``refresh_s``: how often the class catalogue re-reads the market."""
+
+    market: str = ""
+    fragments: str = ""
+    packs: str = ""
+    preset: str = "quick"
+    seed: int = 0
+    plan: str = "best"
+    folds: int = 3
+    max_models_per_replica: int = 8
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_images: int = 256
+    refresh_s: float = 30.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 1
+
+    def validate(self) -> None:
+        if not self.market:
+            raise ConfigError("ServeConfig.market: the market folder is required")
+        check_range("ServeConfig", "folds", self.folds, 2, 10)
+        check_range("ServeConfig", "max_models_per_replica", self.max_models_per_replica, 1, 10_000)
+        check_range("ServeConfig", "max_batch_size", self.max_batch_size, 1, 4096)
+        check_range("ServeConfig", "batch_wait_timeout_s", self.batch_wait_timeout_s, 0.0, 10.0)
+        check_range("ServeConfig", "max_body_bytes", self.max_body_bytes, 1024, 2 ** 31)
+        check_range("ServeConfig", "max_images", self.max_images, 1, 100_000)
+        check_range("ServeConfig", "port", self.port, 0, 65535)
+        check_range("ServeConfig", "threads", self.threads, 1, 256)

@@ -1,0 +1,208 @@
+"""The market's answers, without HTTP: the class catalogue, packs on request, predictions.
+
+One :class:`MarketService` per replica keeps the market warm: fragments, few-shot sets and the
+planner's score cache stay in memory between requests. A pack request is planned (few-shot data
+only), named by a content hash, and built once: concurrent identical requests wait for the first
+one's build (single flight), and a stored pack is answered from the pack store without packing.
+The service never reads a test split; its accuracy is a cross-validated few-shot estimate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from snp_ray.errors import ConfigError
+from snp_ray.market.market import Market
+from snp_ray.packing.config import preset_pack_config
+from snp_ray.packing.model import PackedModel
+from snp_ray.packing.packer import Packer
+from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
+from snp_ray.serve.catalogue import Catalogue
+from snp_ray.serve.config import ServeConfig
+from snp_ray.serve.packstore import PackStore, pack_id
+from snp_ray.slicing.config import slice_preset
+from snp_ray.slicing.fragment import Fragment
+
+log = logging.getLogger(__name__)
+
+REQUEST_KEYS = ("classes", "k", "plan")
+
+
+class MarketService:
+    def __init__(self, cfg: ServeConfig):
+        from snp_ray.slicing.api import market_fragment_store
+        from snp_ray.store import FragmentStore
+
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.market = Market(cfg.market)
+        self.store = FragmentStore(cfg.fragments) if cfg.fragments else market_fragment_store(self.market)
+        self.packs = PackStore(cfg.packs or Path(cfg.market) / "packs")
+        self.slice_cfg = slice_preset(cfg.preset)
+        self.pack_cfg = preset_pack_config(cfg.preset)
+        PlanConfig(policy=cfg.plan)                      # refuse a bad default plan at start
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._fragments: OrderedDict[str, Fragment] = OrderedDict()
+        self._scores: dict[tuple[int, str], ScoreCache] = {}
+        self.builds = 0                                  # packs built by this replica
+        self._catalogue = self._load_catalogue()
+
+    # ---------------------------------------------------------------- catalogue
+    def _load_catalogue(self) -> Catalogue:
+        self.market = Market(self.cfg.market)            # models may have been added or removed
+        self.store.refresh()
+        return Catalogue.load(self.market, self.store, self.slice_cfg.digest(), self.cfg.seed)
+
+    def catalogue(self) -> Catalogue:
+        """The catalogue, re-read at most every ``refresh_s`` seconds."""
+        cat = self._catalogue
+        if time.time() - cat.loaded_at > self.cfg.refresh_s:
+            with self._lock:
+                if self._catalogue is cat:
+                    self._catalogue = self._load_catalogue()
+            cat = self._catalogue
+        return cat
+
+    def classes(self) -> dict[str, Any]:
+        return {**self.catalogue().to_dict(), "preset": self.cfg.preset, "seed": self.cfg.seed}
+
+    # ---------------------------------------------------------------- requests
+    def parse(self, body: Any) -> tuple[list[int], int, str, str]:
+        """Validate a pack request; returns (class ids, k, plan, request digest)."""
+        if not isinstance(body, dict):
+            raise ConfigError("a pack request is a JSON object with 'classes', 'k' and 'plan'")
+        unknown = sorted(set(body) - set(REQUEST_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown keys {unknown} in the pack request; valid keys: "
+                              f"{list(REQUEST_KEYS)}")
+        cat = self.catalogue()
+        ids = cat.resolve(body.get("classes"))
+        k = cat.check_k(ids, body.get("k", 10 if 10 in cat.ks else (cat.ks or [10])[0]))
+        plan = body.get("plan", self.cfg.plan)
+        if not isinstance(plan, str):
+            raise ConfigError(f"'plan' must be a policy name, got {plan!r}")
+        PlanConfig(policy=plan)
+        doc = {"classes": ids, "k": k, "plan": plan, "slice": self.slice_cfg.digest(),
+               "pack": self.pack_cfg.digest(), "seed": self.cfg.seed, "folds": self.cfg.folds,
+               "candidates": cat.candidates(ids, k)}
+        return ids, k, plan, hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+    def pack(self, body: Any) -> dict[str, Any]:
+        """Answer a pack request: the stored pack, or one built now (once per request)."""
+        ids, k, plan, digest = self.parse(body)
+        found = self.packs.lookup(digest)
+        if found is not None:
+            return answer(self.packs.meta(found), cached=True)
+        with self._lock:
+            fut = self._inflight.get(digest)
+            leader = fut is None
+            if leader:
+                fut = self._inflight[digest] = Future()
+        if not leader:
+            return answer(fut.result(), cached=True)
+        try:
+            meta, built = self._build(ids, k, plan, digest)
+            fut.set_result(meta)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(digest, None)
+        return answer(meta, cached=not built)
+
+    def _build(self, ids: list[int], k: int, plan_name: str, digest: str
+               ) -> tuple[dict[str, Any], bool]:
+        t0 = time.perf_counter()
+        cat = self.catalogue()
+        plan = plan_request(self.market, ids, k, self.slice_cfg, PlanConfig(policy=plan_name),
+                            self.cfg.seed, cache=self._score_cache(cat, k), load=self._fragment,
+                            holders_of=lambda c: cat.holders(c, k))
+        fragments = plan.fragments()
+        pid = pack_id([f.spec.key for f in fragments], ids, self.pack_cfg.to_dict(),
+                      {"k": k, "seed": self.cfg.seed, "samples": plan.samples,
+                       "folds": self.cfg.folds})
+        if self.packs.has(pid):                     # another request planned the same pack
+            self.packs.remember(digest, pid)
+            return self.packs.meta(pid), False
+        samples = plan_samples(self.market, plan, k, self.cfg.seed)
+        packer = Packer(self.pack_cfg)
+        packed = packer.pack(fragments, samples, ids)
+        estimate = packer.cross_validate(fragments, samples, ids, self.cfg.folds)
+        meta = {
+            "classes": packed.spec.class_names, "class_ids": ids, "k": k,
+            "dataset": packed.spec.dataset, "modality": packed.modality,
+            "params": packed.params_deployable(), "params_training": packed.params_training(),
+            "fewshot_accuracy": estimate["accuracy"],
+            "fewshot_accuracy_method": estimate["method"] + " (the fragments were sliced on "
+                                       "these samples too, so it leans optimistic; no test data)",
+            "fewshot_samples": estimate["samples"],
+            "pack_seconds": round(packed.spec.metrics["pack_seconds"], 4),
+            "estimate_seconds": round(estimate["seconds"], 4),
+            "plan": plan.to_dict(),
+            "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
+                           "key": f.spec.key, "params": f.spec.params} for f in fragments],
+            "preset": self.cfg.preset, "seed": self.cfg.seed, "created": time.time(),
+        }
+        meta["build_seconds"] = round(time.perf_counter() - t0, 4)
+        meta = self.packs.put(pid, packed, meta)
+        self.packs.remember(digest, pid)
+        self.builds += 1
+        log.info("built pack %s for %s in %.2fs", pid, meta["classes"], meta["build_seconds"])
+        return meta, True
+
+    def _fragment(self, key: str) -> Fragment:
+        with self._lock:
+            hit = self._fragments.get(key)
+            if hit is not None:
+                self._fragments.move_to_end(key)
+                return hit
+        fragment = self.store.get(key)
+        with self._lock:
+            self._fragments[key] = fragment
+            while len(self._fragments) > 4096:
+                self._fragments.popitem(last=False)
+        return fragment
+
+    def _score_cache(self, cat: Catalogue, k: int) -> ScoreCache:
+        key = (k, cat.version)
+        if key not in self._scores:
+            holders = sorted({h.model for c in cat.classes.values() for h in c.holders if h.k == k})
+            self._scores = {key: ScoreCache(FewShotPool.from_market(self.market, k, self.cfg.seed,
+                                                                    holders))}
+        return self._scores[key]
+
+    # ---------------------------------------------------------------- packs
+    def meta(self, pid: str) -> dict[str, Any]:
+        return answer(self.packs.meta(pid), cached=True)
+
+    def load(self, pid: str) -> PackedModel:
+        return self.packs.load(pid)
+
+
+def answer(meta: dict[str, Any], cached: bool) -> dict[str, Any]:
+    """What a client sees of a pack (its full metadata, and whether it was already stored)."""
+    return {**meta, "cached": cached}
+
+
+def top_classes(meta: dict[str, Any], probs: np.ndarray, top: int = 5) -> list[list[dict[str, Any]]]:
+    """Per input, the pack's ``top`` classes (head order: ``meta['classes']``) with their
+    probabilities, most likely first."""
+    top = min(top, probs.shape[1])
+    out = []
+    for p in probs:
+        order = np.argsort(-p, kind="stable")[:top]
+        out.append([{"class": meta["classes"][i], "class_id": meta["class_ids"][i],
+                     "probability": float(p[i])} for i in order])
+    return out
