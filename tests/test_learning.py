@@ -180,6 +180,40 @@ def test_packing_learns_and_a_frozen_pack_does_not(fragments, held_out):
     assert frozen <= CHANCE + 0.2, frozen
 
 
+def _cv_accuracy(fragments, labels=None, **cfg) -> float:
+    fs = synthetic.fewshot(K)
+    samples = PackSamples("synthetic", fs.raw, fs.labels if labels is None else labels,
+                          dict(enumerate(fs.class_names)))
+    config = PackConfig(**{"epochs": 60, "hidden": 32, "augment_views": 2, **cfg})
+    out = Packer(config).cross_validate(fragments, samples, list(range(synthetic.CLASSES)), 3)
+    assert out["folds"] == 3 and out["samples"] == len(samples.labels)
+    return out["accuracy"]
+
+
+def test_cross_validated_estimate_learns_and_holds_its_folds_out(fragments):
+    """The service's few-shot accuracy estimate (3-fold CV on the k shots): high for trained
+    fragments, near chance when nothing trains (lr 0), and near chance with shuffled labels,
+    where a fold that trained on its own held-out samples would memorise them."""
+    fs = synthetic.fewshot(K)
+    shuffled = np.random.default_rng(0).permutation(fs.labels)
+    learned = _cv_accuracy(fragments)
+    frozen = _cv_accuracy(fragments, lr=0.0)
+    noise = _cv_accuracy(fragments, shuffled, epochs=300, hidden=256, augment_views=1, weight_decay=0.0)
+    memorised = _pack_accuracy_on(fragments, fs.raw, shuffled)
+    assert learned >= 0.9, learned
+    assert frozen <= CHANCE + 0.25, frozen
+    assert memorised >= 0.9, f"a pack can memorise the shuffled shots ({memorised:.2f})"
+    assert noise <= CHANCE + 0.25, f"CV on shuffled labels should be near chance: {noise:.2f}"
+
+
+def _pack_accuracy_on(fragments, raw, labels) -> float:
+    """Training accuracy of a pack trained on (raw, labels) itself."""
+    samples = PackSamples("synthetic", raw, labels, {c: str(c) for c in range(synthetic.CLASSES)})
+    packed = Packer(PackConfig(epochs=300, hidden=256, augment_views=1, weight_decay=0.0)).pack(
+        fragments, samples, list(range(synthetic.CLASSES)))
+    return float((packed.predict(raw) == labels).mean())
+
+
 def test_decoders_reconstruct_signed_features():
     """A decoder trained on the reconstruction term alone reproduces signed fragment features
     (a GRU's tanh states); a ReLU decoder could not get below the negative part's energy."""

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from snp_ray.errors import (ArtifactNotFoundError, DataError, SnpError, StoreError,
                             UnknownNameError)
@@ -40,7 +41,8 @@ class PayloadTooLarge(SnpError):
 def status_of(e: SnpError) -> int:
     if isinstance(e, PayloadTooLarge):
         return 413
-    if isinstance(e, (UnknownNameError, ArtifactNotFoundError)):
+    if isinstance(e, ArtifactNotFoundError) or (isinstance(e, UnknownNameError)
+                                                 and e.kind == "class"):
         return 404
     if isinstance(e, StoreError):
         return 500
@@ -107,6 +109,11 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
     @app.exception_handler(SnpError)
     async def refused(_: Request, e: SnpError):
         return JSONResponse(error_body(e), status_code=status_of(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": f"{e.detail} ({e.status_code})", "type": "HTTPError"},
+                            status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, e: RequestValidationError):

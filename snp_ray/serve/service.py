@@ -191,6 +191,30 @@ class MarketService:
         return self.packs.load(pid)
 
 
+class LocalPredictor:
+    """Predictions without Ray Serve (tests, one process): packs loaded on first use, at most
+    ``max_models`` kept (least recently used out), as the Serve predictor does per replica."""
+
+    def __init__(self, packs: PackStore, max_models: int = 8):
+        self.packs, self.max_models = packs, max_models
+        self.models: OrderedDict[str, PackedModel] = OrderedDict()
+
+    def model(self, pid: str) -> PackedModel:
+        if pid in self.models:
+            self.models.move_to_end(pid)
+        else:
+            self.models[pid] = self.packs.load(pid)
+            while len(self.models) > self.max_models:
+                self.models.popitem(last=False)
+        return self.models[pid]
+
+    async def __call__(self, pid: str, raw: Any) -> np.ndarray:
+        import asyncio
+
+        model = self.model(pid)
+        return await asyncio.to_thread(lambda: model.predict_proba(raw).numpy())
+
+
 def answer(meta: dict[str, Any], cached: bool) -> dict[str, Any]:
     """What a client sees of a pack (its full metadata, and whether it was already stored)."""
     return {**meta, "cached": cached}

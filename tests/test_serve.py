@@ -1,0 +1,274 @@
+"""The market service (issue #15): catalogue, packs on request, downloads, predictions, refusals.
+
+Most tests call the FastAPI app in-process (no Ray Serve) over a copy of the sliced smoke market;
+the last ones go through the real Ray Serve deployments on loopback (``served_market``).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import png_bytes
+from snp_ray.market import Market
+from snp_ray.packing import PackedModel, preset_pack_config
+from snp_ray.packing.planner import PlanConfig, pack_planned, plan_request
+from snp_ray.serve.api import create_api
+from snp_ray.serve.config import ServeConfig
+from snp_ray.serve.service import LocalPredictor, MarketService
+from snp_ray.slicing import slice_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REQUEST = {"classes": ["cat", "airplane", "frog"], "k": 5}
+
+
+@pytest.fixture
+def market(sliced_smoke, tmp_path) -> Path:
+    dest = tmp_path / "market"
+    shutil.copytree(sliced_smoke, dest)
+    return dest
+
+
+def _service(market: Path, **cfg) -> MarketService:
+    return MarketService(ServeConfig(**{"market": str(market), "preset": "smoke", **cfg}))
+
+
+@pytest.fixture
+def client(market):
+    from fastapi.testclient import TestClient
+
+    service = _service(market, max_body_bytes=64 * 1024)
+    with TestClient(create_api(service, LocalPredictor(service.packs, 2))) as c:
+        yield c, service
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- catalogue
+def test_classes_lists_every_sliced_class_with_its_holders(client, market):
+    c, service = client
+    body = c.get("/v1/classes").json()
+    m = Market(market)
+    held = {cid for s in m.specs() for cid in s.classes}
+    assert {x["id"] for x in body["classes"]} == held and body["ks"] == [5]
+    store_keys = service.store.keys()
+    for cls in body["classes"]:
+        assert [h["model"] for h in cls["holders"]] == [s.id for s in m.holders(cls["id"])]
+        assert all(h["key"] in store_keys and h["k"] == 5 and h["params"] < h["source_params"]
+                   for h in cls["holders"])
+    assert c.get("/-/healthz").json() == {"status": "ok", "models": 3, "classes": len(held)}
+
+
+def test_a_fragment_of_another_config_or_a_removed_model_is_not_served(market):
+    service = _service(market)
+    before = service.catalogue()
+    assert _service(market, preset="quick").catalogue().classes == {}   # nothing sliced with it
+    Market(market).remove_model(Market(market).ids()[0])
+    after = _service(market).catalogue()
+    assert len(after.classes) < len(before.classes) and after.version != before.version
+
+
+# ---------------------------------------------------------------- packs
+def test_a_pack_is_built_once_named_by_content_and_served_after_a_restart(client, market,
+                                                                          monkeypatch):
+    c, service = client
+    first = c.post("/v1/packs", json=REQUEST).json()
+    assert first["cached"] is False and len(first["id"]) == 24
+    assert first["classes"] == ["airplane", "cat", "frog"]       # one head order per class set
+    assert 0.0 <= first["fewshot_accuracy"] and "cross-validation" in first["fewshot_accuracy_method"]
+    again = c.post("/v1/packs", json={**REQUEST, "classes": ["frog", "3", 0]}).json()
+    assert again["id"] == first["id"] and again["cached"] is True and service.builds == 1
+    assert c.get(f"/v1/packs/{first['id']}").json()["params"] == first["params"]
+
+    # the stored pack is the one the library makes from the same plan
+    m = Market(market)
+    plan = plan_request(m, [0, 3, 6], 5, slice_preset("smoke"), PlanConfig(policy="best"))
+    direct = pack_planned(m, plan, 5, preset_pack_config("smoke"))
+    stored = service.packs.load(first["id"])
+    for (name, a), (_, b) in zip(direct.state_dict().items(), stored.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+    # a new service over the same folders answers without packing
+    def refuse(*a, **k):
+        raise AssertionError("the restarted service repacked a stored pack")
+    monkeypatch.setattr("snp_ray.packing.packer.Packer.pack", refuse)
+    restarted = _service(market)
+    assert restarted.pack(REQUEST) == {**first, "cached": True}
+    assert restarted.builds == 0
+
+
+def test_identical_concurrent_requests_build_once(market):
+    service = _service(market)
+    out, errors = [], []
+
+    def ask():
+        try:
+            out.append(service.pack(dict(REQUEST)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and service.builds == 1
+    assert len({r["id"] for r in out}) == 1 and sorted(r["cached"] for r in out) == [False] + [True] * 3
+
+
+def test_another_plan_or_k_is_another_request(client):
+    c, service = client
+    best = c.post("/v1/packs", json=REQUEST).json()
+    top2 = c.post("/v1/packs", json={**REQUEST, "plan": "top-2"}).json()
+    # the smoke market holds each class once: top-2 plans the same fragments, so the same pack
+    assert top2["id"] == best["id"] and top2["cached"] is True and service.builds == 1
+    other = c.post("/v1/packs", json={"classes": ["cat", "dog"], "k": 5}).json()
+    assert other["id"] != best["id"] and service.builds == 2
+
+
+# ---------------------------------------------------------------- downloads and predictions
+def test_downloads_are_the_stored_pack(client):
+    c, service = client
+    pid = c.post("/v1/packs", json=REQUEST).json()["id"]
+    weights = c.get(f"/v1/packs/{pid}/model.safetensors")
+    spec = c.get(f"/v1/packs/{pid}/spec.json")
+    assert weights.status_code == spec.status_code == 200
+    loaded = PackedModel.from_blobs(spec.content, weights.content)
+    x = _images(5)
+    assert torch.allclose(loaded.predict_proba(x), service.packs.load(pid).predict_proba(x))
+
+
+def test_predictions_match_the_pack_for_uploads_and_base64(client):
+    c, service = client
+    pid = c.post("/v1/packs", json=REQUEST).json()["id"]
+    x = _images(6, seed=3)
+    expected = service.packs.load(pid).predict_proba(x).numpy()
+    files = [("images", (f"{i}.png", png_bytes(img), "image/png")) for i, img in enumerate(x)]
+    up = c.post(f"/v1/packs/{pid}/predict", files=files).json()["predictions"]
+    b64 = c.post(f"/v1/packs/{pid}/predict",
+                 json={"images": [base64.b64encode(png_bytes(i)).decode() for i in x]}).json()
+    assert b64["predictions"] == up and len(up) == 6
+    classes = ["airplane", "cat", "frog"]
+    for row, probs in zip(up, expected):
+        assert [p["class"] for p in row] == [classes[i] for i in np.argsort(-probs, kind="stable")]
+        assert np.allclose([p["probability"] for p in row], np.sort(probs)[::-1], atol=1e-6)
+
+
+def test_a_jpeg_of_another_size_is_resized_to_the_pack_input(client):
+    from PIL import Image
+
+    c, _ = client
+    pid = c.post("/v1/packs", json=REQUEST).json()["id"]
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(_images(1)[0], np.ones((3, 3, 1), np.uint8))).save(buf, format="JPEG")
+    r = c.post(f"/v1/packs/{pid}/predict", files=[("images", ("big.jpg", buf.getvalue(), "image/jpeg"))])
+    assert r.status_code == 200 and len(r.json()["predictions"][0]) == 3
+
+
+# ---------------------------------------------------------------- refusals
+BAD = [
+    ("post", "/v1/packs", {"json": {"classes": ["caat"], "k": 5}}, 404, "unknown class 'caat'"),
+    ("post", "/v1/packs", {"json": {"classes": [], "k": 5}}, 400, "non-empty list"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat", "cat"], "k": 5}}, 400, "duplicate"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat", 3], "k": 5}}, 400, "duplicate"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat"], "k": 20}}, 400, "k=20 is not sliced"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat"], "k": "5"}}, 400, "must be an integer"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat"], "plan": "top-0"}}, 400, "unknown plan"),
+    ("post", "/v1/packs", {"json": {"classes": ["cat"], "kk": 5}}, 400, "unknown keys ['kk']"),
+    ("post", "/v1/packs", {"content": b"{not json", "headers": {"content-type": "application/json"}},
+     400, "not valid JSON"),
+    ("post", "/v1/packs", {"json": ["cat"]}, 400, "JSON object"),
+    ("post", "/v1/packs", {"content": b"x" * 100_000}, 413, "over the limit"),
+    ("get", "/v1/packs/0123456789abcdef01234567", {}, 404, "no pack"),
+    ("get", "/v1/packs/..market.json", {}, 404, "24 hex digits"),
+    ("get", "/v1/packs/..%2F..%2Fmarket.json", {}, 404, "Not Found"),
+    ("get", "/v1/packs/{pid}/weights.pt", {}, 404, "no file 'weights.pt'"),
+    ("post", "/v1/packs/0123456789abcdef01234567/predict", {"json": {"images": []}}, 404, "no pack"),
+    ("post", "/v1/packs/{pid}/predict", {"files": [("images", ("x.png", b"not an image", "image/png"))]},
+     400, "does not decode"),
+    ("post", "/v1/packs/{pid}/predict", {"json": {"images": ["%%%"]}}, 400, "not valid base64"),
+    ("post", "/v1/packs/{pid}/predict", {"json": {"images": []}}, 400, "list of 1 to"),
+    ("post", "/v1/packs/{pid}/predict", {"json": {"texts": ["a"]}}, 400, "'images' must be"),
+    ("post", "/v1/packs/{pid}/predict", {"content": b"raw"}, 400, "multipart/form-data"),
+]
+
+
+def test_bad_requests_get_a_named_4xx_and_leave_the_store_unchanged(client, market):
+    c, _ = client
+    pid = c.post("/v1/packs", json=REQUEST).json()["id"]
+    before = snapshot(market)
+    for method, path, kwargs, status, text in BAD:
+        r = getattr(c, method)(path.format(pid=pid), **kwargs)
+        assert r.status_code == status, (path, kwargs, r.status_code, r.text)
+        assert text in r.json()["error"], (path, r.json())
+        assert r.json()["type"]
+    assert c.post("/v1/packs", json={"classes": ["caat"]}).json()["close_matches"][0] == "cat"
+    assert snapshot(market) == before
+    assert c.get("/-/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------- through Ray Serve
+def _post_image(url: str, pid: str, img: np.ndarray) -> list:
+    r = requests.post(f"{url}v1/packs/{pid}/predict",
+                      files=[("images", ("x.png", png_bytes(img), "image/png"))], timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0]
+
+
+def test_served_market_packs_and_batches_predictions_per_pack(served_market):
+    """Concurrent single-image predictions for three packs (more than the replica's two-model
+    LRU) each get their own pack's answer: batches never mix packs, evicted packs reload."""
+    from snp_ray.serve.packstore import PackStore
+
+    url, cfg = served_market
+    assert requests.get(f"{url}-/healthz", timeout=30).json()["status"] == "ok"
+    sets = [["airplane", "cat", "frog"], ["dog", "ship"], ["bird", "deer", "truck", "horse"]]
+    ids = []
+    for classes in sets:
+        r = requests.post(f"{url}v1/packs", json={"classes": classes, "k": 5}, timeout=120)
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["id"])
+    assert requests.post(f"{url}v1/packs", json={"classes": sets[0], "k": 5},
+                         timeout=60).json()["cached"] is True
+    store = PackStore(Path(cfg.market) / "packs")
+    x = _images(12, seed=5)
+    jobs = [(ids[i % 3], x[i]) for i in range(12)]
+    results: dict[int, list] = {}
+
+    def ask(i):
+        results[i] = _post_image(url, *jobs[i])
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (pid, img) in enumerate(jobs):
+        expected = store.load(pid).predict_proba(img[None]).numpy()[0]
+        got = {p["class_id"]: p["probability"] for p in results[i]}
+        names = store.meta(pid)["class_ids"]
+        assert np.allclose([got[c] for c in names], expected, atol=1e-5), (i, pid)
+
+
+def test_served_market_refuses_bad_input_and_keeps_answering(served_market):
+    url, _ = served_market
+    pid = requests.post(f"{url}v1/packs", json=REQUEST, timeout=120).json()["id"]
+    bad = requests.post(f"{url}v1/packs/{pid}/predict",
+                        files=[("images", ("x.png", b"\x89PNG broken", "image/png"))], timeout=30)
+    big = requests.post(f"{url}v1/packs", data=b"x" * (9 * 1024 * 1024), timeout=30)
+    unknown = requests.post(f"{url}v1/packs", json={"classes": ["airplan"]}, timeout=30)
+    assert (bad.status_code, big.status_code, unknown.status_code) == (400, 413, 404)
+    assert unknown.json()["close_matches"][0] == "airplane"
+    assert len(_post_image(url, pid, _images(1)[0])) == 3
