@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from snp_ray.errors import SnpError
+from snp_ray.errors import ConfigError, SnpError
 
 log = logging.getLogger("snp_ray.cli")
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -246,16 +246,22 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
                    help="with --plan: train on the chosen fragments' own k shots, or every holder's")
     p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
     p.add_argument("--out", default="", help="folder to save the packed model in")
+    p.add_argument("--export", default="", help="also export it into --out: comma-separated formats "
+                   "of onnx (model.onnx, one self-contained file) and pt2 (model.pt2, torch.export)")
 
 
 @command("pack", "pack stored fragments for a class set and evaluate it on the test split", _pack_args)
 def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.packs import evaluate_pack
     from snp_ray.market import Market
-    from snp_ray.packing import preset_pack_config
+    from snp_ray.packing import export_pack, preset_pack_config
+    from snp_ray.packing.model import check_export_formats
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import slice_preset
 
+    formats = check_export_formats([f.strip() for f in a.export.split(",") if f.strip()])
+    if formats and not a.out:
+        raise ConfigError("--export writes into the pack's folder: give --out too")
     cfg = preset_pack_config(a.preset, shared=a.shared,
                              **({"delta": a.delta} if a.delta is not None else {}))
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
@@ -275,6 +281,7 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     if a.out:
         packed.save(a.out)
         result["path"] = a.out
+        result["exports"] = [str(p) for p in export_pack(packed, a.out, formats).values()]
     print(table([[", ".join(result["classes"]), f"{result['test_accuracy']:.4f}",
                   f"{result['params_deployable']:,}", f"{result['params_training']:,}",
                   f"{result['pack_seconds']:.2f}"]],

@@ -73,6 +73,16 @@ class EngineError(SnpError, RuntimeError):
     """A distributed job could not complete."""
 
 
+class ExportError(SnpError, RuntimeError):
+    """A pack cannot be written in an export format: ``torch.export`` cannot capture its graph,
+    the ONNX exporter cannot translate it (or its package is missing), or the file would exceed
+    the format's limits. ``fmt`` names the format."""
+
+    def __init__(self, fmt: str, why: str):
+        self.fmt, self.why = fmt, why
+        super().__init__(f"cannot export the pack as {fmt}: {why}")
+
+
 class UnsupportedLayerError(ConfigError):
     """The slicer cannot follow units through an operation; raised while tracing, before any
     training. ``op`` names the operation and ``path`` the module (or graph node) it sits in."""

@@ -184,10 +184,12 @@ def text_market(ray_cluster, real_data, tmp_path_factory):
 
 
 def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
-    """A real fragment sliced (briefly) from a random model on random images, with its data."""
+    """A real fragment sliced (briefly) from a random model on random images (or, for a
+    ``TextSpec``, random texts over its vocabulary), with its data."""
     import torch
 
     from snp_ray.data.fewshot import FewShotManifest, FewShotSet
+    from snp_ray.data.specs import TextSpec
     from snp_ray.models import build_model
     from snp_ray.slicing import Slicer, slice_preset
     from test_slicing import TINY, _randomise_bn
@@ -195,11 +197,15 @@ def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     labels = np.repeat(list(classes), 3)
-    raw = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
+    text = isinstance(spec, TextSpec)
+    raw = ([" ".join(rng.choice(spec.vocab[2:], rng.integers(1, spec.max_len + 3))) for _ in labels]
+           if text else rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8))
     rows = [list(range(100 * seed + 3 * i, 100 * seed + 3 * i + 3)) for i in range(len(classes))]
-    fs = FewShotSet(FewShotManifest(dataset="cifar10", k=3, seed=seed, classes=list(classes),
-                                    row_ids=rows), raw, labels, [f"c{c}" for c in classes])
-    model = _randomise_bn(build_model(arch, len(classes), 0.25), seed)
+    fs = FewShotSet(FewShotManifest(dataset="synthetic" if text else "cifar10", k=3, seed=seed,
+                                    classes=list(classes), row_ids=rows),
+                    raw, labels, [f"c{c}" for c in classes])
+    model = _randomise_bn(build_model(arch, len(classes), 0.25,
+                                      vocab_size=len(spec.vocab) if text else None), seed)
     slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY, mode="rate", beta=0.5))
     return as_fragment(slicer.slice_class(class_id), slicer, arch, 0.25, class_id, seed), fs
 

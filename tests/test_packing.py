@@ -1,15 +1,19 @@
 """Packing: heterogeneous packs, exports, plug-and-play, shared classes, files, bad requests."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from snp_ray.data.specs import ImageSpec
-from snp_ray.errors import ArtifactNotFoundError, ConfigError, DataError, IntegrityError
+from snp_ray.data.specs import ImageSpec, TextSpec
+from snp_ray.errors import (ArtifactNotFoundError, ConfigError, DataError, ExportError,
+                            IntegrityError, UnknownNameError)
 from snp_ray.market import Market
 from snp_ray.packing import (PackConfig, PackedModel, Packer, PackSamples, export_onnx,
-                             export_torchscript)
+                             export_pack, export_pt2)
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import slice_preset
 from conftest import make_fragment
@@ -49,17 +53,87 @@ def test_features_are_cached_not_recomputed(hetero, monkeypatch):
     assert len(calls) == 2 * 3      # one pass per fragment and view, whatever the epochs
 
 
-def test_torchscript_and_onnx_exports_match(hetero, tmp_path):
+def assert_exports_match(packed, raw_at, folder):
+    """The ONNX file (onnxruntime) and the .pt2 archive (torch.export.load) give the pack's own
+    logits and classes at batch sizes 1 and 7; both were traced at batch 2, so the batch axis
+    is dynamic. The same comparison fails for a pack whose head differs by 0.01 in one logit."""
     import onnxruntime as ort
+
+    paths = export_pack(packed, folder, ["onnx", "pt2"])
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.pt2"]  # one file each
+    sess = ort.InferenceSession(str(paths["onnx"]))
+    names = [i.name for i in sess.get_inputs()]
+    assert all(i.shape[0] == "batch" for i in sess.get_inputs())
+    loaded = torch.export.load(str(paths["pt2"])).module()
+    off = copy.deepcopy(packed)
+    with torch.no_grad():
+        off.head.bias[0] += 0.01
+    for n in (1, 7):
+        raw = raw_at(n)
+        xs = packed.encode(raw, strict=False)
+        inputs = [torch.as_tensor(raw)] if names == ["images"] else xs
+        with torch.no_grad():
+            ref, ref_off = packed(*xs).numpy(), off(*xs).numpy()
+            got_pt2 = loaded(*inputs).numpy()
+        got_onnx = sess.run(None, {k: x.numpy() for k, x in zip(names, inputs)})[0]
+        for got in (got_onnx, got_pt2):
+            assert got.shape == (n, len(packed.class_ids))
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+            assert np.array_equal(got.argmax(1), ref.argmax(1))
+            with pytest.raises(AssertionError):
+                np.testing.assert_allclose(got, ref_off, rtol=0, atol=1e-4)
+
+
+def test_pt2_and_onnx_exports_match_at_any_batch_size(hetero, tmp_path):
+    frags, samples = hetero
+    packed = Packer(FAST).pack(frags, samples, [0, 4])
+    rng = np.random.default_rng(0)
+    assert_exports_match(packed, lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                         tmp_path / "x")
+    assert export_pt2(packed, tmp_path / "one.pt2").is_file()     # a one-format entry point
+
+
+def test_text_pack_exports_match(tmp_path):
+    """A GRU fragment and a TextCNN fragment with their own vocabularies and lengths: one
+    token-id input per fragment, all sharing the dynamic batch axis."""
+    vocab = ["<pad>", "<unk>"] + list("abcdefghij")
+    a, fa = make_fragment("gru", 0, TextSpec(vocab=vocab, max_len=10), 1)
+    b, fb = make_fragment("textcnn", 4, TextSpec(vocab=vocab[:8], max_len=12), 2, classes=(3, 4, 5))
+    packed = Packer(FAST).pack([a, b], PackSamples.from_fewshot([fa, fb], [0, 4]), [0, 4])
+    rng = np.random.default_rng(0)
+    words = list("abcdefghijklm")               # some unknown to both vocabularies
+    assert_exports_match(packed, lambda n: [" ".join(rng.choice(words, rng.integers(1, 16)))
+                                            for _ in range(n)], tmp_path / "x")
+
+
+class _DataDependent(nn.Module):
+    """Branches on a tensor's value, which torch.export cannot capture as one graph."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        return y if float(y.sum()) > 0 else -y
+
+
+def test_unexportable_pack_is_refused_with_a_typed_error(hetero, tmp_path, monkeypatch):
+    import snp_ray.packing.model as model_module
 
     frags, samples = hetero
     packed = Packer(FAST).pack(frags, samples, [0, 4])
-    x = samples.raw[:4]
-    ref = packed(*packed.encode(x))
-    ts = torch.jit.load(str(export_torchscript(packed, tmp_path / "p.pt")))
-    torch.testing.assert_close(ts(torch.as_tensor(x)), ref)
-    sess = ort.InferenceSession(str(export_onnx(packed, tmp_path / "p.onnx")))
-    np.testing.assert_allclose(sess.run(None, {"images": x})[0], ref.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UnknownNameError, match="valid export formats: onnx, pt2"):
+        export_pack(packed, tmp_path, ["onnx", "torchscript"])
+    monkeypatch.setattr(model_module, "ONNX_MAX_WEIGHT_BYTES", 1000)
+    with pytest.raises(ExportError, match="do not fit in one ONNX file"):
+        export_onnx(packed, tmp_path / "big.onnx")
+    broken = copy.deepcopy(packed)                  # the fixture's fragments stay as they are
+    broken.fragments[0].features = _DataDependent(broken.fragments[0].features)
+    for export, name in ((export_pt2, "p.pt2"), (export_onnx, "p.onnx")):
+        with pytest.raises(ExportError, match="torch.export cannot capture its graph"):
+            export(broken, tmp_path / name)
+    assert not any(tmp_path.iterdir())          # nothing written, not even a temporary file
 
 
 def test_save_load_bit_exact_and_tamper(hetero, tmp_path):
@@ -138,6 +212,45 @@ def test_shared_class_merge_and_best(text_market):
     assert best.predict(["a fine film", "awful"]).shape == (2,)
 
 
+def test_cli_pack_exports_onnx_and_pt2(text_market, tmp_path, capsys):
+    """``snp pack --export onnx,pt2`` writes both files beside the saved pack, and they compute
+    what the saved pack computes; bad --export values are refused before any packing."""
+    import json
+
+    import onnxruntime as ort
+
+    from snp_ray.cli import main
+
+    root, specs, scfg = text_market
+    preset = tmp_path / "tiny.json"      # the fixture's slicing config, a short packing
+    preset.write_text(json.dumps({"slice": scfg.to_dict(), "pack": {"epochs": 5, "hidden": 8}}))
+    out = tmp_path / "pack"
+    argv = ["pack", "--store", str(root), "--classes", "very negative,very positive", "--k", "5",
+            "--preset", str(preset), "--json"]
+
+    def run(*extra: str) -> tuple[int, dict]:
+        rc = main(argv + list(extra))
+        return rc, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    rc, err = run("--out", str(out), "--export", "onnx,tflite")
+    assert rc == 2 and err["type"] == "UnknownNameError" and "onnx, pt2" in err["error"]
+    rc, err = run("--export", "onnx")
+    assert rc == 2 and err["type"] == "ConfigError" and "--out" in err["error"]
+    assert not out.exists()
+    rc, res = run("--out", str(out), "--export", "onnx,pt2")
+    assert rc == 0, res
+    assert res["exports"] == [str(out / "model.onnx"), str(out / "model.pt2")]
+    packed = PackedModel.load(out)
+    xs = packed.encode(["a fine film", "awful , just awful", "the plot"], strict=False)
+    with torch.no_grad():
+        ref = packed(*xs).numpy()
+        got_pt2 = torch.export.load(res["exports"][1]).module()(*xs).numpy()
+    sess = ort.InferenceSession(res["exports"][0])
+    got_onnx = sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})[0]
+    for got in (got_onnx, got_pt2):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+
+
 def test_pack_request_errors(text_market):
     root, specs, scfg = text_market
     market = Market(root)
@@ -191,8 +304,6 @@ def test_vectorised_reconstruction_equals_one_decoder_per_fragment(recon):
 def test_fragments_of_different_input_sizes_rebuild_pack_and_export(tmp_path):
     """Each fragment runs at its own input size (the spec's, not a constant): it rebuilds from
     its files at that size, packs beside a 32x32 fragment, and the exported graph resizes too."""
-    import onnxruntime as ort
-
     from snp_ray.slicing import Fragment
 
     a, fa = make_fragment("resnet20", 0, ImageSpec(size=[40, 40]), 3)
@@ -204,7 +315,6 @@ def test_fragments_of_different_input_sizes_rebuild_pack_and_export(tmp_path):
     torch.testing.assert_close(again(again.encode(x)), a(a.encode(x)))
     samples = PackSamples.from_fewshot([fa, fb], [0, 4])
     packed = Packer(FAST).pack([again, b], samples, [0, 4])
-    raw40 = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
-    ref = packed(*packed.encode(raw40))
-    sess = ort.InferenceSession(str(export_onnx(packed, tmp_path / "p.onnx")))
-    np.testing.assert_allclose(sess.run(None, {"images": raw40})[0], ref.numpy(), rtol=1e-4, atol=1e-5)
+    rng = np.random.default_rng(0)      # the exports take the largest size, 40x40, and resize
+    assert_exports_match(packed, lambda n: rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8),
+                         tmp_path / "x")

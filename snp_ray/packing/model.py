@@ -6,6 +6,11 @@ and counted separately.
 """
 from __future__ import annotations
 
+import copy
+import io
+import logging
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +23,13 @@ from snp_ray.artifacts import (atomic_write_bytes, load_state_strict, read_bytes
                                tensors_from_bytes, tensors_to_bytes)
 from snp_ray.config import Config
 from snp_ray.data.specs import ImageSpec
-from snp_ray.errors import ConfigError, DataError, IntegrityError, SnpError
+from snp_ray.errors import (ConfigError, DataError, ExportError, IntegrityError, SnpError,
+                            UnknownNameError)
 from snp_ray.models import count_params
 from snp_ray.slicing.fragment import Fragment, FragmentSpec, rebuild_features
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,8 +195,11 @@ class RawImagePack(nn.Module):
         self.packed = packed.eval()
         self.sizes = [tuple(s.size) for s in specs]
         self.size = max(self.sizes, key=lambda hw: hw[0] * hw[1])
-        self.register_buffer("mean", torch.tensor([s.mean for s in specs]).view(len(specs), 1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([s.std for s in specs]).view(len(specs), 1, 3, 1, 1))
+        # not "mean"/"std": the ONNX exporter names values after their ops, and without its
+        # optimiser a buffer called "mean" collided with a mean-pooling output ("Duplicate definition")
+        shape = (len(specs), 1, 3, 1, 1)
+        self.register_buffer("pixel_mean", torch.tensor([s.mean for s in specs]).view(shape))
+        self.register_buffer("pixel_std", torch.tensor([s.std for s in specs]).view(shape))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2).float() / 255.0
@@ -197,34 +207,125 @@ class RawImagePack(nn.Module):
         for i, size in enumerate(self.sizes):
             xi = x if size == self.size else nn.functional.interpolate(
                 x, size=size, mode="bilinear", align_corners=False, antialias=False)
-            inputs.append((xi - self.mean[i]) / self.std[i])
+            inputs.append((xi - self.pixel_mean[i]) / self.pixel_std[i])
         return self.packed(*inputs)
 
 
-def export_torchscript(packed: PackedModel, path: str | Path) -> Path:
-    """Trace the pack (raw images in for image packs; per-fragment token ids for text packs)."""
-    module, example = _export_module(packed)
-    traced = torch.jit.trace(module, example, check_trace=False)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
-    return path
+#: export format -> the file name ``snp pack --export`` writes in the pack's folder
+EXPORT_FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
+#: a single .onnx file is one protobuf message (2 GiB at most), graph included
+ONNX_MAX_WEIGHT_BYTES = 2**31 - 2**26
+
+
+def export_pt2(packed: PackedModel, path: str | Path) -> Path:
+    """A ``torch.export`` archive (``.pt2``) with a dynamic batch dimension; load it with
+    ``torch.export.load(path).module()``. Raw uint8 images (N, H, W, 3) in for image packs, one
+    token-id tensor (N, max_len) per fragment for text packs; logits out."""
+    return _write_pt2(_capture(packed, "pt2"), Path(path))
 
 
 def export_onnx(packed: PackedModel, path: str | Path) -> Path:
-    """ONNX export (needs the ``onnx`` extra)."""
-    module, example = _export_module(packed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = ["images"] if isinstance(module, RawImagePack) else [f"tokens{i}" for i in range(len(example))]
-    torch.onnx.export(module, example, str(path), input_names=names, output_names=["logits"],
-                      dynamic_axes={n: {0: "batch"} for n in names + ["logits"]}, dynamo=False)
+    """One self-contained ONNX file (weights inside) from the dynamo exporter, with a dynamic
+    ``batch`` axis; inputs as for :func:`export_pt2`, named ``images`` or ``tokens0``, ``tokens1``,
+    ... Needs the ``onnx`` extra (onnx, onnxscript; onnxruntime to run it)."""
+    return _write_onnx(_capture(packed, "onnx"), Path(path))
+
+
+def export_pack(packed: PackedModel, folder: str | Path, formats: list[str]) -> dict[str, Path]:
+    """Write each of ``formats`` (see :data:`EXPORT_FILES`) into ``folder`` from one capture."""
+    formats = check_export_formats(formats)
+    if not formats:
+        return {}
+    captured = _capture(packed, "/".join(formats))
+    writers = {"onnx": _write_onnx, "pt2": _write_pt2}
+    return {fmt: writers[fmt](captured, Path(folder) / EXPORT_FILES[fmt]) for fmt in formats}
+
+
+def check_export_formats(formats: list[str]) -> list[str]:
+    """The formats in order, once each; an unknown one is an :class:`UnknownNameError`."""
+    for fmt in formats:
+        if fmt not in EXPORT_FILES:
+            raise UnknownNameError("export format", fmt, list(EXPORT_FILES))
+    return list(dict.fromkeys(formats))
+
+
+@dataclass
+class _Captured:
+    program: torch.export.ExportedProgram
+    input_names: list[str]
+
+
+def _capture(packed: PackedModel, fmt: str) -> _Captured:
+    """One ``torch.export`` capture of the deployable pack, batch dimension dynamic; the ONNX
+    file is translated from the same program, so both formats run the same graph."""
+    module, example, names = _export_module(packed)
+    batch = torch.export.Dim("batch", min=1)
+    dims = ({0: batch},) if isinstance(module, RawImagePack) else \
+        {"inputs": tuple({0: batch} for _ in example)}       # PackedModel.forward(*inputs)
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # nn.GRU/LSTM refresh their _flat_weights list on every call; harmless here
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights",
+                                    category=UserWarning)
+            program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+    except Exception as e:  # the tracer raises many types; keep the cause, name the pack
+        raise ExportError(fmt, f"torch.export cannot capture its graph "
+                               f"({type(e).__name__}: {_first_line(e)})") from e
+    log.debug("captured the pack with torch.export in %.2f s", time.perf_counter() - started)
+    return _Captured(program, names)
+
+
+def _write_pt2(captured: _Captured, path: Path) -> Path:
+    started = time.perf_counter()
+    buf = io.BytesIO()
+    torch.export.save(captured.program, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    log.info("exported %s (%.2f s)", path, time.perf_counter() - started)
     return path
 
 
-def _export_module(packed: PackedModel) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    if packed.modality == "image":
-        module = RawImagePack(packed)
-        return module, (torch.zeros(2, *module.size, 3, dtype=torch.uint8),)
-    lens = [f.spec.input_spec.max_len for f in packed.fragments]  # type: ignore[union-attr]
-    return packed.eval(), tuple(torch.ones(2, n, dtype=torch.long) for n in lens)
+def _write_onnx(captured: _Captured, path: Path) -> Path:
+    started = time.perf_counter()
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's translator)
+    except ImportError:
+        raise ExportError("onnx", "the dynamo exporter needs onnxscript: "
+                                  "pip install 'snp_ray[onnx]'") from None
+    weights = sum(t.numel() * t.element_size() for t in captured.program.state_dict.values())
+    if weights > ONNX_MAX_WEIGHT_BYTES:
+        raise ExportError("onnx", f"its {weights / 2**30:.1f} GiB of weights do not fit in one "
+                                  f"ONNX file (protobuf's 2 GiB limit); export pt2 instead")
+    try:
+        program = torch.onnx.export(captured.program, (), dynamo=True, verbose=False,
+                                    input_names=captured.input_names, output_names=["logits"],
+                                    external_data=False)
+    except Exception as e:  # translation failures come as several types
+        raise ExportError("onnx", f"the exporter cannot translate its graph "
+                                  f"({type(e).__name__}: {_first_line(e)})") from e
+    program.rename_axes({program.model.graph.inputs[0].shape[0]: "batch"})  # shared by all
+    # weights inside the file (never external data): it is handed out as one file
+    atomic_write_bytes(path, program.model_proto.SerializeToString())
+    log.info("exported %s (%.2f s)", path, time.perf_counter() - started)
+    return path
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _export_module(packed: PackedModel) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str]]:
+    """The deployable part of the pack (a copy without the training-only decoders, weights in
+    the default memory layout) and example inputs at batch 2."""
+    # the memo entry makes deepcopy put None where the decoders were, without touching ``packed``
+    clone = copy.deepcopy(packed, memo={id(packed.decoders): None}).eval()
+    for f in clone.fragments:
+        if f.channels_last:  # a CPU speed-up only; the .pt2 archive wants dense weights
+            f.features.to(memory_format=torch.contiguous_format)
+            f.channels_last = False
+    if clone.modality == "image":
+        module = RawImagePack(clone).eval()
+        return module, (torch.zeros(2, *module.size, 3, dtype=torch.uint8),), ["images"]
+    lens = [f.spec.input_spec.max_len for f in clone.fragments]  # type: ignore[union-attr]
+    return clone, tuple(torch.ones(2, n, dtype=torch.long) for n in lens), \
+        [f"tokens{i}" for i in range(len(lens))]
