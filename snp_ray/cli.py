@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from snp_ray.errors import ConfigError, SnpError
+from snp_ray.errors import ArtifactNotFoundError, ConfigError, SnpError
 
 log = logging.getLogger("snp_ray.cli")
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -124,7 +124,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 
 @command("slice", "slice (model, class) pairs of a market into fragments, locally", _slice_args)
 def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
-    from snp_ray.errors import ArtifactNotFoundError, DataError
+    from snp_ray.errors import DataError
     from snp_ray.market import Market
     from snp_ray.slicing import slice_preset
     from snp_ray.slicing.api import slice_missing
@@ -514,6 +514,53 @@ def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
             "k": {k: {"p": {e: r["p"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
                       "R": {e: r["R"][e] for e in ("0.1", "0.2", "0.3", "0.4", "0.5")},
                       "mean_acc": r["mean_acc"]} for k, r in result["k"].items()}}
+
+
+# ---------------------------------------------------------------- snp serve
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--market", required=True, help="market store folder with sliced fragments")
+    p.add_argument("--fragments", default="", help="fragment store URI (default MARKET/fragments)")
+    p.add_argument("--packs", default="", help="pack store folder (default MARKET/packs)")
+    p.add_argument("--preset", default="quick", help="slice preset of the fragments to serve")
+    p.add_argument("--plan", default="best", help="default plan policy: best, top-<m> or all")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-models-per-replica", type=int, default=8,
+                   help="packs kept loaded per predictor replica (LRU)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="predictions batched per pack")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="stop after this many seconds (default: run until Ctrl-C)")
+
+
+@command("serve", "serve the market over HTTP: packs on request, downloads, predictions, a web page",
+         _serve_args)
+def cmd_serve(a: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from snp_ray.runtime import ensure_ray
+    from snp_ray.serve.config import ServeConfig
+    from snp_ray.serve.deploy import start
+
+    cfg = ServeConfig(market=a.market, fragments=a.fragments, packs=a.packs, preset=a.preset,
+                      plan=a.plan, host=a.host, port=a.port,
+                      max_models_per_replica=a.max_models_per_replica,
+                      max_batch_size=a.max_batch_size)
+    if not (Path(cfg.market) / "market.json").is_file():
+        raise ArtifactNotFoundError(f"no market at {cfg.market} (market.json is missing)")
+    ensure_ray()
+    from ray import serve
+
+    url = start(cfg)
+    print(f"snp serve: the market at {cfg.market} is ready at {url}", flush=True)
+    try:
+        deadline = time.monotonic() + a.seconds if a.seconds > 0 else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return {"url": url, "market": cfg.market}
 
 
 # ---------------------------------------------------------------- snp convert-cifar

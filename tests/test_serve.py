@@ -148,7 +148,21 @@ def test_downloads_are_the_stored_pack(client):
     assert weights.status_code == spec.status_code == 200
     loaded = PackedModel.from_blobs(spec.content, weights.content)
     x = _images(5)
-    assert torch.allclose(loaded.predict_proba(x), service.packs.load(pid).predict_proba(x))
+    expected = service.packs.load(pid).predict_proba(x)
+    assert torch.allclose(loaded.predict_proba(x), expected)
+    # the exports are made on first download, kept, and compute the same pack
+    onnx = c.get(f"/v1/packs/{pid}/model.onnx")
+    pt2 = c.get(f"/v1/packs/{pid}/model.pt2")
+    assert onnx.status_code == pt2.status_code == 200
+    assert (service.packs.root / pid / "model.onnx").read_bytes() == onnx.content
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx.content)
+    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert torch.allclose(torch.softmax(torch.from_numpy(logits), 1), expected, atol=1e-4)
+    path = service.packs.root / pid / "model.pt2"
+    program = torch.export.load(str(path)).module()
+    assert torch.allclose(torch.softmax(program(torch.from_numpy(x)), 1), expected, atol=1e-4)
 
 
 def test_predictions_match_the_pack_for_uploads_and_base64(client):
@@ -234,7 +248,9 @@ def test_served_market_packs_and_batches_predictions_per_pack(served_market):
     from snp_ray.serve.packstore import PackStore
 
     url, cfg = served_market
-    assert requests.get(f"{url}-/healthz", timeout=30).json()["status"] == "ok"
+    assert requests.get(f"{url}-/healthz", timeout=30).status_code == 200   # Serve's proxy
+    health = requests.get(f"{url}v1/health", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok", health.text
     sets = [["airplane", "cat", "frog"], ["dog", "ship"], ["bird", "deer", "truck", "horse"]]
     ids = []
     for classes in sets:

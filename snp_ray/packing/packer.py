@@ -73,82 +73,75 @@ class Packer:
         self.cfg = config or PackConfig()
 
     def pack(self, fragments: list[Fragment], samples: PackSamples, classes: list[int],
-             warm_start: PackedModel | None = None) -> PackedModel:
+             warm_start: PackedModel | None = None, cv_folds: int = 0) -> PackedModel:
         """Train Enc, decoders and head for ``classes`` (global ids, head order) on ``samples``.
 
         ``warm_start``: reuse Enc columns, decoders and head rows of fragments and classes that
         the earlier pack already had (plug-and-play add or remove without reslicing).
+        ``cv_folds`` > 1: also estimate the pack's accuracy from the few-shot samples alone, by
+        stratified cross-validation. Each fold's copy (scales, Enc, decoders, head) trains on the
+        other folds' samples and their augmented views, in the same steps as the pack itself (the
+        copies are stacked, so the estimate costs little more than the pack), and is scored on its
+        own samples' plain view. The result is in ``spec.metrics`` (``cv_accuracy``, ...).
         """
         cfg = self.cfg
         targets, y, raw = self._check(fragments, samples, classes)
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         feats, y_all = self._cached_features(fragments, raw, y)
-        scales = _scales(feats, len(y))
-        dims = [f.spec.feature_dim for f in fragments]
-        enc = nn.Linear(sum(dims), cfg.hidden)
-        head = nn.Linear(cfg.hidden, len(classes))
-        decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
-        if warm_start is not None:
-            _warm(warm_start, fragments, classes, enc, head, decoders)
-        zcat = torch.cat([f * s for f, s in zip(feats, scales)], 1)
+        n, dims = len(y), [f.spec.feature_dim for f in fragments]
+        fold_of = _folds(y, len(classes), cv_folds, cfg.seed)
+        folds = 0 if fold_of is None else int(fold_of.max()) + 1
+        uses = [torch.ones(n, dtype=torch.bool)] + [fold_of != k for k in range(folds)]
+        scales = [_scales([f[:n][u] for f in feats], int(u.sum())) for u in uses]
+        mods = []
+        for i in range(len(uses)):
+            enc = nn.Linear(sum(dims), cfg.hidden)
+            head = nn.Linear(cfg.hidden, len(classes))
+            decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
+            if warm_start is not None:
+                _warm(warm_start, fragments, classes, enc, head, decoders)
+            mods.append((enc, head, decoders))
+        z = torch.stack([torch.cat([f * sc for f, sc in zip(feats, s)], 1) for s in scales])
         nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
-        bf16 = self._fit(zcat, y_all, torch.tensor(targets), dims, nonneg, enc, head, decoders)
-        seconds = time.perf_counter() - t0
+        views = len(y_all) // n
+        bf16 = self._fit(z, torch.stack([u.repeat(views) for u in uses]), y_all,
+                         torch.tensor(targets), dims, nonneg, mods)
+        metrics = {"pack_seconds": time.perf_counter() - t0, "train_samples": float(n),
+                   "train_bf16": float(bf16)}
+        if folds:
+            correct = 0
+            with torch.no_grad():
+                for k in range(folds):
+                    enc, head, _ = mods[k + 1]
+                    held = fold_of == k
+                    correct += int((head(torch.relu(enc(z[k + 1][:n][held]))).argmax(1)
+                                    == y[held]).sum())
+            metrics |= {"cv_accuracy": correct / n, "cv_folds": float(folds)}
+        enc, head, decoders = mods[0]
         names = [samples.class_names.get(c, str(c)) for c in classes]
         spec = PackSpec(class_ids=list(classes), class_names=names,
                         fragments=[f.spec.to_dict() for f in fragments], fragment_targets=targets,
                         hidden=cfg.hidden, config=cfg.to_dict(), dataset=samples.dataset,
-                        metrics={"pack_seconds": seconds, "train_samples": float(len(y)),
-                                 "train_bf16": float(bf16)})
-        model = PackedModel(spec, fragments, scales, enc.eval(), head.eval(), decoders.eval())
+                        metrics=metrics)
+        model = PackedModel(spec, fragments, scales[0], enc.eval(), head.eval(), decoders.eval())
         for p in model.parameters():
             p.requires_grad_(False)
-        log.info("packed %d fragments for %s in %.2fs", len(fragments), names, seconds)
+        log.info("packed %d fragments for %s in %.2fs", len(fragments), names,
+                 metrics["pack_seconds"])
         return model
 
     def cross_validate(self, fragments: list[Fragment], samples: PackSamples, classes: list[int],
                        folds: int = 3) -> dict[str, Any]:
-        """A few-shot accuracy estimate of the pack that :meth:`pack` would make: stratified
-        ``folds``-fold cross-validation on the same few-shot samples. Each fold packs (scales,
-        Enc, decoders, head) on the other folds' samples and all their augmented views, and is
-        scored on its own samples' plain view. Fragment features are computed once for all folds.
-        No test data exists here: a market request only has its few-shot uploads."""
-        cfg = self.cfg
-        targets, y, raw = self._check(fragments, samples, classes)
+        """Only the few-shot accuracy estimate of :meth:`pack` (see ``cv_folds`` there)."""
         t0 = time.perf_counter()
-        n = len(y)
-        folds = min(folds, int(np.bincount(y.numpy(), minlength=len(classes)).min()))
-        if folds < 2:
-            return {"accuracy": None, "folds": 0, "samples": n, "seconds": 0.0,
-                    "method": "not estimated: a class has fewer than 2 few-shot samples"}
-        feats, y_all = self._cached_features(fragments, raw, y)
-        views = len(y_all) // n
-        gen = torch.Generator().manual_seed(cfg.seed + 2)
-        fold_of = torch.empty(n, dtype=torch.long)
-        for c in range(len(classes)):           # stratified: each class spread over the folds
-            idx = torch.nonzero(y == c).flatten()
-            fold_of[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
-        dims = [f.spec.feature_dim for f in fragments]
-        nonneg = torch.cat([torch.full((d,), bool((f >= 0).all())) for d, f in zip(dims, feats)])
-        correct = 0
-        for k in range(folds):
-            held = fold_of == k
-            train = (~held).repeat(views)
-            scales = _scales([f[:n][~held] for f in feats], int((~held).sum()))
-            zcat = torch.cat([f * s for f, s in zip(feats, scales)], 1)
-            torch.manual_seed(cfg.seed)
-            enc = nn.Linear(sum(dims), cfg.hidden)
-            head = nn.Linear(cfg.hidden, len(classes))
-            decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
-            self._fit(zcat[train], y_all[train], torch.tensor(targets), dims, nonneg, enc, head,
-                      decoders)
-            with torch.no_grad():
-                pred = head(torch.relu(enc(zcat[:n][held]))).argmax(1)
-            correct += int((pred == y[held]).sum())
-        return {"accuracy": correct / n, "folds": folds, "samples": n,
-                "seconds": time.perf_counter() - t0,
-                "method": f"stratified {folds}-fold cross-validation on the few-shot samples"}
+        m = self.pack(fragments, samples, classes, cv_folds=folds).spec.metrics
+        if "cv_accuracy" not in m:
+            return {"accuracy": None, "folds": 0, "samples": int(m["train_samples"]),
+                    "seconds": time.perf_counter() - t0, "method": CV_NONE}
+        return {"accuracy": m["cv_accuracy"], "folds": int(m["cv_folds"]),
+                "samples": int(m["train_samples"]), "seconds": time.perf_counter() - t0,
+                "method": cv_method(int(m["cv_folds"]))}
 
     def _check(self, fragments: list[Fragment], samples: PackSamples, classes: list[int]
                ) -> tuple[list[int], torch.Tensor, Any]:
@@ -173,10 +166,13 @@ class Packer:
             [t for t, k in zip(samples.raw, keep) if k]
         return targets, y, raw
 
-    def _fit(self, zcat: torch.Tensor, y_all: torch.Tensor, serves: torch.Tensor, dims: list[int],
-             nonneg: torch.Tensor, enc: nn.Linear, head: nn.Linear, decoders: nn.ModuleList) -> bool:
-        """Train Enc, the decoders and the head in place on scaled features; returns whether the
-        steps ran in bf16."""
+    def _fit(self, z: torch.Tensor, use: torch.Tensor, y_all: torch.Tensor, serves: torch.Tensor,
+             dims: list[int], nonneg: torch.Tensor,
+             mods: list[tuple[nn.Linear, nn.Linear, nn.ModuleList]]) -> bool:
+        """Train M stacked copies of (Enc, decoders, head) in place, in the same steps: copy i
+        sees scaled features ``z[i]`` and learns only from the rows where ``use[i]`` holds
+        (losses summed over copies, so their gradients stay apart). Returns whether the steps
+        ran in bf16."""
         cfg = self.cfg
         # All decoders as one Linear: its output is the concatenation of every Dec_c's, so one
         # matmul replaces a loop over fragments. ``seg`` averages each fragment's slice of the
@@ -184,10 +180,12 @@ class Packer:
         # One difference from per-decoder optimisers: in a batch with no sample of class c, Dec_c
         # still gets Adam's momentum and weight decay (a zero gradient, not a skipped step); at
         # batch 256 over k·8 views per class such a batch practically never occurs.
-        dec_all = nn.Linear(cfg.hidden, sum(dims))
-        with torch.no_grad():
-            dec_all.weight.copy_(torch.cat([d.weight for d in decoders]))
-            dec_all.bias.copy_(torch.cat([d.bias for d in decoders]))
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(m).detach() for m in mods]).clone().requires_grad_()
+        we, be = stack(lambda m: m[0].weight), stack(lambda m: m[0].bias)       # (M, H, D), (M, H)
+        wh, bh = stack(lambda m: m[1].weight), stack(lambda m: m[1].bias)       # (M, C, H), (M, C)
+        wd = stack(lambda m: torch.cat([d.weight for d in m[2]]))              # (M, ΣD, H)
+        bd = stack(lambda m: torch.cat([d.bias for d in m[2]]))                # (M, ΣD)
         seg = torch.zeros(sum(dims), len(dims))
         bounds = np.cumsum([0] + dims)
         for j in range(len(dims)):
@@ -196,31 +194,37 @@ class Packer:
         # ReLU for fragments whose features are never negative (conv nets), none for signed ones
         # (a GRU's tanh states), which a ReLU decoder could not reconstruct
         mine_all = (y_all[:, None] == serves[None, :]).float()        # (samples, fragments)
-        params = list(enc.parameters()) + list(head.parameters()) + list(dec_all.parameters())
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ce = nn.CrossEntropyLoss()
+        opt = torch.optim.Adam([we, be, wh, bh, wd, bd], lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
-        n = zcat.shape[0]
+        n, copies = z.shape[1], len(mods)
         # bf16 autocast halves the step time on CPUs with native bf16 (the model stays fp32)
         bf16 = resolve_precision(cfg.precision, torch.device("cpu")) == "bf16"
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, cfg.batch_size):
                 idx = order[s:s + cfg.batch_size]
-                zb = zcat[idx]
+                zb, m = z[:, idx], use[:, idx].float()                # (M, B, D), (M, B)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    h = torch.relu(enc(zb))
-                    loss = ce(head(h).float(), y_all[idx])
+                    h = torch.relu(torch.baddbmm(be[:, None], zb, we.transpose(1, 2)))
+                    logits = torch.baddbmm(bh[:, None], h, wh.transpose(1, 2)).float()
+                    ce = nn.functional.cross_entropy(logits.flatten(0, 1), y_all[idx].repeat(copies),
+                                                     reduction="none").view(copies, -1)
+                    loss = (ce * m).sum() / len(idx)
                     if cfg.delta > 0:
-                        loss = loss + cfg.delta * reconstruction(h, zb, dec_all, seg, mine_all[idx],
-                                                                 nonneg)
+                        def dec_all(hh: torch.Tensor) -> torch.Tensor:
+                            return torch.baddbmm(bd[:, None], hh, wd.transpose(1, 2))
+                        loss = loss + cfg.delta * reconstruction(
+                            h, zb, dec_all, seg, mine_all[idx][None] * m[..., None], nonneg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-        with torch.no_grad():                   # back to one Dec_c per fragment for the model
-            for j, d in enumerate(decoders):
-                d.weight.copy_(dec_all.weight[bounds[j]:bounds[j + 1]])
-                d.bias.copy_(dec_all.bias[bounds[j]:bounds[j + 1]])
+        with torch.no_grad():                   # back to modules: one Dec_c per fragment
+            for i, (enc, head, decoders) in enumerate(mods):
+                enc.weight.copy_(we[i]), enc.bias.copy_(be[i])
+                head.weight.copy_(wh[i]), head.bias.copy_(bh[i])
+                for j, d in enumerate(decoders):
+                    d.weight.copy_(wd[i, bounds[j]:bounds[j + 1]])
+                    d.bias.copy_(bd[i, bounds[j]:bounds[j + 1]])
         return bf16
 
     @torch.no_grad()
@@ -237,6 +241,26 @@ class Packer:
         return feats, y.repeat(len(views))
 
 
+CV_NONE = "not estimated: a class has fewer than 2 few-shot samples"
+
+
+def cv_method(folds: int) -> str:
+    return f"stratified {folds}-fold cross-validation on the few-shot samples"
+
+
+def _folds(y: torch.Tensor, classes: int, folds: int, seed: int) -> torch.Tensor | None:
+    """A seeded, stratified fold number per sample (None: no cross-validation possible)."""
+    folds = min(folds, int(np.bincount(y.numpy(), minlength=classes).min()))
+    if folds < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed + 2)
+    fold_of = torch.empty(len(y), dtype=torch.long)
+    for c in range(classes):                   # stratified: each class spread over the folds
+        idx = torch.nonzero(y == c).flatten()
+        fold_of[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
+    return fold_of
+
+
 def _scales(feats: list[torch.Tensor], n: int) -> torch.Tensor:
     """One fixed scale per fragment: 1 / RMS of its features on the plain view of the samples."""
     return torch.stack([1.0 / f[:n].pow(2).mean().sqrt().clamp_min(1e-6) for f in feats])
@@ -244,14 +268,15 @@ def _scales(feats: list[torch.Tensor], n: int) -> torch.Tensor:
 
 def reconstruction(h: torch.Tensor, zb: torch.Tensor, dec_all: nn.Linear, seg: torch.Tensor,
                    mine: torch.Tensor, nonneg: torch.Tensor) -> torch.Tensor:
-    """Σ_c Σ_{x of class c} ||Dec_c(h) − F^c(x)||² · seg / batch, for all decoders at once.
+    """Σ_c Σ_{x of class c} ||Dec_c(h) − F^c(x)||² · seg / batch, for all decoders at once (and
+    for stacked copies: leading dims of ``h``, ``zb`` and ``mine`` are summed over).
 
     ``seg`` maps dims to fragments (1/d_c: the mean over a fragment's dims; 1: the notes' squared
     norm); ``nonneg`` marks the dims whose decoder ends in ReLU (the others are linear)."""
     out = dec_all(h).float()
     out = torch.where(nonneg, torch.relu(out), out)
     err = (out - zb).pow(2) @ seg  # (batch, fragments)
-    return (err * mine).sum() / h.shape[0]
+    return (err * mine).sum() / h.shape[-2]
 
 
 def _warm(old: PackedModel, fragments: list[Fragment], classes: list[int], enc: nn.Linear,

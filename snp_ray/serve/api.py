@@ -127,7 +127,9 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DataError(f"the request body is not valid JSON ({e})") from None
 
+    # Under Ray Serve the proxy itself answers /-/healthz (200, "success"): /v1/health is ours
     @app.get("/-/healthz")
+    @app.get("/v1/health")
     async def healthz() -> dict[str, Any]:
         cat = service.catalogue()
         return {"status": "ok", "models": len(cat.specs), "classes": len(cat.classes)}

@@ -25,7 +25,7 @@ from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.packing.config import preset_pack_config
 from snp_ray.packing.model import PackedModel
-from snp_ray.packing.packer import Packer
+from snp_ray.packing.packer import CV_NONE, Packer, cv_method
 from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
 from snp_ray.serve.catalogue import Catalogue
 from snp_ray.serve.config import ServeConfig
@@ -137,19 +137,19 @@ class MarketService:
             self.packs.remember(digest, pid)
             return self.packs.meta(pid), False
         samples = plan_samples(self.market, plan, k, self.cfg.seed)
-        packer = Packer(self.pack_cfg)
-        packed = packer.pack(fragments, samples, ids)
-        estimate = packer.cross_validate(fragments, samples, ids, self.cfg.folds)
+        packed = Packer(self.pack_cfg).pack(fragments, samples, ids, cv_folds=self.cfg.folds)
+        metrics = packed.spec.metrics
+        folds = int(metrics.get("cv_folds", 0))
         meta = {
             "classes": packed.spec.class_names, "class_ids": ids, "k": k,
             "dataset": packed.spec.dataset, "modality": packed.modality,
             "params": packed.params_deployable(), "params_training": packed.params_training(),
-            "fewshot_accuracy": estimate["accuracy"],
-            "fewshot_accuracy_method": estimate["method"] + " (the fragments were sliced on "
-                                       "these samples too, so it leans optimistic; no test data)",
-            "fewshot_samples": estimate["samples"],
+            "fewshot_accuracy": metrics.get("cv_accuracy"),
+            "fewshot_accuracy_method": (cv_method(folds) + " (the fragments were sliced on these "
+                                        "samples too, so it leans optimistic; no test data)")
+                                       if folds else CV_NONE,
+            "fewshot_samples": int(metrics["train_samples"]),
             "pack_seconds": round(packed.spec.metrics["pack_seconds"], 4),
-            "estimate_seconds": round(estimate["seconds"], 4),
             "plan": plan.to_dict(),
             "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
                            "key": f.spec.key, "params": f.spec.params} for f in fragments],
