@@ -288,3 +288,30 @@ def test_served_market_refuses_bad_input_and_keeps_answering(served_market):
     assert (bad.status_code, big.status_code, unknown.status_code) == (400, 413, 404)
     assert unknown.json()["close_matches"][0] == "airplane"
     assert len(_post_image(url, pid, _images(1)[0])) == 3
+
+
+# ---------------------------------------------------------------- how it starts
+def test_the_serve_run_config_names_a_buildable_app(monkeypatch, tmp_path):
+    """`serve run snp_ray/serve/serve.yaml`: the file validates as a Serve config, and its args
+    are a ServeConfig whose relative paths resolve against the folder serve run starts in."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from snp_ray.serve import deploy
+
+    path = Path(deploy.__file__).with_name("serve.yaml")
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "snp_ray.serve.deploy:app_builder" and app.route_prefix == "/"
+    assert schema.http_options.host == "127.0.0.1"
+    monkeypatch.setenv("SNP_SERVE_ROOT", str(tmp_path))
+    cfg = deploy.absolute(ServeConfig.from_dict(app.args))
+    assert cfg.market == str(tmp_path / "runs" / "quickstart")
+    assert deploy.app_builder(app.args) is not None
+
+
+def test_snp_serve_refuses_a_missing_market(tmp_path, capsys):
+    from snp_ray.cli import main
+
+    assert main(["serve", "--market", str(tmp_path / "nowhere"), "--json"]) == 2
+    assert "no market at" in capsys.readouterr().out
