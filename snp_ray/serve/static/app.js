@@ -1,0 +1,272 @@
+// The market's web page: choose classes, pack them, download the pack, try it on images.
+// Plain JS over the JSON API (no build step, no external resources).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { catalogue: null, selected: new Set(), pack: null };
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("data-") || k.startsWith("aria-") || k === "for" || k === "role") {
+      node.setAttribute(k, v);
+    } else node[k] = v;
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function formatParams(n) {
+  if (n >= 1e6) return `${(n / 1e6).toFixed(2)} M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} k`;
+  return String(n);
+}
+
+const percent = (p) => `${(100 * p).toFixed(1)} %`;
+
+// A JSON request; a refusal becomes an Error carrying the service's {"error", ...} body.
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    throw new Error(`the service did not answer (${e.message})`);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (e) {
+    body = null;
+  }
+  if (!response.ok) {
+    const err = new Error((body && body.error) || `HTTP ${response.status} ${response.statusText}`);
+    err.body = body || {};
+    err.status = response.status;
+    throw err;
+  }
+  return body;
+}
+
+function showError(err) {
+  const box = $("error");
+  box.replaceChildren(el("strong", { text: "Error: " }),
+                      el("span", { id: "error-message", text: err.message }));
+  const close = err.body && err.body.close_matches;
+  if (close && close.length) {
+    box.append(el("span", { class: "close-matches", text: ` Did you mean: ${close.join(", ")}?` }));
+  }
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").replaceChildren();
+}
+
+// ------------------------------------------------------------------ catalogue
+async function loadCatalogue() {
+  try {
+    const cat = await api("/v1/classes");
+    state.catalogue = cat;
+    const n = cat.classes.length;
+    $("catalogue-summary").textContent =
+      `${n} class${n === 1 ? "" : "es"} from ${cat.models} model${cat.models === 1 ? "" : "s"}` +
+      (cat.dataset ? ` (${cat.dataset})` : "") + `; slice preset ${cat.preset}; ` +
+      `catalogue ${cat.version}`;
+    $("k-select").replaceChildren(...cat.ks.map((k) => el("option", { value: String(k), text: String(k) })));
+    if (cat.ks.includes(10)) $("k-select").value = "10";
+    renderClasses();
+  } catch (e) {
+    $("catalogue-summary").textContent = "The class catalogue did not load.";
+    showError(e);
+  }
+}
+
+function renderClasses() {
+  const list = $("class-list");
+  const items = state.catalogue.classes.map((c) => {
+    const id = `class-${c.id}`;
+    const box = el("input", { type: "checkbox", id, value: c.name,
+                              checked: state.selected.has(c.name) });
+    box.addEventListener("change", () => {
+      if (box.checked) state.selected.add(c.name);
+      else state.selected.delete(c.name);
+      item.classList.toggle("selected", box.checked);
+      updateCounts();
+    });
+    const holders = c.holders.length;
+    const item = el("li", { class: "class-option", "data-testid": "class-option",
+                            "data-class": c.name },
+      box,
+      el("label", { for: id },
+         el("span", { class: "class-name", text: c.name }),
+         el("span", { class: "class-meta", "data-testid": "class-holders",
+                      text: `${holders} holder${holders === 1 ? "" : "s"} · k ${c.ks.join(", ")}` })));
+    item.classList.toggle("selected", box.checked);
+    return item;
+  });
+  list.replaceChildren(...items);
+  filterClasses();
+}
+
+function filterClasses() {
+  const q = $("class-search").value.trim().toLowerCase();
+  let shown = 0;
+  for (const item of $("class-list").children) {
+    const match = !q || item.dataset.class.toLowerCase().includes(q);
+    item.hidden = !match;
+    shown += match;
+  }
+  $("no-match").hidden = shown > 0;
+  $("match-count").textContent = `${shown} shown`;
+}
+
+function updateCounts() {
+  const names = [...state.selected];
+  $("selected-count").textContent =
+    `${names.length} selected` + (names.length ? `: ${names.join(", ")}` : "");
+}
+
+// ------------------------------------------------------------------ packing
+async function pack() {
+  clearError();
+  const button = $("pack-button");
+  const body = { classes: [...state.selected], k: Number($("k-select").value),
+                 plan: $("plan-select").value };
+  button.disabled = true;
+  $("pack-status").textContent = `Packing ${body.classes.length} classes…`;
+  const t0 = performance.now();
+  try {
+    const meta = await api("/v1/packs", { method: "POST", body: JSON.stringify(body),
+                                          headers: { "Content-Type": "application/json" } });
+    const seconds = (performance.now() - t0) / 1000;
+    $("pack-status").textContent = "";
+    showPack(meta, seconds);
+  } catch (e) {
+    $("pack-status").textContent = "";
+    showError(e);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showPack(meta, answered = null) {
+  state.pack = meta;
+  $("pack-id").textContent = meta.id;
+  $("pack-classes").textContent = meta.classes.join(", ");
+  const params = $("pack-params");
+  params.textContent = `${formatParams(meta.params)} parameters`;
+  params.dataset.value = String(meta.params);
+  params.title = `${meta.params.toLocaleString("en")} parameters when deployed`;
+  $("pack-params-training").textContent = meta.params_training != null
+    ? `(${formatParams(meta.params_training)} while packing)` : "";
+  const acc = $("pack-accuracy");
+  acc.textContent = percent(meta.fewshot_accuracy);
+  acc.dataset.value = String(meta.fewshot_accuracy);
+  $("pack-accuracy-samples").textContent = meta.fewshot_samples != null
+    ? `${meta.fewshot_samples} few-shot samples (k = ${meta.k} per class)` : "the few-shot samples";
+  $("pack-accuracy-method").textContent = meta.fewshot_accuracy_method || "";
+  $("pack-time").textContent = (meta.cached ? "first built in " : "built in ") +
+    `${meta.build_seconds.toFixed(1)} s (packing ${meta.pack_seconds.toFixed(1)} s, ` +
+    `accuracy estimate ${meta.estimate_seconds.toFixed(1)} s)` +
+    (answered != null ? `; this request took ${answered.toFixed(1)} s` : "");
+  const cached = $("pack-cached");
+  cached.textContent = meta.cached ? "yes: an existing pack answered this request"
+                                   : "no: built for this request";
+  cached.dataset.value = String(meta.cached);
+  const rows = new Map();
+  for (const c of (meta.plan && meta.plan.classes) || []) {
+    for (const row of c.candidates || []) rows.set(row.key, { ...row, of: c.candidates.length });
+  }
+  $("pack-fragments").replaceChildren(...meta.fragments.map((f) => {
+    const row = rows.get(f.key);
+    const score = el("td", { class: "num", text: row ? row.score.toFixed(3) : "–" });
+    if (row) score.title = `${row.source}${row.in_sample ? " (in sample: nobody else holds these samples)" : ""}`;
+    return el("tr", {}, el("td", { text: f.class }), el("td", { text: f.model }),
+              el("td", { class: "num", text: f.params.toLocaleString("en") }), score,
+              el("td", { class: "num", text: row ? `${row.rank} of ${row.of}` : "–" }));
+  }));
+  for (const [id, name] of [["download-onnx", "model.onnx"], ["download-safetensors", "model.safetensors"],
+                            ["download-spec", "spec.json"]]) {
+    $(id).href = `/v1/packs/${meta.id}/${name}`;
+    $(id).download = `${meta.id}-${name}`;
+  }
+  $("result").hidden = false;
+  const images = meta.modality === "image";
+  $("try").hidden = false;
+  $("drop-zone").hidden = !images;
+  $("text-pack-note").hidden = images;
+  $("predictions").replaceChildren();
+  $("predict-status").textContent = `Predictions use pack ${meta.id}.`;
+}
+
+// ------------------------------------------------------------------ predictions
+async function predictFiles(files) {
+  files = [...files].filter((f) => f.type === "" || f.type.startsWith("image/"));
+  if (!state.pack || !files.length) return;
+  clearError();
+  const form = new FormData();
+  for (const f of files) form.append("images", f, f.name);
+  $("predict-status").textContent = `Predicting ${files.length} image${files.length === 1 ? "" : "s"}…`;
+  try {
+    const out = await api(`/v1/packs/${state.pack.id}/predict`, { method: "POST", body: form });
+    $("predictions").replaceChildren(...files.map((f, i) => predictionCard(f, out.predictions[i])));
+    $("predict-status").textContent = `Pack ${out.id}: the most likely classes first.`;
+  } catch (e) {
+    $("predict-status").textContent = "";
+    showError(e);
+  }
+}
+
+function predictionCard(file, top) {
+  const img = el("img", { class: "preview", alt: `preview of ${file.name}`, "data-testid": "image-preview" });
+  img.src = URL.createObjectURL(file);
+  img.addEventListener("load", () => URL.revokeObjectURL(img.src), { once: true });
+  const rows = top.map((p) => el("li", { class: "prediction", "data-testid": "prediction",
+                                         "data-class": p.class, "data-probability": String(p.probability) },
+    el("span", { class: "pred-class", text: p.class }),
+    el("span", { class: "bar", role: "meter", "aria-valuemin": "0", "aria-valuemax": "1",
+                 "aria-valuenow": String(p.probability), "aria-label": `probability of ${p.class}` },
+       el("span", { class: "fill", style: `width: ${(100 * p.probability).toFixed(1)}%` })),
+    el("span", { class: "pred-prob", text: percent(p.probability) })));
+  return el("figure", { class: "prediction-card", "data-testid": "prediction-card" }, img,
+            el("figcaption", {}, el("span", { class: "file-name", text: file.name }),
+               el("ol", { class: "prediction-list" }, ...rows)));
+}
+
+// ------------------------------------------------------------------ wiring
+function wire() {
+  $("class-search").addEventListener("input", filterClasses);
+  $("clear-selection").addEventListener("click", () => {
+    state.selected.clear();
+    renderClasses();
+    updateCounts();
+  });
+  $("pack-button").addEventListener("click", pack);
+  $("image-input").addEventListener("change", (e) => {
+    predictFiles(e.target.files);
+    e.target.value = "";
+  });
+  const zone = $("drop-zone");
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (e) => { e.preventDefault(); zone.classList.add("over"); });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, () => zone.classList.remove("over"));
+  }
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    predictFiles(e.dataTransfer.files);
+  });
+  // A file dropped beside the zone would make the browser navigate away from the page
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  wire();
+  updateCounts();
+  loadCatalogue();
+});
