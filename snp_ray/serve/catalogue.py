@@ -122,6 +122,13 @@ class Catalogue:
     def candidates(self, ids: list[int], k: int) -> list[str]:
         return sorted(h.key for i in ids for h in self.classes[i].holders if h.k == k)
 
+    @property
+    def modality(self) -> str | None:
+        """``image`` or ``text``: what the market's packs take as input."""
+        from snp_ray.data.catalog import get_dataset
+
+        return get_dataset(self.dataset).modality if self.dataset else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "ks": self.ks, "version": self.version,
+        return {"dataset": self.dataset, "modality": self.modality, "ks": self.ks, "version": self.version,
                 "models": len(self.specs), "classes": [c.to_dict() for c in self.classes.values()]}

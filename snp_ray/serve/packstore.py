@@ -96,10 +96,9 @@ class PackStore:
             raise ArtifactNotFoundError(f"no pack {pid} in {self.root}")
         path = folder / name
         if not path.is_file() and name in EXPORTS:
-            if EXPORTS[name] == "onnx":     # one import per format: a missing one fails alone
-                from snp_ray.packing.model import export_onnx as exporter
-            else:
-                from snp_ray.packing.model import export_pt2 as exporter
+            from snp_ray.packing.model import export_onnx, export_pt2
+
+            exporter = export_onnx if EXPORTS[name] == "onnx" else export_pt2
             exporter(self.load(pid), path)
         return path
 

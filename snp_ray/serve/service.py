@@ -136,6 +136,7 @@ class MarketService:
         if self.packs.has(pid):                     # another request planned the same pack
             self.packs.remember(digest, pid)
             return self.packs.meta(pid), False
+        scores = {row["key"]: row["score"] for rows in plan.candidates.values() for row in rows}
         samples = plan_samples(self.market, plan, k, self.cfg.seed)
         packed = Packer(self.pack_cfg).pack(fragments, samples, ids, cv_folds=self.cfg.folds)
         metrics = packed.spec.metrics
@@ -152,7 +153,8 @@ class MarketService:
             "pack_seconds": round(packed.spec.metrics["pack_seconds"], 4),
             "plan": plan.to_dict(),
             "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
-                           "key": f.spec.key, "params": f.spec.params} for f in fragments],
+                           "key": f.spec.key, "params": f.spec.params,
+                           "fewshot_score": scores.get(f.spec.key)} for f in fragments],
             "preset": self.cfg.preset, "seed": self.cfg.seed, "created": time.time(),
         }
         meta["build_seconds"] = round(time.perf_counter() - t0, 4)

@@ -169,8 +169,8 @@ function showPack(meta, answered = null) {
     ? `${meta.fewshot_samples} few-shot samples (k = ${meta.k} per class)` : "the few-shot samples";
   $("pack-accuracy-method").textContent = meta.fewshot_accuracy_method || "";
   $("pack-time").textContent = (meta.cached ? "first built in " : "built in ") +
-    `${meta.build_seconds.toFixed(1)} s (packing ${meta.pack_seconds.toFixed(1)} s, ` +
-    `accuracy estimate ${meta.estimate_seconds.toFixed(1)} s)` +
+    `${meta.build_seconds.toFixed(1)} s (packing with its accuracy estimate ` +
+    `${meta.pack_seconds.toFixed(1)} s)` +
     (answered != null ? `; this request took ${answered.toFixed(1)} s` : "");
   const cached = $("pack-cached");
   cached.textContent = meta.cached ? "yes: an existing pack answered this request"
