@@ -153,6 +153,9 @@ def main() -> int:
 
     # (a) cache hits
     body = {"classes": sets[0], "k": a.k}
+    out["a_cache_hits_one_client"] = run_clients(
+        lambda s, i: s.post(f"{url}v1/packs", json=body, timeout=60), 1, a.requests, a.seconds)
+    log.info("(a, one client) %s", out["a_cache_hits_one_client"])
     out["a_cache_hits"] = run_clients(lambda s, i: s.post(f"{url}v1/packs", json=body, timeout=60),
                                       a.clients, a.requests, a.seconds)
     log.info("(a) %s", out["a_cache_hits"])
@@ -166,8 +169,11 @@ def main() -> int:
         def go(s, i):
             files = [("images", (f"{j}.png", blobs[(i + j) % len(blobs)], "image/png"))
                      for j in range(n)]
-            return s.post(f"{url}v1/packs/{pid}/predict", files=files, timeout=60)
+            return s.post(f"{url}v1/packs/{pid}/predict", files=files, timeout=60,
+                          headers={"serve_multiplexed_model_id": pid})
         return go
+    out["c_predict_1_one_client"] = run_clients(predict(1), 1, a.requests, a.seconds)
+    log.info("(c1, one client) %s", out["c_predict_1_one_client"])
     out["c_predict_1"] = run_clients(predict(1), a.clients, a.requests, a.seconds)
     log.info("(c1) %s", out["c_predict_1"])
     out["c_predict_32"] = run_clients(predict(32), a.clients, max(20, a.requests // 4), a.seconds)
@@ -192,6 +198,7 @@ def main() -> int:
 
     errors = (out["a_cache_hits"]["errors"] + out["b_new_packs"]["errors"]
               + out["c_predict_1"]["errors"] + out["c_predict_32"]["errors"]
+              + out["a_cache_hits_one_client"]["errors"] + out["c_predict_1_one_client"]["errors"]
               + (0 if out["restart"]["ok"] and out["restart"]["cached"] else 1))
     out["errors"] = errors
     text = json.dumps(out, indent=2)

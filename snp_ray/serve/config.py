@@ -26,7 +26,7 @@ class ServeConfig(Config):
     folds: int = 3
     max_models_per_replica: int = 8
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.002
     max_body_bytes: int = 8 * 1024 * 1024
     max_images: int = 256
     refresh_s: float = 30.0

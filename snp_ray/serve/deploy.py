@@ -1,10 +1,12 @@
-"""Ray Serve deployments: the FastAPI ingress and a multiplexed, batched pack predictor.
+"""Ray Serve deployment: the FastAPI ingress, which also holds the packs it predicts with.
 
 ``MarketAPI`` answers every route (one :class:`MarketService` per replica: catalogue, planning,
-single-flight builds). Predictions go to ``PackPredictor``: packs stay loaded per replica with an
-LRU bound (``@serve.multiplexed``, keyed by pack id, so Serve routes a pack's requests to the
-replicas that hold it), and concurrent requests for one pack run as one batch (``@serve.batch``).
-Both are configured from one :class:`ServeConfig`, so ``snp serve`` and ``serve run`` agree.
+single-flight builds). Packs stay loaded per replica with an LRU bound (``@serve.multiplexed``,
+keyed by pack id: a client that sends the ``serve_multiplexed_model_id`` header is routed to a
+replica that holds the pack), and concurrent predictions run as one batch per pack
+(``@serve.batch``). Predicting in the ingress saves a second actor hop per request (measured:
+about 10 ms of a 33 ms single-image answer on 2 cores). Everything is configured from one
+:class:`ServeConfig`, so ``snp serve`` and ``serve run`` agree.
 """
 from __future__ import annotations
 
@@ -25,51 +27,47 @@ APP_NAME = "snp-market"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
-class PackPredictor:
+@serve.ingress()
+class MarketAPI:
+    """Every route, one :class:`MarketService` per replica, and the packs it predicts with."""
+
     def __init__(self, cfg: dict[str, Any]):
         import torch
 
-        from snp_ray.serve.packstore import PackStore
+        from snp_ray.serve.service import MarketService
 
         self.cfg = ServeConfig.from_dict(cfg)
         torch.set_num_threads(self.cfg.threads)
-        store = PackStore(self.cfg.packs or Path(self.cfg.market) / "packs")
+        self.service = MarketService(self.cfg)
+        store = self.service.packs
 
         async def load(pid: str):
             return await asyncio.to_thread(store.load, pid)
 
-        async def run(batch: list[Any]) -> list[np.ndarray]:
-            # Serve splits batches by multiplexed model id: every item here is for one pack
-            model = await self._load(serve.get_multiplexed_model_id())
-            sizes = [len(x) for x in batch]
-            raw = np.concatenate(batch) if isinstance(batch[0], np.ndarray) else sum(batch, [])
-            probs = (await asyncio.to_thread(model.predict_proba, raw)).numpy()
-            return np.split(probs, np.cumsum(sizes)[:-1])
+        async def run(batch: list[tuple[str, Any]]) -> list[np.ndarray]:
+            # one forward pass per pack in the batch (Serve already splits batches by the
+            # multiplexed model id when clients send it; requests without it are grouped here)
+            out: list[np.ndarray | None] = [None] * len(batch)
+            for pid in dict.fromkeys(p for p, _ in batch):
+                idx = [i for i, (p, _) in enumerate(batch) if p == pid]
+                model = await self._load(pid)
+                parts = [batch[i][1] for i in idx]
+                raw = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else sum(parts, [])
+                probs = (await asyncio.to_thread(model.predict_proba, raw)).numpy()
+                for i, p in zip(idx, np.split(probs, np.cumsum([len(x) for x in parts])[:-1])):
+                    out[i] = p
+            return out
 
         # Applied here, not as class decorators, so that the bounds come from the config
         self._load = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
         self._run = serve.batch(max_batch_size=self.cfg.max_batch_size,
                                 batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(run)
 
-    async def predict(self, raw: Any) -> np.ndarray:
-        return await self._run(raw)
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress()
-class MarketAPI:
-    def __init__(self, cfg: dict[str, Any], predictor):
-        from snp_ray.serve.service import MarketService
-
-        self.service = MarketService(ServeConfig.from_dict(cfg))
-        self.predictor = predictor
-
     def __serve_build_asgi_app__(self):
         from snp_ray.serve.api import create_api
 
         async def predict(pid: str, raw: Any) -> np.ndarray:
-            handle = self.predictor.options(multiplexed_model_id=pid)
-            return await handle.predict.remote(raw)
+            return await self._run((pid, raw))
 
         return create_api(self.service, predict)
 
@@ -77,9 +75,8 @@ class MarketAPI:
 def build_app(cfg: ServeConfig):
     """The Serve application for ``cfg`` (paths made absolute: replicas run elsewhere)."""
     cfg = absolute(cfg)
-    ongoing = max(64, 2 * cfg.max_batch_size)   # @serve.batch needs >= max_batch_size in flight
-    predictor = PackPredictor.options(max_ongoing_requests=ongoing).bind(cfg.to_dict())
-    return MarketAPI.options(max_ongoing_requests=256).bind(cfg.to_dict(), predictor)
+    ongoing = max(256, 2 * cfg.max_batch_size)  # @serve.batch needs >= max_batch_size in flight
+    return MarketAPI.options(max_ongoing_requests=ongoing).bind(cfg.to_dict())
 
 
 def app_builder(args: dict[str, Any]):

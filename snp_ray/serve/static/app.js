@@ -211,7 +211,9 @@ async function predictFiles(files) {
   for (const f of files) form.append("images", f, f.name);
   $("predict-status").textContent = `Predicting ${files.length} image${files.length === 1 ? "" : "s"}…`;
   try {
-    const out = await api(`/v1/packs/${state.pack.id}/predict`, { method: "POST", body: form });
+    // the header routes the request to a replica that already holds this pack (Serve multiplexing)
+    const out = await api(`/v1/packs/${state.pack.id}/predict`, {
+      method: "POST", body: form, headers: { serve_multiplexed_model_id: state.pack.id } });
     $("predictions").replaceChildren(...files.map((f, i) => predictionCard(f, out.predictions[i])));
     $("predict-status").textContent = `Pack ${out.id}: the most likely classes first.`;
   } catch (e) {
