@@ -29,7 +29,7 @@ def pack_id(fragment_keys: list[str], classes: list[int], pack_config: dict[str,
             samples: dict[str, Any]) -> str:
     """The content hash that names a pack (24 hex digits)."""
     doc = {"fragments": list(fragment_keys), "classes": list(classes), "pack": pack_config,
-           "samples": samples, "format": 1}
+           "samples": samples, "format": 2}   # 2: the CV copies train in the pack's loop
     return sha256_bytes(json.dumps(doc, sort_keys=True).encode())[:24]
 
 
