@@ -315,3 +315,33 @@ def test_snp_serve_refuses_a_missing_market(tmp_path, capsys):
 
     assert main(["serve", "--market", str(tmp_path / "nowhere"), "--json"]) == 2
     assert "no market at" in capsys.readouterr().out
+
+
+def test_a_text_market_packs_and_predicts_texts(text_market, tmp_path):
+    """A text market (T7, TextCNN): the catalogue says text, a pack predicts JSON texts exactly
+    as the stored pack does, and image uploads are refused."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    root, _, scfg = text_market
+    market = tmp_path / "market"
+    shutil.copytree(root, market)
+    preset = tmp_path / "tiny.json"      # the fixture's slicing config, a short packing
+    preset.write_text(json.dumps({"slice": scfg.to_dict(), "pack": {"epochs": 5, "hidden": 8}}))
+    service = _service(market, preset=str(preset))
+    with TestClient(create_api(service, LocalPredictor(service.packs))) as c:
+        assert c.get("/v1/classes").json()["modality"] == "text"
+        meta = c.post("/v1/packs", json={"classes": ["very negative", "very positive"], "k": 5}).json()
+        assert meta["modality"] == "text" and meta["cached"] is False, meta
+        texts = ["a wonderful , moving film", "dull and lifeless", "it is a movie"]
+        out = c.post(f"/v1/packs/{meta['id']}/predict", json={"texts": texts}).json()["predictions"]
+        expected = service.packs.load(meta["id"]).predict_proba(texts).numpy()
+        for row, probs in zip(out, expected):
+            got = {p["class_id"]: p["probability"] for p in row}
+            assert np.allclose([got[c] for c in meta["class_ids"]], probs, atol=1e-6)
+        png = png_bytes(_images(1)[0])
+        r = c.post(f"/v1/packs/{meta['id']}/predict", files=[("images", ("x.png", png, "image/png"))])
+        assert r.status_code == 400 and "image packs" in r.json()["error"]
+        r = c.post(f"/v1/packs/{meta['id']}/predict", json={"texts": [3]})
+        assert r.status_code == 400 and "'texts' must be" in r.json()["error"]
