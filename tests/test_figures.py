@@ -1,4 +1,5 @@
-"""Figures 5 and 7 from a sliced market, and `snp report` gathering everything into report.md."""
+"""Figures 5 and 7 from a sliced market, `snp report` gathering everything into report.md, and
+Figures 4 and 6 read back from their matplotlib artists (colours, markers, legends, p = 0)."""
 from __future__ import annotations
 
 import json
