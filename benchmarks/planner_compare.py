@@ -63,9 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="skip the timed warm-up (load and score every fragment first)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--redraw", action="store_true",
+                   help="only redraw --figure from the result JSON at --out (nothing is packed)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.redraw:
+        if not a.figure:
+            p.error("--redraw needs --figure")
+        from snp_ray.artifacts import read_json
+
+        print(figure(read_json(a.out, "planner result"), Path(a.figure)))
+        return 0
     import torch
 
     torch.set_num_threads(a.threads)
@@ -228,40 +237,41 @@ def summarise(a, done, jobs, tag, task, pool_s, t_requests, t_one_per_model) -> 
 
 
 def figure(result: dict, path: Path) -> str:
-    """p(e) and R(e) of the planner-based requests (best) beside the one-class-per-model ones."""
+    """p(e) and R(e) of the planner-based requests (best) beside the one-class-per-model ones.
+    On the log R panel nothing is drawn where p(e) = 0; each series' ceiling T/N is dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from snp_ray.artifacts import save_figure
+    from snp_ray.expansion.estimate import plot_rate, zero_until
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), layout="constrained")
     names = {"best": "any holder, planned by best", "one-per-model": "one class per model (own fragment)"}
+    n_models = result["N"]
     for label, r in result["expansion"].items():
         if label not in names:
             continue
-        es = [float(e) for e in r["p"]]
-        name = f"{names[label]} (T={r['T']:,})"
-        for ax, key in ((axes[0], "p"), (axes[1], "R")):
-            lo, hi = r[f"{key}_low"], r[f"{key}_high"]
-            floor = 1e-3
-            line, = ax.plot(es, [max(v, floor) for v in r[key].values()], label=name)
-            ax.fill_between(es, [max(v, floor) for v in lo.values()],
-                            [max(v, floor) for v in hi.values()], alpha=0.2, color=line.get_color())
+        zero = zero_until(r)
+        note = f"; p = 0 up to e = {zero}" if zero is not None else ""
+        line = plot_rate(axes[0], r, "p", log=False, label=f"{names[label]}{note}")
+        plot_rate(axes[1], r, "R", color=line.get_color(), gid=f"R {label}")
+        axes[1].axhline(r["T"] / n_models, color=line.get_color(), linestyle="--", linewidth=1,
+                        label=f"{names[label]}: ceiling T/N = {r['T']:,}/{n_models} = {r['T'] / n_models:.3g}")
     axes[0].set_ylabel("usable fraction p(e)")
-    axes[1].set_ylabel("equivalent expansion rate R(e) = p(e) T / N")
+    axes[1].set_ylabel("equivalent expansion rate R(e) = p(e) T / N, log scale")
     axes[1].set_yscale("log")
+    grid = [float(e) for r in result["expansion"].values() for e in r["p"]]
     for ax in axes:
         ax.set_xlabel("acceptable error e")
+        ax.set_xlim(min(grid), max(grid))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.suptitle(f"{Path(result['market']).name}: {result['request_size']}-class requests, "
-                 f"k={result['k']}, N={result['N']} models, S={result['requests']} each "
-                 f"(95 % Wilson bands)", fontsize=10)
-    fig.tight_layout()
+                 f"k={result['k']}, N={n_models} models, S={result['requests']} each; "
+                 f"T = combinations of each kind; 95 % Wilson bands (R only where p > 0)", fontsize=10)
     return save_figure(fig, path)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from snp_ray.errors import ArtifactNotFoundError, IntegrityError, StoreError
+from snp_ray.errors import ArtifactNotFoundError, IntegrityError, SchemaError, StoreError
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -77,6 +77,15 @@ def read_json(path: str | os.PathLike, what: str = "spec") -> dict[str, Any]:
         raise IntegrityError(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise IntegrityError(f"{what} {path} must hold a JSON object")
+    return obj
+
+
+def require_keys(obj: dict[str, Any], keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``obj`` itself, once it is known to hold ``keys``: a result file of another kind (or an
+    older one) is refused by name instead of failing later with a bare KeyError."""
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise SchemaError(f"{what} lacks {missing} (has {sorted(obj)[:8]})")
     return obj
 
 

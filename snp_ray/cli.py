@@ -321,6 +321,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="rerun every arch (default: reuse an arch whose protocol and market are "
                         "unchanged from OUT/TASK/results.json)")
+    p.add_argument("--from-json", default="", metavar="RESULTS_JSON",
+                   help="only redraw Figure 4 beside an existing results.json (nothing is run)")
 
 
 @command("report", "run the paper's protocol on a task and write its table and figures", _report_args)
@@ -329,6 +331,8 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.report import gather
     from snp_ray.market import get_task
 
+    if a.from_json:
+        return {"figure4": _redraw(a.from_json, "figure4.png")}
     if not a.task:
         path = gather(a.out)
         print(f"wrote {path}")
@@ -354,6 +358,26 @@ def cmd_report(a: argparse.Namespace) -> dict[str, Any]:
                         for k, c in cs.items()} for m, cs in d["cells"].items()}
              for arch, d in result["archs"].items()}
     return {"task": a.task, "paths": paths, "cells": cells}
+
+
+def _redraw(result_json: str, name: str) -> str:
+    """Redraw Figure 4 or 6 from its saved result, beside it: no training, slicing or packing."""
+    from snp_ray.artifacts import read_json
+
+    result = read_json(result_json, "result")
+    path = Path(result_json).parent / name
+    if name == "figure4.png":
+        from snp_ray.evaluation.protocol import figure4, paper_results
+
+        drawn = figure4(result, path, paper_results())
+        if drawn is None:
+            raise ConfigError(f"{result_json}: no cell at the largest k succeeded; nothing to draw")
+    else:
+        from snp_ray.expansion.estimate import figure6
+
+        drawn = figure6(result, path)
+    print(f"wrote {drawn}")
+    return drawn
 
 
 # ---------------------------------------------------------------- snp tune
@@ -497,12 +521,16 @@ def _expansion_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holders", choices=["own", "merge"], default="own",
                    help="own (default, method notes): each class packs only the fragment of the model "
                         "it was drawn from, with exactly k shots; merge: every holder's fragment and shots")
+    p.add_argument("--from-json", default="", metavar="EXPANSION_JSON",
+                   help="only redraw Figure 6 beside an existing expansion.json (nothing is run)")
 
 
 @command("expansion", "estimate the market's equivalent expansion rate R(e) (Figure 6)", _expansion_args)
 def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.expansion import ExpansionConfig, run_expansion, write_outputs
 
+    if a.from_json:
+        return {"figure6": _redraw(a.from_json, "figure6.png")}
     cfg = ExpansionConfig(task=a.task, market=a.market or f"runs/expansion/{a.task}",
                           ks=[int(k) for k in a.k.split(",") if k], combos=a.combos, seed=a.seed,
                           slice_preset=a.preset, out=a.out, holders=a.holders)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snp_ray.artifacts import save_figure
+from snp_ray.artifacts import require_keys, save_figure
 from snp_ray.config import Config
 from snp_ray.errors import ConfigError
 from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
@@ -221,6 +221,25 @@ def paper_results(path: str | Path | None = None) -> dict[str, Any]:
     return {}
 
 
+def paper_arch(paper: dict[str, Any], task: str, arch: str) -> str:
+    """The paper's architecture that our ``arch`` stands in for (VGG16 for vgg11, ...)."""
+    return PAPER_ARCH.get(get_arch(arch).family) or paper.get("table3", {}).get(task, {}).get("arch", "–")
+
+
+def paper_entry(paper: dict[str, Any], task: str, method: str, arch: str
+                ) -> tuple[float | None, dict[str, Any]]:
+    """The paper's (% of the ensemble, accuracy by k) for a method on ``arch``'s counterpart:
+    Table 2 per architecture, else Table 3, whose single S&P row stands for both variants."""
+    t2 = paper.get("table2", {}).get(task, {})
+    t3 = paper.get("table3", {}).get(task, {})
+    p = t2.get(method, {}).get(PAPER_ARCH.get(get_arch(arch).family), {}) if t2 else {}
+    prow = t3.get("rows", {}).get("S&P" if method.startswith("S&P") else method, {}) if t3 else {}
+    ppct = (p.get("params") or {}).get("pct_of_ensemble") if p else None
+    if ppct is None and prow.get("params_1e4") and t3.get("rows", {}).get("Ensemble"):
+        ppct = 100.0 * prow["params_1e4"] / t3["rows"]["Ensemble"]["params_1e4"]
+    return ppct, (p.get("acc") or {}) if p else (prow.get("acc") or {})
+
+
 def _fmt_ours(cell: dict[str, Any] | None) -> str:
     if not cell:
         return "–"
@@ -251,12 +270,8 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
     lines = [f"# {task}: ours vs paper", "",
              f"Target class sets: {len(result['targets'])} seeded ({result['targets']}). "
              "Accuracy in %, mean ± std over target sets; each cell is `ours | paper`.", ""]
-    t2 = paper.get("table2", {}).get(task, {})
-    t3 = paper.get("table3", {}).get(task, {})
     for arch, data in result["archs"].items():
-        fam = get_arch(arch).family
-        parch = PAPER_ARCH.get(fam)
-        lines += [f"## {arch} (paper: {parch or t3.get('arch', '–')})", "",
+        lines += [f"## {arch} (paper: {paper_arch(paper, task, arch)})", "",
                   f"Ensemble of all original models: {data['ensemble_params']:,} parameters. "
                   f"Original models' test accuracy on their own classes: "
                   + ", ".join(f"{v:.3f}" for v in data["model_test_accuracy"].values()), "",
@@ -265,12 +280,7 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
                   "|---|---:|---:|" + "---:|" * len(ks)]
         for method, cells in data["cells"].items():
             first = next((c for c in cells.values() if c.get("status") == "ok"), None)
-            p = t2.get(method, {}).get(parch, {}) if t2 else {}
-            prow = t3.get("rows", {}).get("S&P" if method.startswith("S&P") else method, {}) if t3 else {}
-            ppct = (p.get("params") or {}).get("pct_of_ensemble") if p else None
-            if ppct is None and prow.get("params_1e4") and t3.get("rows", {}).get("Ensemble"):
-                ppct = 100.0 * prow["params_1e4"] / t3["rows"]["Ensemble"]["params_1e4"]
-            pacc = (p.get("acc") or {}) if p else (prow.get("acc") or {})
+            ppct, pacc = paper_entry(paper, task, method, arch)
             ours_pct = f"{first['pct_of_ensemble']:.1f}" if first else "–"
             row = [method, f"{first['params']:,.0f}" if first else "–",
                    f"{ours_pct} \\| {_fmt_paper(ppct)}"]
@@ -288,37 +298,103 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, paper: dict[str, 
     atomic_write_bytes(folder / "table.md", table.encode())
     atomic_write_bytes(folder / "results.json", json.dumps(result, indent=1, default=str).encode())
     paths = {"table": str(folder / "table.md"), "json": str(folder / "results.json")}
-    fig = figure4(result, folder / "figure4.png")
+    fig = figure4(result, folder / "figure4.png", paper)
     if fig:
         paths["figure4"] = fig
     return paths
 
 
-def figure4(result: dict[str, Any], path: Path) -> str | None:
-    """Parameters vs accuracy at the largest k, every method against the ensemble."""
+#: one colour per method, the same in every task's Figure 4 (matplotlib's tab10 names)
+METHOD_COLOURS = {"S&P (R)": "tab:blue", "S&P (T)": "tab:orange", "Ensemble": "tab:green",
+                  "Finetune": "tab:red", "CA-MKD": "tab:purple", "NetGraft": "tab:brown"}
+#: one marker per architecture, the same in every task's Figure 4
+ARCH_MARKERS = {"vgg11": "o", "vgg16": "s", "resnet20": "^", "resnet34": "D", "gru": "v",
+                "lstm": "P", "textcnn": "X"}
+_SPARE_COLOURS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+_SPARE_MARKERS = ["*", "h", "<", ">", "p"]
+
+
+def _style(table: dict[str, str], spare: list[str], name: str, order: list[str]) -> str:
+    """A fixed style for a known name; an unknown one takes the next spare by first appearance."""
+    if name in table:
+        return table[name]
+    unknown = [n for n in dict.fromkeys(order) if n not in table]
+    return spare[unknown.index(name) % len(spare)]
+
+
+def figure4(result: dict[str, Any], path: Path, paper: dict[str, Any] | None = None) -> str | None:
+    """Figure 4 as a PNG at ``path`` (None when no cell succeeded); see :func:`draw_figure4`."""
+    fig = draw_figure4(result, paper)
+    return save_figure(fig, path) if fig is not None else None
+
+
+def draw_figure4(result: dict[str, Any], paper: dict[str, Any] | None = None):
+    """Parameters vs accuracy at the largest k: colour = method, marker = architecture, ours
+    filled and the paper's hollow, legends outside the axes so they hide no point. Each
+    scatter's gid is ``ours|paper:<method>:<arch>`` so tests can read the figure back."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    k = max(result["config"]["ks"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    drawn = False
+    require_keys(result, ("task", "config", "archs"), "figure 4's protocol result")
+    paper = paper or {}
+    task, k = result["task"], max(result["config"]["ks"])
+    methods = list(dict.fromkeys(m for d in result["archs"].values() for m in d["cells"]))
+    archs = list(result["archs"])
+    colour = {m: _style(METHOD_COLOURS, _SPARE_COLOURS, m, methods) for m in methods}
+    marker = {a: _style(ARCH_MARKERS, _SPARE_MARKERS, a, archs) for a in archs}
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    drawn: set[str] = set()
+    paper_drawn: set[str] = set()
     for arch, data in result["archs"].items():
+        seen_paper: set[tuple[float, float]] = set()   # Table 3's one S&P row serves both variants
         for method, cells in data["cells"].items():
             c = cells.get(f"k{k}")
             if c and c.get("status") == "ok":
-                ax.scatter(c["pct_of_ensemble"], 100 * c["acc_mean"], label=f"{method} ({arch})")
-                ax.errorbar(c["pct_of_ensemble"], 100 * c["acc_mean"], yerr=100 * c["acc_std"],
-                            fmt="none", alpha=0.5)
-                drawn = True
+                x, y = c["pct_of_ensemble"], 100 * c["acc_mean"]
+                if c.get("acc_std"):
+                    ax.errorbar(x, y, yerr=100 * c["acc_std"], fmt="none", ecolor=colour[method],
+                                alpha=0.6, capsize=3, zorder=2)
+                ax.scatter(x, y, s=60, marker=marker[arch], color=colour[method],
+                           edgecolors="black", linewidths=0.5, zorder=3, gid=f"ours:{method}:{arch}")
+                drawn.add(method)
+            ppct, pacc = paper_entry(paper, task, method, arch)
+            pk = pacc.get(f"k{k}")
+            pmean = pk.get("mean") if isinstance(pk, dict) else pk
+            if ppct is None or not isinstance(pmean, (int, float)) or (ppct, pmean) in seen_paper:
+                continue                                # the paper has no number here ("failed", none)
+            seen_paper.add((ppct, pmean))
+            if isinstance(pk, dict) and pk.get("std"):
+                bars = ax.errorbar(ppct, pmean, yerr=pk["std"], fmt="none", ecolor=colour[method],
+                                   alpha=0.5, capsize=3, zorder=2)
+                bars.lines[2][0].set_linestyle(":")
+            ax.scatter(ppct, pmean, s=70, marker=marker[arch], facecolors="none",
+                       edgecolors=colour[method], linewidths=1.6, zorder=3,
+                       gid=f"paper:{method}:{arch}")
+            paper_drawn.add(method)
     if not drawn:
         plt.close(fig)
         return None
-    ax.axvline(100, color="grey", linestyle=":", label="ensemble size")
+    ensemble = ax.axvline(100, color="grey", linestyle=":", zorder=1, label="ensemble size (100 %)")
+    ax.margins(x=0.06, y=0.1)
     ax.set_xlabel("deployable parameters, % of the ensemble")
     ax.set_ylabel(f"test accuracy at k={k} (%)")
-    ax.set_title(f"{result['task']}: parameters vs accuracy (Figure 4)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    ax.set_title(f"{task}: parameters vs accuracy at k={k} (Figure 4)")
+    ax.grid(alpha=0.3)
+    shown = [m for m in methods if m in drawn | paper_drawn]
+    fig.legend(handles=[Patch(color=colour[m], label=m) for m in shown], title="method (colour)",
+               loc="outside right upper", fontsize=8, title_fontsize=8)
+    kinds = [Line2D([], [], linestyle="none", marker=marker[a], color="black", markersize=7,
+                    label=f"{a} (paper: {paper_arch(paper, task, a)})") for a in archs]
+    kinds += [Line2D([], [], linestyle="none", marker="o", color="0.3", markersize=7,
+                     label="filled: ours (± std, solid)")]
+    if paper_drawn:
+        kinds.append(Line2D([], [], linestyle="none", marker="o", markerfacecolor="none",
+                            markeredgecolor="0.3", markersize=7, label="hollow: paper (± std, dotted)"))
+    kinds.append(ensemble)
+    fig.legend(handles=kinds, title="architecture (marker), source", loc="outside right lower",
+               fontsize=8, title_fontsize=8)
+    return fig

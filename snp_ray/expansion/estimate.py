@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from snp_ray.artifacts import atomic_write_bytes, save_figure
+from snp_ray.artifacts import atomic_write_bytes, require_keys, save_figure
 from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError, UnknownNameError
 from snp_ray.market.tasks import count_combinations, get_task, target_sets
@@ -280,23 +280,59 @@ def write_outputs(result: dict[str, Any], out: str | Path) -> dict[str, str]:
             "figure6": figure6(result, folder / "figure6.png")}
 
 
+def plot_rate(ax, r: dict[str, Any], key: str = "R", log: bool = True, **line_kw):
+    """One curve of p(e) or R(e) with its Wilson band; returns the line. On a log axis a zero has
+    no place, so where p(e) = 0 neither the curve nor the band is drawn (the band would run off
+    the bottom of the axis and show nothing but its upper end): the curve starts at the first e
+    where some combination was usable. ``r`` holds p, the key and their _low/_high by e."""
+    es = list(r["p"])
+    x = np.array([float(e) for e in es])
+    keep = np.array([r["p"][e] > 0 for e in es]) if log else np.ones(len(es), dtype=bool)
+    y, lo, hi = (np.where(keep, [float(r[name][e]) for e in es], np.nan)
+                 for name in (key, f"{key}_low", f"{key}_high"))
+    line, = ax.plot(x, y, marker=".", markersize=4, **line_kw)
+    ax.fill_between(x, lo, hi, where=keep, alpha=0.2, color=line.get_color(), linewidth=0,
+                    gid=f"band:{line_kw.get('gid', '')}")
+    return line
+
+
+def zero_until(r: dict[str, Any]) -> str | None:
+    """The largest e at which p(e) is still 0 (p grows with e), or None when p(0) > 0."""
+    zeros = [e for e, v in r["p"].items() if v == 0]
+    return zeros[-1] if zeros and r["p"][next(iter(r["p"]))] == 0 else None
+
+
 def figure6(result: dict[str, Any], path: Path) -> str:
+    """Figure 6 as a PNG at ``path``; see :func:`draw_figure6`."""
+    return save_figure(draw_figure6(result), path)
+
+
+def draw_figure6(result: dict[str, Any]):
+    """R(e) per k on a log axis, drawn only where p(e) > 0, with its Wilson band and the ceiling
+    T/N that R reaches when every combination is usable. Lines carry gid ``R k=<k>``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    require_keys(result, ("task", "T", "N", "k"), "figure 6's expansion result")
+    total, n_models = result["T"], result["N"]
+    fig, ax = plt.subplots(figsize=(8, 5.2), layout="constrained")
     for k, r in result["k"].items():
-        es = [float(e) for e in r["R"]]
-        ax.plot(es, [max(v, 1e-3) for v in r["R"].values()], label=f"k={k}")
-        ax.fill_between(es, [max(v, 1e-3) for v in r["R_low"].values()],
-                        [max(v, 1e-3) for v in r["R_high"].values()], alpha=0.2)
+        zero = zero_until(r)
+        note = f"; p(e) = 0 up to e = {zero}, not drawn" if zero is not None else ""
+        plot_rate(ax, r, label=f"k={k}{note}", gid=f"R k={k}")
+    ax.axhline(total / n_models, color="0.35", linestyle="--", linewidth=1,
+               label=f"ceiling T/N = {total}/{n_models} = {total / n_models:.1f} (p = 1)")
     ax.set_yscale("log")
-    ax.set_xlabel("acceptable error e")
-    ax.set_ylabel("equivalent expansion rate R(e)")
-    ax.set_title(f"{result['task']}: R(e) = p(e) T / N (T={result['T']}, N={result['N']})\n"
-                 f"holders: {result.get('holders', 'merge')}", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, path)
+    ax.set_xlabel("acceptable error e (a combination is usable when its accuracy is at least 1 - e)")
+    ax.set_ylabel("equivalent expansion rate R(e), log scale")
+    z = result.get("config", {}).get("z", 1.96)
+    ax.set_title(f"{result['task']}: R(e) = p(e) T / N, holders: {result.get('holders', 'merge')}\n"
+                 f"T = {total} class combinations, N = {n_models} original models, "
+                 f"S = {result.get('S', '?')} sampled; bands: Wilson, z = {z:g}", fontsize=10)
+    grid = [float(e) for r in result["k"].values() for e in r["p"]]
+    ax.set_xlim(min(grid), max(grid))            # the whole e grid, also where nothing is drawn
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
+    return fig
