@@ -31,7 +31,8 @@ class ModelSlicer:
                  engine: str = "cached", device: str | None = None):
         """``fewshot``: slice on this subset of the model's k-shot set instead (a tuning fold),
         named by ``subset`` so that its fragments never share a key with whole-set ones.
-        ``engine``: naive or cached (the same fragments up to rounding, see Slicer);
+        ``engine``: naive, cached or batched (the same fragments up to rounding, see Slicer and
+        :mod:`snp_ray.slicing.batched`; batched slices a class list at once in :meth:`slice_many`);
         ``device``: None picks a GPU when torch sees one. Floating-point results, and with
         ``precision="auto"`` the arithmetic, depend on the device; the fragment records both."""
         if (fewshot is None) != (not subset):
@@ -47,10 +48,20 @@ class ModelSlicer:
         self.source_flops = count_macs(model.features, self.example)
 
     def slice(self, class_id: int) -> Fragment:
-        spec, config = self.spec, self.config
         t0 = time.perf_counter()
         outcome = self.slicer.slice_class(int(class_id))
-        seconds = time.perf_counter() - t0
+        return self._fragment(int(class_id), outcome, time.perf_counter() - t0)
+
+    def slice_many(self, class_ids: list[int]) -> list[Fragment]:
+        """Fragments of ``class_ids``; the batched engine slices them in one pass, and each
+        fragment then records the pass's wall time divided by its classes."""
+        t0 = time.perf_counter()
+        outcomes = self.slicer.slice_classes([int(c) for c in class_ids])
+        seconds = (time.perf_counter() - t0) / max(1, len(outcomes))
+        return [self._fragment(int(c), o, seconds) for c, o in zip(class_ids, outcomes)]
+
+    def _fragment(self, class_id: int, outcome, seconds: float) -> Fragment:
+        spec, config = self.spec, self.config
         with torch.no_grad():
             feature_dim = int(outcome.features(self.example).shape[1])
         fspec = FragmentSpec(

@@ -50,7 +50,7 @@ from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("cached", "naive")
+ENGINES = ("cached", "naive", "batched")   # batched: snp_ray/slicing/batched.py
 #: frontier caches of the original network are kept for every group up to this many MiB
 ENV_CACHE_MB = "SNP_SLICE_CACHE_MB"
 
@@ -121,7 +121,7 @@ class Slicer:
         for p in list(self.graph.module.parameters()) + list(self.head.parameters()):
             p.requires_grad_(False)
         self.graph.module.to(self.device)
-        if engine == "cached" and self.fmt == torch.channels_last and self.weights_channels_last:
+        if engine != "naive" and self.fmt == torch.channels_last and self.weights_channels_last:
             self.graph.module.to(memory_format=torch.channels_last)
         self.head.to(self.device)
         self.x_cpu, self.x = x, x.to(self.device)
@@ -222,11 +222,7 @@ class Slicer:
             values = [self.pool]
         else:
             if known:
-                key = (frozenset(known), tuple(sp.frontier))
-                if key not in self._segments:
-                    inputs, seg = segment(self.graph.module, set(known), sp.frontier)
-                    self._segments[key] = (inputs, seg, set(seg.state_dict()))
-                inputs, module, names = self._segments[key]
+                inputs, module, names = self._segment(known, sp)
                 sources = [known.get(n, self.pool) for n in inputs]
             else:
                 module, names, sources = sp.prefix, prefix_names, [self.pool]
@@ -239,6 +235,14 @@ class Slicer:
             known.clear()
             known.update(zip(sp.frontier, values))
         return sp, prefix_names, suffix_names, values
+
+    def _segment(self, known, sp: Split) -> tuple:
+        """The graph from the ``known`` nodes to ``sp``'s frontier: (inputs, module, names)."""
+        key = (frozenset(known), tuple(sp.frontier))
+        if key not in self._segments:
+            inputs, seg = segment(self.graph.module, set(known), sp.frontier)
+            self._segments[key] = (inputs, seg, set(seg.state_dict()))
+        return self._segments[key]
 
     def _stage1_cache(self, gid: int):
         """The original network's frontier for ``gid``: shared by every class of the model."""
@@ -282,6 +286,13 @@ class Slicer:
         return self.head(self._features(x, {}, {}))
 
     # ------------------------------------------------------------------ the algorithm
+    def slice_classes(self, class_ids: Iterable[int]) -> list[SliceOutcome]:
+        """Every class of ``class_ids``; the batched engine runs them side by side."""
+        if self.engine == "batched":
+            from snp_ray.slicing.batched import slice_classes
+            return slice_classes(self, [int(c) for c in class_ids])
+        return [self.slice_class(int(c)) for c in class_ids]
+
     def slice_class(self, class_id: int) -> SliceOutcome:
         if class_id not in self.fewshot.classes:
             raise DataError(f"class {class_id} is not a class of this model ({self.fewshot.classes})")
