@@ -29,6 +29,9 @@ and reuse the cached engine's code. The arithmetic differs from the cached engin
 summation order (grouped instead of separate convolutions, repairs as full matrices), so kept
 units match, up to near-ties in the scores; tests/test_slicer_engines.py holds the tolerances.
 
+Arithmetic is fp32: CPU bf16 autocast does not reach the ops under vmap in this torch, so a
+``bf16``/``auto`` precision runs fp32 here (the fragments record ``precision = fp32``).
+
 Graphs the vmapped pass cannot run (recurrent layers have no batching rule) fall back to the
 cached engine class by class (``batched_supported``).
 """
@@ -57,6 +60,12 @@ def slice_classes(s: "Slicer", class_ids: list[int]) -> list["SliceOutcome"]:
     """Slice ``class_ids`` of the slicer's model, ``class_batch`` classes per pass."""
     if not batched_supported(s):
         return [s.slice_class(c) for c in class_ids]
+    if s.precision == "bf16":
+        # CPU autocast does not reach the ops under vmap (conv sees a bf16 input and an fp32
+        # weight): this engine runs fp32, and the fragments record it
+        s.precision = "fp32"
+        s._orig_frontier.clear()
+        s._over_budget = None
     cap = s.cfg.class_batch or len(class_ids)
     out = []
     for i in range(0, len(class_ids), cap):
