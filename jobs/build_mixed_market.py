@@ -11,6 +11,13 @@ ratios, AUCs, the pack's accuracy) is printed and written to ``<out>/mixed.json`
     python jobs/build_mixed_market.py [--store runs/mixed] [--k 10] [--json]
 
 Models already in the store are kept (the job resumes); ``--retrain`` trains them again.
+
+``--slice-preset auto`` chooses each model's slicing config by cross-validation over its own k
+shots only (snp_ray.tuning.select: every candidate of ``--candidates`` slices each class on 2 of 3
+stratified folds and is scored by its binary head's AUC on the held-out fold, with the test split
+fenced off); each model is then sliced, measured and packed with its own choice, and mixed.json
+records the choice and every candidate's CV scores. Fold fragments are cached in
+``<store>/cv-cache``, so a rerun reslices nothing.
 """
 from __future__ import annotations
 
@@ -60,7 +67,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="runs/mixed", help="market folder (default runs/mixed)")
     p.add_argument("--k", type=int, default=10, help="few-shot samples per class (default 10)")
-    p.add_argument("--slice-preset", default="quick")
+    p.add_argument("--slice-preset", default="quick",
+                   help="slice preset of every model, or 'auto': each model's by few-shot CV")
+    p.add_argument("--candidates", default="",
+                   help="with auto: comma-separated candidates (names in snp_ray.tuning.select."
+                        "CANDIDATES or presets; default: " + "quick,quick-rate0.3,quick-rate0.5)")
+    p.add_argument("--auto-models", default="",
+                   help="with auto: the models to select for (default all); the others get the "
+                        "first candidate")
+    p.add_argument("--cv-folds", type=int, default=3, help="with auto: folds over the k shots")
+    p.add_argument("--cv-folds-used", type=int, default=0,
+                   help="with auto: score only the first n folds (0: all; a CPU budget knob)")
     p.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every member's training epochs (e.g. 0.25 for a smoke run)")
     p.add_argument("--train-fraction", type=float, default=0.0,
@@ -145,8 +162,11 @@ def add_members(a: argparse.Namespace, store: Path) -> dict[str, dict[str, Any]]
     return added
 
 
-def measure_fragments(store: Path, k: int, preset: str) -> list[dict[str, Any]]:
-    """Every fragment of the market at this k: seconds, sizes, and its test-split AUC."""
+def measure_fragments(store: Path, k: int, preset: str,
+                      chosen: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every fragment of the market at this k: seconds, sizes, and its test-split AUC.
+
+    ``chosen``: model id -> its Candidate (``--slice-preset auto``); otherwise ``preset``."""
     from snp_ray.evaluation.fragments import fragment_auc
     from snp_ray.market import Market
     from snp_ray.slicing import slice_preset
@@ -155,19 +175,104 @@ def measure_fragments(store: Path, k: int, preset: str) -> list[dict[str, Any]]:
 
     market = Market(store)
     fstore = FragmentStore(store / "fragments")
-    scfg = slice_preset(preset)
     rows = []
     for spec in market.specs():
+        scfg = chosen[spec.id].config() if chosen else slice_preset(preset)
         for c in spec.classes:
             key = pair_key(spec, c, scfg, k, 0)
             frag = fstore.get(key)
             row = fstore.rows()[key]
             rows.append({"model": spec.id, "arch": spec.arch, "class": frag.spec.class_name,
+                         "slice_config": chosen[spec.id].name if chosen else preset,
                          "seconds": row["seconds"], "params": frag.spec.params,
                          "source_params": frag.spec.source_params,
                          "param_ratio": frag.spec.params / frag.spec.source_params,
                          "test_auc": fragment_auc(frag, spec.dataset, spec.classes)})
     return rows
+
+
+def select_configs(a: argparse.Namespace, store: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--slice-preset auto``: each model's slicing config by few-shot CV, with the test split
+    fenced off in this process while it runs. Returns (model id -> Candidate, the CV record)."""
+    from snp_ray.data.tables import ENV_FENCE
+    from snp_ray.market import Market
+    from snp_ray.tuning.objective import FragmentCache
+    from snp_ray.tuning.select import DEFAULT_CANDIDATES, parse_candidates, select_config
+
+    candidates = parse_candidates(a.candidates or ",".join(DEFAULT_CANDIDATES))
+    market = Market(store)
+    wanted = [m for m in a.auto_models.split(",") if m] or market.ids()
+    cache = FragmentCache(store / "cv-cache")
+    chosen, record = {}, {}
+    fence = os.environ.get(ENV_FENCE)
+    os.environ[ENV_FENCE] = "1"
+    try:
+        for mid in market.ids():
+            if mid not in wanted:
+                chosen[mid] = candidates[0]
+                continue
+            t0 = time.perf_counter()
+            result = select_config(market, mid, candidates, a.k, cache, folds=a.cv_folds,
+                                   folds_used=a.cv_folds_used)
+            result["seconds"] = time.perf_counter() - t0
+            chosen[mid] = next(c for c in candidates if c.name == result["chosen"])
+            record[mid] = result
+            log.info("%s: chose %s (CV AUC %s)", mid, result["chosen"],
+                     {r["name"]: round(r["cv_auc"], 4) for r in result["table"]})
+    finally:
+        if fence is None:
+            os.environ.pop(ENV_FENCE, None)
+        else:
+            os.environ[ENV_FENCE] = fence
+    return chosen, {"candidates": [c.describe() for c in candidates], "folds": a.cv_folds,
+                    "folds_used": a.cv_folds_used or a.cv_folds,
+                    "fold_fragments_made": cache.made, "fold_fragments_reused": cache.reused,
+                    "models": record}
+
+
+def pack_chosen(store: Path, classes: list[str], k: int, chosen: dict[str, Any]) -> dict[str, Any]:
+    """Pack ``classes`` from each holder's fragment of its own chosen config (``snp pack`` takes
+    one preset for every model), and evaluate the pack on the test split."""
+    from snp_ray.evaluation.packs import evaluate_pack
+    from snp_ray.market import Market
+    from snp_ray.packing import PackConfig
+    from snp_ray.packing.packer import Packer, PackSamples
+    from snp_ray.packing.request import resolve_classes
+    from snp_ray.slicing.api import market_fragment_store, pair_key
+
+    market = Market(store)
+    fstore = market_fragment_store(market)
+    ids = resolve_classes(market, classes)
+    frags = [fstore.get(pair_key(spec, c, chosen[spec.id].config(), k, 0))
+             for c in ids for spec in market.holders(c)]
+    holders = sorted({f.spec.source_model for f in frags})
+    samples = PackSamples.from_fewshot([market.fewshot(m, k, 0) for m in holders], ids)
+    return evaluate_pack(Packer(PackConfig()).pack(frags, samples, ids))
+
+
+def slice_all(a: argparse.Namespace, store: Path, chosen: dict[str, Any] | None) -> dict[str, Any]:
+    """The slice job: once with ``--slice-preset``, or once per chosen config (its models only)."""
+    from snp_ray.engine.job import SliceJobConfig, run_slice_job
+
+    if not chosen:
+        jobs = [SliceJobConfig(market=str(store), k=a.k, preset=a.slice_preset)]
+    else:
+        groups: dict[str, list[str]] = {}
+        for mid, cand in chosen.items():
+            groups.setdefault(cand.name, []).append(mid)
+        jobs = [SliceJobConfig(market=str(store), k=a.k, preset=chosen[ms[0]].preset,
+                               overrides=dict(chosen[ms[0]].overrides), models=ms)
+                for ms in groups.values()]
+    summaries = []
+    for cfg in jobs:
+        summary = run_slice_job(cfg).summary()
+        if summary["failed"]:
+            from snp_ray.errors import EngineError
+            raise EngineError(f"the slice job failed on {summary['failed']} pairs: "
+                              f"{summary.get('failures')}")
+        summaries.append({**summary, "models": cfg.models or "all", "preset": cfg.preset,
+                          "overrides": cfg.overrides})
+    return summaries[0] if len(summaries) == 1 else {"jobs": summaries}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,33 +289,38 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
     from snp_ray.cli import table
-    from snp_ray.engine.job import SliceJobConfig, run_slice_job
     from snp_ray.engine.main import ensure_data
 
     store = Path(a.store)
     ensure_data(DATASET, no_download=False)
     started = time.perf_counter()
     added = add_members(a, store)
-    job = run_slice_job(SliceJobConfig(market=str(store), k=a.k, preset=a.slice_preset))
-    summary = job.summary()
-    if summary["failed"]:
-        from snp_ray.errors import EngineError
-        raise EngineError(f"the slice job failed on {summary['failed']} pairs: {summary.get('failures')}")
-    frags = measure_fragments(store, a.k, a.slice_preset)
+    chosen, selection = None, None
+    if a.slice_preset == "auto":     # chosen on few-shot folds only, before any test-split read
+        t0 = time.perf_counter()
+        chosen, selection = select_configs(a, store)
+        selection["seconds"] = time.perf_counter() - t0
+    summary = slice_all(a, store, chosen)
+    frags = measure_fragments(store, a.k, a.slice_preset, chosen)
     classes = [c for c in a.pack.split(",") if c] or [m.classes[0] for m in MEMBERS]
-    pack = snp("pack", "--store", str(store), "--classes", ",".join(classes), "--k", str(a.k),
-               "--preset", a.slice_preset)
+    if chosen:
+        pack = pack_chosen(store, classes, a.k, chosen)
+    else:
+        pack = snp("pack", "--store", str(store), "--classes", ",".join(classes), "--k", str(a.k),
+                   "--preset", a.slice_preset)
     families = {}
     for m in MEMBERS:
         own = [f for f in frags if f["model"] == m.id]
         families[m.id] = {"arch": m.arch, "input_size": m.input_size,
+                          "slice_config": chosen[m.id].name if chosen else a.slice_preset,
                           "source_params": own[0]["source_params"],
                           "slice_seconds_median": statistics.median(f["seconds"] for f in own),
                           "param_ratio_mean": statistics.mean(f["param_ratio"] for f in own),
                           "test_auc_min": min(f["test_auc"] for f in own),
                           "test_auc_mean": statistics.mean(f["test_auc"] for f in own)}
     out = {"store": str(store), "k": a.k, "slice_preset": a.slice_preset, "models": added,
-           "slicing": summary, "fragments": frags, "families": families,
+           **({"selection": selection} if selection else {}), "slicing": summary,
+           "fragments": frags, "families": families,
            "pack": {k: pack[k] for k in ("classes", "test_accuracy", "params_deployable",
                                            "params_training", "pack_seconds") if k in pack},
            "wall_seconds": time.perf_counter() - started}

@@ -10,11 +10,12 @@ from torch import nn
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet
 from snp_ray.data.specs import ImageSpec, TextSpec
 from snp_ray.errors import ConfigError, DataError, IntegrityError, UnknownNameError
-from snp_ray.models import build_model, count_params
+from snp_ray.models import Classifier, build_model, count_params
 from snp_ray.slicing import (Fragment, FragmentSpec, SliceConfig, Slicer, kept_iou, roc_auc,
                              select_units, slice_preset)
 from snp_ray.slicing.fragment import count_macs
 from snp_ray.slicing.graph import trace
+from snp_ray.slicing.slicer import ridge_repair
 
 TINY = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=2)
 VOCAB = ["<pad>", "<unk>"] + list("abcdefghij")
@@ -267,3 +268,59 @@ def test_integer_index_on_the_unit_dim_is_a_typed_error_naming_the_module():
 
     with pytest.raises(ConfigError, match="unit dim of the output of module conv"):
         trace(FirstChannel(), torch.randn(2, 3, 8, 8))
+
+
+def _one_row_per_sample_net(seed: int) -> Classifier:
+    """A conv whose 1x1 output gives one activation row per sample (like layer4 of a 32x32
+    torchvision ResNet-18), followed by a dense consumer that absorbs its repair."""
+    torch.manual_seed(seed)
+    feats = nn.Sequential(nn.Conv2d(3, 16, 32), nn.ReLU(), nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Flatten())
+    return Classifier(feats, 32, 3).eval()
+
+
+def _noise_fewshot(per_class: int, seed: int) -> FewShotSet:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], per_class)
+    raw = rng.integers(0, 256, (labels.size, 32, 32, 3), dtype=np.uint8)
+    rows = [list(range(i * per_class, (i + 1) * per_class)) for i in range(3)]
+    return FewShotSet(FewShotManifest(dataset="synthetic", k=per_class, seed=0, classes=[0, 1, 2],
+                                      row_ids=rows), raw, labels)
+
+
+def _held_out_repair_error(init: str | None, seed: int) -> float:
+    """Relative error of the initial repair of the first group (8 of 16 units kept, 12 rows)
+    on 90 other samples; 1.0 is what no repair at all (dropped units read as 0) scores."""
+    model = _one_row_per_sample_net(seed)
+    cfg = slice_preset("quick", **({"repair_init": init} if init else {}))
+    train = Slicer(model, ImageSpec(), _noise_fewshot(4, seed), cfg)
+    held = Slicer(model, ImageSpec(), _noise_fewshot(30, seed + 100), cfg)
+    gid = train.graph.groups[0].id
+    kept, dropped = torch.arange(0, 16, 2), torch.arange(1, 16, 2)
+    repair = train._init_repair(gid, train._fresh(gid), kept)          # (dropped, kept)
+    acts = held._group_activations(gid, held._fresh(gid))[0].detach()
+    return float((acts[:, kept] @ repair.t() - acts[:, dropped]).pow(2).sum()
+                 / acts[:, dropped].pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_repair_init_never_predicts_held_out_samples_worse_than_no_repair(seed):
+    # issue #13: with fewer activation rows than kept units the unregularised least-squares
+    # repair interpolates D and reconstructs other samples several times worse than no repair;
+    # compounded over layer4 of a 32x32 ResNet-18 it drove a fragment's few-shot AUC to 0.57
+    assert _held_out_repair_error(None, seed) <= 1.0            # the default: ridge, CV over samples
+    assert _held_out_repair_error("lstsq", seed) > 2.0          # the old start, kept selectable
+
+
+def test_ridge_repair_recovers_a_linear_relation_and_keeps_samples_whole():
+    g = torch.Generator().manual_seed(0)
+    zk = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    samples = torch.arange(40).repeat_interleave(10)                    # 10 positions per sample
+    repair, rho = ridge_repair(zk, zk @ a, samples)
+    assert rho < 1e-2 and torch.allclose(repair, a.t(), atol=1e-2)
+    noise = torch.randn(400, 3, generator=g, dtype=torch.float64)      # unpredictable: ~no repair
+    repair, rho = ridge_repair(zk, noise, samples)
+    assert rho >= 1.0 and float(repair.abs().max()) < 0.1, (rho, repair)
+    one_row = torch.arange(400)                                         # fewer rows than units:
+    repair, rho = ridge_repair(zk[:5], noise[:5], one_row[:5])          # never an interpolation
+    assert rho >= 1.0 and float(repair.abs().max()) < 0.5, (rho, repair)

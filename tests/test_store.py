@@ -345,3 +345,20 @@ def test_unreachable_s3_fails_fast_with_a_store_error(monkeypatch):
     with pytest.raises(StoreError):
         store.keys()
     assert time.time() - t0 < 60
+
+
+def test_a_listing_reads_only_the_named_columns_one_row_per_key(frags, tmp_path):
+    """The service's catalogue lists a store by a few columns: one row per key (the earliest
+    write wins, as rows() says) with only those columns, before and after rows() is cached."""
+    store = FragmentStore(tmp_path / "s")
+    frags = list(frags)[:2]
+    for f in frags:
+        store.put(f)
+    store.put(frags[0])                                           # a second write of one key
+    fresh = FragmentStore(tmp_path / "s")
+    listing = fresh.listing(["class_id", "params"])
+    assert set(listing) == {f.spec.key for f in frags}
+    assert all(set(r) == {"class_id", "params"} for r in listing.values())
+    assert listing == {k: {"class_id": r["class_id"], "params": r["params"]}
+                       for k, r in fresh.rows().items()}
+    assert fresh.listing(["class_id", "params"]) == listing        # from the cached rows

@@ -64,7 +64,10 @@ class Catalogue:
         specs = {s.id: s for s in market.specs()}
         datasets = {s.dataset for s in specs.values()}
         classes: dict[int, ServedClass] = {}
-        for key, row in sorted(store.rows().items()):
+        listing = store.listing(["model_id", "model_sha256", "class_id", "class_name",
+                                 "config_digest", "k", "fewshot_seed", "params", "source_params",
+                                 "metrics"])
+        for key, row in sorted(listing.items()):
             spec = specs.get(row["model_id"])
             if (spec is None or row["model_sha256"] != spec.weights_sha256
                     or row["config_digest"] != config_digest or int(row["fewshot_seed"]) != seed):

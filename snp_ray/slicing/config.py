@@ -17,7 +17,7 @@ from snp_ray.errors import ConfigError, UnknownNameError
 
 MODES = ("threshold", "rate")
 L21_REDUCE = ("sum", "mean")
-REPAIR_INIT = ("lstsq", "zeros")
+REPAIR_INIT = ("ridge", "lstsq", "zeros")
 COMBINE_TRAIN = ("current", "all")
 PRECISIONS = ("auto", "fp32", "bf16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -39,7 +39,11 @@ class SliceConfig(Config):
     views: int = 4                 # [ours] augmented copies of D drawn once per model; 0: fresh every step
     precision: str = "auto"        # [ours] training arithmetic: fp32, bf16 (autocast), auto = bf16 where fast
     l21_reduce: str = "sum"        # [ours] "sum" over units as in the notes; "mean" divides by u
-    repair_init: str = "lstsq"     # [ours] least-squares start for the repair; "zeros" = none
+    # [ours] start of the repair: "ridge" = ridge regression of dropped on kept activations over D,
+    # its strength chosen by cross-validation over the few-shot samples (0 = no repair is a
+    # candidate); "lstsq" = the unregularised least-squares fit (before #13: it interpolates, and
+    # explodes, where a layer has fewer activation rows than kept units); "zeros" = none
+    repair_init: str = "ridge"
     combine_train: str = "current"  # [ours] combining step i trains layer i; "all": layers 1..i
     min_units: int = 1             # never keep fewer units than this in a layer
     seed: int = 0

@@ -433,14 +433,22 @@ class Slicer:
         dropped = _complement(kept, size)
         if dropped.numel() == 0 or self.cfg.repair_init == "zeros":
             return torch.zeros(dropped.numel(), kept.numel(), device=self.device)
-        acts = self._group_activations(gid, w)
-        zk, zd = acts[:, kept], acts[:, dropped]
-        sol = torch.linalg.lstsq(zk.double().cpu(), zd.double().cpu(), driver="gelsd").solution  # (k, d)
-        return sol.t().float().contiguous().to(self.device)
+        acts, samples = self._group_activations(gid, w)
+        zk, zd = acts[:, kept].double().cpu(), acts[:, dropped].double().cpu()
+        if self.cfg.repair_init == "lstsq":
+            sol = torch.linalg.lstsq(zk, zd, driver="gelsd").solution.t()          # (d, k)
+        else:
+            sol, rho = ridge_repair(zk, zd, samples.cpu(), seed=self.cfg.seed * 7919 + gid)
+            log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
+        return sol.float().contiguous().to(self.device)
 
-    def _group_activations(self, gid: int, w: dict[str, torch.Tensor], limit: int = 20_000) -> torch.Tensor:
-        """Unit vectors of the group at every gate position on D, as rows (n_positions, units)."""
+    def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
+                           limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit vectors of the group at every gate position on D, as rows (n_positions, units),
+        and the few-shot sample each row comes from."""
         captured: list[torch.Tensor] = []
+        owners: list[torch.Tensor] = []
+        n = self.x.shape[0]
         gates = [m for m in self.graph.module.modules() if isinstance(m, Gate) and m.repairs]
         hooks = []
         for gate in gates:
@@ -449,16 +457,22 @@ class Slicer:
                     def hook(mod, inp, out, off=off, size=size):
                         seg = inp[0].narrow(mod.dim, off, size).movedim(mod.dim, -1)
                         captured.append(seg.reshape(-1, size))
+                        # the batch dim leads and stays first (the unit dim is never 0)
+                        owners.append(torch.arange(seg.shape[0]).repeat_interleave(seg[0].numel() // size))
                     hooks.append(gate.register_forward_hook(hook))
         try:
             self._features(self.x, {gid: w}, {})
         finally:
             for h in hooks:
                 h.remove()
-        rows = torch.cat(captured)
+        rows, samples = torch.cat(captured), torch.cat(owners)
+        if samples.numel() != rows.shape[0] or int(samples.max()) >= n:
+            raise ConfigError(f"group {gid}: its activations do not lead with the batch dim; "
+                              f"repair_init='zeros' slices without them")
         if rows.shape[0] > limit:
-            rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:limit]]
-        return rows
+            pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:limit]
+            rows, samples = rows[pick], samples[pick]
+        return rows, samples
 
     def _repairs(self, kept: dict[int, torch.Tensor], mats: dict[int, torch.Tensor]) -> dict[int, Repair]:
         out = {}
@@ -537,6 +551,56 @@ class Slicer:
         return {"fewshot_auc": roc_auc(scores.numpy(), y_bin.cpu().numpy()),
                 "fewshot_consistency_mse": float((bar - target).pow(2).sum(1).mean()),
                 "fewshot_original_agreement": float((bar.argmax(1) == target.argmax(1)).float().mean())}
+
+
+#: ridge strengths tried for a repair, relative to the mean eigenvalue of the kept units' Gram
+#: matrix; ``inf`` is "no repair" (the dropped units read as zero before the next layer)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
+
+
+def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, folds: int = 5,
+                 grid: tuple[float, ...] = RIDGE_GRID, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """The repair ``L`` (dropped x kept) that predicts dropped activations from kept ones, by
+    ridge regression with its strength chosen by cross-validation over few-shot SAMPLES.
+
+    ``zk`` (rows, k) and ``zd`` (rows, d) are activations at every position of every sample;
+    ``samples`` names each row's sample. Rows of one sample are never split across folds (its
+    positions are correlated). An unregularised fit interpolates where rows < k (a 1x1 layer of
+    a 32x32 ResNet has one row per sample) and predicts held-out samples worse than no repair at
+    all; here "no repair" (``inf``) is a candidate, so on the held-out folds the chosen repair
+    does no worse than none. Returns ``(L, chosen strength)``."""
+    zk, zd = zk.double(), zd.double()
+    k = zk.shape[1]
+    ids = torch.unique(samples)
+    folds = min(folds, ids.numel())
+    if folds < 2 or k == 0:
+        return torch.zeros(zd.shape[1], k, dtype=zk.dtype), math.inf
+    order = ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))]
+    fold_of = torch.empty(int(ids.max()) + 1, dtype=torch.long)
+    fold_of[order] = torch.arange(order.numel()) % folds
+    row_fold = fold_of[samples]
+
+    def fit(a: torch.Tensor, b: torch.Tensor):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        scale = float(s.pow(2).sum()) / k
+        return vh.t(), s, u.t() @ b, scale       # L^T = V diag(s/(s^2+lam)) U^T b
+
+    errors = torch.zeros(len(grid), dtype=torch.float64)
+    for f in range(folds):
+        tr, te = row_fold != f, row_fold == f
+        v, s, ub, scale = fit(zk[tr], zd[tr])
+        q = zk[te] @ v
+        for i, rho in enumerate(grid):
+            if math.isinf(rho) or scale == 0:
+                errors[i] += zd[te].pow(2).sum()
+            else:
+                shrink = s / (s.pow(2) + rho * scale)
+                errors[i] += ((q * shrink) @ ub - zd[te]).pow(2).sum()
+    best = grid[int(torch.argmin(errors))]
+    v, s, ub, scale = fit(zk, zd)
+    if math.isinf(best) or scale == 0:
+        return torch.zeros(zd.shape[1], k, dtype=zk.dtype), math.inf
+    return ((v * (s / (s.pow(2) + best * scale))) @ ub).t(), best
 
 
 def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:

@@ -246,6 +246,14 @@ class FragmentStore:
             self._rows = _as_rows(self._load())
         return self._rows
 
+    def listing(self, columns: list[str]) -> dict[str, dict[str, Any]]:
+        """key -> row of only ``columns``, one per key: a catalogue of a large store without
+        reading every spec (rows() holds the kept units and specs too)."""
+        if self._rows is not None:
+            return {k: {c: r[c] for c in columns} for k, r in self._rows.items()}
+        cols = sorted(set(columns) | {"key", "created", "writer"})
+        return {k: {c: r[c] for c in columns} for k, r in _as_rows(self._load(columns=cols)).items()}
+
     def manifest_table(self) -> pa.Table:
         """Every manifest row as read (duplicate keys included, until a compaction)."""
         return self._load()
