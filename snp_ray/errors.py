@@ -99,3 +99,7 @@ class WeightsError(ConfigError):
 
 class ModelExistsError(ConfigError):
     """A model id that is already in the store was given without asking to replace it."""
+
+
+class PayloadTooLarge(DataError):
+    """A request body over the market service's limit (HTTP 413)."""

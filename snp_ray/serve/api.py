@@ -20,8 +20,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from snp_ray.errors import (ArtifactNotFoundError, DataError, SnpError, StoreError,
-                            UnknownNameError)
+from snp_ray.errors import (ArtifactNotFoundError, DataError, PayloadTooLarge, SnpError,
+                            StoreError, UnknownNameError)
 from snp_ray.serve.images import decode_base64, decode_batch
 from snp_ray.serve.packstore import FILES
 from snp_ray.serve.service import MarketService, top_classes
@@ -32,10 +32,6 @@ STATIC = Path(__file__).parent / "static"
 MEDIA = {"model.onnx": "application/octet-stream", "model.pt2": "application/zip",
          "model.safetensors": "application/octet-stream", "spec.json": "application/json"}
 Predict = Callable[[str, Any], Awaitable[np.ndarray]]
-
-
-class PayloadTooLarge(SnpError):
-    """A request body over the service's limit."""
 
 
 def status_of(e: SnpError) -> int:
@@ -120,13 +116,6 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
         return JSONResponse({"error": f"malformed request: {e.errors()}", "type": "ConfigError"},
                             status_code=400)
 
-    async def json_body(request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"the request body is not valid JSON ({e})") from None
-
     # Under Ray Serve the proxy itself answers /-/healthz (200, "success"): /v1/health is ours
     @app.get("/-/healthz")
     @app.get("/v1/health")
@@ -169,6 +158,13 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
     return app
 
 
+async def json_body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"the request body is not valid JSON ({e})") from None
+
+
 async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> Any:
     """The request's inputs as a pack takes them: uint8 images (multipart files or a JSON list
     of base64 strings) for image packs, a list of strings for text packs."""
@@ -181,12 +177,7 @@ async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> An
         blobs = [await f.read() for f in files]
         return await asyncio.to_thread(decode_batch, blobs,
                                        [f"image {i} ({f.filename})" for i, f in enumerate(files)])
-    body = None
-    if ctype.startswith("application/json"):
-        try:
-            body = json.loads(await request.body())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"the request body is not valid JSON ({e})") from None
+    body = await json_body(request) if ctype.startswith("application/json") else None
     if not isinstance(body, dict):
         raise DataError("send images as multipart/form-data files, or JSON {\"images\": [base64, "
                         "...]} (image packs) or {\"texts\": [...]} (text packs)")
