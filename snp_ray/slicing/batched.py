@@ -46,6 +46,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from snp_ray.slicing.surgery import fold_into_linear
+from snp_ray.slicing.slicer import _up
 
 if TYPE_CHECKING:
     from snp_ray.slicing.slicer import SliceOutcome, Slicer
@@ -98,7 +99,7 @@ class _Batch:
                 raise DataError(f"class {c} needs both positive and negative few-shot samples")
         n = y.shape[1]
         self.y_bin = y.to(dev)
-        self.cew = torch.stack([n / (2.0 * (n - npos)), n / (2.0 * npos)], 1).float().to(dev)  # (C, 2)
+        self.cew = torch.stack([n / (2.0 * (n - npos)), n / (2.0 * npos)], 1).to(dev, torch.get_default_dtype())  # (C, 2)
         self.gens = [torch.Generator().manual_seed(cfg.seed * 7919 + c) for c in classes]
         self.groups = [g.id for g in s.graph.groups]
         feat_dim = s.head.in_features
@@ -148,7 +149,7 @@ class _Batch:
             args = tuple(_gather(v, rows, batched) for v in values)
             out, norms = self._vcall(sp.suffix, suffix_names, weights, mats, args,
                                      (True,) * len(args), observe)
-        return out.float(), norms
+        return _up(out), norms
 
     def _batches(self, epochs: int):
         """Every class's next batch, drawn from its own generator: (idx, rows, xb) stacked."""
@@ -168,9 +169,26 @@ class _Batch:
 
     # ------------------------------------------------------------------ weights per class
     def _fresh(self, gid):
+        """Stacked copies of the group's trained tensors, (C, *shape), one per class."""
         s = self.s
-        return {n: s.orig[n].unsqueeze(0).repeat(self.C, *[1] * s.orig[n].dim()).requires_grad_(True)
-                for n in self.names[gid]}
+        return self._leaves(gid, {n: s.orig[n].unsqueeze(0).repeat(self.C, *[1] * s.orig[n].dim())
+                                  for n in self.names[gid]})
+
+    def _leaves(self, gid, w):
+        """``w`` as trainable leaves. Rows the module's own backward leaves untouched (an
+        embedding's padding row) get no gradient here either: under vmap the embedding backward
+        ignores ``padding_idx``."""
+        out = {}
+        for t in self.s.tensors[gid]:
+            if t.name not in w:
+                continue
+            leaf = w[t.name].detach().requires_grad_(True)
+            rows = t.handler.frozen_rows(t.module, t.attr)
+            if rows:
+                idx = torch.tensor(rows, device=leaf.device)
+                leaf.register_hook(lambda g, idx=idx: g.index_fill(1, idx, 0))
+            out[t.name] = leaf
+        return out
 
     def _keep_masks(self, gid, kept):
         """Per trained tensor of ``gid``: (C, *shape) bool, True on each class's kept units."""
@@ -274,7 +292,7 @@ class _Batch:
             pos = torch.gather(self.y_bin, 1, idx).bool()                        # (C, B)
             if cfg.alpha > 0 and bool(pos.any()):
                 npos = pos.sum(1)
-                l21 = (z.float().sum(2) * pos).sum(1) / npos.clamp_min(1)
+                l21 = (_up(z).sum(2) * pos).sum(1) / npos.clamp_min(1)
                 l21 = l21 / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21[npos > 0].sum()
             opt.zero_grad(set_to_none=True)
@@ -392,8 +410,7 @@ class _Batch:
         mats[gid] = mats[gid].detach()
         hw.requires_grad_(False)
         hb.requires_grad_(False)
-        for n in list(w):
-            w[n] = w[n].detach().requires_grad_(True)
+        w.update(self._leaves(gid, w))
 
     # ------------------------------------------------------------------ per class: fusion
     def _outcome(self, c, ft, kept, mats, head) -> "SliceOutcome":

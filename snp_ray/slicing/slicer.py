@@ -107,6 +107,9 @@ class Slicer:
         self.model = model.eval()              # stays on the CPU: fusion copies from it
         self.fewshot, self.input_spec = fewshot, input_spec
         x = input_spec.encode(fewshot.raw)
+        dtype = next(model.parameters()).dtype
+        if x.dtype.is_floating_point and x.dtype != dtype:
+            x = x.to(dtype)       # a float64 model slices in float64 (the engine tests do)
         self.labels = torch.as_tensor(fewshot.labels)
         self.is_image = x.dtype.is_floating_point and x.dim() == 4
         self.fmt = torch.contiguous_format
@@ -166,7 +169,7 @@ class Slicer:
     # ------------------------------------------------------------------ forward passes
     def _features(self, x: torch.Tensor, weights: dict[int, dict[str, torch.Tensor]],
                   repairs: dict[int, Repair], observe: Iterable[int] = ()) -> torch.Tensor:
-        return self._call(self.graph.module, None, weights, (x,), repairs, observe).float()
+        return _up(self._call(self.graph.module, None, weights, (x,), repairs, observe))
 
     def _call(self, module: nn.Module, names: set[str] | None, weights, args: tuple, repairs,
               observe: Iterable[int] = ()):
@@ -187,8 +190,8 @@ class Slicer:
         if cache is None or rows is None:
             return self._features(xb, weights, repairs, observe)
         sp, _, suffix_names, values = cache
-        return self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
-                          observe).float()
+        return _up(self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
+                              observe))
 
     def _targets(self, rows: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
         """The original model's logits on a batch; cached per view row for every class."""
@@ -414,7 +417,7 @@ class Slicer:
             loss = (self.head(feats) - target).pow(2).sum(1).mean()
             pos = y_bin[idx].bool()
             if cfg.alpha > 0 and bool(pos.any()):
-                z = self.gates.unit_norms(gid)[pos].float()
+                z = _up(self.gates.unit_norms(gid)[pos])
                 l21 = z.sum(1).mean() / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21
             opt.zero_grad(set_to_none=True)
@@ -440,7 +443,7 @@ class Slicer:
         else:
             sol, rho = ridge_repair(zk, zd, samples.cpu(), seed=self.cfg.seed * 7919 + gid)
             log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
-        return sol.float().contiguous().to(self.device)
+        return sol.to(acts.dtype).contiguous().to(self.device)
 
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
                            limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,6 +604,11 @@ def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, fold
     if math.isinf(best) or scale == 0:
         return torch.zeros(zd.shape[1], k, dtype=zk.dtype), math.inf
     return ((v * (s / (s.pow(2) + best * scale))) @ ub).t(), best
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 (autocast) result in fp32 for losses; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
