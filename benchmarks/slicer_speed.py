@@ -37,6 +37,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -130,7 +131,14 @@ def run_variant(*args) -> dict:
     q = ctx.Queue()
     p = ctx.Process(target=_run_variant, args=(*args, q))
     p.start()
-    out = q.get()
+    while True:       # a child that dies (out of memory, a crash) must not hang the benchmark
+        try:
+            out = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"variant {args[4]}:{args[5]}:{args[6]} exited with code "
+                                   f"{p.exitcode} before reporting")
     p.join()
     return out
 
