@@ -113,11 +113,14 @@ def _run_variant(market_root: str, k: int, preset: str, n_classes: int, engine: 
             aucs.append(fragment_auc(f, ms.spec.dataset, ms.spec.classes))
         del ms                                   # one model's slicer at a time, like an actor
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    classes = [f.spec.class_id for f in frags]
+    first = {}                   # one fragment per class (a market may hold a class twice)
+    for f in frags:
+        first.setdefault(f.spec.class_id, f)
+    classes = list(first)
     pack_acc = None
-    if len(set(classes)) > 1:
+    if len(classes) > 1:
         samples = PackSamples.from_fewshot([market.fewshot(m, k, 0) for m in models], classes)
-        pack_acc = pack_accuracy(Packer(PackConfig()).pack(frags, samples, classes))
+        pack_acc = pack_accuracy(Packer(PackConfig()).pack(list(first.values()), samples, classes))
     queue.put({"setup_seconds": setup, "seconds": [f.spec.seconds for f in frags],
                "precision": frags[0].spec.precision, "device": frags[0].spec.device,
                "stage_seconds": [f.spec.stage_seconds for f in frags],
