@@ -120,6 +120,8 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help="slice preset: quick, paper, or a name saved by `snp tune` (or its .json path)")
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--force", action="store_true", help="reslice fragments already stored")
+    p.add_argument("--engine", default=None, help="slicer engine: cached, batched (a model's classes "
+                   "in one pass) or naive (default: SNP_SLICE_ENGINE, else cached)")
 
 
 @command("slice", "slice (model, class) pairs of a market into fragments, locally", _slice_args)
@@ -139,7 +141,8 @@ def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     if class_id is not None and a.model and class_id not in market.spec(a.model).classes:
         raise DataError(f"class {a.klass!r} is not held by model {a.model}")
     rows, out = [], []
-    for mid, _, key, frag in slice_missing(market, a.k, cfg, a.seed, ids, class_id, a.force):
+    for mid, _, key, frag in slice_missing(market, a.k, cfg, a.seed, ids, class_id, a.force,
+                                           engine=a.engine):
         if frag is None:
             continue
         f = frag.spec

@@ -23,6 +23,22 @@ def default_device() -> str:
     return os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: the slicer engine every path uses unless told otherwise (``cached``, ``batched``, ``naive``)
+ENV_ENGINE = "SNP_SLICE_ENGINE"
+
+
+def default_engine() -> str:
+    """``SNP_SLICE_ENGINE`` if set, else ``cached``: the slice job, the expansion job and the
+    Tune sweep's fold slicing all build their slicers through it, so one setting reaches all."""
+    from snp_ray.errors import ConfigError
+    from snp_ray.slicing.slicer import ENGINES
+
+    engine = os.environ.get(ENV_ENGINE) or "cached"
+    if engine not in ENGINES:
+        raise ConfigError(f"{ENV_ENGINE} must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
 def resolve_precision(precision: str, device: "torch.device") -> str:
     """``auto``: bf16 where the hardware runs it natively (a CUDA GPU of compute capability 8.0
     or newer, or a Linux CPU with AVX512-BF16 or AMX-BF16 and oneDNN), else fp32. Emulated bf16

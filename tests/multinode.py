@@ -28,12 +28,14 @@ def main() -> None:
     workers = [cluster.add_node(num_cpus=cpus, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     cluster.wait_for_nodes()
-    preset = "quick" if mode == "node_loss" else "smoke"
+    batched = mode == "node_loss_batched"     # units of 2 classes in one pass each
+    preset = "quick" if mode.startswith("node_loss") else "smoke"
     cfg = SliceJobConfig(market=market, fragments=store, k=5, preset=preset,
                          gpus_per_actor=0.5 if mode == "fraction" else 1.0, ping_timeout_s=5.0,
-                         startup_timeout_s=60)
+                         startup_timeout_s=60, engine="batched" if batched else "cached",
+                         overrides={"class_batch": 2} if batched else {})
     removed = {}
-    if mode == "node_loss":
+    if mode.startswith("node_loss"):
         def remove_when_started():
             deadline = time.time() + 120
             while time.time() < deadline:
@@ -56,7 +58,7 @@ def main() -> None:
                       "node_gpus": node_gpus, "removed": removed,
                       "keys": sorted(final.keys()),
                       "manifest_rows": final.dataset().count_rows(),
-                      "results": {k: {x: v.get(x) for x in ("status", "node", "gpu_ids")}
+                      "results": {k: {x: v.get(x) for x in ("status", "node", "gpu_ids", "engine", "seconds")}
                                   for k, v in result.results.items()}}))
     ray.shutdown()
     cluster.shutdown()

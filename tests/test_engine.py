@@ -83,8 +83,8 @@ def test_slice_job_stores_every_pair_once_and_resumes(smoke_market, tmp_path, mo
     first = run_slice_job(cfg)
     assert (first.total, first.done, first.skipped, first.failed) == (10, 10, 0, 0)
     # the driver never received weights: every ray.get it made returned small metadata
-    rows = [g for g in got if isinstance(g, dict) and "key" in g]
-    assert len(rows) == 10
+    rows = [r for g in got if isinstance(g, list) for r in g if isinstance(r, dict) and "key" in r]
+    assert len(rows) == 10                              # one unit (one pair) per call
     for g in got:
         assert not _bulky(g), _bulky(g)
         assert len(pickle.dumps(g)) < 4096
@@ -196,6 +196,73 @@ def _multinode(mode: str, market: Path, store: Path) -> dict:
     return last_json(out.stdout)
 
 
+def test_batched_engine_job_slices_units_of_a_model_exactly_once(smoke_market, tmp_path):
+    """engine="batched": an actor slices up to class_batch pairs of one model in one pass (T1's
+    models hold 3, 3 and 4 classes; batch 3: units of 3, 3, 3 and 1), each pair still stored
+    once under its own key, and a rerun skips them all."""
+    market = _market_copy(smoke_market, tmp_path)
+    cfg = SliceJobConfig(market=str(market), k=5, preset="smoke", engine="batched",
+                         overrides={"class_batch": 3})
+    first = run_slice_job(cfg)
+    assert (first.total, first.done, first.skipped, first.failed) == (10, 10, 0, 0)
+    assert {r["engine"] for r in first.results.values()} == {"batched"}
+    # a pass records its wall time divided by its classes: one value per unit
+    per_model = Counter((r["model"], r["seconds"]) for r in first.results.values())
+    sizes = [len(Market(market).spec(mid).classes) for mid in Market(market).ids()]
+    assert sorted(sizes) == [3, 3, 4]
+    assert sorted(per_model.values()) == [1, 3, 3, 3]
+    store = FragmentStore(market / "fragments")
+    assert len(store.keys()) == 10 and store.dataset().count_rows() == 10
+    assert set(store.keys()) == set(first.results)
+    again = run_slice_job(cfg)
+    assert (again.done, again.skipped) == (0, 10)
+    with pytest.raises(ConfigError, match="engine"):
+        SliceJobConfig(market="m", engine="fast")
+
+
+def test_local_slicing_takes_the_engine_from_the_environment(smoke_market, tmp_path, monkeypatch):
+    """`snp slice` and the expansion job slice through slice_missing: SNP_SLICE_ENGINE=batched
+    reaches it, units of class_batch classes are sliced and stored one pass at a time, and an
+    unknown engine name is a ConfigError."""
+    from snp_ray.slicing import slice_missing, slice_preset
+
+    market = Market(_market_copy(smoke_market, tmp_path))
+    mid = market.ids()[0]
+    monkeypatch.setenv("SNP_SLICE_ENGINE", "batched")
+    out = list(slice_missing(market, 5, slice_preset("smoke", class_batch=2), model_ids=[mid]))
+    seconds = [f.spec.seconds for *_, f in out]
+    assert len(out) == 3 and seconds[0] == seconds[1] != seconds[2]     # units [2, 1]
+    monkeypatch.setenv("SNP_SLICE_ENGINE", "fast")
+    with pytest.raises(ConfigError, match="SNP_SLICE_ENGINE"):
+        list(slice_missing(market, 5, slice_preset("smoke"), model_ids=[mid], force=True))
+
+
+def test_actor_batch_rechecks_each_pair_and_slices_only_the_missing(smoke_market, tmp_path, ray_cluster):
+    """A retried unit whose pairs are partly stored: the stored ones come back skipped (their
+    first writer kept), the others are sliced in one pass, rows in the asked order."""
+    from snp_ray.engine.actors import SlicerActor
+    from snp_ray.slicing.config import slice_preset
+
+    market = _market_copy(smoke_market, tmp_path)
+    m = Market(market)
+    mid = m.ids()[0]
+    classes = m.spec(mid).classes[:3]
+    scfg = slice_preset("smoke")
+    args = (str(market), str(tmp_path / "frags"), scfg.to_dict(), 5, 0, {})
+    a = SlicerActor(*args, engine="batched")
+    first = a.slice_pairs(mid, [classes[1]], False)
+    b = SlicerActor(*args, engine="batched")
+    rows = b.slice_pairs(mid, classes, True)
+    assert [r["class_id"] for r in rows] == classes
+    assert [r["status"] for r in rows] == ["done", "skipped", "done"]
+    assert rows[1]["writer"] == first[0]["writer"] == a.store.writer
+    assert rows[1]["seconds"] == first[0]["seconds"] != rows[0]["seconds"]   # a's row, kept
+    assert rows[0]["seconds"] == rows[2]["seconds"]          # one pass for the two missing
+    assert FragmentStore(tmp_path / "frags").dataset().count_rows() == 3
+    for r in rows:
+        assert not _bulky(r) and _metadata_only(r, r["key"]) is r
+
+
 def test_placement_one_gpu_per_actor(smoke_market, tmp_path):
     res = _multinode("placement", _market_copy(smoke_market, tmp_path), tmp_path / "frags")
     assert res["summary"]["done"] == 10 and len(res["actors"]) == 2
@@ -219,6 +286,17 @@ def test_node_loss_mid_job_still_finishes_exactly_once(smoke_market, tmp_path):
     assert len(res["keys"]) == 10 and res["manifest_rows"] == 10
     survivors = {a["node_id"] for a in res["actors"]} - {res["removed"]["node_id"]}
     assert survivors
+
+
+def test_node_loss_with_the_batched_engine_redoes_only_lost_units(smoke_market, tmp_path):
+    """The same node loss with units of 2 pairs: the lost actor's unit goes back to the queue and
+    every pair still ends stored exactly once."""
+    res = _multinode("node_loss_batched", _market_copy(smoke_market, tmp_path), tmp_path / "frags")
+    assert res["removed"], "the worker node was never removed"
+    s = res["summary"]
+    assert s["done"] == 10 and s["failed"] == 0
+    assert len(res["keys"]) == 10 and res["manifest_rows"] == 10
+    assert {r["engine"] for r in res["results"].values()} == {"batched"}
 
 
 def _store_count(path: Path) -> int:

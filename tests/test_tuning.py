@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,46 @@ def test_snp_tune_cli_compares_chosen_and_default_on_test(smoke_market, tmp_path
     # the saved preset slices through the ordinary CLI by name
     assert main(["slice", "--store", str(market), "--k", "5", "--preset", "tuned-cli",
                  "--model", "T1-m0-vgg11-w0.125", "--json"]) == 0
+
+
+class _FakeSlicer:
+    """Stands in for ModelSlicer: records each slicing call; a 'fragment' is its class id."""
+
+    def __init__(self, engine: str, calls: list):
+        self.engine, self.calls = engine, calls
+
+    def slice(self, c):
+        self.calls.append([c])
+        return types.SimpleNamespace(spec=types.SimpleNamespace(class_id=c))
+
+    def slice_many(self, classes):
+        self.calls.append(list(classes))
+        return [types.SimpleNamespace(spec=types.SimpleNamespace(class_id=c)) for c in classes]
+
+    def units(self, classes):
+        return [list(classes[i:i + 2]) for i in range(0, len(classes), 2)]   # class_batch 2
+
+
+@pytest.mark.parametrize("engine", ["cached", "batched"])
+def test_fold_slicer_batches_the_missing_classes_only(engine):
+    """The Tune sweep's and the selector's fold slicing: with the batched engine the first class
+    asked slices every class the cache lacks, in class_batch units, and the rest are handed out
+    without slicing again; the cached engine slices the asked class only; a slicer is built only
+    when something is missing."""
+    from snp_ray.tuning.objective import FoldSlicer
+
+    calls, built = [], []
+
+    def build():
+        built.append(1)
+        return _FakeSlicer(engine, calls)
+
+    cached = {5}
+    make = FoldSlicer(build, [3, 4, 5, 6, 7], lambda c: c not in cached)
+    got = [make(c).spec.class_id for c in (4, 3, 6, 7)]     # 5 is cached: never asked
+    assert got == [4, 3, 6, 7] and built == [1]
+    if engine == "batched":
+        assert calls == [[4, 3], [6, 7]]
+    else:
+        assert calls == [[4], [3], [6], [7]]
+    assert FoldSlicer(build, [1], lambda c: False) and built == [1]   # nothing built up front

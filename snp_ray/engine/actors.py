@@ -25,7 +25,7 @@ class SlicerActor:
 
     def __init__(self, market_root: str, store_uri: str, slice_config: dict[str, Any], k: int,
                  seed: int, env: dict[str, str], cache_models: int = 2, mode: str = "slice",
-                 noop_kb: int = 1):
+                 noop_kb: int = 1, engine: str = "cached"):
         os.environ.update(env)
         import ray
         import torch
@@ -46,6 +46,7 @@ class SlicerActor:
         self.config = SliceConfig.from_dict(slice_config)
         self.k, self.seed = int(k), int(seed)
         self.mode, self.noop_kb = check_mode(mode), int(noop_kb)
+        self.engine = engine
         self.cache: OrderedDict[str, Any] = OrderedDict()
         self.cache_models = cache_models
 
@@ -61,43 +62,56 @@ class SlicerActor:
         return self.store.refresh().compact()
 
     def slice_pair(self, model_id: str, class_id: int, recheck: bool = True) -> dict[str, Any]:
-        """Slice one pair into the store; returns its key and metadata only (no weights).
+        """Slice one pair into the store; returns its key and metadata only (no weights)."""
+        return self.slice_pairs(model_id, [class_id], recheck)[0]
 
-        ``recheck`` rereads the manifest first and skips a key already stored (a retry after a
+    def slice_pairs(self, model_id: str, class_ids: list[int], recheck: bool = True) -> list[dict[str, Any]]:
+        """Slice pairs of one model into the store (the batched engine in one pass); returns one
+        metadata row per pair, in order, never weights.
+
+        ``recheck`` rereads the manifest first and skips keys already stored (a retry after a
         lost actor, or another writer got there); the driver asks for it on retries only, as it
-        planned the first attempts against the store already.
+        planned the first attempts against the store already. Each fragment is stored under its
+        own key as soon as the pass returns, so a lost pass redoes at most its own pairs.
         """
         from snp_ray.engine.noop import NOOP_BENCHMARK, job_pair_key, noop_fragment
         from snp_ray.slicing.api import ModelSlicer
 
         spec = self.market.spec(model_id)
-        key = job_pair_key(spec, class_id, self.config, self.k, self.seed, self.mode)
+        keys = {int(c): job_pair_key(spec, c, self.config, self.k, self.seed, self.mode) for c in class_ids}
+        rows: dict[int, dict[str, Any]] = {}
         if recheck:
-            row = self.store.refresh().lookup(key)     # reads only the key's class partition
-            if row is not None:
-                return {"key": key, "status": "skipped", **self._row(row)}
+            self.store.refresh()
+            for c, key in keys.items():
+                row = self.store.lookup(key)          # reads only the key's class partition
+                if row is not None:
+                    rows[c] = {"key": key, "status": "skipped", **self._row(row)}
+        todo = [c for c in keys if c not in rows]
         if self.mode == NOOP_BENCHMARK:
-            frag = noop_fragment(spec, class_id, self.config, self.k, self.seed, self.noop_kb)
-        else:
+            frags = [noop_fragment(spec, c, self.config, self.k, self.seed, self.noop_kb) for c in todo]
+        elif todo:
             ms = self.cache.get(model_id)
             if ms is None:
-                ms = ModelSlicer(self.market, model_id, self.k, self.config, self.seed)
+                ms = ModelSlicer(self.market, model_id, self.k, self.config, self.seed, engine=self.engine)
                 self.cache[model_id] = ms
                 while len(self.cache) > self.cache_models:
                     self.cache.popitem(last=False)
             self.cache.move_to_end(model_id)
-            frag = ms.slice(class_id)
-        t_put = time.perf_counter()
-        stored_key, written = self.store.put(frag)
-        put_seconds = time.perf_counter() - t_put
-        return {"key": stored_key, "status": "done", "model": model_id, "class_id": int(class_id),
-                "class": frag.spec.class_name, "params": frag.spec.params,
-                "source_params": frag.spec.source_params, "seconds": frag.spec.seconds,
-                "actor": self.actor_id, "node": self.node_id, "gpu_ids": self.gpu_ids,
-                "device": frag.spec.device, "precision": frag.spec.precision,
-                "writer": self.store.writer, "written": written,
-                "weights_sha256": frag.spec.weights_sha256, "put_seconds": put_seconds,
-                "peak_rss_mb": _peak_rss_mb()}
+            frags = ms.slice_many(todo)
+        else:
+            frags = []
+        for c, frag in zip(todo, frags):
+            t_put = time.perf_counter()
+            stored_key, written = self.store.put(frag)
+            rows[c] = {"key": stored_key, "status": "done", "model": model_id, "class_id": int(c),
+                       "class": frag.spec.class_name, "params": frag.spec.params,
+                       "source_params": frag.spec.source_params, "seconds": frag.spec.seconds,
+                       "actor": self.actor_id, "node": self.node_id, "gpu_ids": self.gpu_ids,
+                       "device": frag.spec.device, "precision": frag.spec.precision,
+                       "engine": self.engine, "writer": self.store.writer, "written": written,
+                       "weights_sha256": frag.spec.weights_sha256,
+                       "put_seconds": time.perf_counter() - t_put, "peak_rss_mb": _peak_rss_mb()}
+        return [rows[int(c)] for c in class_ids]
 
     @staticmethod
     def _row(row: dict[str, Any]) -> dict[str, Any]:

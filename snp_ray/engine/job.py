@@ -2,9 +2,10 @@
 actors into the fragment store, optionally pack one class set, and report.
 
 Scheduling keeps pairs of one model on the actor that already loaded that model, gives an idle
-actor the model with the most pairs left otherwise, and never has more than one pair in flight
-per actor. Lost actors (a node removed, a process killed) are noticed by a ping that times out;
-their pair goes back to the queue and a replacement actor is requested. Writes are idempotent and
+actor the model with the most pairs left otherwise, and never has more than one unit of work in
+flight per actor. A unit is one pair, or with the batched engine up to ``class_batch`` pairs of
+one model, sliced in one pass; every pair of a unit keeps its own key, retries and failure. Lost actors (a node removed, a process killed) are noticed by a ping that times out;
+their pairs go back to the queue and a replacement actor is requested. Writes are idempotent and
 the store keeps one row per key, so a pair done twice is stored once; the job compacts the
 manifest at the end, on one of its actors (the driver only when none is left).
 
@@ -50,9 +51,13 @@ class SliceJobConfig(Config):
     models: list[str] = field(default_factory=list)           # empty: every model
     slice_mode: str = SLICE            # "noop-benchmark": placeholder fragments, benchmarks only
     noop_fragment_kb: int = 1          # weights per placeholder fragment in that mode
+    engine: str = "cached"             # slicer engine; batched: a model's classes in one pass
 
     def validate(self) -> None:
         check_mode(self.slice_mode)
+        from snp_ray.slicing.slicer import ENGINES
+        if self.engine not in ENGINES:
+            raise ConfigError(f"SliceJobConfig.engine must be one of {ENGINES}, got {self.engine!r}")
         check_range("SliceJobConfig", "noop_fragment_kb", self.noop_fragment_kb, 1, 1 << 20)
         check_range("SliceJobConfig", "k", self.k, 1, 100_000)
         check_range("SliceJobConfig", "actors", self.actors, 0, 100_000)
@@ -209,7 +214,8 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
         num_cpus=1, num_gpus=gpus, max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries, max_concurrency=2, scheduling_strategy="SPREAD")
     args = (os.path.abspath(cfg.market), cfg.store_uri(), scfg.to_dict(), cfg.k, cfg.seed, env)
-    kwargs = {"mode": cfg.slice_mode, "noop_kb": cfg.noop_fragment_kb}
+    kwargs = {"mode": cfg.slice_mode, "noop_kb": cfg.noop_fragment_kb, "engine": cfg.engine}
+    unit_size = scfg.class_batch if cfg.engine == "batched" else 1
 
     actors: dict[int, Any] = {}
     starting: dict[Any, int] = {}
@@ -228,22 +234,24 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
         spawn()
     ready: dict[int, dict[str, Any]] = {}
     last_model: dict[int, str] = {}
-    in_flight: dict[Any, tuple[int, str, int, str, float]] = {}
+    in_flight: dict[Any, tuple[int, str, list[tuple[int, str]], float]] = {}   # (actor, model, unit, t)
     attempts: Counter = Counter()
     done_count, t0 = 0, time.perf_counter()
     t_ready: float | None = None            # when the first actor was ready
     cpu_ready = 0.0
 
-    def next_pair(aid: int):
+    def next_unit(aid: int):
         mid = last_model.get(aid)
         if not (mid and queues.get(mid)):
-            busy = Counter(m for (_, m, _, _, _) in in_flight.values())
+            busy = Counter()
+            for (_, m, unit, _) in in_flight.values():
+                busy[m] += len(unit)
             candidates = [m for m, q in queues.items() if q]
             if not candidates:
                 return None
             mid = max(candidates, key=lambda m: (len(queues[m]) - busy[m] * 2, m))
-        c, key = queues[mid].popleft()
-        return mid, c, key
+        q = queues[mid]
+        return mid, [q.popleft() for _ in range(min(unit_size, len(q)))]
 
     def requeue(mid: str, c: int, key: str, why: str) -> None:
         attempts[key] += 1
@@ -253,14 +261,18 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
         else:
             queues.setdefault(mid, deque()).appendleft((c, key))
 
+    def requeue_unit(mid: str, unit: list[tuple[int, str]], why: str) -> None:
+        for c, key in reversed(unit):            # back at the front, in their order
+            requeue(mid, c, key, why)
+
     def lose(aid: int, why: str) -> None:
         log.warning("actor %d lost (%s); requesting a replacement", aid, why)
         a = actors.pop(aid, None)
         ready.pop(aid, None)
-        for ref, (owner, mid, c, key, _) in list(in_flight.items()):
+        for ref, (owner, mid, unit, _) in list(in_flight.items()):
             if owner == aid:
                 del in_flight[ref]
-                requeue(mid, c, key, why)
+                requeue_unit(mid, unit, why)
         if a is not None:
             try:
                 ray.kill(a, no_restart=True)
@@ -295,46 +307,52 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
         for aid in list(ready):
             if aid in busy:
                 continue
-            pick = next_pair(aid)
+            pick = next_unit(aid)
             if pick is None:
                 break
-            mid, c, key = pick
-            ref = actors[aid].slice_pair.remote(mid, c, attempts[key] > 0)
-            in_flight[ref] = (aid, mid, c, key, time.perf_counter())
+            mid, unit = pick
+            retry = any(attempts[key] > 0 for _, key in unit)
+            ref = actors[aid].slice_pairs.remote(mid, [c for c, _ in unit], retry)
+            in_flight[ref] = (aid, mid, unit, time.perf_counter())
             last_model[aid] = mid
         if not in_flight:
             continue
         finished, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
         for ref in finished:
-            aid, mid, c, key, started_at = in_flight.pop(ref)
+            aid, mid, unit, started_at = in_flight.pop(ref)
             try:
-                row = ray.get(ref)
+                rows = ray.get(ref)
             except RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 if type(cause) is StoreError:     # an I/O error of the store, not bad input:
-                    requeue(mid, c, key, str(cause))          # retried like a lost actor
+                    requeue_unit(mid, unit, str(cause))       # retried like a lost actor
                 elif isinstance(cause, SnpError):
-                    failures.append({"model": mid, "class_id": c, "key": key, "error": str(cause)})
-                    log.error("pair %s/%s failed: %s", mid, c, cause)
+                    for c, key in unit:
+                        failures.append({"model": mid, "class_id": c, "key": key, "error": str(cause)})
+                        log.error("pair %s/%s failed: %s", mid, c, cause)
                 else:
-                    requeue(mid, c, key, str(e).splitlines()[0])
+                    requeue_unit(mid, unit, str(e).splitlines()[0])
                 continue
             except RayActorError as e:
-                in_flight[ref] = (aid, mid, c, key, started_at)
+                in_flight[ref] = (aid, mid, unit, started_at)
                 lose(aid, f"actor died: {str(e).splitlines()[0]}")
                 continue
-            results[key] = _metadata_only(row, key)
-            done_count += 1
-            rate = done_count / (time.perf_counter() - t0)
-            eta = (n_todo - done_count) / rate if rate > 0 else float("inf")
-            msg = (f"[{done_count}/{n_todo}] {mid} {row['class']}: {row['params']:,} params, "
-                   f"{row['seconds']:.1f}s | {rate:.2f} pairs/s, ETA {eta:.0f}s")
-            log.info(msg)
-            if progress:
-                progress(msg)
+            if not isinstance(rows, list) or len(rows) != len(unit):
+                raise EngineError(f"an actor answered {len(unit)} pairs of {mid} with "
+                                  f"{type(rows).__name__} instead of one row per pair")
+            for (c, key), row in zip(unit, rows):
+                results[key] = _metadata_only(row, key)
+                done_count += 1
+                rate = done_count / (time.perf_counter() - t0)
+                eta = (n_todo - done_count) / rate if rate > 0 else float("inf")
+                msg = (f"[{done_count}/{n_todo}] {mid} {row['class']}: {row['params']:,} params, "
+                       f"{row['seconds']:.1f}s | {rate:.2f} pairs/s, ETA {eta:.0f}s")
+                log.info(msg)
+                if progress:
+                    progress(msg)
         if not finished:   # nothing finished for a while: check that busy actors are alive
             now = time.perf_counter()
-            for ref, (aid, *_r, started_at) in list(in_flight.items()):
+            for ref, (aid, *_r, started_at) in list(in_flight.items()):   # _r: model, unit
                 if now - started_at < cfg.ping_timeout_s or aid not in actors:
                     continue
                 try:

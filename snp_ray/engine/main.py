@@ -26,6 +26,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slice-preset", default="", help="slice preset (default: the job preset's); also a name saved by snp tune")
     p.add_argument("--actors", type=int, default=0, help="slicer actors (0: one per GPU or CPU)")
     p.add_argument("--gpus-per-actor", type=float, default=1.0)
+    p.add_argument("--engine", default="", help="slicer engine: cached, batched (a model's classes "
+                   "in one pass) or naive (default: SNP_SLICE_ENGINE, else cached)")
     p.add_argument("--pack", default="", help="comma-separated classes to pack (default: the "
                    "task's first seeded target set)")
     p.add_argument("--no-pack", action="store_true")
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.market import build_market
     from snp_ray.market.tasks import get_task, target_sets
+    from snp_ray.runtime import default_engine
 
     preset = get_preset(a.preset)
     store = a.store or preset.store
@@ -56,9 +59,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     specs = build_market(preset.market, store, progress=sys.stderr.isatty())
     cfg = SliceJobConfig(market=store, fragments=a.fragments, k=a.k or preset.k,
                          preset=a.slice_preset or preset.slice_preset, actors=a.actors,
-                         gpus_per_actor=a.gpus_per_actor)
+                         gpus_per_actor=a.gpus_per_actor, engine=a.engine or default_engine())
     job = run_slice_job(cfg)
     out: dict[str, Any] = {"preset": preset.name, "store": store, "fragments": cfg.store_uri(),
+                           "engine": cfg.engine,
                            **market_summary(specs), "slicing": job.summary()}
     s = out["slicing"]
     print()

@@ -121,6 +121,8 @@ TASKS: dict[str, TaskConfig] = {t.name: t for t in [
     TaskConfig("C10-M12", "cifar10", _random_classes(10, 12, 4, PARTITION_SEED), "request", "vgg11",
                "CIFAR-10, 12 models of 4 random classes, disjoint train shards (smoke)",
                shards=True, request_size=6),
+    TaskConfig("C10-1", "cifar10", [list(range(10))], "all", "vgg11",
+               "CIFAR-10, one model of all 10 classes (the batched slicer's benchmark)"),
     TaskConfig("T3-C10", "cifar10", [sorted({(2 * i + j) % 10 for j in range(4)}) for i in range(5)],
                "one_per_model", "vgg11", "CIFAR-10, 5 models of 4 classes, each class held twice"),
 ]}

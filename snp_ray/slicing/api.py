@@ -13,7 +13,7 @@ from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
 from snp_ray.models import count_params
-from snp_ray.runtime import default_device
+from snp_ray.runtime import default_device, default_engine
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.fragment import (Fragment, FragmentSpec, count_macs, example_input,
                                       fragment_key)
@@ -28,10 +28,12 @@ class ModelSlicer:
 
     def __init__(self, market: Market, model_id: str, k: int, config: SliceConfig,
                  fewshot_seed: int = 0, fewshot: FewShotSet | None = None, subset: str = "",
-                 engine: str = "cached", device: str | None = None):
+                 engine: str | None = None, device: str | None = None):
         """``fewshot``: slice on this subset of the model's k-shot set instead (a tuning fold),
         named by ``subset`` so that its fragments never share a key with whole-set ones.
-        ``engine``: naive or cached (the same fragments up to rounding, see Slicer);
+        ``engine``: naive, cached or batched (the same fragments up to rounding, see Slicer and
+        :mod:`snp_ray.slicing.batched`; batched slices a class list at once in :meth:`slice_many`);
+        None: ``SNP_SLICE_ENGINE``, else cached (:func:`snp_ray.runtime.default_engine`);
         ``device``: None picks a GPU when torch sees one. Floating-point results, and with
         ``precision="auto"`` the arithmetic, depend on the device; the fragment records both."""
         if (fewshot is None) != (not subset):
@@ -40,17 +42,36 @@ class ModelSlicer:
         model, self.spec = market.model(model_id)
         self.k, self.config, self.seed = int(k), config, int(fewshot_seed)
         self.fewshot = fewshot if fewshot is not None else market.fewshot(model_id, k, fewshot_seed)
-        self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config, engine=engine,
+        self.engine = engine or default_engine()
+        self.slicer = Slicer(model, self.spec.input_spec, self.fewshot, config, engine=self.engine,
                              device=device or default_device())
         self.example = example_input(self.spec.input_spec)
         self.source_params = count_params(model.features)
         self.source_flops = count_macs(model.features, self.example)
 
     def slice(self, class_id: int) -> Fragment:
-        spec, config = self.spec, self.config
         t0 = time.perf_counter()
         outcome = self.slicer.slice_class(int(class_id))
-        seconds = time.perf_counter() - t0
+        return self._fragment(int(class_id), outcome, time.perf_counter() - t0)
+
+    def slice_many(self, class_ids: list[int]) -> list[Fragment]:
+        """Fragments of ``class_ids``. The batched engine slices them in one pass (each fragment
+        then records the pass's wall time divided by its classes); the others class by class."""
+        if self.engine != "batched":
+            return [self.slice(c) for c in class_ids]
+        t0 = time.perf_counter()
+        outcomes = self.slicer.slice_classes([int(c) for c in class_ids])
+        seconds = (time.perf_counter() - t0) / max(1, len(outcomes))
+        return [self._fragment(int(c), o, seconds) for c, o in zip(class_ids, outcomes)]
+
+    def units(self, class_ids: list[int]) -> list[list[int]]:
+        """``class_ids`` in the units one :meth:`slice_many` call should take: ``class_batch``
+        classes for the batched engine (what it holds in memory at once), else one class."""
+        step = self.config.class_batch if self.engine == "batched" else 1
+        return [list(class_ids[i:i + step]) for i in range(0, len(class_ids), step)]
+
+    def _fragment(self, class_id: int, outcome, seconds: float) -> Fragment:
+        spec, config = self.spec, self.config
         with torch.no_grad():
             feature_dim = int(outcome.features(self.example).shape[1])
         fspec = FragmentSpec(
@@ -72,11 +93,12 @@ class ModelSlicer:
 
 
 def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int,
-                config: SliceConfig, fewshot_seed: int = 0) -> Iterator[Fragment]:
-    """Yield one fragment per class of ``model_id`` (all its classes by default)."""
-    ms = ModelSlicer(market, model_id, k, config, fewshot_seed)
-    for class_id in (classes if classes is not None else ms.spec.classes):
-        yield ms.slice(int(class_id))
+                config: SliceConfig, fewshot_seed: int = 0, engine: str | None = None) -> Iterator[Fragment]:
+    """Yield one fragment per class of ``model_id`` (all its classes by default), a unit of
+    classes at a time (see :meth:`ModelSlicer.units`)."""
+    ms = ModelSlicer(market, model_id, k, config, fewshot_seed, engine=engine)
+    for unit in ms.units([int(c) for c in (classes if classes is not None else ms.spec.classes)]):
+        yield from ms.slice_many(unit)
 
 
 def market_fragment_store(market: Market):
@@ -92,7 +114,8 @@ def pair_key(model: ModelSpec, class_id: int, config: SliceConfig, k: int, seed:
 
 def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
                   model_ids: list[str] | None = None, class_id: int | None = None,
-                  force: bool = False, store=None) -> Iterator[tuple[str, int, str, Fragment | None]]:
+                  force: bool = False, store=None,
+                  engine: str | None = None) -> Iterator[tuple[str, int, str, Fragment | None]]:
     """Slice every selected pair whose fragment is not stored yet, storing each as it is made.
 
     Yields ``(model id, class id, key, fragment or None when it was already stored)``.
@@ -113,7 +136,7 @@ def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
             else:
                 todo.append(c)
         if todo:
-            for frag in slice_model(market, mid, todo, k, config, seed):
+            for frag in slice_model(market, mid, todo, k, config, seed, engine):
                 if force and frag.spec.key in stored:
                     log.info("reslicing %s class %s: the stored fragment stays (keys are immutable)",
                              mid, frag.spec.class_id)

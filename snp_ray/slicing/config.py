@@ -47,6 +47,7 @@ class SliceConfig(Config):
     combine_train: str = "current"  # [ours] combining step i trains layer i; "all": layers 1..i
     min_units: int = 1             # never keep fewer units than this in a layer
     seed: int = 0
+    class_batch: int = 16          # [ours] batched engine: classes per pass (memory cap); not in the digest
 
     def validate(self) -> None:
         n = "SliceConfig"
@@ -60,12 +61,22 @@ class SliceConfig(Config):
         check_range(n, "batch_size", self.batch_size, 1, 65_536)
         check_range(n, "views", self.views, 0, 1024)
         check_range(n, "min_units", self.min_units, 1, 1_000_000)
+        check_range(n, "class_batch", self.class_batch, 1, 100_000)
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
                                    ("combine_train", self.combine_train, COMBINE_TRAIN),
                                    ("precision", self.precision, PRECISIONS)):
             if value not in valid:
                 raise ConfigError(f"SliceConfig.{name} must be one of {valid}, got {value!r}")
+
+    def digest(self) -> str:
+        """The recipe's hash: ``class_batch`` only bounds memory (like the engine), so it is left
+        out, and configs from before it existed keep their keys."""
+        import hashlib
+        import json
+
+        body = {k: v for k, v in self.to_dict().items() if k != "class_batch"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, SliceConfig] = {

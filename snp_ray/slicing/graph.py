@@ -509,7 +509,7 @@ class Gate(nn.Module):
                 kept, dropped, mat = repair
                 k = seg.index_select(self.dim, kept).movedim(self.dim, -1)
                 rebuilt = (k @ mat.t()).movedim(-1, self.dim)
-                seg = seg.index_copy(self.dim, dropped, rebuilt)
+                seg = seg.index_copy(self.dim, dropped, rebuilt.to(seg.dtype))
                 changed = True
             pieces.append(seg)
         return torch.cat(pieces, dim=self.dim) if changed and len(pieces) > 1 else (

@@ -42,6 +42,11 @@ class Handler:
         """The weight the repaired network (f~) uses; only recurrent layers change it."""
         return value
 
+    def frozen_rows(self, module: nn.Module, tensor: str) -> list[int]:
+        """Rows (dim 0) of ``tensor`` that training never changes: an embedding's padding row.
+        The module's own backward already leaves them; under ``vmap`` it does not."""
+        return []
+
     def keep_out(self, module: nn.Module, kept: torch.Tensor) -> None:
         """Physically keep only output units ``kept``."""
         for name in self.out_tensors:
@@ -177,6 +182,9 @@ class EmbeddingHandler(Handler):
 
     out_tensors = ("weight",)
     out_dim = 1
+
+    def frozen_rows(self, module, tensor):
+        return [module.padding_idx] if tensor == "weight" and module.padding_idx is not None else []
 
     def set_out_size(self, module, n):
         module.embedding_dim = n

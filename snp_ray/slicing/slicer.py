@@ -50,7 +50,7 @@ from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("cached", "naive")
+ENGINES = ("cached", "naive", "batched")   # batched: snp_ray/slicing/batched.py
 #: frontier caches of the original network are kept for every group up to this many MiB
 ENV_CACHE_MB = "SNP_SLICE_CACHE_MB"
 
@@ -107,6 +107,9 @@ class Slicer:
         self.model = model.eval()              # stays on the CPU: fusion copies from it
         self.fewshot, self.input_spec = fewshot, input_spec
         x = input_spec.encode(fewshot.raw)
+        dtype = next(model.parameters()).dtype
+        if x.dtype.is_floating_point and x.dtype != dtype:
+            x = x.to(dtype)       # a float64 model slices in float64 (the engine tests do)
         self.labels = torch.as_tensor(fewshot.labels)
         self.is_image = x.dtype.is_floating_point and x.dim() == 4
         self.fmt = torch.contiguous_format
@@ -121,7 +124,7 @@ class Slicer:
         for p in list(self.graph.module.parameters()) + list(self.head.parameters()):
             p.requires_grad_(False)
         self.graph.module.to(self.device)
-        if engine == "cached" and self.fmt == torch.channels_last and self.weights_channels_last:
+        if engine != "naive" and self.fmt == torch.channels_last and self.weights_channels_last:
             self.graph.module.to(memory_format=torch.channels_last)
         self.head.to(self.device)
         self.x_cpu, self.x = x, x.to(self.device)
@@ -166,7 +169,7 @@ class Slicer:
     # ------------------------------------------------------------------ forward passes
     def _features(self, x: torch.Tensor, weights: dict[int, dict[str, torch.Tensor]],
                   repairs: dict[int, Repair], observe: Iterable[int] = ()) -> torch.Tensor:
-        return self._call(self.graph.module, None, weights, (x,), repairs, observe).float()
+        return _up(self._call(self.graph.module, None, weights, (x,), repairs, observe))
 
     def _call(self, module: nn.Module, names: set[str] | None, weights, args: tuple, repairs,
               observe: Iterable[int] = ()):
@@ -187,8 +190,8 @@ class Slicer:
         if cache is None or rows is None:
             return self._features(xb, weights, repairs, observe)
         sp, _, suffix_names, values = cache
-        return self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
-                          observe).float()
+        return _up(self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
+                              observe))
 
     def _targets(self, rows: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
         """The original model's logits on a batch; cached per view row for every class."""
@@ -222,11 +225,7 @@ class Slicer:
             values = [self.pool]
         else:
             if known:
-                key = (frozenset(known), tuple(sp.frontier))
-                if key not in self._segments:
-                    inputs, seg = segment(self.graph.module, set(known), sp.frontier)
-                    self._segments[key] = (inputs, seg, set(seg.state_dict()))
-                inputs, module, names = self._segments[key]
+                inputs, module, names = self._segment(known, sp)
                 sources = [known.get(n, self.pool) for n in inputs]
             else:
                 module, names, sources = sp.prefix, prefix_names, [self.pool]
@@ -239,6 +238,14 @@ class Slicer:
             known.clear()
             known.update(zip(sp.frontier, values))
         return sp, prefix_names, suffix_names, values
+
+    def _segment(self, known, sp: Split) -> tuple:
+        """The graph from the ``known`` nodes to ``sp``'s frontier: (inputs, module, names)."""
+        key = (frozenset(known), tuple(sp.frontier))
+        if key not in self._segments:
+            inputs, seg = segment(self.graph.module, set(known), sp.frontier)
+            self._segments[key] = (inputs, seg, set(seg.state_dict()))
+        return self._segments[key]
 
     def _stage1_cache(self, gid: int):
         """The original network's frontier for ``gid``: shared by every class of the model."""
@@ -282,6 +289,13 @@ class Slicer:
         return self.head(self._features(x, {}, {}))
 
     # ------------------------------------------------------------------ the algorithm
+    def slice_classes(self, class_ids: Iterable[int]) -> list[SliceOutcome]:
+        """Every class of ``class_ids``; the batched engine runs them side by side."""
+        if self.engine == "batched":
+            from snp_ray.slicing.batched import slice_classes
+            return slice_classes(self, [int(c) for c in class_ids])
+        return [self.slice_class(int(c)) for c in class_ids]
+
     def slice_class(self, class_id: int) -> SliceOutcome:
         if class_id not in self.fewshot.classes:
             raise DataError(f"class {class_id} is not a class of this model ({self.fewshot.classes})")
@@ -403,7 +417,7 @@ class Slicer:
             loss = (self.head(feats) - target).pow(2).sum(1).mean()
             pos = y_bin[idx].bool()
             if cfg.alpha > 0 and bool(pos.any()):
-                z = self.gates.unit_norms(gid)[pos].float()
+                z = _up(self.gates.unit_norms(gid)[pos])
                 l21 = z.sum(1).mean() / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21
             opt.zero_grad(set_to_none=True)
@@ -429,7 +443,7 @@ class Slicer:
         else:
             sol, rho = ridge_repair(zk, zd, samples.cpu(), seed=self.cfg.seed * 7919 + gid)
             log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
-        return sol.float().contiguous().to(self.device)
+        return sol.to(acts.dtype).contiguous().to(self.device)
 
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
                            limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,6 +604,11 @@ def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, fold
     if math.isinf(best) or scale == 0:
         return torch.zeros(zd.shape[1], k, dtype=zk.dtype), math.inf
     return ((v * (s / (s.pow(2) + best * scale))) @ ub).t(), best
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 (autocast) result in fp32 for losses; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:

@@ -103,6 +103,9 @@ class FragmentCache:
                            sorted(int(r) for r in train_rows)])
         return hashlib.sha256(body.encode()).hexdigest()[:32]
 
+    def has(self, key: str) -> bool:
+        return (self.root / key / "fragment.json").is_file()
+
     def _load(self, folder: Path) -> Fragment | None:
         if (folder / "fragment.json").is_file():
             frag = Fragment.load(folder)
@@ -131,6 +134,32 @@ class FragmentCache:
                 return frag
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class FoldSlicer:
+    """Makes one model's fragments on one fold's training rows; its slicer is built on first use
+    (not at all when every fragment is cached). With the batched engine the first call slices
+    every class of ``classes`` the cache still lacks in one pass and hands the others out as the
+    cache asks for them; the other engines slice the asked class only."""
+
+    def __init__(self, build: Callable[[], ModelSlicer], classes: list[int],
+                 missing: Callable[[int], bool]):
+        self.build, self.classes, self.missing = build, [int(c) for c in classes], missing
+        self.slicer: ModelSlicer | None = None
+        self.made: dict[int, Fragment] = {}
+
+    def __call__(self, class_id: int) -> Fragment:
+        class_id = int(class_id)
+        if class_id in self.made:
+            return self.made.pop(class_id)
+        if self.slicer is None:
+            self.slicer = self.build()
+        if self.slicer.engine != "batched":
+            return self.slicer.slice(class_id)
+        todo = [class_id] + [c for c in self.classes if c != class_id and self.missing(c)]
+        for unit in self.slicer.units(todo):
+            self.made.update({f.spec.class_id: f for f in self.slicer.slice_many(unit)})
+        return self.made.pop(class_id)
 
 
 @dataclass
@@ -172,18 +201,13 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
         rows[mid] = {"train": sorted(train[mid].row_ids.tolist()),
                      "held_out": sorted(held[mid].row_ids.tolist())}
         spec = market.spec(mid)
-        slicer: list[ModelSlicer] = []      # built only if some class is not cached
-
-        def make(c: int, mid: str = mid, slicer: list = slicer) -> Fragment:
-            if not slicer:
-                slicer.append(ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed, fewshot=train[mid],
-                                          subset=subset))
-            return slicer[0].slice(c)
-
+        keys = {c: cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
+                             cv.fold_seed, rows[mid]["train"]) for c in classes}
+        make = FoldSlicer(lambda mid=mid: ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed,
+                                                      fewshot=train[mid], subset=subset),
+                          classes, lambda c, keys=keys: not cache.has(keys[c]))
         for c in classes:
-            key = cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
-                            cv.fold_seed, rows[mid]["train"])
-            fragments[(mid, c)] = cache.get_or_make(key, lambda c=c, make=make: make(c))
+            fragments[(mid, c)] = cache.get_or_make(keys[c], lambda c=c, make=make: make(c))
     accs = []
     for target in cv.targets:
         classes = [int(c) for c in target]

@@ -27,7 +27,7 @@ from snp_ray.market.market import Market
 from snp_ray.slicing.api import ModelSlicer
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.slicing.slicer import roc_auc
-from snp_ray.tuning.objective import FragmentCache, deal_folds, fold_of
+from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,14 @@ def cv_scores(market: Market, model_id: str, cfg: SliceConfig, k: int, cache: Fr
     for f in range(folds_used or folds):
         train, held = fs.select(where != f), fs.select(where == f)
         train_rows = sorted(train.row_ids.tolist())
-        slicer: list[ModelSlicer] = []             # built only if some class is not cached
-
-        def make(c: int, train=train, f=f, slicer=slicer):
-            if not slicer:
-                slicer.append(ModelSlicer(market, model_id, k, cfg, seed, fewshot=train,
-                                          subset=f"cv{folds}-f{f}-s{fold_seed}"))
-            return slicer[0].slice(c)
-
-        for c in (classes if classes is not None else spec.classes):
-            key = cache.key(spec.weights_sha256, c, cfg, k, seed, folds, f, fold_seed, train_rows)
-            frag = cache.get_or_make(key, lambda c=c, make=make: make(c))
+        todo = [int(c) for c in (classes if classes is not None else spec.classes)]
+        keys = {c: cache.key(spec.weights_sha256, c, cfg, k, seed, folds, f, fold_seed, train_rows)
+                for c in todo}
+        make = FoldSlicer(lambda train=train, f=f: ModelSlicer(market, model_id, k, cfg, seed, fewshot=train,
+                                                               subset=f"cv{folds}-f{f}-s{fold_seed}"),
+                          todo, lambda c, keys=keys: not cache.has(keys[c]))
+        for c in todo:
+            frag = cache.get_or_make(keys[c], lambda c=c, make=make: make(c))
             scores = frag.class_score(held.raw).numpy()
             auc = roc_auc(scores, (held.labels == c).astype(np.int64))
             per_class.setdefault(frag.spec.class_name, []).append(auc)
