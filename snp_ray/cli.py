@@ -110,13 +110,33 @@ def market_summary(specs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- snp slice
+def _slice_config_args(p: argparse.ArgumentParser) -> None:
+    """The slice settings: ``snp pack`` takes the same ones to find the fragments they made."""
+    p.add_argument("--mode", choices=["threshold", "rate"], default=None)
+    p.add_argument("--beta", type=float, default=None)
+    p.add_argument("--freeze-tables", action="store_true", default=None,
+                   help="select embedding columns but never train them, so a pack stores one "
+                        "table per source model (SliceConfig.freeze_tables)")
+    p.add_argument("--table-rate", type=float, default=None,
+                   help="keep this share of every embedding's columns (rate selection; "
+                        "SliceConfig.table_rate)")
+
+
+def _slice_config(a: argparse.Namespace):
+    from snp_ray.slicing import slice_preset
+
+    overrides = {k: v for k, v in (("mode", a.mode), ("beta", a.beta),
+                                   ("freeze_tables", a.freeze_tables),
+                                   ("table_rate", a.table_rate)) if v is not None}
+    return slice_preset(a.preset, **overrides)
+
+
 def _slice_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="market store folder")
     p.add_argument("--k", type=int, default=10, help="few-shot samples per class (default 10)")
     p.add_argument("--model", default=None, help="model id (default: every model)")
     p.add_argument("--class", dest="klass", default=None, help="class name or id (default: all)")
-    p.add_argument("--mode", choices=["threshold", "rate"], default=None)
-    p.add_argument("--beta", type=float, default=None)
+    _slice_config_args(p)
     p.add_argument("--preset", default="quick", help="slice preset: quick, paper, or a name saved by `snp tune` (or its .json path)")
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--force", action="store_true", help="reslice fragments already stored")
@@ -128,11 +148,9 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.errors import DataError
     from snp_ray.market import Market
-    from snp_ray.slicing import slice_preset
     from snp_ray.slicing.api import slice_missing
 
-    overrides = {k: v for k, v in (("mode", a.mode), ("beta", a.beta)) if v is not None}
-    cfg = slice_preset(a.preset, **overrides)
+    cfg = _slice_config(a)
     market = Market(a.store)
     if not market.ids():
         raise ArtifactNotFoundError(f"the market at {a.store} holds no models; run snp train-market")
@@ -240,6 +258,7 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--preset", default="quick", help="slice preset the fragments were made with (a saved preset "
                                              "also sets the packing delta, lr and epochs)")
+    _slice_config_args(p)
     p.add_argument("--seed", type=int, default=0, help="few-shot sample seed")
     p.add_argument("--shared", choices=["merge", "best"], default="merge",
                    help="two fragments of one class: both feed it, or keep the better one")
@@ -248,6 +267,9 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-samples", choices=["chosen", "union"], default="chosen",
                    help="with --plan: train on the chosen fragments' own k shots, or every holder's")
     p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
+    p.add_argument("--no-share-tables", dest="share_tables", action="store_false",
+                   help="keep one lookup table per fragment (default: fragments of one source "
+                        "model share theirs; exact, PackConfig.share_tables)")
     p.add_argument("--out", default="", help="folder to save the packed model in")
     p.add_argument("--export", default="", help="also export it into --out: comma-separated formats "
                    "of onnx (model.onnx, one self-contained file) and pt2 (model.pt2, torch.export)")
@@ -260,24 +282,24 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.packing import export_pack, preset_pack_config
     from snp_ray.packing.model import check_export_formats
     from snp_ray.packing.request import pack_request
-    from snp_ray.slicing import slice_preset
 
     formats = check_export_formats([f.strip() for f in a.export.split(",") if f.strip()])
     if formats and not a.out:
         raise ConfigError("--export writes into the pack's folder: give --out too")
-    cfg = preset_pack_config(a.preset, shared=a.shared,
+    cfg = preset_pack_config(a.preset, shared=a.shared, share_tables=a.share_tables,
                              **({"delta": a.delta} if a.delta is not None else {}))
+    slice_cfg = _slice_config(a)
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
     market, plan = Market(a.store), None
     if a.plan:                 # choose first, on few-shot data only; the test split comes after
         from snp_ray.packing.planner import PlanConfig, pack_planned, plan_request
         from snp_ray.packing.request import resolve_classes
 
-        plan = plan_request(market, resolve_classes(market, requested), a.k, slice_preset(a.preset),
+        plan = plan_request(market, resolve_classes(market, requested), a.k, slice_cfg,
                             PlanConfig(policy=a.plan, samples=a.plan_samples), a.seed)
         packed = pack_planned(market, plan, a.k, cfg, a.seed)
     else:
-        packed = pack_request(market, requested, a.k, slice_preset(a.preset), cfg, a.seed)
+        packed = pack_request(market, requested, a.k, slice_cfg, cfg, a.seed)
     result = evaluate_pack(packed)
     if plan is not None:
         result["plan"] = plan.to_dict()

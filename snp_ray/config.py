@@ -95,11 +95,7 @@ class Config:
         self.validate()
 
     def to_dict(self) -> dict[str, Any]:
-        out = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to_dict() if isinstance(v, Config) else _plain(v)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls: type[C], data: Any) -> C:
@@ -129,11 +125,40 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def digest(self) -> str:
-        """Short content hash: equal configs give equal keys in stores."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Short content hash: equal configs give equal keys in stores.
+
+        A field declared with :func:`added_field` is left out while it holds its default, so
+        adding a knob does not change the key of every fragment or pack already stored."""
+        body = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.metadata.get(RUNTIME) or (f.metadata.get(ADDED) and body[f.name] == _plain(f.default)):
+                del body[f.name]
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: field metadata key of :func:`added_field`
+ADDED = "snp_added"
+
+
+def added_field(default: Any) -> Any:
+    """A config field added after stores keyed by the config's digest exist: at its default it
+    does not enter :meth:`Config.digest` (the old keys stay valid); set, it does."""
+    return dataclasses.field(default=default, metadata={ADDED: True})
+
+
+#: field metadata key of :func:`runtime_field`
+RUNTIME = "snp_runtime"
+
+
+def runtime_field(default: Any) -> Any:
+    """A field that changes how a result is computed, not what it is (a memory cap): never part
+    of :meth:`Config.digest`, so two runs that differ only in it share their stored keys."""
+    return dataclasses.field(default=default, metadata={RUNTIME: True})
 
 
 def _plain(v: Any) -> Any:
+    if isinstance(v, Config):
+        return v.to_dict()
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
     if isinstance(v, list):

@@ -14,6 +14,26 @@ def test_round_trip_through_json():
     assert isinstance(again.train, TrainConfig)
 
 
+def test_an_added_field_leaves_the_digest_at_its_default():
+    """Stores are keyed by config digests: a knob added later must not re-key them."""
+    from dataclasses import dataclass
+
+    from snp_ray.config import Config, added_field
+
+    @dataclass
+    class Old(Config):
+        a: int = 1
+
+    @dataclass
+    class New(Config):
+        a: int = 1
+        b: bool = added_field(False)
+
+    assert New().digest() == Old().digest() and New(b=False).to_dict() == {"a": 1, "b": False}
+    assert New(b=True).digest() != Old().digest()
+    assert New(a=2).digest() == Old(a=2).digest() != Old().digest()
+
+
 def test_default_arch_comes_from_the_task():
     assert MarketConfig(task="T6").arch == "gru"
 

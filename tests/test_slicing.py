@@ -82,6 +82,20 @@ def test_fragment_is_physically_smaller_and_rate_keeps_half(arch):
     assert count_macs(out.features, spec.encode(fs.raw)) < count_macs(model.features, spec.encode(fs.raw))
 
 
+@pytest.mark.parametrize("arch", ["textcnn", "gru"])
+def test_frozen_tables_keep_the_source_columns(arch):
+    """``freeze_tables``: the fragment's embedding is the source's kept columns bit for bit
+    (what lets a pack share one table per model); trained, as by default, it is not.
+    ``table_rate`` sets the table's kept share alone."""
+    model, _, _, _, out = run(arch, freeze_tables=True, table_rate=0.25)
+    gid = next(g for g, name in out.group_names.items() if name == "embedding")
+    source = model.features.embedding.weight
+    assert len(out.kept[gid]) == 32                                  # ceil(0.25 * 128)
+    assert torch.equal(out.features.embedding.weight, source[:, out.kept[gid]])
+    model, _, _, _, out = run(arch)
+    assert not torch.equal(out.features.embedding.weight, source[:, out.kept[gid]])
+
+
 def test_recurrent_units_leave_the_recurrence():
     model, spec, fs, slicer, out = run("gru", mode="rate", beta=0.5)
     gru = next(m for m in out.features.modules() if isinstance(m, nn.GRU))

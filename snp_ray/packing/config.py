@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snp_ray.config import Config, check_range
+from snp_ray.config import Config, added_field, check_range
 from snp_ray.errors import ConfigError
 
 SHARED = ("merge", "best")
@@ -25,6 +25,9 @@ class PackConfig(Config):
                                  # (one delta for any width), or "sum" = the notes' ||.||^2
     precision: str = "auto"      # [ours] training arithmetic: fp32, bf16 (autocast), auto = bf16 where native
     seed: int = 0
+    # [ours] fragments of one source model share their lookup tables (packing/shared.py):
+    # exact, only the pack's size changes; False keeps one table per fragment
+    share_tables: bool = added_field(True)
 
     def validate(self) -> None:
         n = "PackConfig"

@@ -2,7 +2,8 @@
 
 Deployable = fragments + Enc + head (+ fixed per-fragment feature scales). The decoders only shape
 Enc during training; they are kept in the file as training state (for plug-and-play warm starts)
-and counted separately.
+and counted separately. Fragments of one source model may share their lookup tables
+(:mod:`snp_ray.packing.shared`); a shared table is one tied parameter, stored and counted once.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from snp_ray.data.specs import ImageSpec
 from snp_ray.errors import (ConfigError, DataError, ExportError, IntegrityError, SnpError,
                             UnknownNameError)
 from snp_ray.models import count_params
+from snp_ray.packing.shared import TableSpec, attach_tables, check_indices, share_tables
 from snp_ray.slicing.fragment import Fragment, FragmentSpec, rebuild_features
 
 FORMAT_VERSION = 1
@@ -44,6 +46,7 @@ class PackSpec(Config):
     metrics: dict[str, float] = field(default_factory=dict)
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
+    tables: list[TableSpec] = field(default_factory=list)   # shared lookup tables
 
     def validate(self) -> None:
         if self.format_version != FORMAT_VERSION:
@@ -54,6 +57,9 @@ class PackSpec(Config):
             raise ConfigError("a pack needs one target per fragment")
         if any(not 0 <= t < len(self.class_ids) for t in self.fragment_targets):
             raise ConfigError("a fragment target is outside the pack's classes")
+        if len({t.name for t in self.tables}) != len(self.tables) or \
+                any(r >= len(self.fragments) for t in self.tables for r in t.readers):
+            raise ConfigError("a pack's shared tables must have distinct names and readers in it")
 
 
 class PackedModel(nn.Module):
@@ -61,6 +67,8 @@ class PackedModel(nn.Module):
                  enc: nn.Linear, head: nn.Linear, decoders: nn.ModuleList | None = None):
         super().__init__()
         self.spec = spec
+        # registered before the fragments, so a shared table's canonical name is ``tables.<t>``
+        self.tables = nn.ModuleDict()
         self.fragments = nn.ModuleList(f.eval() for f in fragments)
         self.register_buffer("scales", scales.detach().clone().float())
         self.enc = enc
@@ -107,7 +115,20 @@ class PackedModel(nn.Module):
 
     # ---------------------------------------------------------------- sizes
     def params_deployable(self) -> int:
-        return count_params(self.fragments) + count_params(self.enc) + count_params(self.head)
+        """Every parameter but the training-only decoders'; a shared table counts once."""
+        return count_params(self) - (count_params(self.decoders) if self.decoders else 0)
+
+    def share_tables(self) -> int:
+        """Let fragments of one source model share what they hold in common (exact: outputs
+        do not change); returns how many deployable parameters that saved."""
+        if self.spec.tables:
+            return 0
+        before = self.params_deployable()
+        frags, specs = share_tables(list(self.fragments), self.tables)
+        if specs:
+            self.fragments = nn.ModuleList(f.eval() for f in frags)
+            self.spec = self.spec.replace(tables=specs)
+        return before - self.params_deployable()
 
     def params_training(self) -> int:
         return self.params_deployable() + (count_params(self.decoders) if self.decoders else 0)
@@ -119,13 +140,11 @@ class PackedModel(nn.Module):
 
     # ---------------------------------------------------------------- files
     def to_blobs(self) -> tuple[bytes, bytes]:
-        tensors = {f"fragments.{i}.{k}": v for i, f in enumerate(self.fragments)
-                   for k, v in f.state_dict().items()}
-        tensors |= {"scales": self.scales} | {f"enc.{k}": v for k, v in self.enc.state_dict().items()}
-        tensors |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        if self.decoders is not None:
-            tensors |= {f"decoders.{k}": v for k, v in self.decoders.state_dict().items()}
-        weights = tensors_to_bytes(tensors)
+        """(spec JSON, safetensors weights); a shared table is written once, under its
+        ``tables.`` name (its readers' aliases are rebuilt on load)."""
+        aliases = _aliases(self)
+        weights = tensors_to_bytes({k: v for k, v in self.state_dict(keep_vars=True).items()
+                                    if k not in aliases})
         self.spec = self.spec.replace(fragments=[f.spec.to_dict() for f in self.fragments],
                                       weights_sha256=sha256_bytes(weights))
         return self.spec.to_json().encode(), weights
@@ -148,12 +167,15 @@ class PackedModel(nn.Module):
         has_dec = any(k.startswith("decoders.") for k in tensors)
         decoders = nn.ModuleList(nn.Linear(spec.hidden, fs.feature_dim) for fs in fspecs) if has_dec else None
         model = cls(spec, frags, torch.ones(len(frags)), enc, head, decoders)
-        own = set(model.state_dict())
+        attach_tables(frags, model.tables, spec.tables)
+        aliases = _aliases(model)
+        own = set(model.state_dict()) - set(aliases)
         if set(tensors) != own:
             raise IntegrityError(f"{what}: weights do not match the spec "
                                  f"(missing {sorted(own - set(tensors))[:3]}, "
                                  f"unexpected {sorted(set(tensors) - own)[:3]})")
-        load_state_strict(model, tensors, what)
+        load_state_strict(model, tensors | {a: tensors[c] for a, c in aliases.items()}, what)
+        check_indices(frags, model.tables, spec.tables)
         for p in model.parameters():
             p.requires_grad_(False)
         return model.eval()
@@ -177,9 +199,24 @@ class PackedModel(nn.Module):
         return {"classes": self.spec.class_names, "class_ids": self.class_ids,
                 "params_deployable": self.params_deployable(),
                 "params_training": self.params_training(), "flops": self.flops(),
+                "shared_tables": [{"module": t.module, "columns": len(t.units),
+                                   "readers": t.readers} for t in self.spec.tables],
                 "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
                                "params": f.spec.params, "feature_dim": f.spec.feature_dim}
                               for f in self.fragments]}
+
+
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict names that hold a tensor an earlier name holds (a tied parameter) -> that
+    earlier, canonical name."""
+    first: dict[int, str] = {}
+    out = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            out[k] = first[id(v)]
+        else:
+            first[id(v)] = k
+    return out
 
 
 class RawImagePack(nn.Module):

@@ -127,6 +127,8 @@ class Packer:
         model = PackedModel(spec, fragments, scales[0], enc.eval(), head.eval(), decoders.eval())
         for p in model.parameters():
             p.requires_grad_(False)
+        if cfg.share_tables:
+            model.share_tables()
         log.info("packed %d fragments for %s in %.2fs", len(fragments), names,
                  metrics["pack_seconds"])
         return model

@@ -236,9 +236,7 @@ class _Batch:
                 self._pool(gid, w)
                 for c in range(C):
                     wc = self._class_weights(gid, w, c)
-                    scores = s._scores(gid, wc, self.y_bin[c])
-                    from snp_ray.slicing.slicer import select_units
-                    kept[c][gid] = select_units(scores.cpu(), cfg.mode, cfg.beta, cfg.min_units)
+                    kept[c][gid] = s._select(gid, s._scores(gid, wc, self.y_bin[c]))
             self.times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mats[gid], rmasks[gid] = self._init_repairs(gid, w, kept)
@@ -353,14 +351,17 @@ class _Batch:
             else:
                 module, names, sources, flags = sp.prefix, prefix_names, [s.pool], [False]
             bs, rows = s.cfg.batch_size, s.pool.shape[0]
+            # nothing per class below gid (e.g. only a frozen lookup table): one frontier for all
+            batched = bool(mats) or any(flags) or any(n in names for n in weights)
             parts = []
             with s._amp():
                 for st in range(0, rows, bs):
                     args = tuple(v[:, st:st + bs] if b else v[st:st + bs] for v, b in zip(sources, flags))
-                    out, _ = self._vcall(module, names, weights, mats, args, tuple(flags))
-                    parts.append(out)
-            values = [torch.cat(vals, 1) for vals in zip(*parts)]
-            batched = True
+                    if batched:
+                        parts.append(self._vcall(module, names, weights, mats, args, tuple(flags))[0])
+                    else:
+                        parts.append(s._call(module, names, {}, args, {}))
+            values = [torch.cat(vals, 1 if batched else 0) for vals in zip(*parts)]
         if known is not None:
             known.clear()
             if batched:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snp_ray.config import Config, check_range
+from snp_ray.config import Config, added_field, check_range, runtime_field
 from snp_ray.errors import ConfigError, UnknownNameError
 
 MODES = ("threshold", "rate")
@@ -47,7 +47,15 @@ class SliceConfig(Config):
     combine_train: str = "current"  # [ours] combining step i trains layer i; "all": layers 1..i
     min_units: int = 1             # never keep fewer units than this in a layer
     seed: int = 0
-    class_batch: int = 16          # [ours] batched engine: classes per pass (memory cap); not in the digest
+    # [ours] batched engine: classes per pass, a memory cap; never in the digest (runtime_field)
+    class_batch: int = runtime_field(16)
+    # [ours] lookup tables (embeddings: layers that read token ids) are selected but never
+    # trained, so every fragment of a model keeps the source's values in its kept columns and a
+    # pack stores one table per source model (packing/shared.py); False: trained like any layer
+    freeze_tables: bool = added_field(False)
+    # [ours] > 0: keep the top ceil(table_rate * u) columns of every lookup table (rate selection,
+    # whatever ``mode`` says for the other layers); 0: tables are selected like any layer
+    table_rate: float = added_field(0.0)
 
     def validate(self) -> None:
         n = "SliceConfig"
@@ -62,21 +70,13 @@ class SliceConfig(Config):
         check_range(n, "views", self.views, 0, 1024)
         check_range(n, "min_units", self.min_units, 1, 1_000_000)
         check_range(n, "class_batch", self.class_batch, 1, 100_000)
+        check_range(n, "table_rate", self.table_rate, 0.0, 1.0)
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
                                    ("combine_train", self.combine_train, COMBINE_TRAIN),
                                    ("precision", self.precision, PRECISIONS)):
             if value not in valid:
                 raise ConfigError(f"SliceConfig.{name} must be one of {valid}, got {value!r}")
-
-    def digest(self) -> str:
-        """The recipe's hash: ``class_batch`` only bounds memory (like the engine), so it is left
-        out, and configs from before it existed keep their keys."""
-        import hashlib
-        import json
-
-        body = {k: v for k, v in self.to_dict().items() if k != "class_batch"}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, SliceConfig] = {

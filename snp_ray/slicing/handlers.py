@@ -29,6 +29,8 @@ class Handler:
         return self.in_dim is not None
 
     recurrent = False
+    #: a lookup table: reads raw token ids, its columns are the units (``freeze_tables``)
+    table = False
     #: the module mixes units through statistics over them (LayerNorm over channels): the groups
     #: it normalises are kept whole, since dropping a unit would change every other unit's output
     normalises = False
@@ -182,6 +184,7 @@ class EmbeddingHandler(Handler):
 
     out_tensors = ("weight",)
     out_dim = 1
+    table = True
 
     def frozen_rows(self, module, tensor):
         return [module.padding_idx] if tensor == "weight" and module.padding_idx is not None else []

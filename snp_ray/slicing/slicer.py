@@ -11,6 +11,9 @@ The method (method notes section 2), on a traced copy of the model's feature ext
 4. Combining, i = 1..L: the same loss with layers 1..i replaced.
 5. Fusion: each repair is folded into the next linear layer; dropped units are removed.
 
+With ``freeze_tables``, lookup tables (embeddings) go through selection and keep their repair,
+but their own values are never trained, so all fragments of a model agree on every kept column.
+
 A "layer" is a group from :mod:`snp_ray.slicing.graph` (a residual join is one group). The
 network is evaluated functionally, with per-group weight overrides, so one traced graph serves
 the original, pooled, repaired (f~) and original-dropped (f-) networks without copies.
@@ -139,7 +142,8 @@ class Slicer:
                 for t in h.out_tensors:
                     if getattr(mod, t, None) is not None:
                         full = f"{mname}.{t}" if mname else t   # "": a root parameter
-                        entries.append(_Tensor(full, t, mod, h, off, full in params))
+                        frozen = config.freeze_tables and h.table   # selected, never trained
+                        entries.append(_Tensor(full, t, mod, h, off, full in params and not frozen))
             self.tensors[g.id] = entries
         self.pool, self.n_views = self._view_pool()
         self._pool_logits: torch.Tensor | None = None
@@ -328,7 +332,7 @@ class Slicer:
             else:
                 self._pool(gid, w, y_bin, gen)
                 scores = self._scores(gid, w, y_bin)
-                kept[gid] = select_units(scores.cpu(), cfg.mode, cfg.beta, cfg.min_units)
+                kept[gid] = self._select(gid, scores)
             times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             mats[gid] = self._init_repair(gid, w, kept[gid])
@@ -363,6 +367,18 @@ class Slicer:
         self._last = (ft, kept, repairs)
         outcome.metrics = self._fewshot_metrics(features, probe, y_bin, ft, repairs)
         return outcome
+
+    def _select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
+        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables when set,
+        else the config's mode and beta."""
+        cfg = self.cfg
+        mode, beta = (("rate", cfg.table_rate) if cfg.table_rate > 0 and self._is_table(gid)
+                      else (cfg.mode, cfg.beta))
+        return select_units(scores.cpu(), mode, beta, cfg.min_units)
+
+    def _is_table(self, gid: int) -> bool:
+        """Whether the group is produced by lookup tables only (embeddings)."""
+        return bool(self.tensors[gid]) and all(t.handler.table for t in self.tensors[gid])
 
     def _fresh(self, gid: int) -> dict[str, torch.Tensor]:
         return {t.name: self.orig[t.name].clone().requires_grad_(t.trainable) for t in self.tensors[gid]}
