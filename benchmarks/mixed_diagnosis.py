@@ -7,6 +7,11 @@ loss comes from. Per model of the market it measures, on the test split (the mod
   only (a ceiling for any fragment's own head at this k);
 and for one model and class, the fragment's test AUC under slice-config variants (``--variants``,
 JSON overrides of the ``quick`` preset), from keeping every unit to the ``quick`` selection.
+A variant may name ``"keep_whole": KIND`` (not a SliceConfig field: an ablation of this script)
+to keep every unit of one kind of group and select the others as usual. Kinds, read from the
+traced graph: ``depthwise`` (groups whose units feed or leave a depthwise convolution, i.e. an
+inverted residual's expanded units), ``residual`` (groups produced by more than one
+convolution: a residual stream), ``last`` (the group that leaves the extractor last).
 
 Usage: python benchmarks/mixed_diagnosis.py --store runs/mixed --model mobilenet_v2-w0.5 \
            --klass ship --variants '{}' '{"beta": 0.8}' '{"beta": 0.9}' '{"mode": "rate", "beta": 1.0}' \
@@ -68,6 +73,24 @@ def source_and_probe(market, mid: str, k: int, seed: int = 0) -> dict:
     return out
 
 
+def group_kinds(slicer) -> dict[str, set[int]]:
+    """Group ids per kind (see the module docstring), from the traced graph."""
+    from snp_ray.slicing.handlers import is_depthwise
+
+    g = slicer.graph
+    mods = dict(g.module.named_modules())
+    kinds: dict[str, set[int]] = {"depthwise": set(), "residual": set(), "last": set()}
+    for grp in g.groups:
+        touched = [mods.get(n) for n, _ in grp.producers + grp.consumers]
+        if any(m is not None and is_depthwise(m) for m in touched):
+            kinds["depthwise"].add(grp.id)
+        convs = [mods.get(n) for n, _ in grp.producers]
+        if sum(isinstance(m, torch.nn.modules.conv._ConvNd) and not is_depthwise(m) for m in convs) > 1:
+            kinds["residual"].add(grp.id)
+    kinds["last"].add(max(g.groups, key=lambda grp: grp.order).id)
+    return kinds
+
+
 def variants(market, mid: str, klass: str, k: int, overrides: list[dict]) -> list[dict]:
     from snp_ray.evaluation.fragments import fragment_auc
     from snp_ray.slicing import slice_preset
@@ -75,11 +98,21 @@ def variants(market, mid: str, klass: str, k: int, overrides: list[dict]) -> lis
 
     rows = []
     for over in overrides:
+        over = dict(over)
+        whole = over.pop("keep_whole", None)
         ms = ModelSlicer(market, mid, k, slice_preset("quick", **over), engine="cached", device="cpu")
+        extra = {}
+        if whole:
+            keep = group_kinds(ms.slicer)[whole]
+            select = ms.slicer._select
+            sizes = {grp.id: grp.size for grp in ms.slicer.graph.groups}
+            ms.slicer._select = lambda gid, scores: (torch.arange(sizes[gid]) if gid in keep
+                                                     else select(gid, scores))
+            extra = {"keep_whole": whole, "groups_kept_whole": len(keep)}
         c = market.class_id(klass)
         t0 = time.perf_counter()
         f = ms.slice(c)
-        rows.append({"overrides": over, "class": f.spec.class_name, "params": f.spec.params,
+        rows.append({"overrides": {**over, **extra}, "class": f.spec.class_name, "params": f.spec.params,
                      "param_ratio": f.spec.params / f.spec.source_params,
                      "fewshot_auc": f.spec.metrics["fewshot_auc"],
                      "test_auc": fragment_auc(f, ms.spec.dataset, ms.spec.classes),

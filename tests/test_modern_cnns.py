@@ -200,6 +200,27 @@ def test_depthwise_and_se_couple_to_their_channels_and_fuse_exactly():
     assert dw.groups == dw.in_channels == dw.out_channels < 16
 
 
+def test_depthwise_rate_selects_the_expanded_units_on_their_own():
+    """``depthwise_rate`` keeps that share of every group a depthwise conv touches (1.0: whole),
+    the other groups follow mode/beta; at its default it changes neither selection nor digest."""
+    spec, fs = _fewshot()
+    model = _block_model(InvertedResidual(), 8, 8)
+    slicer, out = _check_slice(model, spec, fs, depthwise_rate=1.0)
+    dw = [g for g in slicer.graph.groups if slicer._is_depthwise(g.id)]
+    assert [sorted(n for n, _ in g.producers) for g in dw] == [
+        ["block.dw.0", "block.dw.1", "block.expand.0", "block.expand.1", "block.fc2"]]
+    assert all(len(out.kept[g.id]) == g.size for g in dw)                    # kept whole
+    assert out.features.block.dw[0].out_channels == 16
+    others = [g for g in slicer.graph.groups if g not in dw and not g.fixed]
+    assert any(len(out.kept[g.id]) < g.size for g in others)              # rate 0.5 elsewhere
+    _, quarter = _check_slice(model, spec, fs, depthwise_rate=0.25)
+    assert len(quarter.kept[dw[0].id]) == 4                                  # ceil(0.25 * 16)
+    assert slice_preset("quick", depthwise_rate=0.0).digest() == slice_preset("quick").digest()
+    assert slice_preset("quick", depthwise_rate=1.0).digest() != slice_preset("quick").digest()
+    with pytest.raises(ConfigError, match="depthwise_rate"):
+        slice_preset("quick", depthwise_rate=1.5)
+
+
 def test_concatenated_parts_keep_their_own_units():
     spec, fs = _fewshot()
     model = _block_model(Dense(), 8, 16)

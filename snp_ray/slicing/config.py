@@ -56,6 +56,11 @@ class SliceConfig(Config):
     # [ours] > 0: keep the top ceil(table_rate * u) columns of every lookup table (rate selection,
     # whatever ``mode`` says for the other layers); 0: tables are selected like any layer
     table_rate: float = added_field(0.0)
+    # [ours] > 0: keep the top ceil(depthwise_rate * u) units of every group coupled to a
+    # depthwise convolution (the expanded units of inverted residuals; 1.0 keeps them whole);
+    # 0: selected like any layer. Dropped expanded units of MobileNetV2 are what cost its
+    # fragments' AUC (docs/RESULTS.md, the mixed market's diagnosis)
+    depthwise_rate: float = added_field(0.0)
 
     def validate(self) -> None:
         n = "SliceConfig"
@@ -71,6 +76,7 @@ class SliceConfig(Config):
         check_range(n, "min_units", self.min_units, 1, 1_000_000)
         check_range(n, "class_batch", self.class_batch, 1, 100_000)
         check_range(n, "table_rate", self.table_rate, 0.0, 1.0)
+        check_range(n, "depthwise_rate", self.depthwise_rate, 0.0, 1.0)
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
                                    ("combine_train", self.combine_train, COMBINE_TRAIN),

@@ -49,6 +49,7 @@ from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.frontier import Split, batch_nodes, segment, split
 from snp_ray.slicing.graph import Gate, SliceGraph, attach, trace
+from snp_ray.slicing.handlers import is_depthwise
 from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
@@ -369,12 +370,24 @@ class Slicer:
         return outcome
 
     def _select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
-        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables when set,
-        else the config's mode and beta."""
+        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables and rate
+        ``depthwise_rate`` on groups coupled to a depthwise convolution when set, else the
+        config's mode and beta."""
         cfg = self.cfg
-        mode, beta = (("rate", cfg.table_rate) if cfg.table_rate > 0 and self._is_table(gid)
-                      else (cfg.mode, cfg.beta))
+        if cfg.table_rate > 0 and self._is_table(gid):
+            mode, beta = "rate", cfg.table_rate
+        elif cfg.depthwise_rate > 0 and self._is_depthwise(gid):
+            mode, beta = "rate", cfg.depthwise_rate
+        else:
+            mode, beta = cfg.mode, cfg.beta
         return select_units(scores.cpu(), mode, beta, cfg.min_units)
+
+    def _is_depthwise(self, gid: int) -> bool:
+        """Whether a depthwise convolution produces or reads the group's units (its channel j
+        is unit j: an inverted residual's expanded units)."""
+        g = self.graph.group(gid)
+        mods = dict(self.graph.module.named_modules())
+        return any(is_depthwise(mods[n]) for n, _ in g.producers + g.consumers if n in mods)
 
     def _is_table(self, gid: int) -> bool:
         """Whether the group is produced by lookup tables only (embeddings)."""

@@ -55,6 +55,8 @@ CANDIDATES: dict[str, Candidate] = {
     "quick": Candidate("quick"),
     "quick-rate0.3": Candidate("quick-rate0.3", "quick", (("mode", "rate"), ("beta", 0.3))),
     "quick-rate0.5": Candidate("quick-rate0.5", "quick", (("mode", "rate"), ("beta", 0.5))),
+    # the expanded units of inverted residuals kept whole, the other layers as in quick
+    "quick-dw1.0": Candidate("quick-dw1.0", "quick", (("depthwise_rate", 1.0),)),
     "quick-gamma4": Candidate("quick-gamma4", "quick", (("gamma", 4.0),)),
     "quick-adapt4": Candidate("quick-adapt4", "quick", (("adapt_epochs", 4),)),
 }
