@@ -14,7 +14,7 @@ endif
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test bench clean cluster submit cluster-stop
+.PHONY: install run test results bench clean cluster submit cluster-stop
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+# Every published table, figure, sweep, study and benchmark, regenerated from this code into
+# docs/results (stages whose inputs are unchanged are skipped; `RESULTS_ARGS='--list'` lists them,
+# `RESULTS_ARGS='--only T6,T7'` picks some). Hours on a 2-core machine for all of them.
+results: $(STAMP)
+	$(PY) jobs/reproduce_all.py $(RESULTS_ARGS)
 
 # A local Ray head with token auth, started from .venv so that a job's `python` is the venv's
 # (`ray start` outside the venv gives jobs the system python: "No module named 'torch'").

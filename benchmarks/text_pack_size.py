@@ -10,7 +10,7 @@ Usage: python benchmarks/text_pack_size.py --market runs/t6 [--k 10] [--preset q
            [--variants threshold,threshold+frozen,rate0.5,rate0.5+frozen] [--out FILE]
 A variant is ``threshold`` or ``rate<beta>`` (``threshold<beta>`` too), then ``+frozen`` for
 fragments sliced with ``freeze_tables`` and ``+table<rate>`` for ``table_rate``; each must be
-sliced first (``snp slice`` with the same settings).
+sliced first (``snp slice`` with the same settings), or pass ``--slice`` to slice what is missing.
 """
 from __future__ import annotations
 
@@ -18,36 +18,11 @@ import argparse
 import copy
 import json
 import logging
-import re
 import sys
 
 import torch
 
 from snp_ray.artifacts import atomic_write_json
-
-_MODE = re.compile(r"^(threshold|rate)([0-9.]*)$")
-_TABLE = re.compile(r"^table([0-9.]+)$")
-
-
-def slice_overrides(variant: str) -> dict:
-    """``rate0.5+frozen+table0.25`` -> mode rate, beta 0.5, freeze_tables, table_rate 0.25."""
-    head, *opts = variant.split("+")
-    m = _MODE.match(head)
-    if not m:
-        raise SystemExit(f"bad variant {variant!r}: threshold|rate[<beta>][+frozen][+table<rate>]")
-    out: dict = {"mode": m.group(1)}
-    if m.group(2) or m.group(1) == "rate":
-        out["beta"] = float(m.group(2) or 0.5)
-    for opt in opts:
-        t = _TABLE.match(opt)
-        if opt == "frozen":
-            out["freeze_tables"] = True
-        elif t:
-            out["table_rate"] = float(t.group(1))
-        else:
-            raise SystemExit(f"bad variant option {opt!r} in {variant!r}")
-    return out
-
 
 def table_params(module: torch.nn.Module) -> int:
     """Parameters held in lookup tables (embeddings, shared or not), each tensor once."""
@@ -80,6 +55,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=0, help="Enc width (default: the preset's)")
     p.add_argument("--variants", default="threshold,threshold+frozen,rate0.5,rate0.5+frozen")
     p.add_argument("--out", default="")
+    p.add_argument("--slice", action="store_true", help="slice each variant's missing fragments first")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from snp_ray.evaluation.testsplit import load_test_split
@@ -87,6 +63,8 @@ def main() -> int:
     from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import slice_preset
+    from snp_ray.slicing.api import slice_missing
+    from snp_ray.slicing.config import variant_overrides
 
     torch.set_num_threads(1)
     market = Market(a.market)
@@ -95,7 +73,10 @@ def main() -> int:
     split = load_test_split(market.spec(market.ids()[0]).dataset, classes)
     rows = []
     for variant in [v for v in a.variants.split(",") if v]:
-        cfg = slice_preset(a.preset, **slice_overrides(variant))
+        cfg = slice_preset(a.preset, **variant_overrides(variant))
+        if a.slice:
+            for _ in slice_missing(market, a.k, cfg):
+                pass
         packed = pack_request(market, classes, a.k, cfg,
                               preset_pack_config(a.preset, share_tables=False,
                                                  **({"hidden": a.hidden} if a.hidden else {})))

@@ -459,6 +459,11 @@ def cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
         result["test"] = compare_on_test(Market(market), a.task, a.k,
                                          {"default": default, "chosen": chosen},
                                          n_targets=a.test_targets, seed=a.seed)
+    from snp_ray.evaluation.provenance import stamp
+    from snp_ray.evaluation.reproduce import market_digest, tune_digests
+
+    stamp(result, tune_digests(a.preset, a.market or market_digest(a.task, arch)), sys.argv,
+          f"tune-{a.task}")
     folder = Path(a.out) / a.task
     paths = {"json": str(write_sweep(result, folder / "sweep.json")),
              "figure": sweep_figure(result, folder / "sweep.png")}
@@ -508,8 +513,7 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
     paths = {"figure5": figure5(iou, list(configs), folder / "figure5.png"),
              "figure7": figure7(rows, folder / "figure7.png",
                                 f"Figure 7: {Path(a.market).name}, k={a.k}, S&P (T)"),
-             "json": write_json({"market": a.market, "k": a.k, "iou": iou, "time_per_class": rows},
-                                folder / "figures.json")}
+             "json": write_json(_figures_record(a, iou, rows), folder / "figures.json")}
     means, pooled = ({label: sum(iou[m][f"{label}{kind} mean off-diagonal"] for m in iou) / len(iou)
                       for label in configs} for kind in ("", " pooled"))
     lines = [f"Market `{a.market}`, k = {a.k}, preset `{a.preset}`.", "",
@@ -532,6 +536,17 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
     return {"paths": paths, "iou_mean_off_diagonal": means, "iou_pooled_mean_off_diagonal": pooled,
             "time_per_class": [{x: r[x] for x in ("n", "slice_seconds", "pack_seconds", "pack_fraction")}
                                for r in rows]}
+
+
+def _figures_record(a: argparse.Namespace, iou: Any, rows: Any) -> dict[str, Any]:
+    """figures.json, stamped: the table market is named by its digest, any other by its path."""
+    from snp_ray.evaluation.provenance import stamp
+    from snp_ray.evaluation.reproduce import figures_digests, market_digest
+
+    m = Path(a.market)
+    market = market_digest("T1", "vgg11") if (m.parent.name, m.name) == ("T1", "vgg11-w0.25") else a.market
+    return stamp({"market": a.market, "k": a.k, "iou": iou, "time_per_class": rows},
+                 figures_digests(a.preset, market), sys.argv, "figures")
 
 
 # ---------------------------------------------------------------- snp expansion
@@ -560,6 +575,10 @@ def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
                           ks=[int(k) for k in a.k.split(",") if k], combos=a.combos, seed=a.seed,
                           slice_preset=a.preset, out=a.out, holders=a.holders)
     result = run_expansion(cfg)
+    from snp_ray.evaluation.provenance import stamp
+    from snp_ray.evaluation.reproduce import expansion_digests
+
+    stamp(result, expansion_digests(cfg), sys.argv, "expansion" if cfg.holders == "own" else "expansion-merge")
     paths = write_outputs(result, a.out)
     print(open(paths["md"]).read())
     return {"T": result["T"], "N": result["N"], "S": result["S"], "holders": result["holders"],

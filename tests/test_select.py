@@ -158,3 +158,63 @@ def test_mixed_job_chooses_with_the_test_split_fenced(tmp_path, monkeypatch):
     assert list(record["models"]) == ["b"] and len(record["candidates"]) == 2
     assert (record["folds"], record["folds_used"]) == (3, 1)
     assert ENV_FENCE not in __import__("os").environ        # the fence is lifted afterwards
+
+
+def test_budget_choice_takes_the_best_auc_within_the_size_budget():
+    from snp_ray.tuning.budget import choose_under_budget
+
+    rows = [{"cv_auc": 0.92, "param_ratio_mean": 0.63}, {"cv_auc": 0.90, "param_ratio_mean": 0.44},
+            {"cv_auc": 0.85, "param_ratio_mean": 0.30}, {"cv_auc": math.nan, "param_ratio_mean": 0.1}]
+    assert choose_under_budget(rows, 1.0) == 0            # no budget: the best AUC
+    assert choose_under_budget(rows, 0.45) == 1           # the best AUC that fits
+    assert choose_under_budget(rows, 0.35) == 2
+    assert choose_under_budget(rows, 0.2) == 2            # none fits: the smallest scored one
+    rows[2]["cv_auc"] = 0.897                             # tied with 0.90: the smaller wins
+    assert choose_under_budget(rows, 0.45) == 2
+    with pytest.raises(ConfigError):
+        choose_under_budget([{"cv_auc": math.nan, "param_ratio_mean": 0.1}], 0.5)
+
+
+def test_market_selection_pools_every_model_and_fences_the_test_split(tmp_path, monkeypatch):
+    """One config for the whole market: a candidate's AUC is the mean over every model's
+    (class, fold) scores, its size the mean over models; the budget decides between them."""
+    import snp_ray.tuning.budget as budget
+
+    seen = []
+
+    class _Ids:
+        def __init__(self, root):
+            pass
+
+        def ids(self):
+            return ["m0", "m1"]
+
+    scores = {("big", "m0"): ([0.95, 0.93], 0.6), ("big", "m1"): ([0.91, 0.89], 0.7),
+              ("small", "m0"): ([0.90, 0.88], 0.4), ("small", "m1"): ([0.86, 0.80], 0.42)}
+
+    def fake_cv(market, mid, cfg, k, cache, folds, seed, fold_seed, folds_used):
+        import os
+
+        seen.append(os.environ.get(ENV_FENCE))
+        name = "big" if cfg.coupled_rate == 0 else "small"
+        aucs, ratio = scores[(name, mid)]
+        return {"cv_auc": float(np.mean(aucs)), "per_fold": {"a": aucs}, "per_class": {"a": 0.0},
+                "param_ratio_mean": ratio, "seconds": 1.0, "fragments_made": 2,
+                "fragments_reused": 0}
+
+    monkeypatch.setattr(budget, "Market", _Ids)
+    monkeypatch.setattr(budget, "cv_scores", fake_cv)
+    monkeypatch.delenv(ENV_FENCE, raising=False)
+    cands = [Candidate("big", "smoke"), Candidate("small", "smoke", (("coupled_rate", 0.5),))]
+    out = budget.select_market_config("m", cands, K, str(tmp_path), max_param_ratio=0.5)
+    by = {r["name"]: r for r in out["table"]}
+    assert by["big"]["cv_auc"] == pytest.approx(0.92) and by["big"]["param_ratio_mean"] == pytest.approx(0.65)
+    assert by["small"]["cv_auc"] == pytest.approx(0.86) and by["small"]["param_ratio_mean"] == pytest.approx(0.41)
+    assert out["chosen"] == "small" and not by["big"]["within_budget"]
+    assert budget.select_market_config("m", cands, K, str(tmp_path), 1.0)["chosen"] == "big"
+    assert seen and all(v == "1" for v in seen)           # every scoring ran fenced
+    import os
+
+    assert ENV_FENCE not in os.environ                    # and the fence came down after
+    with pytest.raises(ConfigError):
+        budget.select_market_config("m", cands, K, str(tmp_path), 0.0)

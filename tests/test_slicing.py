@@ -121,6 +121,30 @@ def test_residual_groups_are_coupled_and_fragment_takes_any_batch():
         assert y.shape == (batch, len(out.kept[last.id]))
 
 
+def test_coupled_rate_selects_the_residual_stage_groups_on_their_own():
+    """``coupled_rate`` keeps that share of every group several convs write (a residual stage),
+    the block-internal groups follow mode/beta; the fragment still fuses exactly."""
+    model, spec, fs, slicer, out = run("resnet20", mode="threshold", beta=0.9, coupled_rate=0.25)
+    coupled = [g for g in slicer.graph.groups if slicer._is_coupled(g.id)]
+    assert len(coupled) == 3                                      # one per residual stage
+    assert all(any(n == "blocks.0.conv2" or "shortcut" in n for n, _ in g.producers) for g in coupled)
+    assert [len(out.kept[g.id]) for g in coupled] == [-(-g.size // 4) for g in coupled]
+    inner = [g for g in slicer.graph.groups if g not in coupled]
+    assert not any(slicer._is_coupled(g.id) for g in inner) and inner
+    assert any(len(out.kept[g.id]) > -(-g.size // 4) for g in inner)   # threshold there
+    x = spec.encode(fs.raw)
+    with torch.no_grad():
+        fused = out.features(x)
+    unfused = slicer.repaired_features(x)
+    assert float((fused - unfused).norm() / unfused.norm()) <= 1e-5
+    _, _, _, _, plain = run("resnet20", mode="threshold", beta=0.9)
+    assert sum(len(plain.kept[g.id]) for g in coupled) > sum(len(out.kept[g.id]) for g in coupled)
+    assert slice_preset("quick", coupled_rate=0.0).digest() == slice_preset("quick").digest()
+    assert slice_preset("quick", coupled_rate=0.5).digest() != slice_preset("quick").digest()
+    with pytest.raises(ConfigError, match="coupled_rate"):
+        slice_preset("quick", coupled_rate=-0.1)
+
+
 def test_groups_come_from_tracing_not_names():
     class Odd(nn.Module):  # a residual join in a module no one has heard of
         def __init__(self):

@@ -25,7 +25,6 @@ from snp_ray.models import get_arch
 from snp_ray.packing import PackConfig, preset_pack_config
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import SliceConfig, slice_preset
-from snp_ray.slicing.config import PRESETS
 from snp_ray.slicing.api import slice_missing
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,13 @@ def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, r
         return None
     same = {k: v for k, v in previous.get("config", {}).items() if k != "archs"} == \
         {k: v for k, v in cfg.to_dict().items() if k != "archs"}
-    if same and cfg.slice_preset not in PRESETS:     # a saved preset can be re-saved: compare content
-        same = previous.get("digests") == _digests(cfg)
+    # a preset's content can change under its name (a re-saved preset, new defaults in the code):
+    # only the same config digests reuse a result; one that recorded none is never reused
+    same = same and previous.get("digests") == _digests(cfg)
+    # nor one the algorithm's code has changed since (results stamped before #17 recorded none)
+    from snp_ray.evaluation.provenance import code_digest
+
+    same = same and (previous.get("provenance") or {}).get("code") == code_digest()
     entry = previous["archs"][arch]
     models = {s.id: s.metrics["test_accuracy"] for s in specs}
     if same and entry.get("market") == str(root) and entry.get("model_test_accuracy") == models:
@@ -268,7 +272,7 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
     task = result["task"]
     ks = result["config"]["ks"]
     lines = [f"# {task}: ours vs paper", "",
-             f"Target class sets: {len(result['targets'])} seeded ({result['targets']}). "
+             f"Target class sets: {len(result['targets'])} seeded ({[list(t) for t in result['targets']]}). "
              "Accuracy in %, mean ± std over target sets; each cell is `ours | paper`.", ""]
     for arch, data in result["archs"].items():
         lines += [f"## {arch} (paper: {paper_arch(paper, task, arch)})", "",
@@ -293,7 +297,14 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
 def write_outputs(result: dict[str, Any], out_dir: str | Path, paper: dict[str, Any]) -> dict[str, str]:
     from snp_ray.artifacts import atomic_write_bytes
 
+    import sys
+
+    from snp_ray.evaluation.provenance import stamp
+    from snp_ray.evaluation.reproduce import protocol_digests
+
     folder = Path(out_dir) / result["task"]
+    if "config" in result:   # the commit and config digests the numbers were made with
+        stamp(result, protocol_digests(ProtocolConfig.from_dict(result["config"])), sys.argv, result["task"])
     table = render_table(result, paper)
     atomic_write_bytes(folder / "table.md", table.encode())
     atomic_write_bytes(folder / "results.json", json.dumps(result, indent=1, default=str).encode())

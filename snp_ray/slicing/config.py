@@ -61,6 +61,11 @@ class SliceConfig(Config):
     # 0: selected like any layer. Dropped expanded units of MobileNetV2 are what cost its
     # fragments' AUC (docs/RESULTS.md, the mixed market's diagnosis)
     depthwise_rate: float = added_field(0.0)
+    # [ours] > 0: keep the top ceil(coupled_rate * u) units of every group that several mixing
+    # layers write (a residual stage: its stem or shortcut and every block's last conv share one
+    # kept set); 0: selected like any layer. Threshold selection keeps most of these shared units
+    # in ResNet-20, and they decide most of a fragment's size (issue #17, section 3)
+    coupled_rate: float = added_field(0.0)
 
     def validate(self) -> None:
         n = "SliceConfig"
@@ -77,6 +82,7 @@ class SliceConfig(Config):
         check_range(n, "class_batch", self.class_batch, 1, 100_000)
         check_range(n, "table_rate", self.table_rate, 0.0, 1.0)
         check_range(n, "depthwise_rate", self.depthwise_rate, 0.0, 1.0)
+        check_range(n, "coupled_rate", self.coupled_rate, 0.0, 1.0)
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
                                    ("combine_train", self.combine_train, COMBINE_TRAIN),
@@ -92,6 +98,35 @@ PRESETS: dict[str, SliceConfig] = {
     "fast": SliceConfig(pool_epochs=4, adapt_epochs=4, combine_epochs=4),
     "smoke": SliceConfig(pool_epochs=1, adapt_epochs=1, combine_epochs=1),   # plumbing tests only
 }
+
+
+_VARIANT_MODE = re.compile(r"^(threshold|rate)([0-9.]*)$")
+_VARIANT_TABLE = re.compile(r"^table([0-9.]+)$")
+
+
+def variant_overrides(variant: str) -> dict[str, Any]:
+    """A slice variant written as text, as the text-pack study names them:
+    ``rate0.5+frozen+table0.25`` -> mode rate, beta 0.5, freeze_tables, table_rate 0.25;
+    ``threshold`` alone keeps the preset's beta. ConfigError on anything else."""
+    head, *opts = variant.split("+")
+    m = _VARIANT_MODE.match(head)
+    if not m:
+        raise ConfigError(f"bad slice variant {variant!r}: threshold|rate[<beta>][+frozen][+table<rate>]")
+    out: dict[str, Any] = {"mode": m.group(1)}
+    try:
+        if m.group(2) or m.group(1) == "rate":
+            out["beta"] = float(m.group(2) or 0.5)
+        for opt in opts:
+            t = _VARIANT_TABLE.match(opt)
+            if opt == "frozen":
+                out["freeze_tables"] = True
+            elif t:
+                out["table_rate"] = float(t.group(1))
+            else:
+                raise ConfigError(f"bad option {opt!r} in slice variant {variant!r}")
+    except ValueError:
+        raise ConfigError(f"bad number in slice variant {variant!r}") from None
+    return out
 
 
 #: where named presets saved by a Tune sweep live (``SNP_PRESETS`` overrides)

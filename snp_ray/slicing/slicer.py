@@ -370,14 +370,16 @@ class Slicer:
         return outcome
 
     def _select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
-        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables and rate
-        ``depthwise_rate`` on groups coupled to a depthwise convolution when set, else the
-        config's mode and beta."""
+        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables, rate
+        ``depthwise_rate`` on groups coupled to a depthwise convolution and rate ``coupled_rate``
+        on groups several mixing layers write, each when set; else the config's mode and beta."""
         cfg = self.cfg
         if cfg.table_rate > 0 and self._is_table(gid):
             mode, beta = "rate", cfg.table_rate
         elif cfg.depthwise_rate > 0 and self._is_depthwise(gid):
             mode, beta = "rate", cfg.depthwise_rate
+        elif cfg.coupled_rate > 0 and self._is_coupled(gid):
+            mode, beta = "rate", cfg.coupled_rate
         else:
             mode, beta = cfg.mode, cfg.beta
         return select_units(scores.cpu(), mode, beta, cfg.min_units)
@@ -388,6 +390,18 @@ class Slicer:
         g = self.graph.group(gid)
         mods = dict(self.graph.module.named_modules())
         return any(is_depthwise(mods[n]) for n, _ in g.producers + g.consumers if n in mods)
+
+    def _is_coupled(self, gid: int) -> bool:
+        """Whether more than one mixing layer (one that reads input channels: a conv, a linear)
+        writes the group's units: a residual stage's stem or shortcut and its blocks' last convs."""
+        g = self.graph.group(gid)
+        mods = dict(self.graph.module.named_modules())
+        writers = set()
+        for n, _ in g.producers:
+            h = self.graph.handler(n, mods[n]) if n in mods else None
+            if h is not None and h.consumes(mods[n]):
+                writers.add(n)
+        return len(writers) > 1
 
     def _is_table(self, gid: int) -> bool:
         """Whether the group is produced by lookup tables only (embeddings)."""

@@ -57,6 +57,10 @@ CANDIDATES: dict[str, Candidate] = {
     "quick-rate0.5": Candidate("quick-rate0.5", "quick", (("mode", "rate"), ("beta", 0.5))),
     # the expanded units of inverted residuals kept whole, the other layers as in quick
     "quick-dw1.0": Candidate("quick-dw1.0", "quick", (("depthwise_rate", 1.0),)),
+    # a residual stage's shared units at a fixed share, the other layers as in quick (#17 §3)
+    "quick-coupled0.5": Candidate("quick-coupled0.5", "quick", (("coupled_rate", 0.5),)),
+    "quick-coupled0.35": Candidate("quick-coupled0.35", "quick", (("coupled_rate", 0.35),)),
+    "quick-coupled0.25": Candidate("quick-coupled0.25", "quick", (("coupled_rate", 0.25),)),
     "quick-gamma4": Candidate("quick-gamma4", "quick", (("gamma", 4.0),)),
     "quick-adapt4": Candidate("quick-adapt4", "quick", (("adapt_epochs", 4),)),
 }

@@ -1,0 +1,102 @@
+"""Where a published number came from: the git commit, the code of the algorithm, the configs.
+
+Every results JSON carries a ``provenance`` object (:func:`stamp`): the commit and whether the
+tracked code differed from it, a digest of the algorithm's source (:func:`code_digest`), the
+config digests the numbers were made with, and the command. :func:`staleness` compares a stamp
+with what the current code would use, so a report can mark a table whose configs have moved on.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from snp_ray.errors import SchemaError
+
+#: the repository root (this file is snp_ray/evaluation/provenance.py)
+ROOT = Path(__file__).resolve().parents[2]
+#: the packages whose source decides a result (serving and the CLI's wording do not)
+ALGORITHM = ("slicing", "packing", "models", "market", "baselines", "data", "tuning",
+             "evaluation", "expansion")
+#: files inside those packages that only record or present results, never compute them
+PRESENTATION = ("evaluation/provenance.py", "evaluation/reproduce.py", "evaluation/report.py")
+
+
+def git_commit(root: Path = ROOT) -> tuple[str, bool]:
+    """(HEAD's sha, whether tracked code differs from it); ("unknown", True) outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "snp_ray", "jobs", "benchmarks"], cwd=root, capture_output=True,
+                               text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", True
+    return sha, bool(dirty)
+
+
+def code_digest(packages: tuple[str, ...] = ALGORITHM, root: Path = ROOT) -> str:
+    """sha256 (16 hex) over the source of ``packages`` (paths and bytes, in sorted order):
+    equal digests mean the algorithm that made a result has not changed."""
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((root / "snp_ray" / pkg).rglob("*.py")):
+            if path.relative_to(root / "snp_ray").as_posix() in PRESENTATION:
+                continue
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stamp(result: dict[str, Any], digests: dict[str, str], command: list[str] | str = "",
+          stage: str = "") -> dict[str, Any]:
+    """``result`` with a ``provenance`` object (replaced if present); returns ``result``."""
+    sha, dirty = git_commit()
+    result["provenance"] = {
+        "commit": sha, "dirty": dirty, "code": code_digest(), "digests": dict(sorted(digests.items())),
+        "command": command if isinstance(command, str) else " ".join(command), "stage": stage,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return result
+
+
+def last_commit_of(path: Path, root: Path = ROOT) -> str:
+    """The last commit that changed ``path`` ("unknown" when git cannot say)."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(path)], cwd=root,
+                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out or "unknown"
+
+
+def stamp_legacy(result: dict[str, Any], commit: str, why: str, stage: str = "") -> dict[str, Any]:
+    """Provenance for a result published before results recorded it: the commit that last
+    changed the file, no digests (so it reads as stale until it is regenerated)."""
+    result["provenance"] = {"commit": commit, "dirty": False, "code": "", "digests": {},
+                            "command": "", "stage": stage, "legacy": True, "why": why}
+    return result
+
+
+def provenance_of(result: Any, where: str = "result") -> dict[str, Any]:
+    """The ``provenance`` object of a results JSON; SchemaError when it is missing or malformed."""
+    prov = result.get("provenance") if isinstance(result, dict) else None
+    if not isinstance(prov, dict):
+        raise SchemaError(f"{where}: no 'provenance' object (commit and config digests)")
+    if not isinstance(prov.get("digests"), dict) or not isinstance(prov.get("commit"), str):
+        raise SchemaError(f"{where}: provenance needs 'commit' (string) and 'digests' (object)")
+    return prov
+
+
+def staleness(prov: dict[str, Any], current: dict[str, str]) -> list[str]:
+    """Why a stamped result no longer matches what the current code would run: one line per
+    config digest that differs or is missing ([] = fresh)."""
+    recorded = prov.get("digests") or {}
+    out = []
+    for name, digest in sorted(current.items()):
+        have = recorded.get(name)
+        if have is None:
+            out.append(f"{name}: not recorded (now {digest})")
+        elif have != digest:
+            out.append(f"{name}: made with {have}, the current default is {digest}")
+    return out
