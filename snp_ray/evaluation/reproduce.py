@@ -103,6 +103,7 @@ def _expansion() -> dict[str, str]:
 
 SHARED_VARIANTS = ("threshold,threshold+frozen,threshold+frozen+table0.5,"
                    "threshold+frozen+table0.25,rate0.5,rate0.5+frozen")
+SHARED_ENC64 = "threshold+frozen,threshold0.3+frozen+table1.0"
 SIZE_CANDIDATES = "quick,quick-coupled0.5,quick-coupled0.35,quick-coupled0.25"
 
 
@@ -111,7 +112,8 @@ def _shared(task: str, arch: str) -> Callable[[], dict[str, str]]:
     def digests() -> dict[str, str]:
         from snp_ray.slicing.config import variant_overrides
 
-        out = slice_digests("quick", {v: variant_overrides(v) for v in SHARED_VARIANTS.split(",")})
+        names = SHARED_VARIANTS.split(",") + SHARED_ENC64.split(",")
+        out = slice_digests("quick", {v: variant_overrides(v) for v in names})
         out[f"market:{arch}"] = market_digest(task, arch)
         return out
     return digests
@@ -180,12 +182,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("figures/figures.json",), lambda: figures_digests("quick", market_digest("T1", "vgg11")), needs=("T1",), group="studies"),
     Stage("shared-T6", "Shared lookup tables in T6 packs (#17 §2)",
           (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T6/gru-w1",
-            "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T6.json"),),
-          ("shared-tables/T6.json",), _shared("T6", "gru"), needs=("T6",), group="studies"),
+            "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T6.json"),
+           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T6/gru-w1",
+            "--slice", "--hidden", "64", "--variants", SHARED_ENC64,
+            "--out", "{out}/shared-tables/T6-hidden64.json")),
+          ("shared-tables/T6.json", "shared-tables/T6-hidden64.json"), _shared("T6", "gru"), needs=("T6",), group="studies"),
     Stage("shared-T7", "Shared lookup tables in T7 packs (#17 §2)",
           (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T7/textcnn-w1",
-            "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T7.json"),),
-          ("shared-tables/T7.json",), _shared("T7", "textcnn"), needs=("T7",), group="studies"),
+            "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T7.json"),
+           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T7/textcnn-w1",
+            "--slice", "--hidden", "64", "--variants", SHARED_ENC64,
+            "--out", "{out}/shared-tables/T7-hidden64.json")),
+          ("shared-tables/T7.json", "shared-tables/T7-hidden64.json"), _shared("T7", "textcnn"), needs=("T7",), group="studies"),
     Stage("expansion", "Equivalent expansion rate on T3-C10 (Figure 6)",
           (("{py}", "-m", "snp_ray.cli", "expansion", "--task", "T3-C10", "--combos", "100",
             "--k", "5,10,20", "--market", "{runs}/expansion/T3-C10", "--out", "{out}/expansion",
