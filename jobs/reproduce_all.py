@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import _jobenv  # noqa: F401  - exits with a hint when this python is not the project's venv
 from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.evaluation.provenance import ROOT, git_commit
-from snp_ray.evaluation.reproduce import (STAGES, render_provenance, resolve, run_stages,
+from snp_ray.evaluation.reproduce import (STAGES, here, render_provenance, resolve, run_stages,
                                           status_table)
 from snp_ray.evaluation.report import gather
 
@@ -33,16 +34,22 @@ BEGIN, END = "<!-- provenance:begin (jobs/reproduce_all.py writes this block) --
 def results_block(rows: list[dict], out: str) -> str:
     """The lines docs/RESULTS.md carries between its provenance markers."""
     sha, dirty = git_commit()
-    fresh = sorted({r.get("stage") or "?" for r in rows if r["status"] == "fresh"})
-    stale = sorted({r.get("stage") or Path(r["path"]).parent.name for r in rows if r["status"] == "stale"})
+    clean = [r for r in rows if r["status"] == "fresh"]
+    fresh = sorted({r["stage"] for r in clean if not r.get("code_changed") and not r.get("dirty")})
+    older = sorted({r["stage"] for r in clean if r.get("code_changed") or r.get("dirty")} - set(fresh))
+    stale = sorted({r.get("stage") or Path(r["path"]).relative_to(here(out)).as_posix()
+                    for r in rows if r["status"] == "stale"})
+    commits = sorted({r["commit"][:12] for r in clean})
     return "\n".join([
         BEGIN,
-        f"Results checked against commit `{sha[:12]}`{' (uncommitted changes)' if dirty else ''} by "
-        f"`python jobs/reproduce_all.py --status`; per file: [`{out}/provenance.md`]"
-        f"({Path(out).relative_to('docs').as_posix() if out.startswith('docs/') else out}/provenance.md).",
-        f"- Regenerated at this code, digests current: {', '.join(fresh) or 'none'}.",
-        f"- **Stale** (made by older code or before results recorded their digests; the numbers in "
-        f"their sections below are as published then): {', '.join(stale) or 'none'}.",
+        f"Checked against commit `{sha[:12]}`{' (with uncommitted changes)' if dirty else ''} by "
+        f"`python jobs/reproduce_all.py --status`; per file: "
+        f"[provenance.md]({os.path.relpath(here(out) / 'provenance.md', ROOT / 'docs')}).",
+        f"- Regenerated from commit {', '.join(f'`{c}`' for c in commits) or '–'} with the current "
+        f"config digests and algorithm code: {', '.join(fresh) or 'none'}.",
+        f"- Current config digests, older algorithm code or uncommitted changes: {', '.join(older) or 'none'}.",
+        f"- **Stale** (made with older defaults, or before results recorded their digests; their "
+        f"sections below show the numbers published then): {', '.join(stale) or 'none'}.",
         END])
 
 
@@ -62,8 +69,12 @@ def adopt_legacy(out: Path) -> list[str]:
     from snp_ray.evaluation.reproduce import stage_for
 
     done = []
-    for path in sorted(out.rglob("*.json")):
-        data = json.loads(path.read_text())
+    for path in sorted(here(out).rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("%s: unreadable (%s); left as it is (it reads as stale)", path, e)
+            continue
         if not isinstance(data, dict) or "provenance" in data:
             continue
         stage = stage_for(path, out)
@@ -104,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         stages = resolve(split(a.only), split(a.skip), split(a.groups))
         ran = run_stages(stages, a.out, a.runs, force=a.force, keep_going=a.keep_going)
     rows = status_table(a.out)
-    paths = {"provenance": render_provenance(rows, a.out), "report": gather(a.out)}
-    if not a.no_results_md:
+    paths = {"provenance": render_provenance(rows, a.out), "report": gather(here(a.out))}
+    # the block describes docs/results only: a scratch --out leaves RESULTS.md alone
+    if not a.no_results_md and here(a.out).resolve() == (ROOT / "docs" / "results").resolve():
         update_results_md(results_block(rows, a.out))
     for r in ran:
         print(json.dumps(r))
     for r in rows:
-        print(f"{r['status']:>5}  {Path(r['path']).relative_to(a.out)}  {'; '.join(r.get('why') or [])}")
+        print(f"{r['status']:>5}  {Path(r['path']).relative_to(here(a.out))}  {'; '.join(r.get('why') or [])}")
     print(json.dumps({"stages": ran, "paths": paths,
                       "stale": [r["path"] for r in rows if r["status"] == "stale"]}))
     return 1 if any(r["status"] in ("failed", "blocked") for r in ran) else 0

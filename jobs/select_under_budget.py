@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         "by": "jobs/select_under_budget.py", "market": root, "k": a.k,
         "max_param_ratio": a.max_param_ratio, "cv_auc": next(r["cv_auc"] for r in result["table"]
                                                              if r["name"] == chosen.name)}))
-    stamp(result, {c.name: c.config().digest() for c in candidates},
+    from snp_ray.evaluation.reproduce import market_digest
+
+    stamp(result, {**{c.name: c.config().digest() for c in candidates},
+                   f"market:{a.arch}": market_digest(a.task, a.arch)},
           ["python", "jobs/select_under_budget.py", *(argv if argv is not None else sys.argv[1:])],
           stage="T1-size")
     atomic_write_bytes(Path(a.out), json.dumps(result, indent=1, sort_keys=True).encode())

@@ -460,10 +460,9 @@ def cmd_tune(a: argparse.Namespace) -> dict[str, Any]:
                                          {"default": default, "chosen": chosen},
                                          n_targets=a.test_targets, seed=a.seed)
     from snp_ray.evaluation.provenance import stamp
-    from snp_ray.evaluation.reproduce import market_digest, tune_digests
+    from snp_ray.evaluation.reproduce import market_label, tune_digests
 
-    stamp(result, tune_digests(a.preset, a.market or market_digest(a.task, arch)), sys.argv,
-          f"tune-{a.task}")
+    stamp(result, tune_digests(a.preset, market_label(market, a.task, arch)), sys.argv, f"tune-{a.task}")
     folder = Path(a.out) / a.task
     paths = {"json": str(write_sweep(result, folder / "sweep.json")),
              "figure": sweep_figure(result, folder / "sweep.png")}
@@ -541,12 +540,10 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
 def _figures_record(a: argparse.Namespace, iou: Any, rows: Any) -> dict[str, Any]:
     """figures.json, stamped: the table market is named by its digest, any other by its path."""
     from snp_ray.evaluation.provenance import stamp
-    from snp_ray.evaluation.reproduce import figures_digests, market_digest
+    from snp_ray.evaluation.reproduce import figures_digests, market_label
 
-    m = Path(a.market)
-    market = market_digest("T1", "vgg11") if (m.parent.name, m.name) == ("T1", "vgg11-w0.25") else a.market
     return stamp({"market": a.market, "k": a.k, "iou": iou, "time_per_class": rows},
-                 figures_digests(a.preset, market), sys.argv, "figures")
+                 figures_digests(a.preset, market_label(a.market, "T1", "vgg11")), sys.argv, "figures")
 
 
 # ---------------------------------------------------------------- snp expansion

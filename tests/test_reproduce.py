@@ -49,7 +49,7 @@ def _stamped_table(out: Path, task: str = "T6", digests: dict | None = None) -> 
     folder.mkdir(parents=True)
     (folder / "table.md").write_text(f"# {task}: ours vs paper\n\n| a |\n")
     result = stamp({"task": task}, digests if digests is not None else reproduce.STAGES[task].digests(),
-                   "python -m snp_ray.cli report ...", task)
+                   "python -m snp_ray.cli report ...", task, at=("a" * 40, False, code_digest()))
     (folder / "results.json").write_text(json.dumps(result))
     return folder / "results.json"
 
@@ -63,8 +63,12 @@ def test_report_marks_a_table_stale_when_its_digests_moved_on(tmp_path):
     (tmp_path / "T1" / "results.json").write_text(json.dumps({"task": "T1"}))   # no provenance
     assert reproduce.stage_status(fresh, tmp_path)["status"] == "fresh"
     st = reproduce.stage_status(stale, tmp_path)
+    now = reproduce.STAGES["T7"].digests()["S&P (T)"]
     assert st["status"] == "stale" and st["why"] == [
-        f"S&P (T): made with 0123456789abcdef, the current default is {old and reproduce.STAGES['T7'].digests()['S&P (T)']}"]
+        f"S&P (T): made with 0123456789abcdef, the current default is {now}"]
+    # a stamp naming a stage nothing regenerates cannot be shown current
+    (tmp_path / "other.json").write_text(json.dumps(stamp({}, {"slice": "x"}, "", "expansion-merge")))
+    assert reproduce.stage_status(tmp_path / "other.json", tmp_path)["status"] == "stale"
     report = Path(gather(tmp_path)).read_text()
     sections = {t: report.split(f"# {t}: ours vs paper")[1].split("#")[0] for t in ("T1", "T6", "T7")}
     assert "Stale" not in sections["T6"] and "with the current defaults' config digests" in sections["T6"]
@@ -128,9 +132,11 @@ def test_registry_commands_exist_and_digests_compute():
             target = argv[1] if argv[1] != "-m" else argv[2].replace(".", "/") + ".py"
             assert (REPO / target).is_file(), (stage.name, target)
         for rel in stage.outputs:
-            # the output lies under a folder (or is a file) one of the commands is told to write
-            assert any(f"OUT/{rel}".startswith(x) for argv in stage.argv("OUT", "RUNS")
-                       for x in argv if x.startswith("OUT")), rel
+            # the output is a file, or lies in a folder below OUT, that a command is told to write
+            told = [x for argv in stage.argv("OUT", "RUNS") for x in argv if x.startswith("OUT")]
+            assert any(f"OUT/{rel}" == x or (x != "OUT" and f"OUT/{rel}".startswith(x + "/"))
+                       or (x == "OUT" and rel.split("/")[0] in (stage.name, "figures"))
+                       for x in told), (stage.name, rel, told)
     with pytest.raises(UnknownNameError):
         reproduce.resolve(["nope"])
     assert [s.name for s in reproduce.resolve(groups=["tables"])] == ["T6", "T7", "T1", "T1-size"]
@@ -173,6 +179,10 @@ def test_job_status_marks_stale_and_writes_the_results_block(tmp_path):
     md.write_text("# Measured results\n\nintro\n\n## First\n")
     mod.update_results_md(mod.results_block(rows, str(tmp_path / "res")), md)
     mod.update_results_md(mod.results_block(rows, str(tmp_path / "res")), md)   # replaced, not added
+    assert "old.json" in md.read_text().split("**Stale**")[1]
     text = md.read_text()
     assert text.count(mod.BEGIN) == 1 and "## First" in text
-    assert "Regenerated at this code, digests current: T6." in text
+    assert "config digests and algorithm code: T6." in text
+    older = dict(next(r for r in rows if r["status"] == "fresh"), code_changed=True)   # older code
+    block = mod.results_block([older], str(tmp_path / "res"))
+    assert "algorithm code: none." in block and "older algorithm code or uncommitted changes: T6." in block

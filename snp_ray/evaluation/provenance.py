@@ -50,11 +50,13 @@ def code_digest(packages: tuple[str, ...] = ALGORITHM, root: Path = ROOT) -> str
 
 
 def stamp(result: dict[str, Any], digests: dict[str, str], command: list[str] | str = "",
-          stage: str = "") -> dict[str, Any]:
-    """``result`` with a ``provenance`` object (replaced if present); returns ``result``."""
-    sha, dirty = git_commit()
+          stage: str = "", at: tuple[str, bool, str] | None = None) -> dict[str, Any]:
+    """``result`` with a ``provenance`` object (replaced if present); returns ``result``.
+    ``at``: (commit, dirty, code digest) taken when the run started (default: now), so an edit
+    or a commit made while a long run works cannot relabel what it made."""
+    sha, dirty, code = at or (*git_commit(), code_digest())
     result["provenance"] = {
-        "commit": sha, "dirty": dirty, "code": code_digest(), "digests": dict(sorted(digests.items())),
+        "commit": sha, "dirty": dirty, "code": code, "digests": dict(sorted(digests.items())),
         "command": command if isinstance(command, str) else " ".join(command), "stage": stage,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return result

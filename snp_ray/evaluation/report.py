@@ -44,6 +44,11 @@ def gather(out: str | Path) -> str:
         parts += [_demote(_demote((out / t / "table.md").read_text())), ""] + ([line, ""] if line else [])
         if (out / t / "figure4.png").is_file():
             parts += [f"![Figure 4, {t}]({t}/figure4.png)", ""]
+    size = out / "T1-size" / "T1"
+    if (size / "table.md").is_file():
+        parts += ["## ResNet-20 under a size budget chosen by few-shot CV (`jobs/select_under_budget.py`)", ""]
+        line = provenance_line(size / "results.json", out)
+        parts += [_demote(_demote((size / "table.md").read_text())), ""] + ([line, ""] if line else [])
     sections = [
         ("Tune sweep (`snp tune`)", out / "tune", "report.md", ["sweep.png"]),
         ("Equivalent expansion rate (`snp expansion`)", out / "expansion", "expansion.md",

@@ -33,11 +33,22 @@ TEXT_KS = [5, 10]
 
 # ------------------------------------------------------------------ digests of the current code
 def market_digest(task: str, arch: str, width: float = 0.0, epochs: int = 0,
-                  train_fraction: float = 1.0) -> str:
-    """The digest of a task's CPU-scale market (its training recipe included)."""
+                  train_fraction: float = 1.0, ks: list[int] | None = None) -> str:
+    """The digest of a task's CPU-scale market as the protocol builds it (training recipe and
+    the k values of its few-shot manifests included)."""
     from snp_ray.evaluation.protocol import market_config
 
-    return market_config(task, arch, width, epochs, train_fraction, ks=list(PAPER_KS)).digest()
+    return market_config(task, arch, width, epochs, train_fraction, ks=list(ks or PAPER_KS)).digest()
+
+
+def market_label(path: str, task: str, arch: str) -> str:
+    """A market folder named by the digest of the recipe that built it when it is the protocol's
+    default market for (task, arch) (``.../<task>/<arch>-w<width>``); any other by its path."""
+    from snp_ray.evaluation.protocol import market_config
+
+    p = Path(path)
+    default = f"{arch}-w{market_config(task, arch).width:g}"
+    return market_digest(task, arch) if (p.parent.name, p.name) == (task, default) else path
 
 
 def protocol_digests(cfg: Any) -> dict[str, str]:
@@ -45,8 +56,8 @@ def protocol_digests(cfg: Any) -> dict[str, str]:
     from snp_ray.evaluation.protocol import _digests
 
     out = _digests(cfg)
-    out.update({f"market:{a}": market_digest(cfg.task, a, cfg.width, cfg.epochs, cfg.train_fraction)
-                for a in cfg.archs})
+    out.update({f"market:{a}": market_digest(cfg.task, a, cfg.width, cfg.epochs, cfg.train_fraction,
+                                             cfg.ks) for a in cfg.archs})
     return out
 
 
@@ -84,7 +95,7 @@ def expansion_digests(cfg: Any) -> dict[str, str]:
 
     return {**slice_digests(cfg.slice_preset, {"slice": {}}),
             "expansion": cfg.replace(market="", out="").digest(),
-            "market": market_digest(cfg.task, get_task(cfg.task).default_arch)}
+            "market": market_digest(cfg.task, get_task(cfg.task).default_arch, ks=cfg.ks)}
 
 
 def _t1_size() -> dict[str, str]:
@@ -112,9 +123,13 @@ def _shared(task: str, arch: str) -> Callable[[], dict[str, str]]:
     def digests() -> dict[str, str]:
         from snp_ray.slicing.config import variant_overrides
 
+        from snp_ray.packing import preset_pack_config
+
         names = SHARED_VARIANTS.split(",") + SHARED_ENC64.split(",")
         out = slice_digests("quick", {v: variant_overrides(v) for v in names})
-        out[f"market:{arch}"] = market_digest(task, arch)
+        out["pack"] = preset_pack_config("quick", share_tables=False).digest()
+        out["pack-enc64"] = preset_pack_config("quick", share_tables=False, hidden=64).digest()
+        out[f"market:{arch}"] = market_digest(task, arch, ks=TEXT_KS)
         return out
     return digests
 
@@ -174,7 +189,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("T1-size/selection.json", "T1-size/T1/results.json"), _t1_size, needs=("T1",)),
     Stage("tune-T1", "Tune sweep on T1 (VGG11 x 1/4)",
           (("{py}", "-m", "snp_ray.cli", "tune", "--task", "T1", "--trials", "16",
-            "--storage", "{runs}/tune", "--out", "{out}/tune", "--json"),),
+            "--market", "{runs}/tables/T1/vgg11-w0.25", "--storage", "{runs}/tune",
+            "--out", "{out}/tune", "--json"),),
           ("tune/T1/sweep.json",), lambda: tune_digests("quick", market_digest("T1", "vgg11")), needs=("T1",), group="studies"),
     Stage("figures", "Figures 5 and 7 on the T1 VGG11 x 1/4 market",
           (("{py}", "-m", "snp_ray.cli", "figures", "--market", "{runs}/tables/T1/vgg11-w0.25",
@@ -211,7 +227,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (("{py}", "jobs/build_mixed_market.py", "--store", "{runs}/mixed", "--k", "10",
             "--slice-preset", "auto", "--auto-models", "mobilenet_v2-w0.5",
             "--candidates", "quick,quick-dw1.0", "--out", "{out}/mixed", "--json"),),
-          ("mixed/mixed.json",), _presets("quick"), group="studies"),
+          ("mixed/mixed.json",), lambda: {**slice_digests("quick", {"quick": {}, "quick-dw1.0": {"depthwise_rate": 1.0}})},
+          group="studies"),
     Stage("slicer-speed", "Naive, cached and batched slicing side by side (performance)",
           (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/bench/vgg11", "--c10",
             "--variants", "naive:4:fp32", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
@@ -226,9 +243,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 
 
+def here(path: str | Path) -> Path:
+    """``path`` as the stages' commands see it: they run in the repository root."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p
+
+
 def stage_for(path: str | Path, out: str | Path) -> Stage | None:
     """The stage that writes ``path`` (a JSON under the results folder ``out``), if any."""
-    rel = Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+    rel = here(path).resolve().relative_to(here(out).resolve()).as_posix()
     return next((s for s in STAGES.values() if rel in s.outputs), None)
 
 
@@ -250,14 +273,38 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: runtime packages whose code moves a benchmark's numbers (timings, memory), not a table's
+RUNTIME_PACKAGES = ("engine", "store", "serve")
+
+
+def scripts_digest(stage: Stage) -> str:
+    """sha256 over the files a stage's commands execute (a job or benchmark script, or the CLI
+    module), and for benchmarks the runtime packages too: code outside the algorithm's packages
+    that still decides what a stage writes."""
+    files = set()
+    for cmd in stage.commands:
+        target = cmd[1] if cmd[1] != "-m" else cmd[2].replace(".", "/") + ".py"
+        files.add(ROOT / target)
+    if stage.group == "benchmarks":
+        for pkg in RUNTIME_PACKAGES:
+            files.update((ROOT / "snp_ray" / pkg).rglob("*.py"))
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + (f.read_bytes() if f.is_file() else b"")
+                 + b"\0")
+    return h.hexdigest()[:16]
+
+
 def stage_key(stage: Stage, out: str, runs: str, digests: dict[str, str], code: str) -> str:
-    """Everything a stage's numbers depend on: its commands, the config digests, the code."""
-    body = json.dumps([stage.command_line(out, runs), digests, code], sort_keys=True)
+    """Everything a stage's numbers depend on: its commands, the config digests, the
+    algorithm's code and the scripts it runs (:func:`scripts_digest`)."""
+    body = json.dumps([stage.command_line(out, runs), digests, code, scripts_digest(stage)],
+                      sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
 def _record_path(runs: str, stage: Stage) -> Path:
-    return Path(runs) / "reproduce" / f"{stage.name}.json"
+    return here(runs) / "reproduce" / f"{stage.name}.json"
 
 
 def up_to_date(stage: Stage, out: str, runs: str, key: str) -> bool:
@@ -270,7 +317,7 @@ def up_to_date(stage: Stage, out: str, runs: str, key: str) -> bool:
     if data.get("key") != key:
         return False
     for rel, sha in (data.get("outputs") or {}).items():
-        p = Path(out) / rel
+        p = here(out) / rel
         if not p.is_file() or _sha(p) != sha:
             return False
     return set(data.get("outputs") or {}) == set(stage.outputs)
@@ -281,9 +328,12 @@ def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = No
     """Run one stage's commands, then stamp its outputs and record the run."""
     digests, code = stage.digests(), code_digest()
     key = stage_key(stage, out, runs, digests, code)
+    at = (*git_commit(), code)          # what the outputs are stamped with, taken before the run
     t0 = time.perf_counter()
-    run_env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    # saved presets (tuned-T1, size-T1-resnet20) live with the stage's other run files
+    run_env = {**os.environ, "SNP_PRESETS": str(here(runs) / "presets"), **(env or {}),
+               "PYTHONPATH": os.pathsep.join(
+                   [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     for argv in stage.argv(out, runs):
         log.info("[%s] %s", stage.name, " ".join(argv))
         rc = (runner or _subprocess)(argv, run_env)
@@ -292,15 +342,15 @@ def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = No
     seconds = time.perf_counter() - t0
     shas = {}
     for rel in stage.outputs:
-        path = Path(out) / rel
+        path = here(out) / rel
         if not path.is_file():
             raise EngineError(f"stage {stage.name} did not write {path}")
         result = json.loads(path.read_text())
-        stamp(result, digests, stage.command_line(out, runs), stage.name)
+        stamp(result, digests, stage.command_line(out, runs), stage.name, at)
         result["provenance"]["seconds"] = round(seconds, 1)
         atomic_write_bytes(path, json.dumps(result, indent=1, default=str).encode())
         shas[rel] = _sha(path)
-    sha, dirty = git_commit()
+    sha, dirty, _ = at
     record = {"stage": stage.name, "key": key, "commit": sha, "dirty": dirty, "code": code,
               "digests": digests, "seconds": round(seconds, 1), "outputs": shas}
     atomic_write_bytes(_record_path(runs, stage), json.dumps(record, indent=1).encode())
@@ -352,22 +402,24 @@ def stage_status(path: str | Path, out: str | Path) -> dict[str, Any]:
     if not isinstance(prov, dict) or not isinstance(prov.get("digests"), dict):
         return {"path": str(path), "status": "stale", "stage": stage and stage.name,
                 "why": ["no provenance: made before results recorded their commit and digests"]}
-    row = {"path": str(path), "stage": prov.get("stage") or (stage and stage.name),
-           "commit": prov.get("commit", "unknown"), "created": prov.get("created", "")}
+    name = stage.name if stage else prov.get("stage")
+    row = {"path": str(path), "stage": name, "commit": prov.get("commit", "unknown"),
+           "created": prov.get("created", ""), "dirty": bool(prov.get("dirty")),
+           "code_changed": bool(prov.get("code")) and prov.get("code") != code_digest()}
     if prov.get("legacy"):
         row.update(status="stale", why=[prov.get("why") or "made before make results existed"])
         return row
-    current = STAGES[row["stage"]].digests() if row["stage"] in STAGES else {}
-    why = staleness(prov, current)
-    if prov.get("code") and prov["code"] != code_digest():
-        row["code_changed"] = True
+    if name not in STAGES:      # nothing to compare with: it cannot be shown to be current
+        row.update(status="stale", why=[f"no stage {name!r} regenerates it"])
+        return row
+    why = staleness(prov, STAGES[name].digests())
     row.update(status="stale" if why else "fresh", why=why)
     return row
 
 
 def status_table(out: str | Path) -> list[dict[str, Any]]:
     """:func:`stage_status` of every results JSON under ``out``, sorted by path."""
-    out = Path(out)
+    out = here(out)
     return [stage_status(p, out) for p in sorted(out.rglob("*.json"))]
 
 
@@ -381,10 +433,12 @@ def render_provenance(rows: list[dict[str, Any]], out: str | Path) -> str:
              "`make results` (python jobs/reproduce_all.py) regenerates them.", "",
              "| results JSON | stage | commit | status | why |", "|---|---|---|---|---|"]
     for r in rows:
-        why = "; ".join(r.get("why") or []) or ("algorithm code changed since" if r.get("code_changed") else "")
-        status = "**stale**" if r["status"] == "stale" else "fresh"
-        lines.append(f"| `{Path(r['path']).relative_to(Path(out)).as_posix()}` | {r.get('stage') or '–'} | "
+        notes = (["algorithm code changed since"] if r.get("code_changed") else []) + (
+            ["made with uncommitted changes"] if r.get("dirty") else [])
+        why = "; ".join((r.get("why") or []) + ([] if r["status"] == "stale" else notes))
+        status = "**stale**" if r["status"] == "stale" else ("fresh" if not notes else "current digests")
+        lines.append(f"| `{Path(r['path']).relative_to(here(out)).as_posix()}` | {r.get('stage') or '–'} | "
                      f"{(r.get('commit') or '–')[:12]} | {status} | {why} |")
     text = "\n".join(lines) + "\n"
-    atomic_write_bytes(Path(out) / "provenance.md", text.encode())
-    return str(Path(out) / "provenance.md")
+    atomic_write_bytes(here(out) / "provenance.md", text.encode())
+    return str(here(out) / "provenance.md")
