@@ -575,7 +575,7 @@ def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.evaluation.provenance import stamp
     from snp_ray.evaluation.reproduce import expansion_digests
 
-    stamp(result, expansion_digests(cfg), sys.argv, "expansion" if cfg.holders == "own" else "expansion-merge")
+    stamp(result, expansion_digests(cfg), sys.argv, "expansion" if cfg.holders == "own" else f"expansion-{cfg.holders}")
     paths = write_outputs(result, a.out)
     print(open(paths["md"]).read())
     return {"T": result["T"], "N": result["N"], "S": result["S"], "holders": result["holders"],

@@ -112,6 +112,12 @@ def _expansion() -> dict[str, str]:
     return expansion_digests(ExpansionConfig())
 
 
+def _expansion_merge() -> dict[str, str]:
+    from snp_ray.expansion import ExpansionConfig
+
+    return expansion_digests(ExpansionConfig(holders="merge"))
+
+
 SHARED_VARIANTS = ("threshold,threshold+frozen,threshold+frozen+table0.5,"
                    "threshold+frozen+table0.25,rate0.5,rate0.5+frozen")
 SHARED_ENC64 = "threshold+frozen,threshold0.3+frozen+table1.0"
@@ -221,20 +227,48 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
            ("{py}", "benchmarks/planner_compare.py", "--market", "{runs}/market50", "--k", "10",
             "--preset", "fast", "--requests", "100", "--plans", "best,top-2,all", "--limit",
             "all=0", "--one-per-model", "100", "--out", "{out}/planner/market50/planner_compare.json",
-            "--figure", "{out}/planner/market50/figure6-market50.png", "--json")),
-          ("planner/market50/planner_compare.json",), _presets("fast"), group="studies"),
+            "--figure", "{out}/planner/market50/figure6-market50.png", "--json"),
+           ("{py}", "benchmarks/planner_compare.py", "--market", "{runs}/market50", "--k", "10",
+            "--preset", "fast", "--requests", "100", "--plans", "all", "--limit", "all=5",
+            "--out", "{out}/planner/market50/planner_all.json", "--json")),
+          ("planner/market50/planner_compare.json", "planner/market50/planner_all.json"),
+          _presets("fast"), group="studies"),
     Stage("mixed", "A mixed market: three families added by their developers",
           (("{py}", "jobs/build_mixed_market.py", "--store", "{runs}/mixed", "--k", "10",
             "--slice-preset", "auto", "--auto-models", "mobilenet_v2-w0.5",
             "--candidates", "quick,quick-dw1.0", "--out", "{out}/mixed", "--json"),),
           ("mixed/mixed.json",), lambda: {**slice_digests("quick", {"quick": {}, "quick-dw1.0": {"depthwise_rate": 1.0}})},
           group="studies"),
+    Stage("mixed-diagnosis", "Where MobileNetV2 loses AUC: slice variants and group kinds (#13)",
+          (("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
+            "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants", "{}", '{"beta": 0.8}',
+            '{"beta": 0.9}', '{"mode": "rate", "beta": 1.0}', "--out", "{out}/mixed/diagnosis.json"),
+           ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
+            "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants",
+            '{"keep_whole": "depthwise"}', '{"keep_whole": "residual"}', '{"keep_whole": "last"}',
+            "--out", "{out}/mixed/diagnosis-groups.json")),
+          ("mixed/diagnosis.json", "mixed/diagnosis-groups.json"), _presets("quick"),
+          needs=("mixed",), group="studies"),
+    Stage("expansion-merge", "Expansion with every holder's fragment and shots (labelled, #14)",
+          (("{py}", "-m", "snp_ray.cli", "expansion", "--task", "T3-C10", "--combos", "100",
+            "--k", "5,10,20", "--market", "{runs}/expansion/T3-C10", "--out", "{out}/expansion",
+            "--holders", "merge", "--json"),),
+          ("expansion/T3-C10-merge/expansion.json",), _expansion_merge, group="studies"),
     Stage("slicer-speed", "Naive, cached and batched slicing side by side (performance)",
           (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/bench/vgg11", "--c10",
             "--variants", "naive:4:fp32", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--flops", "--plot", "{out}/slicer/batched_roofline.png",
             "--out", "{out}/slicer/batched.json"),),
           ("slicer/batched.json",), _presets("quick"), group="benchmarks"),
+    Stage("slicer-speed-market50", "Batched slicing where kernels are small (market50)",
+          (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/market50", "--classes", "12",
+            "--preset", "fast", "--variants", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
+            "--repeats", "2", "--flops", "--out", "{out}/slicer/batched_market50.json"),),
+          ("slicer/batched_market50.json",), _presets("fast"), needs=("market50",), group="benchmarks"),
+    Stage("driver-memory", "Driver memory and scheduler overhead of the slice job (#14)",
+          (("{py}", "benchmarks/driver_memory.py", "--out", "{out}/driver_memory/after.json"),),
+          ("driver_memory/after.json",), lambda: {"benchmark": "noop-benchmark slice mode"},
+          group="benchmarks"),
     Stage("serve", "The market service under load (loopback)",
           (("{py}", "benchmarks/serve_load.py", "--market", "{runs}/quickstart", "--preset", "quick",
             "--k", "10", "--requests", "300", "--new-packs", "24", "--seconds", "60",
