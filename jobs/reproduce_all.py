@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
     for r in rows:
         print(f"{r['status']:>5}  {Path(r['path']).relative_to(here(a.out))}  {'; '.join(r.get('why') or [])}")
-    print(json.dumps({"stages": ran, "paths": paths,
-                      "stale": [r["path"] for r in rows if r["status"] == "stale"]}))
+    rel = (lambda p: os.path.relpath(p, ROOT))
+    print(json.dumps({"stages": ran, "paths": {k: rel(v) for k, v in paths.items()},
+                      "stale": [rel(r["path"]) for r in rows if r["status"] == "stale"]}))
     return 1 if any(r["status"] in ("failed", "blocked") for r in ran) else 0
 
 

@@ -35,6 +35,15 @@ def test_every_published_results_json_names_its_commit_and_digests():
         provenance_of({"provenance": {"commit": "abc"}}, "x.json")
 
 
+def test_published_results_name_no_machine_folders():
+    import re
+
+    absolute = re.compile(r"(?<![\w.])/(?:work|home|root|tmp|Users)/")
+    for path in sorted(RESULTS.rglob("*")):
+        if path.suffix in (".json", ".md"):
+            assert not absolute.search(path.read_text()), path
+
+
 def test_published_provenance_marks_exactly_the_stale_results():
     """provenance.md agrees with a fresh check of every JSON against the current defaults."""
     text = (RESULTS / "provenance.md").read_text()
@@ -89,13 +98,15 @@ def test_runner_skips_only_unchanged_inputs_and_outputs(tmp_path, monkeypatch):
     def runner(argv, env):
         calls.append(argv)
         Path(argv[-1]).parent.mkdir(parents=True, exist_ok=True)
-        Path(argv[-1]).write_text(json.dumps({"value": len(calls)}))
+        Path(argv[-1]).write_text(json.dumps({"value": len(calls), "preset": str(REPO / "runs" / "p.json")}))
         return 0
 
     stage = _fake_stage()
     rows = reproduce.run_stages([stage], out, runs, runner=runner)
     assert rows[0]["status"] == "ran" and len(calls) == 1
-    prov = json.loads(Path(out, "x.json").read_text())["provenance"]
+    written = json.loads(Path(out, "x.json").read_text())
+    assert written["preset"] == "runs/p.json"                      # no machine's folders
+    prov = written["provenance"]
     assert prov["digests"] == {"slice": "d1"} and prov["stage"] == "fake" and prov["code"] == code_digest()
     assert reproduce.run_stages([stage], out, runs, runner=runner)[0]["status"].startswith("skipped")
     assert len(calls) == 1

@@ -24,17 +24,24 @@ ALGORITHM = ("slicing", "packing", "models", "market", "baselines", "data", "tun
 PRESENTATION = ("evaluation/provenance.py", "evaluation/reproduce.py", "evaluation/report.py")
 
 
+#: files outside the algorithm that only orchestrate or present results: editing them does not
+#: make a run "dirty"
+ORCHESTRATION = tuple(f"snp_ray/{p}" for p in PRESENTATION) + ("jobs/reproduce_all.py",)
+
+
 def git_commit(root: Path = ROOT) -> tuple[str, bool]:
-    """(HEAD's sha, whether tracked code differs from it); ("unknown", True) outside a checkout."""
+    """(HEAD's sha, whether code that decides results differs from it: the package, the jobs and
+    the benchmarks, less :data:`ORCHESTRATION`); ("unknown", True) outside a checkout."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "snp_ray", "jobs", "benchmarks"], cwd=root, capture_output=True,
-                               text=True, check=True, timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                  "snp_ray", "jobs", "benchmarks"], cwd=root, capture_output=True,
+                                 text=True, check=True, timeout=30).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unknown", True
-    return sha, bool(dirty)
+    paths = [line[3:].split(" -> ")[-1] for line in changed if line.strip()]
+    return sha, any(p not in ORCHESTRATION for p in paths)
 
 
 def code_digest(packages: tuple[str, ...] = ALGORITHM, root: Path = ROOT) -> str:
@@ -57,9 +64,21 @@ def stamp(result: dict[str, Any], digests: dict[str, str], command: list[str] | 
     sha, dirty, code = at or (*git_commit(), code_digest())
     result["provenance"] = {
         "commit": sha, "dirty": dirty, "code": code, "digests": dict(sorted(digests.items())),
-        "command": command if isinstance(command, str) else " ".join(command), "stage": stage,
+        "command": relative(command if isinstance(command, str) else " ".join(command)), "stage": stage,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return result
+
+
+def relative(value: Any) -> Any:
+    """``value`` with every path under the repository root written relative to it (strings in
+    lists and dicts too): a published result names no machine's folders."""
+    if isinstance(value, str):
+        return value.replace(str(ROOT) + "/", "")
+    if isinstance(value, list):
+        return [relative(v) for v in value]
+    if isinstance(value, dict):
+        return {k: relative(v) for k, v in value.items()}
+    return value
 
 
 def last_commit_of(path: Path, root: Path = ROOT) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.errors import ConfigError, EngineError, UnknownNameError
-from snp_ray.evaluation.provenance import ROOT, code_digest, git_commit, stamp, staleness
+from snp_ray.evaluation.provenance import ROOT, code_digest, git_commit, relative, stamp, staleness
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = No
     at = (*git_commit(), code)          # what the outputs are stamped with, taken before the run
     t0 = time.perf_counter()
     # saved presets (tuned-T1, size-T1-resnet20) live with the stage's other run files
-    run_env = {**os.environ, "SNP_PRESETS": str(here(runs) / "presets"), **(env or {}),
+    run_env = {**os.environ, "SNP_PRESETS": str(Path(runs) / "presets"), **(env or {}),
                "PYTHONPATH": os.pathsep.join(
                    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     for argv in stage.argv(out, runs):
@@ -379,7 +379,7 @@ def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = No
         path = here(out) / rel
         if not path.is_file():
             raise EngineError(f"stage {stage.name} did not write {path}")
-        result = json.loads(path.read_text())
+        result = relative(json.loads(path.read_text()))
         stamp(result, digests, stage.command_line(out, runs), stage.name, at)
         result["provenance"]["seconds"] = round(seconds, 1)
         atomic_write_bytes(path, json.dumps(result, indent=1, default=str).encode())
