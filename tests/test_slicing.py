@@ -224,7 +224,8 @@ def test_iou_and_auc():
     assert roc_auc(np.array([1, 1, 1]), np.array([0, 1, 1])) == 0.5
 
 
-def test_bad_config_and_class():
+def test_bad_config_and_class(tmp_path, monkeypatch):
+    monkeypatch.setenv("SNP_PRESETS", str(tmp_path))   # no saved presets of this checkout's runs/
     with pytest.raises(ConfigError, match="beta"):
         SliceConfig(beta=0)
     with pytest.raises(ConfigError, match="mode"):

@@ -140,11 +140,9 @@ def _shared(task: str, arch: str) -> Callable[[], dict[str, str]]:
     return digests
 
 
-def _presets(*names: str) -> Callable[[], dict[str, str]]:
-    def digests() -> dict[str, str]:
-        return slice_digests(names[0], {n: {} for n in names}) if len(names) == 1 else {
-            n: v for name in names for n, v in slice_digests(name, {name: {}}).items() if n != "pack"}
-    return digests
+def _preset(name: str) -> Callable[[], dict[str, str]]:
+    """The digests of a stage that slices and packs with preset ``name`` as it stands."""
+    return lambda: slice_digests(name, {name: {}})
 
 
 # ------------------------------------------------------------------------------- the stages
@@ -175,6 +173,13 @@ def _report(task: str, archs: str, ks: str) -> tuple[str, ...]:
     return ("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs, "--k", ks,
             "--targets", "5", "--preset", "quick", "--root", "{runs}/tables", "--out", "{out}",
             "--json")
+
+
+def _diagnosis(variants: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """The mixed market's MobileNetV2 diagnosis on class ship with ``variants`` (#13)."""
+    return ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
+            "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants", *variants,
+            "--out", f"{{out}}/mixed/{name}")
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
@@ -232,7 +237,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--preset", "fast", "--requests", "100", "--plans", "all", "--limit", "all=5",
             "--out", "{out}/planner/market50/planner_all.json", "--json")),
           ("planner/market50/planner_compare.json", "planner/market50/planner_all.json"),
-          _presets("fast"), group="studies"),
+          _preset("fast"), group="studies"),
     Stage("mixed", "A mixed market: three families added by their developers",
           (("{py}", "jobs/build_mixed_market.py", "--store", "{runs}/mixed", "--k", "10",
             "--slice-preset", "auto", "--auto-models", "mobilenet_v2-w0.5",
@@ -240,14 +245,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("mixed/mixed.json",), lambda: {**slice_digests("quick", {"quick": {}, "quick-dw1.0": {"depthwise_rate": 1.0}})},
           group="studies"),
     Stage("mixed-diagnosis", "Where MobileNetV2 loses AUC: slice variants and group kinds (#13)",
-          (("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
-            "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants", "{}", '{"beta": 0.8}',
-            '{"beta": 0.9}', '{"mode": "rate", "beta": 1.0}', "--out", "{out}/mixed/diagnosis.json"),
-           ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
-            "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants",
-            '{"keep_whole": "depthwise"}', '{"keep_whole": "residual"}', '{"keep_whole": "last"}',
-            "--out", "{out}/mixed/diagnosis-groups.json")),
-          ("mixed/diagnosis.json", "mixed/diagnosis-groups.json"), _presets("quick"),
+          (_diagnosis(("{}", '{"beta": 0.8}', '{"beta": 0.9}', '{"mode": "rate", "beta": 1.0}'),
+                      "diagnosis.json"),
+           _diagnosis(('{"keep_whole": "depthwise"}', '{"keep_whole": "residual"}',
+                       '{"keep_whole": "last"}'), "diagnosis-groups.json")),
+          ("mixed/diagnosis.json", "mixed/diagnosis-groups.json"), _preset("quick"),
           needs=("mixed",), group="studies"),
     Stage("expansion-merge", "Expansion with every holder's fragment and shots (labelled, #14)",
           (("{py}", "-m", "snp_ray.cli", "expansion", "--task", "T3-C10", "--combos", "100",
@@ -259,12 +261,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--variants", "naive:4:fp32", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--flops", "--plot", "{out}/slicer/batched_roofline.png",
             "--out", "{out}/slicer/batched.json"),),
-          ("slicer/batched.json",), _presets("quick"), group="benchmarks"),
+          ("slicer/batched.json",), _preset("quick"), group="benchmarks"),
     Stage("slicer-speed-market50", "Batched slicing where kernels are small (market50)",
           (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/market50", "--classes", "12",
             "--preset", "fast", "--variants", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--repeats", "2", "--flops", "--out", "{out}/slicer/batched_market50.json"),),
-          ("slicer/batched_market50.json",), _presets("fast"), needs=("market50",), group="benchmarks"),
+          ("slicer/batched_market50.json",), _preset("fast"), needs=("market50",), group="benchmarks"),
     Stage("driver-memory", "Driver memory and scheduler overhead of the slice job (#14)",
           (("{py}", "benchmarks/driver_memory.py", "--out", "{out}/driver_memory/after.json"),),
           ("driver_memory/after.json",), lambda: {"benchmark": "noop-benchmark slice mode"},
@@ -273,7 +275,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (("{py}", "benchmarks/serve_load.py", "--market", "{runs}/quickstart", "--preset", "quick",
             "--k", "10", "--requests", "300", "--new-packs", "24", "--seconds", "60",
             "--out", "{out}/serve/serve_load.json", "--json"),),
-          ("serve/serve_load.json",), _presets("quick"), group="benchmarks"),
+          ("serve/serve_load.json",), _preset("quick"), group="benchmarks"),
 ]}
 
 
@@ -424,8 +426,9 @@ def run_stages(stages: list[Stage], out: str, runs: str, force: bool = False,
 
 
 # ------------------------------------------------------------------------------- staleness
-def stage_status(path: str | Path, out: str | Path) -> dict[str, Any]:
-    """Fresh or stale, and why, for one results JSON under ``out``."""
+def stage_status(path: str | Path, out: str | Path, code: str | None = None) -> dict[str, Any]:
+    """Fresh or stale, and why, for one results JSON under ``out`` (``code``: the current
+    algorithm digest, when the caller has it already)."""
     path = Path(path)
     try:
         result = json.loads(path.read_text())
@@ -439,7 +442,7 @@ def stage_status(path: str | Path, out: str | Path) -> dict[str, Any]:
     name = stage.name if stage else prov.get("stage")
     row = {"path": str(path), "stage": name, "commit": prov.get("commit", "unknown"),
            "created": prov.get("created", ""), "dirty": bool(prov.get("dirty")),
-           "code_changed": bool(prov.get("code")) and prov.get("code") != code_digest()}
+           "code_changed": bool(prov.get("code")) and prov.get("code") != (code or code_digest())}
     if prov.get("legacy"):
         row.update(status="stale", why=[prov.get("why") or "made before make results existed"])
         return row
@@ -453,8 +456,8 @@ def stage_status(path: str | Path, out: str | Path) -> dict[str, Any]:
 
 def status_table(out: str | Path) -> list[dict[str, Any]]:
     """:func:`stage_status` of every results JSON under ``out``, sorted by path."""
-    out = here(out)
-    return [stage_status(p, out) for p in sorted(out.rglob("*.json"))]
+    out, code = here(out), code_digest()      # hashed once, not once per file
+    return [stage_status(p, out, code) for p in sorted(out.rglob("*.json"))]
 
 
 def render_provenance(rows: list[dict[str, Any]], out: str | Path) -> str:
