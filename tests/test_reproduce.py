@@ -44,6 +44,32 @@ def test_published_results_name_no_machine_folders():
             assert not absolute.search(path.read_text()), path
 
 
+def _sections(md: str) -> dict[str, str]:
+    """``## `` heading -> its body, for a Markdown file (the text before the first one is dropped)."""
+    import re
+    parts = re.split(r"^## (.+)$", md, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def test_every_results_section_names_its_stages_and_every_stage_is_published():
+    """RESULTS.md holds only numbers that ``make results`` makes: each section names the stages
+    behind it, and no stage's output goes unpublished; one-off records live in MEASUREMENTS.md,
+    each heading naming the commit it was measured at."""
+    import re
+    sections = _sections((REPO / "docs" / "RESULTS.md").read_text())
+    assert len(sections) >= 8
+    named = set()
+    for title, body in sections.items():
+        line = re.search(r"^Stages: (.+)\.$", body, flags=re.M)
+        assert line, f"section {title!r} names no stage"
+        names = re.findall(r"`([^`]+)`", line.group(1))
+        assert names and set(names) <= set(reproduce.STAGES), (title, names)
+        named |= set(names)
+    assert named == set(reproduce.STAGES), set(reproduce.STAGES) - named
+    records = _sections((REPO / "docs" / "MEASUREMENTS.md").read_text())
+    assert records and all("commit" in title for title in records), list(records)
+
+
 def test_published_provenance_marks_exactly_the_stale_results():
     """provenance.md agrees with a fresh check of every JSON against the current defaults."""
     text = (RESULTS / "provenance.md").read_text()
