@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,8 +37,6 @@ def test_every_published_results_json_names_its_commit_and_digests():
 
 
 def test_published_results_name_no_machine_folders():
-    import re
-
     absolute = re.compile(r"(?<![\w.])/(?:work|home|root|Users)/")   # a checkout or a home
     for path in sorted(RESULTS.rglob("*")):
         if path.suffix in (".json", ".md"):
@@ -46,7 +45,6 @@ def test_published_results_name_no_machine_folders():
 
 def _sections(md: str) -> dict[str, str]:
     """``## `` heading -> its body, for a Markdown file (the text before the first one is dropped)."""
-    import re
     parts = re.split(r"^## (.+)$", md, flags=re.M)
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
 
@@ -55,7 +53,6 @@ def test_every_results_section_names_its_stages_and_every_stage_is_published():
     """RESULTS.md holds only numbers that ``make results`` makes: each section names the stages
     behind it, and no stage's output goes unpublished; one-off records live in MEASUREMENTS.md,
     each heading naming the commit it was measured at."""
-    import re
     sections = _sections((REPO / "docs" / "RESULTS.md").read_text())
     assert len(sections) >= 8
     named = set()
