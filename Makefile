@@ -14,7 +14,7 @@ endif
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test results bench clean cluster submit cluster-stop
+.PHONY: install run test results bench clean cluster submit cluster-stop learnware-env
 
 install: $(STAMP)
 
@@ -35,6 +35,21 @@ test: $(STAMP)
 # `RESULTS_ARGS='--only T6,T7'` picks some). Hours on a 2-core machine for all of them.
 results: $(STAMP)
 	$(PY) jobs/reproduce_all.py $(RESULTS_ARGS)
+
+# The learnware package (LAMDA's learnware market, its reusers) in its own environment: it pulls
+# transformers, trl, peft and lm_eval, so it never enters make test's install. Used by
+# jobs/learnware_benchmark.py --learnware-python .venv-learnware/bin/python (issue #25).
+# EnsemblePruningReuser needs geatpy, whose official 2.7.0 has no Python 3.11 wheel: geatpy-rs
+# (a third party's Rust port, installed as the module geatpy) stands in, and RESULTS says so.
+LW_VENV ?= .venv-learnware
+learnware-env: $(LW_VENV)/.installed
+
+$(LW_VENV)/.installed: constraints-learnware.txt
+	@test -x $(LW_VENV)/bin/python || python3 -m venv $(LW_VENV)
+	$(LW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LW_VENV)/bin/python -m pip install -c constraints-learnware.txt torch torchvision \
+	  learnware==0.4.0.post1 torch-optimizer lightgbm geatpy-rs
+	@touch $@
 
 # A local Ray head with token auth, started from .venv so that a job's `python` is the venv's
 # (`ray start` outside the venv gives jobs the system python: "No module named 'torch'").

@@ -267,6 +267,15 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-samples", choices=["chosen", "union"], default="chosen",
                    help="with --plan: train on the chosen fragments' own k shots, or every holder's")
     p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
+    p.add_argument("--samples", default="", metavar="FILE.parquet",
+                   help="train on your own labeled samples: a Parquet file in the dataset's schema "
+                        "(image PNG bytes or text, and label = the dataset's class id), every label "
+                        "one of --classes; with --plan, candidates are also scored on them")
+    p.add_argument("--with-market-shots", action="store_true",
+                   help="with --samples: train on the market's few-shot samples too")
+    p.add_argument("--balance", choices=["none", "class"], default="none",
+                   help="class: every class weighs the same in the loss, whatever its sample count "
+                        "(for imbalanced --samples)")
     p.add_argument("--no-share-tables", dest="share_tables", action="store_false",
                    help="keep one lookup table per fragment (default: fragments of one source "
                         "model share theirs; exact, PackConfig.share_tables)")
@@ -281,28 +290,46 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.market import Market
     from snp_ray.packing import export_pack, preset_pack_config
     from snp_ray.packing.model import check_export_formats
-    from snp_ray.packing.request import pack_request
+    from snp_ray.packing.request import pack_request, resolve_classes
 
     formats = check_export_formats([f.strip() for f in a.export.split(",") if f.strip()])
     if formats and not a.out:
         raise ConfigError("--export writes into the pack's folder: give --out too")
     cfg = preset_pack_config(a.preset, shared=a.shared, share_tables=a.share_tables,
+                             balance=a.balance,
                              **({"delta": a.delta} if a.delta is not None else {}))
     slice_cfg = _slice_config(a)
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
     market, plan = Market(a.store), None
+    ids = resolve_classes(market, requested)
+    requester = _requester_samples(market, ids, a.samples) if a.samples else None
+    if a.with_market_shots and requester is None:
+        raise ConfigError("--with-market-shots adds the market's shots to your own: give --samples")
+    if requester is not None and not a.with_market_shots:
+        from snp_ray.serve.samples import check_covers
+
+        check_covers(requester, {c: _class_name(market, c) for c in ids}, "--with-market-shots")
     if a.plan:                 # choose first, on few-shot data only; the test split comes after
         from snp_ray.packing.planner import PlanConfig, pack_planned, plan_request
-        from snp_ray.packing.request import resolve_classes
 
-        plan = plan_request(market, resolve_classes(market, requested), a.k, slice_cfg,
-                            PlanConfig(policy=a.plan, samples=a.plan_samples), a.seed)
-        packed = pack_planned(market, plan, a.k, cfg, a.seed)
+        plan = plan_request(market, ids, a.k, slice_cfg,
+                            PlanConfig(policy=a.plan, samples=a.plan_samples), a.seed,
+                            requester=requester)
+        packed = pack_planned(market, plan, a.k, cfg, a.seed, requester=requester,
+                              with_market_shots=a.with_market_shots)
     else:
-        packed = pack_request(market, requested, a.k, slice_cfg, cfg, a.seed)
+        packed = pack_request(market, requested, a.k, slice_cfg, cfg, a.seed,
+                              requester=requester, with_market_shots=a.with_market_shots)
     result = evaluate_pack(packed)
     if plan is not None:
         result["plan"] = plan.to_dict()
+    result["train_samples"] = int(packed.spec.metrics["train_samples"])
+    if requester is not None:
+        from snp_ray.serve.samples import source_of
+
+        result["samples"] = {"file": a.samples, "source": source_of(requester),
+                             "count": len(requester), "sha256": requester.sha256,
+                             "market": result["train_samples"] - len(requester)}
     if a.out:
         packed.save(a.out)
         result["path"] = a.out
@@ -312,6 +339,24 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
                   f"{result['pack_seconds']:.2f}"]],
                 ["classes", "test acc", "params (deployable)", "params (training)", "pack s"]))
     return result
+
+
+def _requester_samples(market, ids: list[int], path: str):
+    """``--samples``: the file read under the service's byte cap, then its rows (at most the
+    service's row cap) in the market's dataset schema, every label one of ``ids``."""
+    from snp_ray.serve import samples as samples_io
+
+    datasets = sorted({s.dataset for c in ids for s in market.holders(c)})
+    if len(datasets) != 1:
+        raise ConfigError(f"the requested classes come from several datasets {datasets}")
+    data = samples_io.read_capped(path, samples_io.MAX_BYTES, "samples file")
+    return samples_io.from_parquet(data, datasets[0], ids, f"samples file {path}",
+                                   samples_io.MAX_ROWS)
+
+
+def _class_name(market, class_id: int) -> str:
+    spec = market.holders(class_id)[0]
+    return spec.class_names[spec.classes.index(class_id)]
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:

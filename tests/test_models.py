@@ -15,7 +15,7 @@ def test_vgg16_has_the_papers_parameter_count():
 
 
 @pytest.mark.parametrize("arch", ["vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet32",
-                                  "resnet56", "resnet34"])
+                                  "resnet56", "resnet34", "lwconv"])
 def test_image_models_split_features_from_head(arch):
     m = build_model(arch, 7, 0.25).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -51,6 +51,22 @@ def test_width_multiplier_scales_channels():
 def test_resnet_depths(arch, blocks):
     m = build_model(arch, 10, 0.25)
     assert sum(isinstance(b, BasicBlock) for b in m.modules()) == blocks
+
+
+def test_lwconv_is_learnwares_cifar_convmodel():
+    """3 x [Conv2d 3x3 (bias), BatchNorm2d, ReLU, AvgPool2d(2)] at 64 channels, the (64, 4, 4) map
+    flattened to 1024 features, Linear(1024, classes): 86,282 parameters at 10 classes, the
+    count of learnware's ConvModel(3, 10) (net_width=64, net_depth=3)."""
+    m = build_model("lwconv", 10).eval()
+    assert count_params(m) == 86_282
+    convs = [c for c in m.features if isinstance(c, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.padding, c.bias is not None) for c in convs] == \
+        [(64, (3, 3), (1, 1), True)] * 3
+    assert sum(isinstance(c, torch.nn.AvgPool2d) for c in m.features) == 3
+    assert m.features(torch.randn(2, 3, 32, 32)).shape == (2, 1024) and m.feature_dim == 1024
+    assert (m.head.in_features, m.head.out_features) == (1024, 10)
+    half = build_model("lwconv", 4, 0.5)
+    assert half.feature_dim == 32 * 16 and half.head.out_features == 4
 
 
 def test_unknown_arch_lists_valid_names():

@@ -234,6 +234,144 @@ def test_bad_requests_get_a_named_4xx_and_leave_the_store_unchanged(client, mark
     assert c.get("/-/healthz").status_code == 200
 
 
+# ---------------------------------------------------------------- requester samples
+LABELS = [0, 0, 3, 3, 6, 6]                     # airplane, cat, frog: two each
+
+
+@pytest.fixture
+def sample_client(market):
+    """A client whose service takes at most 8 samples (and 8 images) per request."""
+    from fastapi.testclient import TestClient
+
+    service = _service(market, max_body_bytes=64 * 1024, max_images=8)
+    with TestClient(create_api(service, LocalPredictor(service.packs, 2))) as c:
+        yield c, service
+
+
+def _parquet(images: np.ndarray, labels, blobs: list[bytes] | None = None) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": pa.array(blobs or [png_bytes(i) for i in images], pa.binary()),
+                      "label": pa.array(np.asarray(labels, dtype=np.int16))})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _multipart(request: dict, samples: bytes) -> dict:
+    import json
+
+    return {"files": [("request", (None, json.dumps(request), "application/json")),
+                      ("samples", ("mine.parquet", samples, "application/octet-stream"))]}
+
+
+def _b64(images: np.ndarray) -> list[str]:
+    return [base64.b64encode(png_bytes(i)).decode() for i in images]
+
+
+def test_requester_samples_build_a_pack_on_them_named_by_their_digest(sample_client):
+    """Multipart (a Parquet part) and JSON (base64 PNGs, labels as names) both pack on exactly the
+    requester's samples; the same samples are the same request (cached, whichever way they
+    came), other samples another pack, and with_market_shots adds the market's k shots."""
+    from snp_ray.packing.samples import PackSamples
+
+    c, service = sample_client
+    x = _images(6, seed=11)
+    data = _parquet(x, LABELS)
+    sha = PackSamples.from_parquet(data, "cifar10").sha256
+    first = c.post("/v1/packs", **_multipart(REQUEST, data))
+    assert first.status_code == 200, first.text
+    first = first.json()
+    assert first["cached"] is False and first["fewshot_samples"] == 6
+    assert first["samples"] == {"requester": 6, "market": 0, "sha256": sha}
+    assert "requester's own samples" in first["fewshot_accuracy_method"]
+    assert {row["candidates"][0]["source"] for row in first["plan"]["classes"]} == {"requester AUC"}
+
+    names = {0: "airplane", 3: "cat", 6: "frog"}
+    again = c.post("/v1/packs", json={**REQUEST, "samples": {
+        "images": _b64(x), "labels": [names[i] for i in LABELS]}}).json()
+    assert again["id"] == first["id"] and again["cached"] is True and service.builds == 1
+    plain = c.post("/v1/packs", json=REQUEST).json()
+    assert plain["id"] != first["id"] and plain["samples"]["requester"] == 0
+
+    other = c.post("/v1/packs", json={**REQUEST, "samples": {
+        "images": _b64(_images(6, seed=12)), "labels": LABELS}}).json()
+    assert other["id"] != first["id"] and other["cached"] is False
+    relabelled = c.post("/v1/packs", **_multipart(REQUEST, _parquet(x, [0, 3, 0, 3, 6, 6]))).json()
+    assert relabelled["id"] not in (first["id"], other["id"])
+
+    both = c.post("/v1/packs", **_multipart({**REQUEST, "with_market_shots": True}, data)).json()
+    assert both["id"] != first["id"] and both["fewshot_samples"] == 6 + 3 * 5
+    assert both["samples"] == {"requester": 6, "market": 15, "sha256": sha}
+    assert service.builds == 5
+    assert service.packs.load(first["id"]).spec.metrics["train_samples"] == 6
+
+
+def _bomb() -> bytes:
+    """A PNG of 225 million pixels in about 30 KB (Pillow refuses to open it)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (15_000, 15_000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_requester_samples_get_a_named_4xx_and_leave_the_store_unchanged(sample_client, market):
+    import json
+
+    c, _ = sample_client
+    x = _images(6, seed=11)
+    good = {"images": _b64(x), "labels": LABELS}
+    bomb = _bomb()
+    bad = [
+        ({"json": {**REQUEST, "samples": {"images": _b64(_images(9)), "labels": [0] * 9}}},
+         400, "9 images, more than the 8 allowed"),
+        (_multipart(REQUEST, _parquet(_images(9), [0, 3, 6] * 3)), 400, "more than the 8 allowed"),
+        ({"json": {**REQUEST, "samples": {**good, "images": ["%%%"] + good["images"][1:]}}},
+         400, "not valid base64"),
+        ({"json": {**REQUEST, "samples": {**good, "images": [base64.b64encode(b"no").decode()]
+                                           + good["images"][1:]}}}, 400, "does not decode"),
+        ({"json": {**REQUEST, "samples": {**good, "images": [base64.b64encode(bomb).decode()]
+                                           + good["images"][1:]}}}, 400, "does not decode"),
+        (_multipart(REQUEST, _parquet(x, LABELS, [b"not a png"] + [png_bytes(i) for i in x[1:]])),
+         400, "not a decodable image"),
+        (_multipart(REQUEST, _parquet(x, LABELS, [bomb] + [png_bytes(i) for i in x[1:]])),
+         400, "too large to decode"),
+        ({"json": {**REQUEST, "samples": {**good, "labels": ["dog"] + LABELS[1:]}}},
+         400, "label 0 ('dog') is not a class of the request"),
+        ({"json": {**REQUEST, "samples": {**good, "labels": [5] + LABELS[1:]}}},
+         400, "is not a class of the request"),
+        (_multipart(REQUEST, _parquet(x, [5] + LABELS[1:])), 400, "hold classes [5] that the request"),
+        ({"json": {**REQUEST, "samples": {**good, "labels": [0, 0, 3, 3, 3, 3]}}},
+         400, "the samples hold none of ['frog (6)']"),
+        ({"json": {**REQUEST, "samples": {**good, "labels": LABELS[1:]}}}, 400, "one label per image"),
+        ({"json": {**REQUEST, "samples": {"images": good["images"]}}}, 400, "with 'images' and 'labels'"),
+        ({"json": {**REQUEST, "samples": {"texts": ["a"], "labels": [0]}}}, 400, "packs take images"),
+        ({"json": {**REQUEST, "with_market_shots": True}}, 400, "send 'samples' too"),
+        ({"json": {**REQUEST, "samples": good, "with_market_shots": "yes"}}, 400, "true or false"),
+        ({"content": json.dumps(REQUEST), "headers": {"content-type": "text/plain"}},
+         400, "got content-type 'text/plain'"),
+        ({"content": b"PAR1...", "headers": {"content-type": "application/octet-stream"}},
+         400, "a 'samples' part (a Parquet file)"),
+        ({"files": [("request", (None, json.dumps(REQUEST)))]}, 400, "missing ['samples']"),
+        ({"files": [("samples", ("s.parquet", _parquet(x, LABELS)))]}, 400, "missing ['request']"),
+        ({"files": [("request", (None, json.dumps(REQUEST))), ("samples", (None, "abc"))]},
+         400, "must be a file upload"),
+        ({"files": [("request", (None, "{not json")), ("samples", ("s.parquet", b"x"))]},
+         400, "'request' part is not valid JSON"),
+        (_multipart(REQUEST, b"not parquet"), 400, "not a readable Parquet file"),
+        (_multipart({**REQUEST, "samples": good}, _parquet(x, LABELS)), 400, "not both"),
+    ]
+    before = snapshot(market)
+    for kwargs, status, text in bad:
+        r = c.post("/v1/packs", **kwargs)
+        assert r.status_code == status, (text, r.status_code, r.text[:300])
+        assert text in r.json()["error"], (text, r.json())
+        assert r.json()["type"]
+    assert snapshot(market) == before
+
+
 # ---------------------------------------------------------------- through Ray Serve
 def _post_image(url: str, pid: str, img: np.ndarray) -> list:
     r = requests.post(f"{url}v1/packs/{pid}/predict",
@@ -345,3 +483,10 @@ def test_a_text_market_packs_and_predicts_texts(text_market, tmp_path):
         assert r.status_code == 400 and "image packs" in r.json()["error"]
         r = c.post(f"/v1/packs/{meta['id']}/predict", json={"texts": [3]})
         assert r.status_code == 400 and "'texts' must be" in r.json()["error"]
+        # a requester's own texts, labelled by name: the pack trains on them alone
+        own = {"texts": texts + ["awful"], "labels": ["very positive", "very negative",
+                                                      "very negative", "very negative"]}
+        mine = c.post("/v1/packs", json={"classes": ["very negative", "very positive"], "k": 5,
+                                         "samples": own}).json()
+        assert mine["fewshot_samples"] == 4 and mine["samples"]["requester"] == 4, mine
+        assert mine["id"] != meta["id"] and mine["modality"] == "text"

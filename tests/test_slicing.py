@@ -184,7 +184,7 @@ def test_selection_threshold_and_rate():
     assert select_units(torch.zeros(4), "threshold", 0.5, min_units=1).numel() == 1
 
 
-@pytest.mark.parametrize("arch", ["resnet20", "gru"])
+@pytest.mark.parametrize("arch", ["resnet20", "gru", "lwconv"])
 def test_round_trip_is_bit_exact_and_tamper_is_refused(tmp_path, arch):
     model, spec, fs, slicer, out = run(arch, mode="rate", beta=0.5)
     fspec = FragmentSpec(

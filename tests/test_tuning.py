@@ -27,11 +27,12 @@ SMOKE_CV = {"pool_epochs": 1, "adapt_epochs": 1, "combine_epochs": 1}
 
 def test_folds_are_stratified_and_follow_the_row_not_the_model():
     rows = {3: list(range(0, 10)), 7: list(range(10, 20)), 9: list(range(20, 30))}
-    fmap = deal_folds(rows, 3, fold_seed=1)
-    for c, rs in rows.items():
-        counts = np.bincount([fmap[r] for r in rs], minlength=3)
+    keys = {c: [f"cifar10/train#{r}" for r in rs] for c, rs in rows.items()}
+    fmap = deal_folds(keys, 3, fold_seed=1)
+    for c, ks in keys.items():
+        counts = np.bincount([fmap[k] for k in ks], minlength=3)
         assert sorted(counts.tolist()) == [3, 3, 4]
-    assert fmap != deal_folds(rows, 3, fold_seed=2)       # the seed deals differently
+    assert fmap != deal_folds(keys, 3, fold_seed=2)       # the seed deals differently
     # two models' few-shot sets that share rows (a class held twice) put them in the same fold
     labels = np.repeat([3, 7], 10)
     a = FewShotSet(FewShotManifest(dataset="cifar10", k=10, seed=0, classes=[3, 7],
@@ -42,7 +43,7 @@ def test_folds_are_stratified_and_follow_the_row_not_the_model():
     fa, fb = fold_of(a, fmap), fold_of(b, fmap)
     assert fa[10:].tolist() == fb[:10].tolist()
     held = a.select(fa == 0)                              # select keeps each sample's row id
-    assert set(held.row_ids.tolist()) == {r for r in range(20) if fmap[r] == 0}
+    assert set(held.row_ids.tolist()) == {r for r in range(20) if fmap[f"cifar10/train#{r}"] == 0}
     with pytest.raises(ConfigError):
         CVConfig(k=5, folds=6, targets=[[0, 3]])
 

@@ -63,14 +63,25 @@ class FewShotSet:
     raw: np.ndarray | list[str]
     labels: np.ndarray
     class_names: list[str] = field(default_factory=list)
-    rows: np.ndarray | None = None   # train-split row of each sample; None = the manifest's order
+    rows: np.ndarray | None = None   # row of each sample in its source; None = the manifest's order
+    #: where the rows live: ``dataset/split`` for seeded shots, ``upload:<sha256>`` for a
+    #: developer's uploaded file. Row ids of two sources never mean the same sample.
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.source = self.source or f"{self.manifest.dataset}/{self.manifest.split}"
 
     @property
     def row_ids(self) -> np.ndarray:
-        """The train-split row id of every sample (kept through :meth:`select`)."""
+        """The row id of every sample in :attr:`source` (kept through :meth:`select`)."""
         if self.rows is not None:
             return self.rows
         return np.array([r for per_class in self.manifest.row_ids for r in per_class], dtype=np.int64)
+
+    @property
+    def keys(self) -> np.ndarray:
+        """A global identity per sample, ``source#row``: equal keys are the same sample."""
+        return sample_keys(self.source, self.row_ids)
 
     @property
     def classes(self) -> list[int]:
@@ -87,7 +98,8 @@ class FewShotSet:
     def select(self, mask: np.ndarray) -> "FewShotSet":
         idx = np.flatnonzero(mask)
         raw = self.raw[idx] if isinstance(self.raw, np.ndarray) else [self.raw[i] for i in idx]
-        return FewShotSet(self.manifest, raw, self.labels[idx], self.class_names, self.row_ids[idx])
+        return FewShotSet(self.manifest, raw, self.labels[idx], self.class_names, self.row_ids[idx],
+                          self.source)
 
     def of_class(self, c: int) -> "FewShotSet":
         if c not in self.classes:
@@ -95,8 +107,22 @@ class FewShotSet:
         return self.select(self.labels == c)
 
 
-def load_fewshot(manifest: FewShotManifest, split: Split | None = None) -> FewShotSet:
-    """Materialise a manifest from the train split (pass ``split`` to reuse one already loaded)."""
+def sample_keys(source: str, rows) -> np.ndarray:
+    """``source#row`` for each row: the one identity of a sample across markets and uploads."""
+    return np.array([f"{source}#{int(r)}" for r in rows], dtype=object)
+
+
+def key_order(key: str) -> tuple[str, int]:
+    """Sort order of sample keys: by source, then by row as a number (so one source's keys sort
+    as its row ids do)."""
+    source, _, row = str(key).rpartition("#")
+    return source, int(row)
+
+
+def load_fewshot(manifest: FewShotManifest, split: Split | None = None,
+                 source: str = "") -> FewShotSet:
+    """Materialise a manifest from the train split (pass ``split`` to reuse one already loaded;
+    ``source`` names an uploaded split, see :attr:`FewShotSet.source`)."""
     split = split or read_split(manifest.dataset, manifest.split)
     rows = np.array([r for per_class in manifest.row_ids for r in per_class], dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= len(split)):
@@ -106,4 +132,5 @@ def load_fewshot(manifest: FewShotManifest, split: Split | None = None) -> FewSh
     if not np.array_equal(sub.labels, expected):
         raise DataError(f"few-shot manifest rows of {manifest.dataset} do not carry the labels it claims")
     raw = sub.images if sub.images is not None else sub.texts
-    return FewShotSet(manifest, raw, sub.labels, [split.class_names[c] for c in manifest.classes], rows)
+    return FewShotSet(manifest, raw, sub.labels, [split.class_names[c] for c in manifest.classes], rows,
+                      source)

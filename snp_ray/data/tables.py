@@ -9,6 +9,7 @@ receive few-shot sets, never a reader, so they cannot reach test rows by acciden
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -68,6 +69,22 @@ _TYPE_CHECKS = {
     "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
     "bool": pa.types.is_boolean,
 }
+
+
+@contextlib.contextmanager
+def test_split_fenced():
+    """Within the block, any read of a protected (test) split fails, even through the
+    evaluation API and in processes started inside it (an environment variable): every choice a
+    job makes (plans, configs, presets) is made inside one."""
+    before = os.environ.get(ENV_FENCE)
+    os.environ[ENV_FENCE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_FENCE, None)
+        else:
+            os.environ[ENV_FENCE] = before
 
 
 def check_schema(schema: pa.Schema, expected: dict[str, str], what: str) -> None:
@@ -161,6 +178,10 @@ def _decoded_images(path: Path) -> np.ndarray:
     return arr
 
 
+#: formats a dataset or an upload may hold (others, e.g. EPS, run external decoders)
+IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
+
+
 def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
     """PNG/JPEG bytes -> (N, 32, 32, 3) uint8; a wrong size or mode is a DataError."""
     from PIL import Image, UnidentifiedImageError
@@ -171,8 +192,13 @@ def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
             raise DataError(f"{what}: row {i} has no image")
         try:
             with Image.open(io.BytesIO(blob)) as im:
+                if im.format not in IMAGE_FORMATS:
+                    raise DataError(f"{what}: row {i} is a {im.format} image; PNG, JPEG or WEBP only")
+                if (im.height, im.width) != IMAGE_SHAPE[:2]:   # from the header, before decoding
+                    raise DataError(f"{what}: row {i} is {im.width}x{im.height} pixels, expected "
+                                    f"{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]}")
                 arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"{what}: row {i} is not a decodable image ({e})") from None
         if arr.shape != IMAGE_SHAPE:
             raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")
@@ -181,12 +207,18 @@ def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
 
 
 def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[str],
-                     what: str) -> Split:
+                     what: str, max_rows: int | None = None) -> Split:
     """A split from Parquet bytes in ``dataset``'s schema (e.g. a developer's own few-shot
-    samples); labels are ``dataset``'s class ids, checked against ``class_names``."""
+    samples); labels are ``dataset``'s class ids, checked against ``class_names``. Only the
+    schema's columns are read, and ``max_rows`` is checked from the footer before any of them."""
     info = get_dataset(dataset)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        file = pq.ParquetFile(pa.BufferReader(data))
+        if max_rows is not None and file.metadata.num_rows > max_rows:
+            raise DataError(f"{what} holds {file.metadata.num_rows} rows, more than the "
+                            f"{max_rows} allowed")
+        check_schema(file.schema_arrow, info.columns, what)
+        table = file.read(columns=list(info.columns))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{what} is not a readable Parquet file: {e}") from None
     check_schema(table.schema, info.columns, what)

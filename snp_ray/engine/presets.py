@@ -14,6 +14,11 @@ from snp_ray.market.build import MarketConfig
 from snp_ray.market.training import TrainConfig
 
 
+#: the learnware image workflow's training recipe for its ConvModel
+LW_TRAIN = TrainConfig(epochs=35, batch_size=128, lr=0.01, weight_decay=0.0, augment=False,
+                       schedule="constant", nesterov=False)
+
+
 @dataclass
 class JobPreset(Config):
     name: str
@@ -34,6 +39,14 @@ PRESETS: dict[str, JobPreset] = {p.name: p for p in [
     JobPreset("market50", MarketConfig(task="C10-M50", arch="vgg11", width=0.125,
                                        train=TrainConfig(epochs=8), ks=[5, 10]),
               k=10, store="runs/market50", slice_preset="fast"),
+    # the learnware market's CIFAR-10 scenario (issue #25): their ConvModel and recipe (SGD lr
+    # 0.01, momentum 0.9, batch 128, 35 epochs, no augmentation); fewer epochs are passed
+    # explicitly (jobs/learnware_benchmark.py --epochs) and published beside this value
+    JobPreset("lw-c10", MarketConfig(task="LW-C10", arch="lwconv", width=1.0, train=LW_TRAIN,
+                                     ks=[10]), k=10, store="runs/lw-c10", slice_preset="fast"),
+    JobPreset("lw-c10-smoke", MarketConfig(task="LW-C10-S", arch="lwconv", width=0.25,
+                                           train=LW_TRAIN.replace(epochs=1), ks=[5]),
+              k=5, store="runs/lw-c10-smoke", slice_preset="smoke"),
     JobPreset("market12", MarketConfig(task="C10-M12", arch="vgg11", width=0.125,
                                        train=TrainConfig(epochs=1, train_fraction=0.25), ks=[5]),
               k=5, store="runs/market12", slice_preset="smoke"),

@@ -256,6 +256,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--k", "5,10,20", "--market", "{runs}/expansion/T3-C10", "--out", "{out}/expansion",
             "--holders", "merge", "--json"),),
           ("expansion/T3-C10-merge/expansion.json",), _expansion_merge, group="studies"),
+    # the market trains 1 of the recipe's 35 epochs and 6 of the protocol's 100 users, one
+    # repeat per budget: what 2 cores allow (RESULTS says so beside every number)
+    Stage("LW-C10", "The learnware market's CIFAR-10 scenario, side by side (#25)",
+          (("{py}", "jobs/learnware_benchmark.py", "--store", "{runs}/lw-c10", "--epochs", "1",
+            "--users", "6", "--max-repeats", "1", "--user-model-budgets", "100,200,500,1000",
+            "--reuse-budgets", "100,200,500,1000", "--learnware-python",
+            ".venv-learnware/bin/python", "--out", "{out}/learnware/LW-C10", "--json"),),
+          ("learnware/LW-C10/learnware.json",), _preset("fast"), group="studies"),
     Stage("slicer-speed", "Naive, cached and batched slicing side by side (performance)",
           (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/tables/T1/vgg11-w0.25",
             "--c10", "{runs}/bench/c10",

@@ -63,10 +63,11 @@ def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, A
     classes = task.model_classes[index]
     split = read_split(task.dataset, "train")
     mid = model_id(cfg.task, index, cfg.arch, cfg.width)
-    if task.shards:             # a developer of a sharded market only ever had its own rows
-        from snp_ray.market.tasks import shard_rows
+    from snp_ray.market.tasks import model_rows
 
-        split = split.rows(shard_rows(task, index, split.labels))
+    rows = model_rows(task, index, split.labels)
+    if rows is not None:        # a developer only ever had its own rows
+        split = split.rows(rows)
     trained = train_original(split, classes, cfg.arch, cfg.width,
                              cfg.train.replace(seed=cfg.train.seed + index), label=mid)
     metrics = dict(trained.metrics)

@@ -10,7 +10,7 @@ from snp_ray.artifacts import read_bytes, sha256_bytes
 from snp_ray.data.tables import Split, read_split, split_from_bytes
 from snp_ray.errors import ArtifactNotFoundError, DataError, IntegrityError
 from snp_ray.market.modelstore import ModelSpec, ModelStore
-from snp_ray.market.tasks import TASKS, shard_rows
+from snp_ray.market.tasks import TASKS, model_rows
 from snp_ray.models import Classifier
 
 
@@ -81,23 +81,37 @@ class Market:
         else:
             labels = self.train_split(spec.dataset).labels
             task = TASKS.get(spec.task)
-            if task is not None and task.shards:    # drawn from the developer's own shard only
+            own = None if task is None else model_rows(task, spec.index, labels)
+            if own is not None:    # drawn from the developer's own training rows only
                 inside = np.zeros(labels.shape[0], dtype=bool)
-                inside[shard_rows(task, spec.index, labels)] = True
+                inside[own] = True
                 labels = np.where(inside, labels, -1)
             manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
         self.store.save_manifest(model_id, manifest)
         return manifest
 
+    def sample_source(self, model_id: str, manifest: FewShotManifest) -> str:
+        """Where the manifest's rows live (:attr:`FewShotSet.source`): the dataset's split, or
+        the model's uploaded file, named by its sha256 (two uploads' row 0 differ)."""
+        if manifest.split != "upload":
+            return f"{manifest.dataset}/{manifest.split}"
+        info = self.spec(model_id).train.get("fewshot", {})
+        sha = info.get("sha256") if isinstance(info, dict) else None
+        if not sha:
+            raise IntegrityError(f"model {model_id}: a manifest refers to uploaded samples the "
+                                 "model does not have")
+        return f"upload:{sha}"
+
     def fewshot(self, model_id: str, k: int, seed: int = 0) -> FewShotSet:
         manifest = self.manifest(model_id, k, seed)
+        source = self.sample_source(model_id, manifest)
         if manifest.split == "upload":
             split = self.upload_split(model_id)
             if split is None:
                 raise IntegrityError(f"model {model_id}: a manifest refers to uploaded samples "
                                      "the model does not have")
-            return load_fewshot(manifest, split)
-        return load_fewshot(manifest, self.train_split(manifest.dataset))
+            return load_fewshot(manifest, split, source)
+        return load_fewshot(manifest, self.train_split(manifest.dataset), source)
 
     def add_model(self, arch: str, weights, classes: list[str], dataset: str, **options):
         """Add a developer's own trained model (see :func:`snp_ray.market.add.add_model`)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,10 @@ class TaskConfig(Config):
     description: str = ""
     shards: bool = False             # each model trains on its own disjoint shard of the train rows
     request_size: int = 0            # target_mode "request": classes per request (any holders)
+    #: images of each class each model trains on (aligned with ``model_classes``), drawn by a
+    #: seeded permutation per (model, class), so models overlap (the learnware protocol);
+    #: empty: every train row of the model's classes (or its shard)
+    train_counts: list[list[int]] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.target_mode not in TARGET_MODES:
@@ -46,6 +50,10 @@ class TaskConfig(Config):
             raise ConfigError(f"task {self.name}: every model needs at least two classes")
         if any(len(set(c)) != len(c) for c in self.model_classes):
             raise ConfigError(f"task {self.name}: a model lists a class twice")
+        if self.train_counts and ([len(c) for c in self.train_counts] !=
+                                  [len(c) for c in self.model_classes] or self.shards):
+            raise ConfigError(f"task {self.name}: train_counts must give one count per class of "
+                              "every model, and cannot be combined with shards")
 
     @property
     def num_models(self) -> int:
@@ -101,6 +109,43 @@ def shard_rows(task: "TaskConfig", index: int, labels: np.ndarray) -> np.ndarray
         rows.append(np.array_split(perm, len(holders))[holders.index(index)])
     return np.sort(np.concatenate(rows))
 
+def model_rows(task: "TaskConfig", index: int, labels: np.ndarray) -> np.ndarray | None:
+    """Train-split rows model ``index`` trained on (sorted; None: every row of its classes).
+    Training and few-shot sampling both draw from them."""
+    if task.shards:
+        return shard_rows(task, index, labels)
+    if not task.train_counts:
+        return None
+    rows = []
+    for c, n in zip(task.model_classes[index], task.train_counts[index]):
+        idx = np.flatnonzero(labels == c)
+        if idx.size < n:
+            raise ConfigError(f"task {task.name}: class {c} has {idx.size} train rows, model "
+                              f"{index} needs {n}")
+        rows.append(idx[np.random.default_rng([PARTITION_SEED, index, int(c)]).permutation(idx.size)[:n]])
+    return np.sort(np.concatenate(rows))
+
+
+#: the learnware market's CIFAR-10 image scenario: each uploader's share of its 4 classes
+LEARNWARE_RATIOS = (0.4, 0.4, 0.1, 0.1)
+
+
+def _learnware_market(n_models: int, images: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Each model draws 4 of the 10 classes, in a random order, and ``images`` train images
+    split over them at :data:`LEARNWARE_RATIOS` (12,500: 5,000 / 5,000 / 1,250 / 1,250)."""
+    rng = np.random.default_rng(seed)
+    classes, counts = [], []
+    for _ in range(n_models):
+        drawn = [int(c) for c in rng.choice(10, len(LEARNWARE_RATIOS), replace=False)]
+        n = {c: int(round(r * images)) for c, r in zip(drawn, LEARNWARE_RATIOS)}
+        classes.append(sorted(drawn))
+        counts.append([n[c] for c in sorted(drawn)])
+    return classes, counts
+
+
+_LW = _learnware_market(50, 12_500, PARTITION_SEED)
+_LW_SMOKE = _learnware_market(6, 500, PARTITION_SEED)
+
 TASKS: dict[str, TaskConfig] = {t.name: t for t in [
     TaskConfig("T1", "cifar10", [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]], "one_per_model", "vgg11",
                "CIFAR-10, 3 models"),
@@ -123,6 +168,13 @@ TASKS: dict[str, TaskConfig] = {t.name: t for t in [
                shards=True, request_size=6),
     TaskConfig("C10-1", "cifar10", [list(range(10))], "all", "vgg11",
                "CIFAR-10, one model of all 10 classes (the batched slicer's benchmark)"),
+    TaskConfig("LW-C10", "cifar10", _LW[0],
+               "request", "lwconv", "CIFAR-10, the learnware market's image scenario: 50 models of "
+               "4 classes, 12,500 train images each at 0.4/0.4/0.1/0.1", request_size=6,
+               train_counts=_LW[1]),
+    TaskConfig("LW-C10-S", "cifar10", _LW_SMOKE[0],
+               "request", "lwconv", "LW-C10's smoke version: 6 models of 500 images", request_size=6,
+               train_counts=_LW_SMOKE[1]),
     TaskConfig("T3-C10", "cifar10", [sorted({(2 * i + j) % 10 for j in range(4)}) for i in range(5)],
                "one_per_model", "vgg11", "CIFAR-10, 5 models of 4 classes, each class held twice"),
 ]}

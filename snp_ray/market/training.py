@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from snp_ray.config import Config, check_range
+from snp_ray.config import Config, added_field, check_range
 from snp_ray.data.specs import ImageSpec, InputSpec, TextSpec
 from snp_ray.data.tables import Split
 from snp_ray.data.text import build_vocab
@@ -23,6 +23,9 @@ from snp_ray.errors import ConfigError
 from snp_ray.models import Classifier, build_model, channels_last_safe, get_arch
 
 log = logging.getLogger(__name__)
+
+
+SCHEDULES = ("warmup_cosine", "constant")
 
 
 @dataclass
@@ -39,6 +42,9 @@ class TrainConfig(Config):
     threads: int = 1                   # torch intra-op threads of one training task
     max_len: int = 48                  # text: tokens per sentence
     vocab_size: int = 20_000           # text: most frequent tokens kept
+    #: image LR schedule: warm-up then cosine, or "constant" (the learnware recipe: plain SGD)
+    schedule: str = added_field("warmup_cosine")
+    nesterov: bool = added_field(True)
 
     def validate(self) -> None:
         name = "TrainConfig"
@@ -49,6 +55,8 @@ class TrainConfig(Config):
         check_range(name, "threads", self.threads, 1, 1024)
         if self.lr is not None:
             check_range(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 @dataclass
@@ -152,7 +160,7 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Trai
         x = x.contiguous(memory_format=fmt)
         model = model.to(memory_format=fmt)
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr or 0.05, momentum=0.9, nesterov=True,
+            model.parameters(), lr=cfg.lr or 0.05, momentum=0.9, nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 2e-3, weight_decay=cfg.weight_decay)
@@ -160,7 +168,8 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Trai
     model.to(device)           # in place: the optimiser keeps the same parameters
     n = x.shape[0]
     steps = cfg.epochs * max(1, -(-n // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(steps) if cfg.schedule == "warmup_cosine" else (lambda step: 1.0))
     gen = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss()
     started = time.perf_counter()

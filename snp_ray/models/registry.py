@@ -11,6 +11,7 @@ from typing import Callable
 
 from snp_ray.errors import ConfigError, UnknownNameError
 from snp_ray.models.base import Classifier, count_params
+from snp_ray.models.convnet import CONFIGS as CONVNETS, convnet
 from snp_ray.models.resnet import LAYOUTS, resnet
 from snp_ray.models.rnn import rnn
 from snp_ray.models.textcnn import textcnn
@@ -20,7 +21,7 @@ from snp_ray.models.vgg import CONFIGS, vgg
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str        # vgg | resnet | textcnn | rnn
+    family: str        # vgg | resnet | convnet | textcnn | rnn
     modality: str      # image | text
     builder: Callable[..., Classifier]
 
@@ -30,6 +31,8 @@ for _name in CONFIGS:
     ARCHS[_name] = Arch(_name, "vgg", "image", partial(vgg, _name))
 for _name in LAYOUTS:
     ARCHS[_name] = Arch(_name, "resnet", "image", partial(resnet, _name))
+for _name in CONVNETS:
+    ARCHS[_name] = Arch(_name, "convnet", "image", partial(convnet, _name))
 ARCHS["textcnn"] = Arch("textcnn", "textcnn", "text", textcnn)
 ARCHS["gru"] = Arch("gru", "rnn", "text", partial(rnn, cell="gru"))
 ARCHS["lstm"] = Arch("lstm", "rnn", "text", partial(rnn, cell="lstm"))

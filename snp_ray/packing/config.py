@@ -9,6 +9,7 @@ from snp_ray.errors import ConfigError
 SHARED = ("merge", "best")
 RECON = ("mean", "sum")
 PRECISIONS = ("auto", "fp32", "bf16")
+BALANCE = ("none", "class")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class PackConfig(Config):
     # [ours] fragments of one source model share their lookup tables (packing/shared.py):
     # exact, only the pack's size changes; False keeps one table per fragment
     share_tables: bool = added_field(True)
+    # [ours] "class": every class weighs the same in the cross-entropy, whatever its number of
+    # samples (a requester's data is rarely balanced); "none": every sample weighs the same
+    balance: str = added_field("none")
 
     def validate(self) -> None:
         n = "PackConfig"
@@ -42,6 +46,8 @@ class PackConfig(Config):
             raise ConfigError(f"PackConfig.shared must be one of {SHARED}, got {self.shared!r}")
         if self.recon not in RECON:
             raise ConfigError(f"PackConfig.recon must be one of {RECON}, got {self.recon!r}")
+        if self.balance not in BALANCE:
+            raise ConfigError(f"PackConfig.balance must be one of {BALANCE}, got {self.balance!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"PackConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
 

@@ -16,45 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from snp_ray.data.fewshot import FewShotSet
 from snp_ray.errors import ConfigError, DataError
 from snp_ray.market.training import augment_images
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel, PackSpec
+from snp_ray.packing.samples import PackSamples, class_weights
 from snp_ray.runtime import resolve_precision
 from snp_ray.slicing.fragment import Fragment
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PackSamples:
-    """The few-shot samples a pack trains on: raw inputs and global labels."""
-
-    dataset: str
-    raw: np.ndarray | list[str]
-    labels: np.ndarray
-    class_names: dict[int, str]
-
-    @classmethod
-    def from_fewshot(cls, sets: list[FewShotSet], classes: list[int]) -> "PackSamples":
-        """The rows of ``classes`` from each model's few-shot set, each row once."""
-        datasets = {s.manifest.dataset for s in sets}
-        if len(datasets) != 1:
-            raise ConfigError(f"a pack draws on one dataset, got {sorted(datasets)}")
-        seen: set[int] = set()
-        raws, labels, names = [], [], {}
-        for s in sets:
-            for i, (row, label) in enumerate(zip(s.row_ids.tolist(), s.labels)):
-                if int(label) in classes and row not in seen:
-                    seen.add(row)
-                    raws.append(s.raw[i])
-                    labels.append(int(label))
-            names.update(zip(s.classes, s.class_names))
-        if not labels:
-            raise DataError(f"no few-shot samples of classes {classes}")
-        raw = np.stack(raws) if isinstance(raws[0], np.ndarray) else list(raws)
-        return cls(datasets.pop(), raw, np.asarray(labels, dtype=np.int64), names)
 
 
 def check_compatible(fragments: list[Fragment]) -> None:
@@ -196,6 +166,9 @@ class Packer:
         # ReLU for fragments whose features are never negative (conv nets), none for signed ones
         # (a GRU's tanh states), which a ReLU decoder could not reconstruct
         mine_all = (y_all[:, None] == serves[None, :]).float()        # (samples, fragments)
+        weight = (torch.tensor(class_weights(y_all.numpy(), int(y_all.max()) + 1),
+                               dtype=torch.float32) if cfg.balance == "class"
+                  else torch.ones(len(y_all)))
         opt = torch.optim.Adam([we, be, wh, bh, wd, bd], lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
         n, copies = z.shape[1], len(mods)
@@ -211,7 +184,7 @@ class Packer:
                     logits = torch.baddbmm(bh[:, None], h, wh.transpose(1, 2)).float()
                     ce = nn.functional.cross_entropy(logits.flatten(0, 1), y_all[idx].repeat(copies),
                                                      reduction="none").view(copies, -1)
-                    loss = (ce * m).sum() / len(idx)
+                    loss = (ce * m * weight[idx]).sum() / len(idx)
                     if cfg.delta > 0:
                         def dec_all(hh: torch.Tensor) -> torch.Tensor:
                             return torch.baddbmm(bd[:, None], hh, wd.transpose(1, 2))

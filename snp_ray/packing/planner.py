@@ -52,10 +52,15 @@ class PlanConfig(Config):
 
     policy: str = "best"
     samples: str = "chosen"
+    #: score candidates on at most this many of a requester's samples per class (a seeded
+    #: subset; 0: all): scoring costs a forward pass per candidate and sample, packing does not
+    score_samples: int = 0
 
     def validate(self) -> None:
         if self.policy not in ("best", "all") and not _TOP.fullmatch(self.policy):
             raise UnknownNameError("plan", self.policy, PLAN_NAMES)
+        if self.score_samples < 0:
+            raise ConfigError(f"PlanConfig.score_samples must be >= 0, got {self.score_samples}")
         if self.samples not in SAMPLES:
             raise UnknownNameError("plan sample source", self.samples, SAMPLES)
 
@@ -68,27 +73,32 @@ class PlanConfig(Config):
 
 
 class FewShotPool:
-    """The few-shot samples every model of the market uploaded at (k, seed), loaded once, each
-    tagged with its model and train-split row: the only data the planner scores on."""
+    """Labeled samples the planner scores on, loaded once, each tagged with the model that
+    uploaded it ("" for a requester's) and its key (:attr:`FewShotSet.keys`)."""
 
-    def __init__(self, raw, labels: np.ndarray, models: np.ndarray, rows: np.ndarray):
+    def __init__(self, raw, labels: np.ndarray, models: np.ndarray, keys: np.ndarray):
         self.raw, self.labels = raw, np.asarray(labels)
-        self.models, self.rows = np.asarray(models), np.asarray(rows)
+        self.models, self.keys = np.asarray(models), np.asarray(keys, dtype=object)
 
     @classmethod
     def from_market(cls, market: Market, k: int, seed: int = 0,
                     model_ids: list[str] | None = None) -> "FewShotPool":
-        raws, labels, models, rows = [], [], [], []
+        raws, labels, models, keys = [], [], [], []
         for mid in model_ids or market.ids():
             s = market.fewshot(mid, k, seed)
             raws.append(s.raw)
             labels.append(s.labels)
             models += [mid] * len(s)
-            rows.append(s.row_ids)
+            keys.append(s.keys)
         if not raws:
             raise ConfigError(f"the market at {market.root} holds no models")
         raw = np.concatenate(raws) if isinstance(raws[0], np.ndarray) else sum(map(list, raws), [])
-        return cls(raw, np.concatenate(labels), np.asarray(models), np.concatenate(rows))
+        return cls(raw, np.concatenate(labels), np.asarray(models), np.concatenate(keys))
+
+    @classmethod
+    def from_samples(cls, samples: PackSamples) -> "FewShotPool":
+        """A requester's samples: no fragment was sliced on them, so all are held out."""
+        return cls(samples.raw, samples.labels, np.full(len(samples), ""), samples.keys)
 
 
 class ScoreCache:
@@ -109,33 +119,47 @@ class ScoreCache:
         return self._scores[key]
 
 
-def held_out_auc(fragment: Fragment, classes: list[int], cache: ScoreCache) -> dict[str, Any]:
+#: how a candidate was scored, best evidence first; candidates are ranked within a tier only
+TIERS = ("requester AUC", "held-out few-shot AUC", "in-sample few-shot AUC",
+         "slice-time few-shot AUC")
+
+
+def held_out_auc(fragment: Fragment, classes: list[int], cache: ScoreCache,
+                 basis: str = "held-out few-shot AUC") -> dict[str, Any]:
     """AUC of ``fragment``'s class score: its class against the request's other classes, on the
-    pool's samples that its own model did not upload (and no row its model saw)."""
+    pool's samples that its own model did not upload (and no sample its model saw). Where
+    nobody else uploaded the class (or the others), the score falls back to every sample, then
+    to the slice-time AUC; ``source`` says which, and :func:`choose` never ranks a fallback
+    above an honest held-out score."""
     pool, c = cache.pool, fragment.spec.class_id
-    own_rows = pool.rows[pool.models == fragment.spec.source_model]
-    held = (pool.models != fragment.spec.source_model) & ~np.isin(pool.rows, own_rows)
+    own_keys = pool.keys[pool.models == fragment.spec.source_model]
+    held = (pool.models != fragment.spec.source_model) & ~np.isin(pool.keys, own_keys)
     others = [x for x in classes if x != c]
     pos, neg = held & (pool.labels == c), held & np.isin(pool.labels, others)
-    in_sample = not pos.any() or not neg.any()
-    if in_sample:          # nobody else uploaded c (or the others): judge on every sample, flagged
+    source = basis
+    if not pos.any() or not neg.any():   # nobody else uploaded c (or the others)
         pos, neg = pool.labels == c, np.isin(pool.labels, others)
+        source = "in-sample few-shot AUC"
     mask = pos | neg
     if not pos.any() or not neg.any():
         return {"score": fragment.spec.metrics.get("fewshot_auc", 0.0), "n_pos": int(pos.sum()),
-                "n_neg": int(neg.sum()), "in_sample": True, "source": "slice-time few-shot AUC"}
+                "n_neg": int(neg.sum()), "in_sample": True, "source": TIERS[-1]}
     s = cache.scores(fragment)
     return {"score": roc_auc(s[mask], pos[mask]), "n_pos": int(pos.sum()), "n_neg": int(neg.sum()),
-            "in_sample": in_sample, "source": "held-out few-shot AUC"}
+            "in_sample": source == "in-sample few-shot AUC", "source": source}
 
 
 def choose(frags: list[Fragment], classes: list[int], cache: ScoreCache, cfg: PlanConfig
            ) -> tuple[list[Fragment], list[dict[str, Any]]]:
-    """Rank one class's candidate fragments by held-out score (ties: by model id) and keep the
-    policy's share. Returns (chosen fragments, every candidate's row, best first)."""
+    """Rank one class's candidate fragments and keep the policy's share. Scores of different
+    kinds are not comparable (an in-sample AUC is inflated by the samples the fragment was
+    sliced on), so candidates rank by tier first (:data:`TIERS`), then by score, then by model
+    id. Returns (chosen fragments, every candidate's row, best first)."""
+    basis = "requester AUC" if (cache.pool.models == "").all() else "held-out few-shot AUC"
     rows = [{"model": f.spec.source_model, "key": f.spec.key, "params": f.spec.params,
-             **held_out_auc(f, classes, cache)} for f in frags]
-    order = sorted(range(len(frags)), key=lambda i: (-rows[i]["score"], rows[i]["model"]))
+             **held_out_auc(f, classes, cache, basis)} for f in frags]
+    order = sorted(range(len(frags)), key=lambda i: (TIERS.index(rows[i]["source"]),
+                                                     -rows[i]["score"], rows[i]["model"]))
     keep = order if cfg.m is None else order[:cfg.m]
     for rank, i in enumerate(order):
         rows[i]["rank"] = rank + 1
@@ -168,13 +192,16 @@ class Plan:
 def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceConfig,
                  cfg: PlanConfig, seed: int = 0, cache: ScoreCache | None = None,
                  load: Callable[[str], Fragment] | None = None,
-                 holders_of: Callable[[int], list[ModelSpec]] | None = None) -> Plan:
+                 holders_of: Callable[[int], list[ModelSpec]] | None = None,
+                 requester: PackSamples | None = None) -> Plan:
     """Score every holder's fragment of each requested class and keep the policy's choice.
 
     ``load(key)`` fetches a fragment (default: the market's fragment store); ``cache`` reuses
     class scores across requests (default: a pool of the holders of the requested classes);
     ``holders_of(class)`` limits the candidates (default: every model holding the class, e.g. a
-    service passes the holders whose fragment is stored)."""
+    service passes the holders whose fragment is stored). With ``requester`` samples, a class
+    that they hold (with samples of another requested class) is scored on them alone: no
+    fragment was sliced on them; other classes fall back to the market's held-out shots."""
     holders_of = holders_of or market.holders
     t0 = time.perf_counter()
     if load is None:
@@ -185,34 +212,70 @@ def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceCon
                 raise ArtifactNotFoundError(f"no fragment {key} in {market.root}; slice the "
                                             f"market first (snp slice --store {market.root} --k {k})")
             return store.get(key)
-    if cache is None:
-        holders = sorted({s.id for c in classes for s in holders_of(c)})
-        cache = ScoreCache(FewShotPool.from_market(market, k, seed, holders))
+    theirs = None
+    if requester is not None:
+        requester = requester.only(classes)
+        theirs = ScoreCache(FewShotPool.from_samples(scoring_subset(requester, cfg.score_samples)))
+    present = set() if requester is None else set(np.unique(requester.labels).tolist())
+
+    def market_cache() -> ScoreCache:
+        nonlocal cache
+        if cache is None:
+            holders = sorted({s.id for c in classes for s in holders_of(c)})
+            cache = ScoreCache(FewShotPool.from_market(market, k, seed, holders))
+        return cache
+
     chosen, candidates = {}, {}
     for c in classes:
         holders = holders_of(c)
         if not holders:
             raise ConfigError(f"class {c} is held by no model of {market.root}")
         frags = [load(pair_key(spec, c, slice_cfg, k, seed)) for spec in holders]
-        chosen[c], candidates[c] = choose(frags, classes, cache, cfg)
+        scorer = theirs if c in present and len(present) > 1 else market_cache()
+        chosen[c], candidates[c] = choose(frags, classes, scorer, cfg)
         log.info("class %s: %s of %d holders (best held-out AUC %.3f)", c, cfg.policy,
                  len(frags), candidates[c][0]["score"])
     return Plan(cfg.policy, cfg.samples, list(classes), chosen, candidates,
                 time.perf_counter() - t0)
 
 
-def plan_samples(market: Market, plan: Plan, k: int, seed: int = 0) -> PackSamples:
-    """The few-shot samples the planned pack trains on (see :class:`PlanConfig`)."""
+def scoring_subset(samples: PackSamples, per_class: int, seed: int = 0) -> PackSamples:
+    """At most ``per_class`` samples of each class (0: all), a seeded choice."""
+    if per_class <= 0:
+        return samples
+    keep = []
+    for c in np.unique(samples.labels):
+        idx = np.flatnonzero(samples.labels == c)
+        keep.append(idx[np.random.default_rng([seed, int(c)]).permutation(idx.size)[:per_class]])
+    idx = np.sort(np.concatenate(keep))
+    if idx.size == len(samples):
+        return samples
+    raw = samples.raw[idx] if isinstance(samples.raw, np.ndarray) else [samples.raw[i] for i in idx]
+    return PackSamples(samples.dataset, raw, samples.labels[idx], samples.class_names,
+                       samples.keys[idx], samples.counts)
+
+
+def plan_samples(market: Market, plan: Plan, k: int, seed: int = 0,
+                 requester: PackSamples | None = None,
+                 with_market_shots: bool = False) -> PackSamples:
+    """The samples the planned pack trains on: the market's few-shot samples (see
+    :class:`PlanConfig`), or a ``requester``'s own, optionally with the market's beside them."""
+    if requester is not None:
+        requester = requester.only(plan.classes)
+        if not with_market_shots:
+            return requester
     sets = []
     for c in plan.classes:
         models = ([f.spec.source_model for f in plan.chosen[c]] if plan.samples == "chosen"
                   else [s.id for s in market.holders(c)])
         sets += [market.fewshot(m, k, seed).of_class(c) for m in models]
-    return PackSamples.from_fewshot(sets, plan.classes)
+    shots = PackSamples.from_fewshot(sets, plan.classes)
+    return shots if requester is None else requester.with_(shots)
 
 
 def pack_planned(market: Market, plan: Plan, k: int, pack_cfg: PackConfig | None = None,
-                 seed: int = 0) -> PackedModel:
+                 seed: int = 0, requester: PackSamples | None = None,
+                 with_market_shots: bool = False) -> PackedModel:
     """Pack the plan's fragments on the plan's samples."""
-    samples = plan_samples(market, plan, k, seed)
+    samples = plan_samples(market, plan, k, seed, requester, with_market_shots)
     return Packer(pack_cfg or PackConfig()).pack(plan.fragments(), samples, plan.classes)

@@ -102,13 +102,22 @@ def pack_assignment(market: Market, assignment: list[tuple[str, int]], k: int,
 
 def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: SliceConfig,
                  pack_cfg: PackConfig | None = None, seed: int = 0,
-                 warm_start: PackedModel | None = None, store=None, fetch=None) -> PackedModel:
+                 warm_start: PackedModel | None = None, store=None, fetch=None,
+                 requester: PackSamples | None = None, with_market_shots: bool = False
+                 ) -> PackedModel:
+    """Pack every holder's fragment of ``requested`` (``shared="best"``: the best-scoring one)
+    on the holders' few-shot samples, or on a ``requester``'s own samples (with the market's
+    beside them when ``with_market_shots``)."""
     pack_cfg = pack_cfg or PackConfig()
     classes = resolve_classes(market, requested)
     store = store or market_fragment_store(market)
     per_class = {c: load_fragments(market, c, k, slice_cfg, seed, store, fetch) for c in classes}
     holders = sorted({f.spec.source_model for fs in per_class.values() for f in fs})
     samples = PackSamples.from_fewshot([market.fewshot(m, k, seed) for m in holders], classes)
+    train = samples
+    if requester is not None:
+        requester = requester.only(classes)
+        train = requester.with_(samples) if with_market_shots else requester
     fragments = []
     for c in classes:
         frs = per_class[c]
@@ -117,12 +126,13 @@ def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: 
             scores = []
             for f in frs:
                 held_out = [s for s, m in zip(others, holders) if m != f.spec.source_model]
-                val = PackSamples.from_fewshot(held_out, classes) if held_out else samples
+                val = (requester if requester is not None and len(np.unique(requester.labels)) > 1
+                       else PackSamples.from_fewshot(held_out, classes) if held_out else samples)
                 scores.append(validation_auc(f, val))
             best = int(np.argmax(scores))
             log.info("class %s: keeping the fragment of %s (few-shot validation AUC %s)", c,
                      frs[best].spec.source_model, [round(s, 3) for s in scores])
             frs = [frs[best]]
         fragments += frs
-    return Packer(pack_cfg).pack(fragments, samples, classes, warm_start=warm_start)
+    return Packer(pack_cfg).pack(fragments, train, classes, warm_start=warm_start)
 

@@ -129,8 +129,8 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
 
     @app.post("/v1/packs")
     async def make_pack(request: Request) -> dict[str, Any]:
-        body = await json_body(request)
-        return await asyncio.to_thread(service.pack, body)
+        body, samples = await pack_request_parts(request)
+        return await asyncio.to_thread(service.pack, body, samples)
 
     @app.get("/v1/packs/{pid}")
     async def pack_meta(pid: str) -> dict[str, Any]:
@@ -163,6 +163,37 @@ async def json_body(request: Request) -> Any:
         return json.loads(await request.body())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"the request body is not valid JSON ({e})") from None
+
+
+PACK_REQUEST_FORMS = ("send the pack request as application/json, or as multipart/form-data with "
+                      "a 'request' part (the JSON object) and a 'samples' part (a Parquet file)")
+
+
+async def pack_request_parts(request: Request) -> tuple[Any, bytes | None]:
+    """A pack request's JSON object and, for a multipart upload, the requester's Parquet file."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=2, max_fields=2)
+        parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
+        unknown = sorted(set(parts) - {"request", "samples"})
+        missing = sorted({"request", "samples"} - set(parts))
+        if unknown or missing or any(len(v) > 1 for v in parts.values()):
+            raise DataError(f"{PACK_REQUEST_FORMS}; got parts {sorted(parts)}"
+                            + (f" (missing {missing})" if missing else "")
+                            + (f" (unknown {unknown})" if unknown else ""))
+        spec, samples = parts["request"][0], parts["samples"][0]
+        if not hasattr(samples, "read"):
+            raise DataError("the 'samples' part must be a file upload (a Parquet file), "
+                            "e.g. curl -F samples=@mine.parquet")
+        raw = await spec.read() if hasattr(spec, "read") else spec.encode()
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"the 'request' part is not valid JSON ({e})") from None
+        return body, await samples.read()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise DataError(f"{PACK_REQUEST_FORMS}; got content-type {ctype!r}")
+    return await json_body(request), None
 
 
 async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> Any:

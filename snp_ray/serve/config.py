@@ -15,7 +15,9 @@ class ServeConfig(Config):
     ``packs``: the content-addressed pack store (default ``<market>/packs``); ``fragments``: the
     fragment store URI (default ``<market>/fragments``); ``preset``: the slice preset whose
     fragments the service packs; ``folds``: the cross-validation folds of the few-shot accuracy
-    estimate; ``refresh_s``: how often the class catalogue re-reads the market."""
+    estimate; ``refresh_s``: how often the class catalogue re-reads the market;
+    ``max_body_bytes``: any request body (and ``snp pack --samples``' file); ``max_images``:
+    inputs per prediction request, and a requester's samples per pack request."""
 
     market: str = ""
     fragments: str = ""

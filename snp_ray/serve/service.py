@@ -4,6 +4,9 @@ One :class:`MarketService` per replica keeps the market warm: fragments, few-sho
 planner's score cache stay in memory between requests. A pack request is planned (few-shot data
 only), named by a content hash, and built once: concurrent identical requests wait for the first
 one's build (single flight), and a stored pack is answered from the pack store without packing.
+A request may bring the requester's own labeled samples (``samples.py``): the plan scores the
+candidates on them, the pack trains on them (beside the market's shots when asked), and their
+sha256 is part of the request digest and of the pack id.
 The service never reads a test split; its accuracy is a cross-validated few-shot estimate.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,8 @@ from snp_ray.packing.config import preset_pack_config
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import CV_NONE, Packer, cv_method
 from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
+from snp_ray.packing.samples import PackSamples
+from snp_ray.serve import samples as samples_io
 from snp_ray.serve.catalogue import Catalogue
 from snp_ray.serve.config import ServeConfig
 from snp_ray.serve.packstore import PackStore, pack_id
@@ -35,7 +41,20 @@ from snp_ray.slicing.fragment import Fragment
 
 log = logging.getLogger(__name__)
 
-REQUEST_KEYS = ("classes", "k", "plan")
+REQUEST_KEYS = ("classes", "k", "plan", "samples", "with_market_shots")
+
+
+@dataclass
+class PackRequest:
+    """A validated pack request: class ids (sorted), k, plan policy, the digest that names it,
+    and the requester's own samples (None: the pack trains on the market's shots)."""
+
+    ids: list[int]
+    k: int
+    plan: str
+    digest: str
+    requester: PackSamples | None = None
+    market_shots: bool = False
 
 
 class MarketService:
@@ -78,8 +97,9 @@ class MarketService:
         return {**self.catalogue().to_dict(), "preset": self.cfg.preset, "seed": self.cfg.seed}
 
     # ---------------------------------------------------------------- requests
-    def parse(self, body: Any) -> tuple[list[int], int, str, str]:
-        """Validate a pack request; returns (class ids, k, plan, request digest)."""
+    def parse(self, body: Any, samples: bytes | None = None) -> PackRequest:
+        """Validate a pack request (and a requester's Parquet ``samples``, when uploaded) into
+        a :class:`PackRequest`, named by a digest that covers the samples' sha256."""
         if not isinstance(body, dict):
             raise ConfigError("a pack request is a JSON object with 'classes', 'k' and 'plan'")
         unknown = sorted(set(body) - set(REQUEST_KEYS))
@@ -93,14 +113,45 @@ class MarketService:
         if not isinstance(plan, str):
             raise ConfigError(f"'plan' must be a policy name, got {plan!r}")
         PlanConfig(policy=plan)
+        requester = self._requester(cat, ids, body.get("samples"), samples)
+        market_shots = body.get("with_market_shots", False)
+        if not isinstance(market_shots, bool):
+            raise ConfigError(f"'with_market_shots' must be true or false, got {market_shots!r}")
+        if market_shots and requester is None:
+            raise ConfigError("'with_market_shots' adds the market's shots to your own samples: "
+                              "send 'samples' too (without samples, packs train on the market's)")
+        if requester is not None and not market_shots:
+            samples_io.check_covers(requester, {c: cat.classes[c].name for c in ids},
+                                    '"with_market_shots": true')
         doc = {"classes": ids, "k": k, "plan": plan, "slice": self.slice_cfg.digest(),
                "pack": self.pack_cfg.digest(), "seed": self.cfg.seed, "folds": self.cfg.folds,
                "candidates": cat.candidates(ids, k)}
-        return ids, k, plan, hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+        if requester is not None:        # absent otherwise: earlier digests stay valid
+            doc |= {"requester": requester.sha256, "with_market_shots": market_shots}
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+        return PackRequest(ids, k, plan, digest, requester, market_shots)
 
-    def pack(self, body: Any) -> dict[str, Any]:
-        """Answer a pack request: the stored pack, or one built now (once per request)."""
-        ids, k, plan, digest = self.parse(body)
+    def _requester(self, cat: Catalogue, ids: list[int], in_json: Any, parquet: bytes | None
+                   ) -> PackSamples | None:
+        """The requester's own samples: a Parquet upload or the request's ``samples`` object."""
+        if parquet is not None and in_json is not None:
+            raise ConfigError("send samples once: as the 'samples' file part or in the request's "
+                              "'samples', not both")
+        if parquet is None and in_json is None:
+            return None
+        if cat.dataset is None:
+            raise ConfigError("this market mixes datasets; it takes no requester samples")
+        if parquet is not None:
+            return samples_io.from_parquet(parquet, cat.dataset, ids, "the 'samples' file",
+                                           self.cfg.max_images)
+        return samples_io.from_json(in_json, cat.dataset, cat.modality,
+                                    {c: cat.classes[c].name for c in ids}, self.cfg.max_images)
+
+    def pack(self, body: Any, samples: bytes | None = None) -> dict[str, Any]:
+        """Answer a pack request (``samples``: a requester's Parquet file): the stored pack,
+        or one built now (once per request)."""
+        req = self.parse(body, samples)
+        digest = req.digest
         found = self.packs.lookup(digest)
         if found is not None:
             return answer(self.packs.meta(found), cached=True)
@@ -112,7 +163,7 @@ class MarketService:
         if not leader:
             return answer(fut.result(), cached=True)
         try:
-            meta, built = self._build(ids, k, plan, digest)
+            meta, built = self._build(req)
             fut.set_result(meta)
         except BaseException as e:
             fut.set_exception(e)
@@ -122,34 +173,39 @@ class MarketService:
                 self._inflight.pop(digest, None)
         return answer(meta, cached=not built)
 
-    def _build(self, ids: list[int], k: int, plan_name: str, digest: str
-               ) -> tuple[dict[str, Any], bool]:
+    def _build(self, req: PackRequest) -> tuple[dict[str, Any], bool]:
         t0 = time.perf_counter()
         cat = self.catalogue()
-        plan = plan_request(self.market, ids, k, self.slice_cfg, PlanConfig(policy=plan_name),
+        ids, k = req.ids, req.k
+        plan = plan_request(self.market, ids, k, self.slice_cfg, PlanConfig(policy=req.plan),
                             self.cfg.seed, cache=self._score_cache(cat, k), load=self._fragment,
-                            holders_of=lambda c: cat.holders(c, k))
+                            holders_of=lambda c: cat.holders(c, k), requester=req.requester)
         fragments = plan.fragments()
-        pid = pack_id([f.spec.key for f in fragments], ids, self.pack_cfg.to_dict(),
-                      {"k": k, "seed": self.cfg.seed, "samples": plan.samples,
-                       "folds": self.cfg.folds})
+        sample_doc = {"k": k, "seed": self.cfg.seed, "samples": plan.samples, "folds": self.cfg.folds}
+        if req.requester is not None:
+            sample_doc |= {"requester": req.requester.sha256, "market_shots": req.market_shots}
+        pid = pack_id([f.spec.key for f in fragments], ids, self.pack_cfg.to_dict(), sample_doc)
         if self.packs.has(pid):                     # another request planned the same pack
-            self.packs.remember(digest, pid)
+            self.packs.remember(req.digest, pid)
             return self.packs.meta(pid), False
         scores = {row["key"]: row["score"] for rows in plan.candidates.values() for row in rows}
-        samples = plan_samples(self.market, plan, k, self.cfg.seed)
+        samples = plan_samples(self.market, plan, k, self.cfg.seed, req.requester,
+                               req.market_shots)
         packed = Packer(self.pack_cfg).pack(fragments, samples, ids, cv_folds=self.cfg.folds)
         metrics = packed.spec.metrics
         folds = int(metrics.get("cv_folds", 0))
+        source = samples_io.origin(samples, req.requester)
+        leaning = (" (the fragments were sliced on these samples too, so it leans optimistic; "
+                   "no test data)" if source["market"] else
+                   " (the requester's own samples, on which no fragment was sliced)")
         meta = {
             "classes": packed.spec.class_names, "class_ids": ids, "k": k,
             "dataset": packed.spec.dataset, "modality": packed.modality,
             "params": packed.params_deployable(), "params_training": packed.params_training(),
             "fewshot_accuracy": metrics.get("cv_accuracy"),
-            "fewshot_accuracy_method": (cv_method(folds) + " (the fragments were sliced on these "
-                                        "samples too, so it leans optimistic; no test data)")
-                                       if folds else CV_NONE,
+            "fewshot_accuracy_method": cv_method(folds) + leaning if folds else CV_NONE,
             "fewshot_samples": int(metrics["train_samples"]),
+            "samples": source,
             "pack_seconds": round(packed.spec.metrics["pack_seconds"], 4),
             "plan": plan.to_dict(),
             "fragments": [{"model": f.spec.source_model, "class": f.spec.class_name,
@@ -159,7 +215,7 @@ class MarketService:
         }
         meta["build_seconds"] = round(time.perf_counter() - t0, 4)
         meta = self.packs.put(pid, packed, meta)
-        self.packs.remember(digest, pid)
+        self.packs.remember(req.digest, pid)
         self.builds += 1
         log.info("built pack %s for %s in %.2fs", pid, meta["classes"], meta["build_seconds"])
         return meta, True

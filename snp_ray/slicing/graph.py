@@ -1,16 +1,19 @@
 """Trace a feature extractor once and find its unit groups.
 
-Every tensor in the traced graph gets a *channel layout*: which dim holds units and which
-segments of it belong to which unit space. Producers (conv, linear, embedding) open a new space;
-channel-wise ops (BN, activations, pooling, dropout) pass the layout through; an element-wise add
-merges the spaces of its operands (a residual join: one coupled group, one kept set); a concat
-along the unit dim lays spaces side by side. Spaces merged by adds form the slicing groups.
+Every tensor in the traced graph gets a *channel layout*: which dim holds units, which
+segments of it belong to which unit space, and how many contiguous positions of that dim one unit
+occupies (1, or H*W after flattening a channel map: ``Layout.inner``). Producers (conv, linear,
+embedding) open a new space; channel-wise ops (BN, activations, pooling, dropout) pass the layout
+through; an element-wise add merges the spaces of its operands (a residual join: one coupled
+group, one kept set); a concat along the unit dim lays spaces side by side. Spaces merged by
+adds form the slicing groups.
 
 Nothing here knows what a VGG or a ResNet is: the groups fall out of the traced data flow.
 """
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -28,11 +31,18 @@ Segment = tuple[int, int, int]  # (space or group id, offset in the unit dim, si
 @dataclass
 class Layout:
     dim: int                         # the unit dim (non-negative)
-    segments: list[tuple[int, int]]  # (space id, size), in order along ``dim``
+    segments: list[tuple[int, int]]  # (space id, size in units), in order along ``dim``
+    #: positions of ``dim`` per unit: unit u holds positions u*inner .. u*inner+inner-1 (a
+    #: flattened (C, H, W) map has inner = H*W); offsets and sizes are always in units
+    inner: int = 1
 
     @property
     def width(self) -> int:
         return sum(s for _, s in self.segments)
+
+    def at(self, dim: int) -> "Layout":
+        """The same units on another dim (the tensor was permuted, squeezed, reduced...)."""
+        return Layout(dim, self.segments, self.inner)
 
     def with_offsets(self) -> list[Segment]:
         out, off = [], 0
@@ -65,6 +75,14 @@ class SliceGraph:
     #: producers that are not modules with a handler of their own (a bare parameter such as a
     #: layer scale, hosted by the module that owns it): producer name -> handler
     extra_handlers: dict[str, Handler] = field(default_factory=dict)
+    #: positions per unit (``Layout.inner``) of the tensor each consumer reads, where not 1
+    consumer_inner: dict[str, int] = field(default_factory=dict)
+    #: positions per unit of the extractor's output (its flat features)
+    output_inner: int = 1
+
+    def inner(self, consumer: str) -> int:
+        """Positions per unit of the input of consumer module ``consumer``."""
+        return self.consumer_inner.get(consumer, 1)
 
     def group(self, gid: int) -> Group:
         return next(g for g in self.groups if g.id == gid)
@@ -167,6 +185,11 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         d = lay.dim - (ndim - t.dim())
         if d < 0 or t.shape[d] == 1:
             return                                     # broadcast over the units
+        if lay.inner != 1:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"parameter {p.target} has one entry per position of a "
+                                        "flattened unit map; per-unit parameters there are not "
+                                        "supported")
         if t.shape[d] != lay.width:
             raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
                                         f"parameter {p.target} does not line up with the units")
@@ -186,7 +209,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         traced = [lay for lay in lays if lay is not None]
         a = traced[0]
         for b in traced[1:]:
-            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim:
+            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim \
+                    or a.inner != b.inner:
                 raise UnsupportedLayerError(f"{kind}", _path(node),
                                             f"{node.name} {kind}s tensors whose units do not line up")
             for (sa, _), (sb, _) in zip(a.segments, b.segments):
@@ -259,6 +283,12 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 if is_depthwise(mod) and lay_in.dim != 1:
                     raise UnsupportedLayerError(type(mod).__name__, node.target,
                                                 "units are not on its input channel dim")
+                if lay_in.inner != 1:       # its parameters would index positions, not units
+                    raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                f"it reads a flattened unit map ({lay_in.inner} "
+                                                "positions per unit) and has one parameter per "
+                                                "position; only consumers (conv, linear) and "
+                                                "parameter-free ops may read flattened maps")
                 if h.normalises:
                     _check_normalised(node, mod, args[0], lay_in)
                     for sid, _, _ in lay_in.with_offsets():
@@ -272,7 +302,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     layouts[node] = lay_in
             elif isinstance(mod, nn.Flatten):
                 if lay_in is not None:
-                    layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim)
+                    layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim, mod.end_dim)
             elif lay_in is not None or any(True for _ in mod.parameters()):
                 raise UnsupportedLayerError(type(mod).__name__, node.target,
                                             f"the slicer has no handler for {type(mod).__name__}; "
@@ -292,7 +322,12 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             ndim = len(_shape(node))
             dim = dim % ndim
             if all(lay.dim == dim for lay in lays):
-                layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments])
+                if len({lay.inner for lay in lays}) > 1:
+                    raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates "
+                                                "unit maps flattened from different sizes "
+                                                f"({sorted({lay.inner for lay in lays})} positions "
+                                                "per unit)")
+                layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments], lays[0].inner)
             else:
                 raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
                                             "non-unit dim")
@@ -308,7 +343,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
                                                 "index on the unit dim of the output "
                                       f"of {_source(args[0])}")
-                layouts[node] = Layout(ins[0].dim - 1, ins[0].segments)
+                layouts[node] = ins[0].at(ins[0].dim - 1)
             else:                                      # an element of a module's tuple output
                 layouts[node] = ins[0]
                 if args[0] in recurrent and node.args[1] == 0:
@@ -324,21 +359,22 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             lay = ins[0]
             if d == lay.dim:
                 raise UnsupportedLayerError("squeeze", _path(node), f"{node.name} squeezes the unit dim")
-            layouts[node] = Layout(lay.dim - (1 if d < lay.dim else 0), lay.segments)
+            layouts[node] = lay.at(lay.dim - (1 if d < lay.dim else 0))
             continue
         if target in _ADD_FUNCS or (node.op == "call_method" and target in ("add", "add_")):
             elementwise(node, "add")
         elif target in _MUL_FUNCS or (node.op == "call_method" and target in ("mul", "mul_")):
             elementwise(node, "multiply")
-        elif target is torch.flatten:
+        elif target is torch.flatten or (node.op == "call_method" and target == "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            layouts[node] = _flatten(node, args[0], ins[0], start)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            layouts[node] = _flatten(node, args[0], ins[0], start, end)
         elif target is torch.permute or (node.op == "call_method" and target == "permute"):
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
                 else node.args[1:]
             dims = node.kwargs.get("dims", dims)
             ndim = len(_shape(args[0]))
-            layouts[node] = Layout([d % ndim for d in dims].index(ins[0].dim), ins[0].segments)
+            layouts[node] = ins[0].at([d % ndim for d in dims].index(ins[0].dim))
         elif target in _PASS_FUNCS or (node.op == "call_method" and target in _PASS_METHODS):
             layouts[node] = ins[0]
         elif (node.op == "call_method" and target in _REDUCE_METHODS) or target in _REDUCE_FUNCS:
@@ -347,10 +383,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             d0, d1 = (x % len(_shape(args[0])) for x in node.args[1:3])
             lay = ins[0]
             dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
-            layouts[node] = Layout(dim, lay.segments)
-        elif node.op == "call_method" and target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            layouts[node] = _flatten(node, args[0], ins[0], start)
+            layouts[node] = lay.at(dim)
         else:
             raise UnsupportedLayerError(f"{node.op} {_name(target)}", _path(node),
                                         f"the slicer cannot follow units through it ({node.name}); "
@@ -380,8 +413,11 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     # one gate after every tensor a consumer reads, and one on the output
     gated: dict[fx.Node, str] = {}
     gate_layouts: dict[str, list[Segment]] = {}
+    consumer_inner: dict[str, int] = {}
     for cname, node in consumers:
         lay = layouts[node]
+        if lay.inner != 1:
+            consumer_inner[cname] = lay.inner
         if node not in gated:
             gated[node] = f"gate{len(gated)}"
             gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
@@ -407,13 +443,13 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             groups[g].gates.append((gname, off))
         scores = {g for g, _, _ in gate_layouts[gname] if scored_at.get(g, gname) == gname}
         gm.add_submodule(gname, Gate(gname, layouts[node].dim, gate_layouts[gname], scores,
-                                     repairs=node not in score_only))
+                                     repairs=node not in score_only, inner=layouts[node].inner))
         with gm.graph.inserting_after(node):
             gate_node = gm.graph.call_module(gname, (node,))
         node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
     gm.graph.lint()
     gm.recompile()
-    return SliceGraph(gm, groups, gate_layouts, output_layout, extra)
+    return SliceGraph(gm, groups, gate_layouts, output_layout, extra, consumer_inner, out_lay.inner)
 
 
 def _name(target) -> str:
@@ -451,16 +487,22 @@ def _source(node: fx.Node) -> str:
     return f"node {node.name}"
 
 
-def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int) -> Layout:
+def _flatten(node: fx.Node, src: fx.Node, lay: Layout, start: int, end: int = -1) -> Layout:
+    """Flattening dims ``start..end``. With the unit dim first among them, unit u's values end
+    up contiguous: the positions u*P .. u*P+P-1 of the new dim, P = the product of the other
+    flattened sizes (times the layout's own positions per unit). A unit dim inside the range
+    but not first would interleave units with the dims before it."""
     shape = _shape(src)
-    start = start % len(shape)
+    start, end = start % len(shape), end % len(shape)
     if lay.dim < start:
         return lay
-    if lay.dim == start and all(s == 1 for s in shape[start + 1:]):
-        return Layout(start, lay.segments)
-    raise UnsupportedLayerError("flatten", _path(node), f"{node.name}: flattening unit maps "
-                                "larger than 1x1 is not supported; "
-                      "pool to 1x1 first")
+    if lay.dim > end:
+        return lay.at(lay.dim - (end - start))
+    if lay.dim == start:
+        return Layout(start, lay.segments, lay.inner * math.prod(shape[start + 1:end + 1]))
+    raise UnsupportedLayerError("flatten", _path(node), f"{node.name}: flattening dims "
+                                f"{start}..{end} mixes the unit dim {lay.dim} with the dims before "
+                                "it (units would interleave); flatten from the unit dim on")
 
 
 def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
@@ -475,7 +517,7 @@ def _reduce(node: fx.Node, src: fx.Node, lay: Layout) -> Layout:
         raise UnsupportedLayerError(_name(node.target), _path(node),
                                     f"{node.name} reduces over the unit dim")
     shift = 0 if keep else sum(1 for d in dims if d < lay.dim)
-    return Layout(lay.dim - shift, lay.segments)
+    return lay.at(lay.dim - shift)
 
 
 class Gate(nn.Module):
@@ -483,25 +525,34 @@ class Gate(nn.Module):
     scores and the l2,1 penalty) and rebuild dropped units from kept ones through a repair.
 
     ``scores``: the groups whose norms this gate records (default: all of its segments);
-    ``repairs``: False for a score-only gate, which never rebuilds units."""
+    ``repairs``: False for a score-only gate, which never rebuilds units;
+    ``inner``: positions of ``dim`` per unit (a flattened channel map's H*W). A unit's norm is
+    taken over all its positions and a repair rebuilds every position, as on a conv map."""
 
     def __init__(self, name: str, dim: int, segments: list[Segment], scores: set[int] | None = None,
-                 repairs: bool = True):
+                 repairs: bool = True, inner: int = 1):
         super().__init__()
         self.gate_name, self.dim, self.segments = name, dim, segments
         self.scores = {g for g, _, _ in segments} if scores is None else set(scores)
         self.repairs = repairs
+        self.inner = int(inner)
         self.state: "GateState | None" = None
+
+    def unit_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with one index per unit on ``dim``: a flattened map's unit dim is split into
+        (units, positions per unit), the positions becoming one more non-unit dim."""
+        return x.unflatten(self.dim, (-1, self.inner)) if self.inner != 1 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
         if st is None:
             return x
+        units = self.unit_view(x)
         pieces, changed = [], False
         for g, off, size in self.segments:
-            seg = x.narrow(self.dim, off, size)
+            seg = units.narrow(self.dim, off, size)
             if g in st.observe and g in self.scores:
-                other = [d for d in range(x.dim()) if d not in (0, self.dim)]
+                other = [d for d in range(units.dim()) if d not in (0, self.dim)]
                 norms = seg.pow(2).sum(dim=other).clamp_min(1e-12).sqrt() if other else seg.abs()
                 st.record(g, norms)
             repair = st.repairs.get(g) if self.repairs else None
@@ -512,8 +563,10 @@ class Gate(nn.Module):
                 seg = seg.index_copy(self.dim, dropped, rebuilt.to(seg.dtype))
                 changed = True
             pieces.append(seg)
-        return torch.cat(pieces, dim=self.dim) if changed and len(pieces) > 1 else (
-            pieces[0] if changed else x)
+        if not changed:
+            return x
+        out = torch.cat(pieces, dim=self.dim) if len(pieces) > 1 else pieces[0]
+        return out.flatten(self.dim, self.dim + 1) if self.inner != 1 else out
 
 
 class GateState:

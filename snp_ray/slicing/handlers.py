@@ -60,14 +60,18 @@ class Handler:
         self.set_out_size(module, int(kept.numel()))
 
     def absorb_repair(self, module: nn.Module, start: int, size: int, kept: torch.Tensor,
-                      dropped: torch.Tensor, repair: torch.Tensor) -> None:
-        """Fold a repair (dropped = repair @ kept) into input channels ``start..start+size``.
+                      dropped: torch.Tensor, repair: torch.Tensor, inner: int = 1) -> None:
+        """Fold a repair (dropped = repair @ kept) into input units ``start..start+size``.
 
         ``W'[:, kept] = W[:, kept] + W[:, dropped] @ repair``, per kernel position; afterwards the
-        module reads only the kept channels of that segment.
+        module reads only the kept units of that segment. ``inner``: input positions per unit
+        (a flattened (C, H, W) map: H*W). The input dim of the weight is then viewed as
+        (units, inner) and each of a unit's positions is one more kernel position.
         """
         w = getattr(module, self.in_weight).detach()
         d = self.in_dim
+        if inner != 1:
+            w = w.unflatten(d, (-1, inner))
         seg = w.narrow(d, start, size)
         wk = seg.index_select(d, kept)
         wd = seg.index_select(d, dropped)
@@ -75,13 +79,17 @@ class Handler:
         mixed = wk.movedim(d, -1) + wd.movedim(d, -1) @ repair.to(w.dtype)
         new_seg = mixed.movedim(-1, d)
         parts = [w.narrow(d, 0, start), new_seg, w.narrow(d, start + size, w.shape[d] - start - size)]
-        _set(module, self.in_weight, torch.cat(parts, dim=d).clone())
+        new = torch.cat(parts, dim=d)
+        if inner != 1:
+            new = new.flatten(d, d + 1)
+        _set(module, self.in_weight, new.clone())
         self.set_in_size(module, int(getattr(module, self.in_weight).shape[d]))
 
-    def keep_in(self, module: nn.Module, start: int, size: int, kept: torch.Tensor) -> None:
-        """Keep only input channels ``kept`` of segment ``start..start+size`` (no repair)."""
+    def keep_in(self, module: nn.Module, start: int, size: int, kept: torch.Tensor,
+                inner: int = 1) -> None:
+        """Keep only input units ``kept`` of segment ``start..start+size`` (no repair)."""
         empty = torch.empty(0, int(kept.numel()))
-        self.absorb_repair(module, start, size, kept, torch.empty(0, dtype=torch.long), empty)
+        self.absorb_repair(module, start, size, kept, torch.empty(0, dtype=torch.long), empty, inner)
 
     def set_out_size(self, module: nn.Module, n: int) -> None:
         raise NotImplementedError
@@ -235,8 +243,8 @@ class RecurrentHandler(Handler):
         _set(module, "weight_hh_l0", w)
         module._flat_weights = [getattr(module, n) for n in module._flat_weights_names]
 
-    def absorb_repair(self, module, start, size, kept, dropped, repair):
-        super().absorb_repair(module, start, size, kept, dropped, repair)
+    def absorb_repair(self, module, start, size, kept, dropped, repair, inner=1):
+        super().absorb_repair(module, start, size, kept, dropped, repair, inner)
         module._flat_weights = [getattr(module, n) for n in module._flat_weights_names]
 
     def set_out_size(self, module, n):

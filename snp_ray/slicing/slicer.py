@@ -491,7 +491,8 @@ class Slicer:
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
                            limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit vectors of the group at every gate position on D, as rows (n_positions, units),
-        and the few-shot sample each row comes from."""
+        and the few-shot sample each row comes from. A flattened map's positions of a unit (its
+        H*W block) are positions like a conv map's: one row each."""
         captured: list[torch.Tensor] = []
         owners: list[torch.Tensor] = []
         n = self.x.shape[0]
@@ -501,7 +502,7 @@ class Slicer:
             for g, off, size in gate.segments:
                 if g == gid:
                     def hook(mod, inp, out, off=off, size=size):
-                        seg = inp[0].narrow(mod.dim, off, size).movedim(mod.dim, -1)
+                        seg = mod.unit_view(inp[0]).narrow(mod.dim, off, size).movedim(mod.dim, -1)
                         captured.append(seg.reshape(-1, size))
                         # the batch dim leads and stays first (the unit dim is never 0)
                         owners.append(torch.arange(seg.shape[0]).repeat_interleave(seg[0].numel() // size))
@@ -578,11 +579,14 @@ class Slicer:
 
     @torch.no_grad()
     def repaired_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The unfused, repaired network of the last slice, restricted to its kept output units."""
+        """The unfused, repaired network of the last slice, restricted to its kept output units
+        (all ``output_inner`` positions of each, in the fragment's order)."""
         ft, kept, repairs = self._last
         x = x.to(self.device)
         feats = self._features(x, {g: self._tilde(g, w, kept[g]) for g, w in ft.items()}, repairs)
-        idx = torch.cat([off + kept[g] for g, off, _ in self.graph.output_layout])
+        units = torch.cat([off + kept[g] for g, off, _ in self.graph.output_layout])
+        inner = self.graph.output_inner
+        idx = (units[:, None] * inner + torch.arange(inner)).flatten()
         return feats.index_select(1, idx.to(self.device)).cpu()
 
     @torch.no_grad()

@@ -30,13 +30,14 @@ def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor]
     for name, segs in inputs.items():
         mod = modules[name]
         h = graph.handler(name, mod)
+        inner = graph.inner(name)          # positions per unit of its input (flattened maps)
         for off, gid in sorted(segs, reverse=True):
             size = graph.group(gid).size
             if repairs and gid in repairs:
                 k, d, mat = repairs[gid]
-                h.absorb_repair(mod, off, size, k, d, mat)
+                h.absorb_repair(mod, off, size, k, d, mat, inner)
             else:
-                h.keep_in(mod, off, size, kept[gid])
+                h.keep_in(mod, off, size, kept[gid], inner)
     # producers: keep rows of every segment a module hosts
     outputs: dict[str, list[tuple[int, int]]] = {}
     for g in graph.groups:
@@ -50,12 +51,15 @@ def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor]
 
 def fold_into_linear(linear: nn.Linear, graph: SliceGraph, repairs: dict[int, Repair],
                      kept: dict[int, torch.Tensor]) -> nn.Linear:
-    """A linear map on the full repaired features -> the same map on the kept features only."""
+    """A linear map on the full repaired features -> the same map on the kept features only.
+    Features flattened from (C, H, W) maps hold ``graph.output_inner`` = H*W columns per unit:
+    the weight is viewed as (out, units, H*W) and every position absorbs the repair."""
     h = handler_for(linear)
+    inner = graph.output_inner
     for gid, off, size in sorted(graph.output_layout, key=lambda s: s[1], reverse=True):
         if gid in repairs:
             k, d, mat = repairs[gid]
-            h.absorb_repair(linear, off, size, k, d, mat)
+            h.absorb_repair(linear, off, size, k, d, mat, inner)
         else:
-            h.keep_in(linear, off, size, kept[gid])
+            h.keep_in(linear, off, size, kept[gid], inner)
     return linear

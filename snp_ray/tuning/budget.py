@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,21 +44,17 @@ def _score(args: tuple) -> tuple[str, str, dict[str, Any]]:
     """One (candidate, model) cell in a worker process: one torch thread, the test split fenced."""
     import torch
 
-    from snp_ray.data.tables import ENV_FENCE
+    from snp_ray.data.tables import test_split_fenced
 
     root, cache_root, cand, mid, k, folds, folds_used, seed, fold_seed = args
-    before, threads = os.environ.get(ENV_FENCE), torch.get_num_threads()
-    os.environ[ENV_FENCE] = "1"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        row = cv_scores(Market(root), mid, cand.config(), k, FragmentCache(cache_root), folds, seed,
-                        fold_seed, folds_used)
-    finally:                      # in-process (workers=1) the caller's environment comes back
+        with test_split_fenced():    # in-process (workers=1) the caller's environment comes back
+            row = cv_scores(Market(root), mid, cand.config(), k, FragmentCache(cache_root), folds,
+                            seed, fold_seed, folds_used)
+    finally:
         torch.set_num_threads(threads)
-        if before is None:
-            os.environ.pop(ENV_FENCE, None)
-        else:
-            os.environ[ENV_FENCE] = before
     return cand.name, mid, row
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from snp_ray.config import Config, check_range
-from snp_ray.data.fewshot import FewShotSet
+from snp_ray.data.fewshot import FewShotSet, key_order, sample_keys
 from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.packing import PackConfig
@@ -55,31 +55,38 @@ class CVConfig(Config):
             raise ConfigError("CVConfig.targets must be non-empty class sets without duplicates")
 
 
-def deal_folds(rows_by_class: dict[int, list[int]], folds: int, fold_seed: int) -> dict[int, int]:
-    """Fold of every train-split row: each class's rows are dealt round-robin after a seeded
-    shuffle, so every fold holds ⌊n/folds⌋ or ⌈n/folds⌉ of them. Folds are a property of the row,
-    not of the model: a row two models share is held out of both in the same fold."""
-    out: dict[int, int] = {}
-    for c in sorted(rows_by_class):
-        rows = sorted(set(int(r) for r in rows_by_class[c]))
-        order = np.random.default_rng([int(fold_seed), int(c)]).permutation(len(rows))
+def deal_folds(keys_by_class: dict[int, list[str]], folds: int, fold_seed: int) -> dict[str, int]:
+    """Fold of every sample (by key, :attr:`FewShotSet.keys`): each class's samples are dealt
+    round-robin after a seeded shuffle, so every fold holds ⌊n/folds⌋ or ⌈n/folds⌉ of them.
+    Folds are a property of the sample, not of the model: a train row two models share is held
+    out of both in the same fold, while two uploads' rows never collide."""
+    out: dict[str, int] = {}
+    for c in sorted(keys_by_class):
+        keys = sorted(set(keys_by_class[c]), key=key_order)
+        order = np.random.default_rng([int(fold_seed), int(c)]).permutation(len(keys))
         for i, j in enumerate(order):
-            out[rows[j]] = i % folds
+            out[keys[j]] = i % folds
     return out
 
 
-def fold_of(fs: FewShotSet, fold_map: dict[int, int]) -> np.ndarray:
+def fold_of(fs: FewShotSet, fold_map: dict[str, int]) -> np.ndarray:
     """Fold index of each sample of ``fs``."""
-    return np.array([fold_map[int(r)] for r in fs.row_ids], dtype=np.int64)
+    return np.array([fold_map[k] for k in fs.keys], dtype=np.int64)
 
 
-def market_folds(market: Market, cv: "CVConfig") -> dict[int, int]:
-    """:func:`deal_folds` over the k-shot rows of every model of the market, pooled per class."""
-    by_class: dict[int, list[int]] = {}
+def manifest_keys(market: Market, model_id: str, manifest) -> dict[int, list[str]]:
+    """The sample keys of a model's manifest, per class."""
+    source = market.sample_source(model_id, manifest)
+    return {int(c): sample_keys(source, rows).tolist()
+            for c, rows in zip(manifest.classes, manifest.row_ids)}
+
+
+def market_folds(market: Market, cv: "CVConfig") -> dict[str, int]:
+    """:func:`deal_folds` over the k-shot samples of every model of the market, pooled per class."""
+    by_class: dict[int, list[str]] = {}
     for spec in market.specs():
-        m = market.manifest(spec.id, cv.k, cv.seed)
-        for c, rows in zip(m.classes, m.row_ids):
-            by_class.setdefault(int(c), []).extend(rows)
+        for c, keys in manifest_keys(market, spec.id, market.manifest(spec.id, cv.k, cv.seed)).items():
+            by_class.setdefault(c, []).extend(keys)
     return deal_folds(by_class, cv.folds, cv.fold_seed)
 
 
@@ -96,11 +103,11 @@ class FragmentCache:
 
     @staticmethod
     def key(model_sha: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
-            fold: int, fold_seed: int, train_rows: list[int]) -> str:
+            fold: int, fold_seed: int, train_rows: list[str]) -> str:
         """Everything that decides the fragment, the exact training rows included (folds depend
         on every model of the market, so the same model in another market may train on others)."""
         body = json.dumps([model_sha, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed,
-                           sorted(int(r) for r in train_rows)])
+                           sorted(str(r) for r in train_rows)])
         return hashlib.sha256(body.encode()).hexdigest()[:32]
 
     def has(self, key: str) -> bool:
@@ -174,7 +181,7 @@ class FoldResult:
 
 
 def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int,
-               fold_map: dict[int, int]) -> tuple[FewShotSet, FewShotSet]:
+               fold_map: dict[str, int]) -> tuple[FewShotSet, FewShotSet]:
     fs = market.fewshot(model_id, cv.k, cv.seed)
     where = fold_of(fs, fold_map)
     return fs.select(where != fold), fs.select(where == fold)
@@ -182,7 +189,7 @@ def _fold_sets(market: Market, model_id: str, cv: CVConfig, fold: int,
 
 def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg: PackConfig,
                   fold: int, cache: FragmentCache,
-                  fold_map: dict[int, int] | None = None) -> FoldResult:
+                  fold_map: dict[str, int] | None = None) -> FoldResult:
     """Slice on the other folds, pack, and score every target set on fold ``fold``."""
     t0 = time.perf_counter()
     made0, reused0 = cache.made, cache.reused
@@ -202,7 +209,7 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
                      "held_out": sorted(held[mid].row_ids.tolist())}
         spec = market.spec(mid)
         keys = {c: cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
-                             cv.fold_seed, rows[mid]["train"]) for c in classes}
+                             cv.fold_seed, train[mid].keys.tolist()) for c in classes}
         make = FoldSlicer(lambda mid=mid: ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed,
                                                       fewshot=train[mid], subset=subset),
                           classes, lambda c, keys=keys: not cache.has(keys[c]))

@@ -27,7 +27,7 @@ from snp_ray.market.market import Market
 from snp_ray.slicing.api import ModelSlicer
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.slicing.slicer import roc_auc
-from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of
+from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of, manifest_keys
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def model_folds(market: Market, model_id: str, k: int, folds: int, seed: int = 0
     """(few-shot set, fold of each sample): the model's own k shots dealt into stratified folds."""
     fs = market.fewshot(model_id, k, seed)
     m = fs.manifest
-    fmap = deal_folds({int(c): list(r) for c, r in zip(m.classes, m.row_ids)}, folds, fold_seed)
+    fmap = deal_folds(manifest_keys(market, model_id, m), folds, fold_seed)
     return fs, fold_of(fs, fmap)
 
 
@@ -110,7 +110,7 @@ def cv_scores(market: Market, model_id: str, cfg: SliceConfig, k: int, cache: Fr
     params, seconds = [], []
     for f in range(folds_used or folds):
         train, held = fs.select(where != f), fs.select(where == f)
-        train_rows = sorted(train.row_ids.tolist())
+        train_rows = sorted(train.keys.tolist())
         todo = [int(c) for c in (classes if classes is not None else spec.classes)]
         keys = {c: cache.key(spec.weights_sha256, c, cfg, k, seed, folds, f, fold_seed, train_rows)
                 for c in todo}
