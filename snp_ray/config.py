@@ -129,11 +129,19 @@ class Config:
 
         A field declared with :func:`added_field` is left out while it holds its default, so
         adding a knob does not change the key of every fragment or pack already stored."""
+        return hashlib.sha256(json.dumps(self._digest_body(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def _digest_body(self) -> dict[str, Any]:
+        """:meth:`to_dict` less runtime fields and added fields at their defaults, in nested
+        configs too (a knob added to a training recipe leaves its market's key alone)."""
         body = self.to_dict()
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             if f.metadata.get(RUNTIME) or (f.metadata.get(ADDED) and body[f.name] == _plain(f.default)):
                 del body[f.name]
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+            elif isinstance(value, Config):
+                body[f.name] = value._digest_body()
+        return body
 
 
 #: field metadata key of :func:`added_field`

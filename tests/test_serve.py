@@ -490,3 +490,14 @@ def test_a_text_market_packs_and_predicts_texts(text_market, tmp_path):
                                          "samples": own}).json()
         assert mine["fewshot_samples"] == 4 and mine["samples"]["requester"] == 4, mine
         assert mine["id"] != meta["id"] and mine["modality"] == "text"
+
+
+def test_a_non_ascii_digit_class_name_is_a_4xx_not_a_500(client, market):
+    """'²'.isdigit() is true but int('²') raises: every resolver reads ASCII digits only."""
+    from snp_ray.errors import DataError
+
+    c, _ = client
+    r = c.post("/v1/packs", json={"classes": ["²", "cat"], "k": 5})
+    assert r.status_code in (400, 404) and "error" in r.json()
+    with pytest.raises(DataError):
+        Market(market).class_id("²")

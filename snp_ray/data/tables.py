@@ -195,10 +195,12 @@ def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
                 if im.format not in IMAGE_FORMATS:
                     raise DataError(f"{what}: row {i} is a {im.format} image; PNG, JPEG or WEBP only")
                 if (im.height, im.width) != IMAGE_SHAPE[:2]:   # from the header, before decoding
-                    raise DataError(f"{what}: row {i} is {im.width}x{im.height} pixels, expected "
-                                    f"{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]}")
+                    raise DataError(f"{what}: row {i} has shape ({im.height}, {im.width}, 3), "
+                                    f"expected {IMAGE_SHAPE} (checked before decoding)")
                 arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{what}: row {i} is too large to decode ({e})") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"{what}: row {i} is not a decodable image ({e})") from None
         if arr.shape != IMAGE_SHAPE:
             raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")

@@ -21,7 +21,7 @@ def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) for every process this user can read."""
     out: dict[int, tuple[int, str]] = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not (name.isascii() and name.isdigit()):
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:

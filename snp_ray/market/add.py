@@ -93,7 +93,7 @@ def resolve_classes(names: list[str], dataset: str, vocab: list[str]) -> list[in
         n = str(n).strip()
         if n in vocab:
             ids.append(vocab.index(n))
-        elif n.isdigit() and int(n) < len(vocab):
+        elif n.isascii() and n.isdigit() and int(n) < len(vocab):
             ids.append(int(n))
         else:
             raise UnknownNameError(f"class of {dataset}", n, vocab)

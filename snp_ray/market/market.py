@@ -140,7 +140,7 @@ class Market:
             names.update(zip(s.class_names, s.classes))
         if not names:
             raise ArtifactNotFoundError(f"the market at {self.root} holds no models")
-        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isdigit()):
+        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isascii() and name_or_id.isdigit()):
             cid = int(name_or_id)
             if cid in names.values():
                 return cid

@@ -62,7 +62,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(send, int(declared))
         seen, started = 0, False
 

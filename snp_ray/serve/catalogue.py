@@ -95,7 +95,7 @@ class Catalogue:
         for c in requested:
             if isinstance(c, bool) or not isinstance(c, (str, int)):
                 raise ConfigError(f"a class is a name or an id, got {c!r}")
-            if isinstance(c, int) or c.strip().isdigit():
+            if isinstance(c, int) or (c.strip().isascii() and c.strip().isdigit()):
                 if int(c) not in self.classes:
                     raise UnknownNameError("class", c, list(self._by_name))
                 ids.append(int(c))

@@ -99,7 +99,7 @@ def label_ids(labels: list[Any], classes: dict[int, str]) -> list[int]:
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             raise DataError(f"samples: label {i} must be a class name or id, got {label!r}")
         s = str(label).strip()
-        cid = int(s) if s.isdigit() else by_name.get(s)
+        cid = int(s) if s.isascii() and s.isdigit() else by_name.get(s)
         if cid not in classes:
             raise DataError(f"samples: label {i} ({label!r}) is not a class of the request; "
                             f"requested: {[f'{n} ({c})' for c, n in classes.items()]}")

@@ -27,7 +27,7 @@ from snp_ray.market.market import Market
 from snp_ray.slicing.api import ModelSlicer
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.slicing.slicer import roc_auc
-from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of, manifest_keys
+from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def model_folds(market: Market, model_id: str, k: int, folds: int, seed: int = 0
     """(few-shot set, fold of each sample): the model's own k shots dealt into stratified folds."""
     fs = market.fewshot(model_id, k, seed)
     m = fs.manifest
-    fmap = deal_folds(manifest_keys(market, model_id, m), folds, fold_seed)
+    fmap = deal_folds({int(c): fs.keys[fs.labels == c].tolist() for c in m.classes}, folds, fold_seed)
     return fs, fold_of(fs, fmap)
 
 
