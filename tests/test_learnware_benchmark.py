@@ -130,3 +130,21 @@ def test_smoke_job_counts_and_fences_every_choice(ray_cluster, real_data, tmp_pa
     assert sorted(set(calls)) == ["pack_planned", "plan_request", "train_user_model"]
     assert calls.count("pack_planned") == 3                 # no labels, labels, labels + market
     assert {r["method"] for r in out} >= {"S&P best (user labels)", "user model (labels alone)"}
+
+
+def test_every_class_has_a_holder_in_both_markets():
+    for name in ("LW-C10", "LW-C10-S"):
+        held = {c for cs in get_task(name).model_classes for c in cs}
+        assert held == set(range(10)), name
+
+
+def test_a_market_trained_before_a_recipe_knob_existed_is_not_retrained():
+    from snp_ray.market.build import same_recipe
+    from snp_ray.market.training import TrainConfig
+
+    old = TrainConfig(epochs=3).to_dict()
+    for knob in ("schedule", "nesterov"):
+        old.pop(knob)
+    assert same_recipe(old, TrainConfig(epochs=3))
+    assert not same_recipe(old, TrainConfig(epochs=4))
+    assert not same_recipe({**old, "fewshot": {"source": "upload"}}, TrainConfig(epochs=3))

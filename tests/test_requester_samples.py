@@ -150,3 +150,35 @@ def test_class_weights_equalise_classes():
     w = class_weights(np.array([0, 0, 0, 1]), 2)
     assert w.tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
     assert w[:3].sum() == pytest.approx(w[3:].sum())
+
+
+def test_requester_samples_a_fragment_was_sliced_on_do_not_score_it():
+    """A benchmark's user labels are train rows, and a fragment's own k shots may be among them:
+    those samples are left out of that fragment's requester AUC."""
+    from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, choose
+
+    keys = np.array([f"cifar10/train#{i}" for i in range(4)], dtype=object)
+    req = PackSamples("cifar10", np.array([0.9, 0.1, 0.6, 0.4], np.float32), np.array([0, 0, 1, 1]),
+                      {}, keys)
+    cache = ScoreCache(FewShotPool.from_samples(req))
+    _, rows = choose([_Stub("X", 0)], [0, 1], cache, PlanConfig("best"))
+    assert rows[0]["score"] == 0.5 and rows[0]["n_pos"] == 2
+    # X was sliced on train row 1 (a positive it scores badly): without it, X separates
+    _, rows = choose([_Stub("X", 0)], [0, 1], cache, PlanConfig("best"),
+                     seen=lambda f: np.array(["cifar10/train#1"], dtype=object))
+    assert rows[0]["score"] == 1.0 and rows[0]["n_pos"] == 1
+
+
+def test_merged_samples_count_only_what_they_add():
+    a = PackSamples("cifar10", np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), {},
+                    np.array(["cifar10/train#1", "cifar10/train#2"], dtype=object), {"requester": 2})
+    b = PackSamples("cifar10", np.zeros((2, 32, 32, 3), np.uint8), np.array([1, 0]), {},
+                    np.array(["cifar10/train#2", "cifar10/train#3"], dtype=object), {"market": 2})
+    both = a.with_(b)
+    assert len(both) == 3 and both.counts == {"requester": 2, "market": 1}
+
+
+def test_an_upload_without_its_source_is_refused():
+    m = FewShotManifest(dataset="cifar10", k=1, seed=0, classes=[0], row_ids=[[0]], split="upload")
+    with pytest.raises(DataError, match="source"):
+        FewShotSet(m, np.zeros((1, 32, 32, 3), np.uint8), np.array([0]), ["a"])

@@ -69,6 +69,9 @@ class FewShotSet:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if not self.source and self.manifest.split == "upload":
+            raise DataError("an uploaded few-shot set needs its source (upload:<sha256>): rows "
+                            "of two uploads are different samples")
         self.source = self.source or f"{self.manifest.dataset}/{self.manifest.split}"
 
     @property

@@ -11,12 +11,7 @@ from dataclasses import dataclass, field
 from snp_ray.config import Config
 from snp_ray.errors import UnknownNameError
 from snp_ray.market.build import MarketConfig
-from snp_ray.market.training import TrainConfig
-
-
-#: the learnware image workflow's training recipe for its ConvModel
-LW_TRAIN = TrainConfig(epochs=35, batch_size=128, lr=0.01, weight_decay=0.0, augment=False,
-                       schedule="constant", nesterov=False)
+from snp_ray.market.training import LW_TRAIN, TrainConfig
 
 
 @dataclass

@@ -192,8 +192,7 @@ def train_log_probabilities(market: Market, model_ids: list[str], images: np.nda
 def train_user_model(market: Market, train: Split, rows: np.ndarray, classes: list[int],
                      epochs: int, seed: int) -> tuple[torch.nn.Module, Any, dict[str, float]]:
     """The user model: the market's architecture and training recipe, on the labels alone."""
-    from snp_ray.engine.presets import LW_TRAIN
-    from snp_ray.market.training import train_original
+    from snp_ray.market.training import LW_TRAIN, train_original
 
     spec = market.specs()[0]
     cfg = LW_TRAIN.replace(epochs=epochs, seed=seed, threads=torch.get_num_threads())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +108,11 @@ def run(cfg: LearnwareJobConfig, out_dir: str | Path) -> dict[str, Any]:
 
     out = Path(out_dir)
     export = out / "reuse"
-    export.mkdir(parents=True, exist_ok=True)
-    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
+    if export.exists():           # an earlier run's users must not enter this run's rows
+        shutil.rmtree(export)
+    export.mkdir(parents=True)
+    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_CLEAN_EVIDENCE")
+           if k in os.environ}
     remote = ray.remote(num_cpus=1, max_retries=1)(_evaluate_users)
     shares = [list(range(cfg.users.users))[i::cfg.workers] for i in range(cfg.workers)]
     refs = [remote.options(runtime_env={"env_vars": env}).remote(

@@ -88,7 +88,7 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
     ids = [model_id(cfg.task, i, cfg.arch, cfg.width) for i in range(task.num_models)]
     todo = []
     for i, mid in enumerate(ids):
-        if store.exists(mid) and store.spec(mid).train == cfg.train.to_dict():
+        if store.exists(mid) and same_recipe(store.spec(mid).train, cfg.train):
             log.info("model %s already trained, skipping", mid)
         else:
             todo.append(i)
@@ -132,6 +132,15 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
         for k in cfg.ks:
             market.manifest(mid, k, cfg.fewshot_seed)
     return [store.spec(mid) for mid in ids]
+
+
+def same_recipe(stored: dict[str, Any], train: TrainConfig) -> bool:
+    """Whether a stored model was trained with ``train``: by digest, so a knob added to the
+    recipe later (at its default) does not make every stored market retrain."""
+    try:
+        return TrainConfig.from_dict(stored).digest() == train.digest()
+    except (ConfigError, TypeError):
+        return False
 
 
 def _drain(ray, refs: list) -> None:

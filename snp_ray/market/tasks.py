@@ -134,13 +134,15 @@ def _learnware_market(n_models: int, images: int, seed: int) -> tuple[list[list[
     """Each model draws 4 of the 10 classes, in a random order, and ``images`` train images
     split over them at :data:`LEARNWARE_RATIOS` (12,500: 5,000 / 5,000 / 1,250 / 1,250)."""
     rng = np.random.default_rng(seed)
-    classes, counts = [], []
-    for _ in range(n_models):
-        drawn = [int(c) for c in rng.choice(10, len(LEARNWARE_RATIOS), replace=False)]
-        n = {c: int(round(r * images)) for c, r in zip(drawn, LEARNWARE_RATIOS)}
-        classes.append(sorted(drawn))
-        counts.append([n[c] for c in sorted(drawn)])
-    return classes, counts
+    while True:            # redrawn until every class has a holder (users may ask for any)
+        classes, counts = [], []
+        for _ in range(n_models):
+            drawn = [int(c) for c in rng.choice(10, len(LEARNWARE_RATIOS), replace=False)]
+            n = {c: int(round(r * images)) for c, r in zip(drawn, LEARNWARE_RATIOS)}
+            classes.append(sorted(drawn))
+            counts.append([n[c] for c in sorted(drawn)])
+        if len({c for cs in classes for c in cs}) == 10:
+            return classes, counts
 
 
 _LW = _learnware_market(50, 12_500, PARTITION_SEED)

@@ -59,6 +59,11 @@ class TrainConfig(Config):
             raise ConfigError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
+#: the learnware image workflow's training recipe for its ConvModel (issue #25)
+LW_TRAIN = TrainConfig(epochs=35, batch_size=128, lr=0.01, weight_decay=0.0, augment=False,
+                       schedule="constant", nesterov=False)
+
+
 @dataclass
 class TrainedModel:
     model: Classifier

@@ -125,14 +125,18 @@ TIERS = ("requester AUC", "held-out few-shot AUC", "in-sample few-shot AUC",
 
 
 def held_out_auc(fragment: Fragment, classes: list[int], cache: ScoreCache,
-                 basis: str = "held-out few-shot AUC") -> dict[str, Any]:
+                 basis: str = "held-out few-shot AUC", seen: np.ndarray | None = None
+                 ) -> dict[str, Any]:
     """AUC of ``fragment``'s class score: its class against the request's other classes, on the
     pool's samples that its own model did not upload (and no sample its model saw). Where
     nobody else uploaded the class (or the others), the score falls back to every sample, then
     to the slice-time AUC; ``source`` says which, and :func:`choose` never ranks a fallback
-    above an honest held-out score."""
+    above an honest held-out score. ``seen``: more sample keys the fragment was sliced on (its
+    model's shots, when the pool is a requester's that may hold the same train rows)."""
     pool, c = cache.pool, fragment.spec.class_id
     own_keys = pool.keys[pool.models == fragment.spec.source_model]
+    if seen is not None:
+        own_keys = np.concatenate([own_keys, seen])
     held = (pool.models != fragment.spec.source_model) & ~np.isin(pool.keys, own_keys)
     others = [x for x in classes if x != c]
     pos, neg = held & (pool.labels == c), held & np.isin(pool.labels, others)
@@ -149,7 +153,8 @@ def held_out_auc(fragment: Fragment, classes: list[int], cache: ScoreCache,
             "in_sample": source == "in-sample few-shot AUC", "source": source}
 
 
-def choose(frags: list[Fragment], classes: list[int], cache: ScoreCache, cfg: PlanConfig
+def choose(frags: list[Fragment], classes: list[int], cache: ScoreCache, cfg: PlanConfig,
+           seen: Callable[[Fragment], np.ndarray] | None = None
            ) -> tuple[list[Fragment], list[dict[str, Any]]]:
     """Rank one class's candidate fragments and keep the policy's share. Scores of different
     kinds are not comparable (an in-sample AUC is inflated by the samples the fragment was
@@ -157,7 +162,7 @@ def choose(frags: list[Fragment], classes: list[int], cache: ScoreCache, cfg: Pl
     id. Returns (chosen fragments, every candidate's row, best first)."""
     basis = "requester AUC" if (cache.pool.models == "").all() else "held-out few-shot AUC"
     rows = [{"model": f.spec.source_model, "key": f.spec.key, "params": f.spec.params,
-             **held_out_auc(f, classes, cache, basis)} for f in frags]
+             **held_out_auc(f, classes, cache, basis, seen(f) if seen else None)} for f in frags]
     order = sorted(range(len(frags)), key=lambda i: (TIERS.index(rows[i]["source"]),
                                                      -rows[i]["score"], rows[i]["model"]))
     keep = order if cfg.m is None else order[:cfg.m]
@@ -231,8 +236,13 @@ def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceCon
         if not holders:
             raise ConfigError(f"class {c} is held by no model of {market.root}")
         frags = [load(pair_key(spec, c, slice_cfg, k, seed)) for spec in holders]
-        scorer = theirs if c in present and len(present) > 1 else market_cache()
-        chosen[c], candidates[c] = choose(frags, classes, scorer, cfg)
+        if c in present and len(present) > 1:    # the requester's samples, less the shots
+            shots = market_cache().pool       # each fragment was sliced on (same train rows)
+            chosen[c], candidates[c] = choose(
+                frags, classes, theirs, cfg,
+                seen=lambda f: shots.keys[shots.models == f.spec.source_model])
+        else:
+            chosen[c], candidates[c] = choose(frags, classes, market_cache(), cfg)
         log.info("class %s: %s of %d holders (best held-out AUC %.3f)", c, cfg.policy,
                  len(frags), candidates[c][0]["score"])
     return Plan(cfg.policy, cfg.samples, list(classes), chosen, candidates,

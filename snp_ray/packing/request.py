@@ -126,7 +126,8 @@ def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: 
             scores = []
             for f in frs:
                 held_out = [s for s, m in zip(others, holders) if m != f.spec.source_model]
-                val = (requester if requester is not None and len(np.unique(requester.labels)) > 1
+                covered = set() if requester is None else set(np.unique(requester.labels).tolist())
+                val = (requester if c in covered and len(covered) > 1
                        else PackSamples.from_fewshot(held_out, classes) if held_out else samples)
                 scores.append(validation_auc(f, val))
             best = int(np.argmax(scores))

@@ -133,8 +133,12 @@ class PackSamples:
         else:
             raw = list(self.raw) + [t for t, n in zip(other.raw, new) if n]
         counts = dict(self.counts)
-        for k, v in other.counts.items():
-            counts[k] = counts.get(k, 0) + v
+        if len(other.counts) == 1:          # one origin: count only the samples added
+            (origin,) = other.counts
+            counts[origin] = counts.get(origin, 0) + int(new.sum())
+        else:
+            for k, v in other.counts.items():
+                counts[k] = counts.get(k, 0) + v
         return PackSamples(self.dataset, raw, np.concatenate([self.labels, other.labels[new]]),
                            {**other.class_names, **self.class_names},
                            np.concatenate([self.keys, other.keys[new]]), counts)
