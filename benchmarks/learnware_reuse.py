@@ -89,7 +89,17 @@ def main() -> int:
             add("learnware EnsemblePruningReuser (semantic mixture)", np.asarray(pred).reshape(-1), b,
                 time.perf_counter() - t0)
         print(f"user {user}: {len(lws)} mixture models, budgets {budgets}", flush=True)
-    Path(a.out).write_text(json.dumps({"rows": rows, "maxgen": a.maxgen}))
+    summary = []
+    for method, budget in sorted({(r["method"], r["budget"]) for r in rows}, key=lambda t: (t[1], t[0])):
+        accs = [r["accuracy"] for r in rows if (r["method"], r["budget"]) == (method, budget)]
+        sd = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        summary.append({"method": method, "budget": budget, "users": len(accs),
+                        "accuracy_mean": float(np.mean(accs)), "accuracy_std": sd,
+                        "accuracy_ci95": 1.96 * sd / max(1, len(accs)) ** 0.5})
+    Path(a.out).write_text(json.dumps({"rows": rows, "summary": summary, "maxgen": a.maxgen,
+                                       "package": "learnware==0.4.0.post1",
+                                       "geatpy": "geatpy-rs 2.7.5 (third-party port; no official "
+                                                 "geatpy wheel for Python 3.11)"}, indent=1))
     return 0
 
 

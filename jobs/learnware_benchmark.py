@@ -35,8 +35,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="user seed (>= 1000: clean evidence only)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="results/learnware")
+    p.add_argument("--redraw", action="store_true", help="only rewrite report.md and the figure in "
+                   "--out from learnware.json and learnware_package.json")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.redraw:
+        from snp_ray.evaluation.learnware_job import redraw
+
+        return run_command(lambda: redraw(a.out), a.json)[0]
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     cfg = LearnwareJobConfig(
         preset=a.preset, store=a.store, epochs=a.epochs, workers=a.workers,

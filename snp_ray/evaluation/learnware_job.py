@@ -139,6 +139,21 @@ def run(cfg: LearnwareJobConfig, out_dir: str | Path) -> dict[str, Any]:
     return result
 
 
+def redraw(out_dir: str | Path) -> dict[str, Any]:
+    """Rewrite ``report.md`` and the figure from ``learnware.json`` and, when the learnware
+    package's own run left it beside them, ``learnware_package.json`` (their reusers' rows)."""
+    out = Path(out_dir)
+    result = json.loads((out / "learnware.json").read_text())
+    package = out / "learnware_package.json"
+    if package.is_file():
+        theirs = json.loads(package.read_text())["rows"]
+        result["rows"] = [r for r in result["rows"] if not r["method"].startswith("learnware ")] + theirs
+        result["summary"] = summarise(result["rows"])
+    (out / "report.md").write_text(report_md(result))
+    figure(result, out / "learnware-budgets.png")
+    return {k: v for k, v in result.items() if k != "rows"}
+
+
 def run_learnware_reusers(python: str, export: Path) -> dict[str, Any]:
     """The learnware package's own reusers on the exported arrays, in its own environment
     (benchmarks/learnware_reuse.py); without one, a record saying they did not run."""
