@@ -37,12 +37,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/learnware")
     p.add_argument("--redraw", action="store_true", help="only rewrite report.md and the figure in "
                    "--out from learnware.json and learnware_package.json")
+    p.add_argument("--reuse", action="store_true", help="only run the learnware package's reusers "
+                   "(--learnware-python) on --out's exports into learnware_package.json, then redraw")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.redraw:
-        from snp_ray.evaluation.learnware_job import redraw
+    if a.redraw or a.reuse:
+        from snp_ray.evaluation.learnware_job import redraw, reuse
 
-        return run_command(lambda: redraw(a.out), a.json)[0]
+        return run_command(lambda: reuse(a.learnware_python, a.out) if a.reuse else redraw(a.out),
+                           a.json)[0]
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     cfg = LearnwareJobConfig(
         preset=a.preset, store=a.store, epochs=a.epochs, workers=a.workers,

@@ -154,7 +154,17 @@ def redraw(out_dir: str | Path) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "rows"}
 
 
-def run_learnware_reusers(python: str, export: Path) -> dict[str, Any]:
+def reuse(python: str, out_dir: str | Path) -> dict[str, Any]:
+    """The learnware package's reusers on a finished run's exports (``learnware_package.json``),
+    then :func:`redraw`; a typed error when they cannot run."""
+    out = Path(out_dir)
+    got = run_learnware_reusers(python, out / "reuse", out / "learnware_package.json")
+    if not got["ran"]:
+        raise ConfigError(f"the learnware package's reusers did not run: {got['why']}")
+    return redraw(out)
+
+
+def run_learnware_reusers(python: str, export: Path, dest: Path | None = None) -> dict[str, Any]:
     """The learnware package's own reusers on the exported arrays, in its own environment
     (benchmarks/learnware_reuse.py); without one, a record saying they did not run."""
     import subprocess
@@ -164,15 +174,16 @@ def run_learnware_reusers(python: str, export: Path) -> dict[str, Any]:
         return {"ran": False, "why": "no learnware environment given (make learnware-env, then "
                 "--learnware-python .venv-learnware/bin/python)"}
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "learnware_reuse.py"
-    done = subprocess.run([python, str(script), "--export", str(export),
-                           "--out", str(export / "reuse.json")], capture_output=True, text=True)
+    dest = dest or export / "reuse.json"
+    done = subprocess.run([python, str(script), "--export", str(export), "--out", str(dest)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout)[-2000:]
         log.error("the learnware reusers failed:\n%s", tail)
         return {"ran": False, "why": f"benchmarks/learnware_reuse.py exited {done.returncode}",
                 "stderr_tail": tail}
     sys.stderr.write(done.stderr[-2000:])
-    return {"ran": True, **json.loads((export / "reuse.json").read_text())}
+    return {"ran": True, **json.loads(dest.read_text())}
 
 
 def report_md(result: dict[str, Any]) -> str:
