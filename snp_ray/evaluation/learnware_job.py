@@ -205,6 +205,7 @@ def report_md(result: dict[str, Any]) -> str:
                      (f" | {int(max(params)):,} |" if params else " |  |"))
         lines[-1] += f" {max(secs):.2f} |" if secs else "  |"
     for method, cells in result["published"].items():
+        cells = {int(b): v for b, v in cells.items()}
         vals = [f"{cells[b]:.1f}" if b in cells else "" for b in budgets]
         lines.append(f"| {method} (published, their learnwares) | " + " | ".join(vals) + " |  |  |")
     return "\n".join(lines) + "\n"
@@ -218,7 +219,7 @@ def figure(result: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    left = 50
+    left = 30
     by_method: dict[str, list[dict[str, Any]]] = {}
     for s in result["summary"]:
         by_method.setdefault(s["method"], []).append(s)
@@ -231,6 +232,7 @@ def figure(result: dict[str, Any], path: Path) -> Path:
         ax.plot(x, y, style, label=method, ms=4)
         ax.fill_between(x, [a - b for a, b in zip(y, band)], [a + b for a, b in zip(y, band)], alpha=0.15)
     for method, cells in result["published"].items():
+        cells = {int(b): v for b, v in cells.items()}      # JSON keys come back as strings
         xs = sorted(cells)
         ax.plot([b or left for b in xs], [cells[b] for b in xs], "--o", mfc="none",
                 label=f"{method} (published)", ms=5)
