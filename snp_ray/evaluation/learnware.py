@@ -28,6 +28,7 @@ import torch
 from snp_ray.config import Config
 from snp_ray.data.tables import Split, read_split, test_split_fenced
 from snp_ray.errors import ConfigError
+from snp_ray.evaluation.packs import predict_from_features
 from snp_ray.evaluation.testsplit import load_test_split
 from snp_ray.market.market import Market
 from snp_ray.packing.config import PackConfig
@@ -165,15 +166,14 @@ class TestCache:
         """The pack's predictions on test ``rows``, from cached fragment features."""
         feats = []
         pos = torch.as_tensor(self.at(rows))
-        for f, s in zip(packed.fragments, packed.scales):
+        for f in packed.fragments:
             if f.spec.key not in self._fragments:
                 f.eval()
                 raw = self._images
                 self._fragments[f.spec.key] = torch.cat(
                     [f(f.encode(raw[i:i + 500], strict=False)) for i in range(0, len(raw), 500)])
-            feats.append(self._fragments[f.spec.key][pos] * s)
-        z = torch.cat(feats, 1)
-        return np.asarray(packed.class_ids)[packed.head(torch.relu(packed.enc(z))).argmax(1).numpy()]
+            feats.append(self._fragments[f.spec.key][pos])
+        return predict_from_features(packed, feats)
 
 
 @torch.no_grad()

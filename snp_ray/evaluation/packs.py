@@ -68,7 +68,14 @@ def accuracy_from_features(packed: PackedModel, cached: dict[str, dict[str, np.n
     key): the same rows, the same scales, Enc and head; only the fragment forwards are reused."""
     labels = cached[packed.fragments[0].spec.key]["labels"]
     rows = np.isin(labels, packed.class_ids)
-    z = torch.cat([torch.as_tensor(cached[f.spec.key]["features"][rows]) * s
-                   for f, s in zip(packed.fragments, packed.scales)], 1)
-    pred = np.asarray(packed.class_ids)[packed.head(torch.relu(packed.enc(z))).argmax(1).numpy()]
+    pred = predict_from_features(packed, [torch.as_tensor(cached[f.spec.key]["features"][rows])
+                                          for f in packed.fragments])
     return float((pred == labels[rows]).mean())
+
+
+@torch.no_grad()
+def predict_from_features(packed: PackedModel, features: list[torch.Tensor]) -> np.ndarray:
+    """The pack's class ids from its fragments' features (one tensor per fragment, in order),
+    computed elsewhere and cached: the pack's scales, Enc and head only."""
+    z = torch.cat([f * s for f, s in zip(features, packed.scales)], 1)
+    return np.asarray(packed.class_ids)[packed.head(torch.relu(packed.enc(z))).argmax(1).numpy()]
