@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -228,27 +229,32 @@ def _model_row(s) -> dict[str, Any]:
 def cmd_market(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.market import Market
 
+    from snp_ray.serve import lifecycle
+
     market = Market(a.store)
     if a.market_command == "add":
-        added = market.add_model(a.arch, a.weights, [c for c in a.classes.split(",") if c.strip()],
-                                 a.dataset, k=a.k, seed=a.seed, model_id=a.model_id,
-                                 input_size=a.input_size, mean=a.mean, std=a.std,
-                                 fewshot=a.fewshot, replace=a.replace)
+        added, retired = lifecycle.add_model(
+            market, a.arch, a.weights, [c for c in a.classes.split(",") if c.strip()], a.dataset,
+            k=a.k, seed=a.seed, model_id=a.model_id, input_size=a.input_size, mean=a.mean,
+            std=a.std, fewshot=a.fewshot, replace=a.replace)
         m = added.summary()
         print(table([[m["id"], m["arch"], f"{m['params']:,}", f"{m['macs']:,}", ",".join(m["classes"]),
                       f"{m['fewshot_accuracy']:.4f} ({m['fewshot_samples']} samples)"]],
                     ["model", "arch", "params", "MACs/sample", "classes",
                      "accuracy on the few-shot samples"]))
-        return {"model": m}
+        if retired.fragments or retired.packs:
+            print(f"retired {len(retired.fragments)} fragments and {len(retired.packs)} packs "
+                  f"of the replaced model")
+        return {"model": m, "retired": retired.to_dict()}
     if a.market_command == "list":
         rows = [_model_row(s) for s in market.specs()]
         print(table([[r["id"], r["arch"], f"{r['params']:,}", ",".join(r["classes"]),
                       "added" if r["added"] else "trained"] for r in rows],
                     ["model", "arch", "params", "classes", "origin"]))
         return {"models": rows}
-    spec = market.remove_model(a.model_id)
-    print(f"removed {spec.id}")
-    return {"removed": spec.id}
+    spec, retired = lifecycle.remove_model(market, a.model_id)
+    print(f"removed {spec.id} with {len(retired.fragments)} fragments and {len(retired.packs)} packs")
+    return {"removed": spec.id, "retired": retired.to_dict()}
 
 
 # ---------------------------------------------------------------- snp pack / evaluate
@@ -630,6 +636,69 @@ def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
                       "mean_acc": r["mean_acc"]} for k, r in result["k"].items()}}
 
 
+# ---------------------------------------------------------------- snp tokens
+def _tokens_args(p: argparse.ArgumentParser) -> None:
+    from snp_ray.serve.accounts import ROLES, Limits
+
+    sub = p.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    new = sub.add_parser("create", help="make a token (printed once, stored hashed)",
+                         description="make a token (printed once, stored hashed)")
+    new.add_argument("--role", required=True, choices=ROLES,
+                     help="developer: adds and removes its own models; requester: builds packs, "
+                          "predicts, downloads; admin: everything")
+    new.add_argument("--name", required=True, help="who the token is for (unique among active tokens)")
+    new.add_argument("--packs-per-hour", type=int, default=Limits.packs_per_hour,
+                     help=f"pack builds per hour; stored packs answered do not count "
+                          f"(default {Limits.packs_per_hour})")
+    new.add_argument("--concurrent-builds", type=int, default=Limits.concurrent_builds,
+                     help=f"pack builds under way at once (default {Limits.concurrent_builds})")
+    new.add_argument("--predictions-per-second", type=float, default=Limits.predictions_per_second,
+                     help=f"prediction requests per second, per replica "
+                          f"(default {Limits.predictions_per_second:g})")
+    lst = sub.add_parser("list", help="the tokens (never the tokens themselves)",
+                         description="the tokens: id, name, role, created, revoked, quotas")
+    rev = sub.add_parser("revoke", help="revoke a token by id or name; it stops working at once",
+                         description="revoke a token by id or name; it stops working at once")
+    rev.add_argument("which", metavar="ID_OR_NAME")
+    for q in (new, lst, rev):   # --json after the action too; SUPPRESS keeps one given before it
+        q.add_argument("--market", required=True, help="market folder (the tokens live in "
+                                                       "MARKET/accounts.sqlite)")
+        q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print the result as JSON on the last line")
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+@command("tokens", "make, list and revoke the access tokens of a market's service", _tokens_args)
+def cmd_tokens(a: argparse.Namespace) -> dict[str, Any]:
+    from snp_ray.serve.accounts import Accounts, Limits, accounts_path
+    from snp_ray.serve.config import ServeConfig
+
+    if not (Path(a.market) / "market.json").is_file():
+        raise ArtifactNotFoundError(f"no market at {a.market} (market.json is missing)")
+    accounts = Accounts(accounts_path(ServeConfig(market=a.market)))
+    if a.tokens_command == "create":
+        token, info = accounts.create(a.name, a.role, Limits(a.packs_per_hour, a.concurrent_builds,
+                                                             a.predictions_per_second))
+        print(f"token {info.id} for {info.name} (role {info.role}); it is shown only now, the "
+              f"market keeps its sha256:\n{token}")
+        return {"token": token, **info.to_dict()}
+    if a.tokens_command == "list":
+        infos = accounts.list()
+        print(table([[t.id, t.name, t.role, _when(t.created), _when(t.revoked),
+                      t.limits.packs_per_hour, t.limits.concurrent_builds,
+                      f"{t.limits.predictions_per_second:g}"] for t in infos],
+                    ["id", "name", "role", "created", "revoked", "packs/h", "builds", "predictions/s"]))
+        return {"tokens": [t.to_dict() for t in infos]}
+    info = accounts.revoke(a.which)
+    print(f"revoked {info.id} ({info.name}, role {info.role})")
+    return {"revoked": info.to_dict()}
+
+
 # ---------------------------------------------------------------- snp serve
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--market", required=True, help="market store folder with sliced fragments")
@@ -642,6 +711,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-models-per-replica", type=int, default=8,
                    help="packs kept loaded per predictor replica (LRU)")
     p.add_argument("--max-batch-size", type=int, default=32, help="predictions batched per pack")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients reach the service under, beyond loopback and --host "
+                        "(repeatable; '*' for any)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="another site whose pages may call the API, e.g. https://example.org "
+                        "(repeatable; default none)")
+    p.add_argument("--insecure-open", action="store_true",
+                   help="answer anyone without a token, even beyond loopback (no quotas)")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="stop after this many seconds (default: run until Ctrl-C)")
 
@@ -658,9 +735,13 @@ def cmd_serve(a: argparse.Namespace) -> dict[str, Any]:
     cfg = ServeConfig(market=a.market, fragments=a.fragments, packs=a.packs, preset=a.preset,
                       plan=a.plan, host=a.host, port=a.port,
                       max_models_per_replica=a.max_models_per_replica,
-                      max_batch_size=a.max_batch_size)
+                      max_batch_size=a.max_batch_size, allowed_hosts=a.allowed_host,
+                      cors_origins=a.cors_origin, insecure_open=a.insecure_open)
     if not (Path(cfg.market) / "market.json").is_file():
         raise ArtifactNotFoundError(f"no market at {cfg.market} (market.json is missing)")
+    from snp_ray.serve.accounts import Accounts, accounts_path, check_exposure
+
+    check_exposure(cfg.host, Accounts(accounts_path(cfg)), cfg.insecure_open)   # before Ray starts
     ensure_ray()
     from ray import serve
 
@@ -726,7 +807,18 @@ def run_command(fn: Callable[[], dict[str, Any]], as_json: bool, verbose: bool =
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _find_data()
     return run_command(lambda: args.handler(args), args.json, args.verbose)[0]
+
+
+def _find_data() -> None:
+    """Find the datasets the way ``make`` does: without SNP_DATA_ROOT, ``../shared/data``
+    beside the checkout (set in the environment, so Ray workers started from here see it)."""
+    from snp_ray.data.catalog import ENV_DATA_ROOT, checkout_data_root
+
+    if not os.environ.get(ENV_DATA_ROOT) and (found := checkout_data_root()) is not None:
+        os.environ[ENV_DATA_ROOT] = str(found)
+        log.info("%s is not set: using %s beside this checkout", ENV_DATA_ROOT, found)
 
 
 if __name__ == "__main__":

@@ -101,5 +101,49 @@ class ModelExistsError(ConfigError):
     """A model id that is already in the store was given without asking to replace it."""
 
 
+class DatasetMismatchError(ConfigError):
+    """A model of another dataset than the market's: a market holds one dataset, because its
+    classes are keyed by id (CIFAR-100 "apple" and CIFAR-10 "airplane" are both class 0)."""
+
+
 class PayloadTooLarge(DataError):
     """A request body over the market service's limit (HTTP 413)."""
+
+
+class UnsupportedMediaType(DataError):
+    """A request body of a content type the route does not take (HTTP 415): JSON routes take
+    ``application/json`` only, so a cross-site form cannot post to them without a preflight."""
+
+
+class AccessError(SnpError, PermissionError):
+    """The market service refuses a request for who sent it or from where, not for what it
+    says."""
+
+
+class AuthError(AccessError):
+    """A missing, unknown or revoked access token (HTTP 401)."""
+
+
+class ForbiddenError(AccessError):
+    """A valid token whose role may not do this, or a cross-site browser request (HTTP 403)."""
+
+
+class HostNotAllowedError(AccessError):
+    """A request naming a host the service does not answer for (HTTP 400): a DNS-rebinding page
+    reaches a loopback service under its own name."""
+
+
+class QuotaExceeded(AccessError):
+    """A token used up one of its quotas (HTTP 429); ``retry_after`` is in whole seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        self.message, self.retry_after = message, max(1, int(retry_after))
+        super().__init__(f"{message}; retry in {self.retry_after} s")
+
+    def __reduce__(self):  # keeps both arguments across processes (pickle calls cls(*args))
+        return type(self), (self.message, self.retry_after)
+
+
+class UnprotectedServiceError(ConfigError):
+    """A service asked to listen beyond loopback with no access token to require (and without
+    an explicit ``--insecure-open``)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,29 @@ def seaweed(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---------------------------------------------------------------- the web page's browser
+def chromium_binary() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless chromium; skips without one. One per session, here: Playwright's sync API
+    keeps an event loop in the main thread, so a second instance would fail to start. Name it
+    before ``served_market`` in a test's arguments, so that a skip comes before the market is
+    built (pytest sets up wider-scoped fixtures first)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not importable: pip install playwright (the test extras)")
+    exe = chromium_binary()
+    if exe is None:
+        pytest.skip("no chromium binary: apt-get install chromium (CI's .ci/run installs it)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"], headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -130,7 +130,7 @@ def test_add_list_remove_through_the_cli(files, tmp_path):
     assert rc == 0 and [r["id"] for r in out["models"]] == ["mine", "two"]
     assert all(r["added"] and r["arch"] == ARCH for r in out["models"])
     rc, out = snp("market", "remove", "--store", str(store), "--id", "mine")
-    assert rc == 0 and out == {"removed": "mine"} and not folder.exists()
+    assert rc == 0 and out["removed"] == "mine" and not folder.exists()
     assert [r["id"] for r in snp("market", "list", "--store", str(store))[1]["models"]] == ["two"]
     rc, err = snp("market", "remove", "--store", str(store), "--id", "mine")
     assert rc == 2 and err["type"] == "ArtifactNotFoundError"
@@ -225,7 +225,42 @@ BAD = {
                                          "DataError", ["frog"]),
     "a text dataset": (lambda d: {"--dataset": "trec", "--classes": "ABBR,DESC,ENTY"}, "ConfigError",
                        ["image datasets", "trec is text"]),
+    # issue 26 §5: an architecture is sized before it is built
+    "an option that grows an outside model": (
+        lambda d: {"--arch": "timm:vit_tiny_patch16_224?embed_dim=65536&depth=200"}, "ConfigError",
+        ["['depth', 'embed_dim']", "not taken"]),
+    "a zoo model past the parameter cap": (
+        lambda d: {"--arch": "snp:vgg11?width=8"}, "ConfigError", ["parameters, more than"]),
+    "an outside model past the parameter cap": (
+        lambda d: {"--arch": "torchvision:vit_h_14"}, "ConfigError", ["630,", "parameters, more than"]),
 }
+
+
+def test_an_added_models_files_are_capped_before_they_are_read(files, store_copy, monkeypatch):
+    """Weights and few-shot files are refused by their size on disk, their rows and their
+    uncompressed size from the Parquet footer, before anything is decompressed or decoded."""
+    from snp_ray.errors import DataError, PayloadTooLarge
+    from snp_ray.market.add import AddLimits
+
+    d, _, _ = files
+    _upload(d / "ok.parquet", {0: 6, 3: 6, 5: 6})
+    decoded = []
+    monkeypatch.setattr("snp_ray.data.tables.decode_images",
+                        lambda blobs, what: decoded.append(len(blobs)))
+    before = snapshot(store_copy)
+    market = Market(store_copy)
+    add = lambda **kw: market.add_model(ARCH, d / "mv2.safetensors", CLASSES.split(","),  # noqa: E731
+                                        "cifar10", k=5, model_id="capped", **kw)
+    size = (d / "mv2.safetensors").stat().st_size
+    with pytest.raises(PayloadTooLarge, match=f"{size:,} bytes, more than the {size - 1:,}"):
+        add(limits=AddLimits(max_weights_bytes=size - 1))
+    with pytest.raises(PayloadTooLarge, match="few-shot file is"):
+        add(fewshot=d / "ok.parquet", limits=AddLimits(max_fewshot_bytes=1024))
+    with pytest.raises(DataError, match="18 rows, more than the 17"):
+        add(fewshot=d / "ok.parquet", limits=AddLimits(max_fewshot_rows=17))
+    with pytest.raises(DataError, match="decompresses to .* more than the 1,000 allowed"):
+        add(fewshot=(d / "ok.parquet").read_bytes(), limits=AddLimits(max_fewshot_decoded_bytes=1000))
+    assert decoded == [] and snapshot(store_copy) == before
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -360,3 +395,175 @@ def test_the_distributed_slice_job_takes_an_added_model(ray_cluster, store_copy)
     for key in store.keys():
         frag = store.get(key)
         assert frag.spec.arch == ARCH and frag.spec.params < frag.spec.source_params
+
+
+# ---------------------------------------------------------------- issue 26 §1: model identity
+def _fake_pack(root: Path, pid: str, keys: list[str], model: str) -> Path:
+    """A pack folder as the pack store lists it (only its meta matters to retirement)."""
+    folder = root / "packs" / pid
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps(
+        {"fragments": [{"key": k, "model": model} for k in keys]}))
+    return folder
+
+
+def test_replacing_a_model_with_reordered_classes_serves_the_new_mapping(files, store_copy):
+    """Same weights, corrected --classes: the fragment cut for the old output of "cat" is retired
+    with the pack built on it, and "cat" is sliced again from its new output. (Before model
+    identities the old key stayed: `snp slice --class cat` answered no fragments and "cat" was
+    served by the fragment of another output.)"""
+    from snp_ray.serve.catalogue import Catalogue
+
+    d, _, _ = files
+    cfg = slice_preset("smoke")
+    market = Market(store_copy)
+    [(_, _, old_key, old)] = list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=3))
+    assert snp(*add_args(store_copy, d / "mv2.safetensors", **{"--id": "twin"}))[0] == 0
+    twin = Market(store_copy).spec("twin")
+    other = _fake_pack(store_copy, "a" * 24, [f"{twin.identity[:16]}-c3-x"], "twin")
+    gone = _fake_pack(store_copy, "d" * 24, [f"{twin.identity[:16]}-c3-x"], "not-in-the-market")
+    stale = _fake_pack(store_copy, "b" * 24, [old_key], "mv2")
+    blobs_before = set((store_copy / "fragments" / "blobs").iterdir())
+
+    rc, out = snp(*add_args(store_copy, d / "mv2.safetensors", **{"--classes": "cat,airplane,dog",
+                                                                  "--replace": ""}))
+    assert rc == 0 and out["retired"] == {"fragments": 1, "blobs": 1, "packs": ["b" * 24, "d" * 24]}
+    store = FragmentStore(store_copy / "fragments")
+    assert store.keys() == set() and not stale.exists() and not gone.exists() and other.exists()
+    assert not blobs_before & set((store_copy / "fragments" / "blobs").iterdir())
+
+    market = Market(store_copy)
+    spec = market.spec("mv2")
+    assert spec.classes == [3, 0, 5] and spec.weights_sha256 == old.spec.source_sha256
+    rc, out = snp("slice", "--store", str(store_copy), "--model", "mv2", "--class", "cat",
+                  "--k", "5", "--preset", "smoke")
+    assert rc == 0 and len(out["fragments"]) == 1
+    [new_key] = FragmentStore(store_copy / "fragments").keys()
+    assert new_key != old_key and new_key.startswith(spec.identity[:16])
+    cat = Catalogue.load(market, FragmentStore(store_copy / "fragments"), cfg.digest(), 0).classes[3]
+    assert [h.key for h in cat.holders] == [new_key]
+    new = FragmentStore(store_copy / "fragments").get(new_key)
+    assert new.spec.source_identity == spec.identity and new.spec.class_name == "cat"
+    assert new.spec.kept != old.spec.kept        # cut for output 0 now, not output 1
+
+
+def test_identity_covers_what_decides_a_fragment(files, store_copy):
+    """Two ids with the same weights, or the same model with another input spec or few-shot
+    seed, are different models with different keys."""
+    from snp_ray.slicing.api import pair_key
+
+    d, _, _ = files
+    assert snp(*add_args(store_copy, d / "mv2.safetensors", **{"--id": "twin"}))[0] == 0
+    market = Market(store_copy)
+    a, b = market.spec("mv2"), market.spec("twin")
+    assert a.weights_sha256 == b.weights_sha256 and a.identity != b.identity
+    cfg = slice_preset("smoke")
+    assert pair_key(a, 3, cfg, 5, 0) != pair_key(b, 3, cfg, 5, 0)
+    for over in ({"--mean": "0.5,0.5,0.5"}, {"--seed": "7"}, {"--input-size": "40"}):
+        assert snp(*add_args(store_copy, d / "mv2.safetensors", **over, **{"--replace": ""}))[0] == 0
+        changed = Market(store_copy).spec("mv2")
+        assert changed.identity != a.identity, over
+        assert pair_key(changed, 3, cfg, 5, 0) != pair_key(a, 3, cfg, 5, 0)
+
+
+def test_a_market_holds_one_dataset(files, store_copy):
+    """CIFAR-100 "apple" and CIFAR-10 "airplane" are both class 0: a market of CIFAR-10 models
+    refuses a CIFAR-100 one with a typed error, before anything is written."""
+    from snp_ray.errors import DatasetMismatchError
+
+    d, _, _ = files
+    before = snapshot(store_copy)
+    with pytest.raises(DatasetMismatchError, match="one dataset"):
+        Market(store_copy).add_model(ARCH, d / "mv2.safetensors", ["apple", "bed", "cup"],
+                                     "cifar100", k=5, model_id="c100")
+    rc, out = snp(*add_args(store_copy, d / "mv2.safetensors", **{"--dataset": "cifar100",
+                                                                  "--id": "c100"}))
+    assert rc == 2 and out["type"] == "DatasetMismatchError"
+    assert snapshot(store_copy) == before
+
+
+def test_force_replaces_a_stored_fragment_and_remove_retires_everything(files, store_copy):
+    cfg = slice_preset("smoke")
+    market = Market(store_copy)
+    [(_, _, key, _)] = list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=5))
+    store = FragmentStore(store_copy / "fragments")
+    first = store.lookup(key)["created"]
+    [(_, _, again, frag)] = list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=5,
+                                               force=True, store=store))
+    assert again == key and frag is not None
+    store = FragmentStore(store_copy / "fragments")
+    assert store.keys() == {key} and store.lookup(key)["created"] > first   # the new one
+    _fake_pack(store_copy, "c" * 24, [key], "mv2")
+
+    rc, out = snp("market", "remove", "--store", str(store_copy), "--id", "mv2")
+    assert rc == 0 and out["retired"] == {"fragments": 1, "blobs": 1, "packs": ["c" * 24]}
+    assert FragmentStore(store_copy / "fragments").keys() == set()
+    assert not list((store_copy / "fragments" / "blobs").iterdir())
+    assert not (store_copy / "packs" / ("c" * 24)).exists()
+
+
+def test_rows_from_before_identities_belong_by_weights_and_are_migrated(files, store_copy):
+    """The documented rule for old stores: a manifest row without a model identity belongs to
+    the model of its id and weights (as before); replacing or removing that model retires it.
+    Old manifest parts, without the identity column, still read; a slice run migrates their rows
+    to identity keys (same blob), so every reader that derives a key from the model finds them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from snp_ray.serve.lifecycle import retire_stale
+    from snp_ray.slicing.fragment import FragmentSpec
+    from snp_ray.store import SCHEMA, belongs_to
+
+    market = Market(store_copy)
+    spec = market.spec("mv2")
+    row = {"model_id": "mv2", "model_sha256": spec.weights_sha256, "model_identity": None}
+    assert belongs_to(row, spec) and not belongs_to(row, spec, legacy=False)
+    assert not belongs_to({**row, "model_sha256": "0" * 64}, spec)
+    assert not belongs_to({**row, "model_identity": "f" * 64}, spec)
+    assert belongs_to({**row, "model_identity": spec.identity}, spec, legacy=False)
+    assert not belongs_to(row, None) and not belongs_to({**row, "model_id": "x"}, spec)
+
+    # an old store's row: a legacy key, no identity column, a spec without source_identity
+    cfg = slice_preset("smoke")
+    [(_, _, key, frag)] = list(slice_missing(market, 5, cfg, model_ids=["mv2"], class_id=3))
+    store = FragmentStore(store_copy / "fragments")
+    current = store.lookup(key)
+    old_spec = FragmentSpec.from_json(current["spec"]).replace(source_identity="")
+    legacy_key = old_spec.key
+    assert legacy_key != key and legacy_key.startswith(spec.weights_sha256[:16])
+    old_schema = pa.schema([f for f in SCHEMA if f.name != "model_identity"])
+    old_row = {n: current[n] for n in old_schema.names} | {"key": legacy_key,
+                                                           "spec": old_spec.to_json()}
+    old_row["spec_sha256"] = sha256_bytes(old_row["spec"].encode())
+    pq.write_table(pa.Table.from_pylist([old_row], schema=old_schema),
+                   store_copy / "fragments" / "manifest" / "class_id=3" / "part-0-old.parquet")
+    store.retire([key])                                   # the blob stays: the old row names it
+    store = FragmentStore(store_copy / "fragments")
+    assert store.keys() == {legacy_key} and store.rows()[legacy_key]["model_identity"] is None
+    assert retire_stale(Market(store_copy)).fragments == []          # it belongs
+
+    assert store.adopt_identities({"mv2": spec}) == 1
+    store = FragmentStore(store_copy / "fragments")
+    assert store.keys() == {key} and store.rows()[key]["model_identity"] == spec.identity
+    moved = store.get(key)
+    assert moved.spec.source_identity == spec.identity and moved.spec.kept == frag.spec.kept
+    assert store.adopt_identities({"mv2": spec}) == 0
+
+
+def test_an_added_models_samples_are_drawn_with_its_own_seed_and_reads_write_nothing(
+        files, store_copy):
+    """`snp market add --seed 7` measured its few-shot accuracy on the rows seed 7 draws; slicing
+    (seed 0) uses the same rows. Reading a manifest that was never stored writes nothing."""
+    d, _, _ = files
+    rc, _ = snp(*add_args(store_copy, d / "mv2.safetensors", **{"--seed": "7", "--replace": ""}))
+    assert rc == 0
+    market = Market(store_copy)
+    stored = sorted((market.store.model_dir("mv2") / "fewshot").iterdir())
+    before = snapshot(store_copy)
+    assert market.manifest("mv2", 5, seed=0) == market.manifest("mv2", 5, seed=3)
+    assert [f"k5-s{market.manifest('mv2', 5).seed}.json"] == [p.name for p in stored]
+    k3 = market.manifest("mv2", 3)
+    assert set(k3.row_ids[0]) <= set(market.manifest("mv2", 5).row_ids[0]) or k3.k == 3
+    assert snapshot(store_copy) == before                 # nothing written on the read path
+    market.keep_manifest("mv2", 3)
+    assert (market.store.model_dir("mv2") / "fewshot" / f"k3-s{k3.seed}.json").is_file()

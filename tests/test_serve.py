@@ -205,6 +205,14 @@ BAD = [
     ("post", "/v1/packs", {"content": b"{not json", "headers": {"content-type": "application/json"}},
      400, "not valid JSON"),
     ("post", "/v1/packs", {"json": ["cat"]}, 400, "JSON object"),
+    # issue 26: 100,000 nested "[" answered 500 (RecursionError; 60,000 fit this 64 KiB cap)
+    ("post", "/v1/packs", {"content": b"[" * 60_000, "headers": {"content-type": "application/json"}},
+     400, "nests deeper than 16"),
+    ("post", "/v1/packs", {"content": b"[" * 17 + b"]" * 17, "headers": {"content-type": "application/json"}},
+     400, "nests deeper than 16"),
+    ("post", "/v1/packs/{pid}/predict", {"content": b"{\"images\": " + b"[" * 5000 + b"]" * 5000 + b"}",
+                                         "headers": {"content-type": "application/json"}},
+     400, "nests deeper than 16"),
     ("post", "/v1/packs", {"content": b"x" * 100_000}, 413, "over the limit"),
     ("get", "/v1/packs/0123456789abcdef01234567", {}, 404, "no pack"),
     ("get", "/v1/packs/..market.json", {}, 404, "24 hex digits"),
@@ -216,7 +224,7 @@ BAD = [
     ("post", "/v1/packs/{pid}/predict", {"json": {"images": ["%%%"]}}, 400, "not valid base64"),
     ("post", "/v1/packs/{pid}/predict", {"json": {"images": []}}, 400, "list of 1 to"),
     ("post", "/v1/packs/{pid}/predict", {"json": {"texts": ["a"]}}, 400, "'images' must be"),
-    ("post", "/v1/packs/{pid}/predict", {"content": b"raw"}, 400, "multipart/form-data"),
+    ("post", "/v1/packs/{pid}/predict", {"content": b"raw"}, 415, "multipart/form-data"),
 ]
 
 
@@ -351,9 +359,9 @@ def test_bad_requester_samples_get_a_named_4xx_and_leave_the_store_unchanged(sam
         ({"json": {**REQUEST, "with_market_shots": True}}, 400, "send 'samples' too"),
         ({"json": {**REQUEST, "samples": good, "with_market_shots": "yes"}}, 400, "true or false"),
         ({"content": json.dumps(REQUEST), "headers": {"content-type": "text/plain"}},
-         400, "got content-type 'text/plain'"),
+         415, "got content-type 'text/plain'"),
         ({"content": b"PAR1...", "headers": {"content-type": "application/octet-stream"}},
-         400, "a 'samples' part (a Parquet file)"),
+         415, "a 'samples' part (a Parquet file)"),
         ({"files": [("request", (None, json.dumps(REQUEST)))]}, 400, "missing ['samples']"),
         ({"files": [("samples", ("s.parquet", _parquet(x, LABELS)))]}, 400, "missing ['request']"),
         ({"files": [("request", (None, json.dumps(REQUEST))), ("samples", (None, "abc"))]},
@@ -501,3 +509,17 @@ def test_a_non_ascii_digit_class_name_is_a_4xx_not_a_500(client, market):
     assert r.status_code in (400, 404) and "error" in r.json()
     with pytest.raises(DataError):
         Market(market).class_id("²")
+
+
+def test_a_service_that_cannot_read_its_data_refuses_to_start(market, tmp_path, monkeypatch):
+    """Issue 26: without the datasets every pack request failed (400) while the service listed
+    every class; now it says so when it starts. The CLI finds ../shared/data as make does."""
+    from snp_ray.data.catalog import checkout_data_root
+    from snp_ray.errors import DatasetNotFoundError
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("SNP_DATA_ROOT", str(tmp_path / "empty"))
+    with pytest.raises(DatasetNotFoundError, match="cifar10/train.parquet is missing"):
+        _service(market)
+    found = checkout_data_root()                # this checkout has ../shared beside it, as CI's
+    assert found is not None and (found / "cifar10" / "train.parquet").is_file()

@@ -12,7 +12,6 @@ import base64
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,30 +21,6 @@ log = logging.getLogger(__name__)
 
 CLASSES = ["airplane", "cat", "ship"]     # CIFAR-10 names: the smoke market's classes
 TIMEOUT_MS = 120_000                      # a pack build or an ONNX export on a loaded machine
-
-
-def chromium_binary() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="session")
-def browser():
-    """A headless chromium; skips without one. Session-scoped, and named before
-    ``served_market`` in the test's arguments, so that a skip comes before the market is built
-    (pytest sets up wider-scoped fixtures first)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not importable: pip install playwright (the test extras)")
-    exe = chromium_binary()
-    if exe is None:
-        pytest.skip("no chromium binary: apt-get install chromium (CI's .ci/run installs it)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"], headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_page_packs_downloads_and_predicts(browser, served_market, real_data, tmp_path):

@@ -47,6 +47,13 @@ def get_dataset(name: str) -> DatasetInfo:
         raise UnknownNameError("dataset", name, list(DATASETS)) from None
 
 
+def checkout_data_root() -> Path | None:
+    """``../shared/data`` beside this source checkout (where ``make`` points SNP_DATA_ROOT), or
+    None: an installed package, or a checkout without it."""
+    root = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return root if root.is_dir() else None
+
+
 def data_root() -> Path:
     """The folder named by ``SNP_DATA_ROOT``; a clear error when it is unset or missing."""
     value = os.environ.get(ENV_DATA_ROOT)

@@ -208,11 +208,21 @@ def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
     return out
 
 
+def uncompressed_bytes(file: pq.ParquetFile, columns) -> int:
+    """The uncompressed size of ``columns`` as the footer states it: what reading them costs."""
+    meta, names = file.metadata, set(columns)
+    return sum(meta.row_group(g).column(c).total_uncompressed_size
+               for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+               if meta.row_group(g).column(c).path_in_schema.split(".")[0] in names)
+
+
 def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[str],
-                     what: str, max_rows: int | None = None) -> Split:
+                     what: str, max_rows: int | None = None,
+                     max_bytes: int | None = None) -> Split:
     """A split from Parquet bytes in ``dataset``'s schema (e.g. a developer's own few-shot
     samples); labels are ``dataset``'s class ids, checked against ``class_names``. Only the
-    schema's columns are read, and ``max_rows`` is checked from the footer before any of them."""
+    schema's columns are read, and ``max_rows`` and ``max_bytes`` (their uncompressed size) are
+    checked from the footer before any of them is decompressed."""
     info = get_dataset(dataset)
     try:
         file = pq.ParquetFile(pa.BufferReader(data))
@@ -220,6 +230,11 @@ def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[st
             raise DataError(f"{what} holds {file.metadata.num_rows} rows, more than the "
                             f"{max_rows} allowed")
         check_schema(file.schema_arrow, info.columns, what)
+        if max_bytes is not None:
+            size = uncompressed_bytes(file, info.columns)
+            if size > max_bytes:
+                raise DataError(f"{what} decompresses to {size:,} bytes, more than the "
+                                f"{max_bytes:,} allowed (checked before decompressing)")
         table = file.read(columns=list(info.columns))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{what} is not a readable Parquet file: {e}") from None

@@ -117,11 +117,12 @@ def run_slice_job(cfg: SliceJobConfig, progress: Callable[[str], None] | None = 
         raise ConfigError(f"the market at {cfg.market} holds no models")
     scfg = cfg.slice_config()
     store = FragmentStore(cfg.store_uri(), writer="driver")
+    store.adopt_identities({market.spec(mid).id: market.spec(mid) for mid in ids})
     stored = store.rows()
     pairs, results = [], {}
     for mid in ids:
         spec = market.spec(mid)
-        market.manifest(mid, cfg.k, cfg.seed)     # draw the few-shot manifest once, up front
+        market.keep_manifest(mid, cfg.k, cfg.seed)   # draw the few-shot manifest once, up front
         for c in spec.classes:
             key = job_pair_key(spec, c, scfg, cfg.k, cfg.seed, cfg.slice_mode)
             row = stored.get(key)

@@ -45,7 +45,8 @@ def noop_fragment(spec: ModelSpec, class_id: int, config: SliceConfig, k: int, s
     probe = nn.Linear(dim, 2)
     local = spec.classes.index(class_id)
     fspec = FragmentSpec(
-        source_model=spec.id, source_sha256=spec.weights_sha256, arch=spec.arch, width=spec.width,
+        source_model=spec.id, source_sha256=spec.weights_sha256, source_identity=spec.identity,
+        arch=spec.arch, width=spec.width,
         source_classes=len(spec.classes), class_id=int(class_id),
         class_name=spec.class_names[local], kept={}, group_names={}, group_sizes={},
         feature_dim=dim, params=sum(p.numel() for p in probe.parameters()),

@@ -12,6 +12,7 @@ last. The test split is never read.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import uuid
@@ -27,11 +28,13 @@ from snp_ray.data.catalog import get_dataset
 from snp_ray.data.fewshot import sample_k_shot
 from snp_ray.data.specs import ImageSpec
 from snp_ray.data.tables import dataset_class_names, split_from_bytes
-from snp_ray.errors import (ConfigError, DataError, IntegrityError, ModelExistsError, SnpError,
-                            UnknownNameError, WeightsError)
+from snp_ray.config import Config, check_range
+from snp_ray.errors import (ConfigError, DataError, DatasetMismatchError, IntegrityError,
+                            ModelExistsError, PayloadTooLarge, SnpError, UnknownNameError,
+                            WeightsError)
 from snp_ray.market.modelstore import ModelSpec, ModelStore, check_id
 from snp_ray.models import Classifier, count_params, split_classifier
-from snp_ray.models.refs import build_external, parse_ref, ref_width
+from snp_ray.models.refs import MAX_PARAMS, build_capped, build_external, parse_ref, ref_width
 from snp_ray.models.registry import build_model
 
 #: torchvision/timm models are trained on ImageNet statistics unless the developer says otherwise
@@ -40,6 +43,24 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 UPLOAD_FILE = "fewshot/upload.parquet"
 CONVERT_HINT = ("convert it with `from safetensors.torch import save_file; "
                 "save_file(model.state_dict(), 'model.safetensors')`")
+
+
+@dataclass
+class AddLimits(Config):
+    """What one added model may cost the market before it is checked further: each cap is
+    tested from sizes on disk, in the Parquet footer or on the meta device, before the bytes
+    are decompressed, decoded or allocated."""
+
+    max_weights_bytes: int = 2 * 1024 ** 3
+    max_params: int = MAX_PARAMS
+    max_fewshot_bytes: int = 256 * 1024 ** 2       # the Parquet file
+    max_fewshot_rows: int = 50_000
+    max_fewshot_decoded_bytes: int = 1024 ** 3     # its columns, uncompressed
+
+    def validate(self) -> None:
+        for name in ("max_weights_bytes", "max_params", "max_fewshot_bytes", "max_fewshot_rows",
+                     "max_fewshot_decoded_bytes"):
+            check_range("AddLimits", name, getattr(self, name), 1, 2 ** 62)
 
 
 @dataclass
@@ -58,10 +79,26 @@ class AddedModel:
                 "fewshot_samples": self.fewshot_samples}
 
 
-def read_weights(weights: str | Path | bytes) -> tuple[dict[str, torch.Tensor], str]:
+def read_capped(source: str | Path | bytes, max_bytes: int, what: str) -> bytes:
+    """Bytes, or a file's bytes, refused by size before a file is read."""
+    if isinstance(source, (bytes, bytearray)):
+        size = len(source)
+    else:
+        try:
+            size = os.stat(source).st_size
+        except OSError:
+            size = 0                           # read_bytes names the missing file
+    if size > max_bytes:
+        raise PayloadTooLarge(f"{what} is {size:,} bytes, more than the {max_bytes:,} allowed")
+    return bytes(source) if isinstance(source, (bytes, bytearray)) else read_bytes(source, what)
+
+
+def read_weights(weights: str | Path | bytes, max_bytes: int = AddLimits.max_weights_bytes
+                 ) -> tuple[dict[str, torch.Tensor], str]:
     """Safetensors bytes (or a file) -> tensors; pickles and zip archives are refused unopened."""
     what = "weights" if isinstance(weights, (bytes, bytearray)) else f"weights file {weights}"
-    blob = bytes(weights) if isinstance(weights, (bytes, bytearray)) else read_bytes(weights, "weights file")
+    blob = read_capped(weights, max_bytes, "weights" if isinstance(weights, (bytes, bytearray))
+                       else "weights file")
     if blob[:2] == b"PK" or (len(blob) >= 2 and blob[0] == 0x80 and 2 <= blob[1] <= 5):
         kind = "a zip archive (torch.save)" if blob[:2] == b"PK" else "a pickle"
         raise WeightsError(f"{what} is {kind}; only safetensors is accepted (pickles can run "
@@ -120,8 +157,11 @@ def _head_outputs(tensors: dict[str, torch.Tensor], head_path: str) -> int | Non
 def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str], dataset: str, *,
               k: int = 20, seed: int = 0, model_id: str | None = None, input_size: int = 32,
               mean: list[float] | None = None, std: list[float] | None = None,
-              fewshot: str | Path | None = None, replace: bool = False) -> AddedModel:
-    """Check everything, then store the model; returns its spec and what was measured."""
+              fewshot: str | Path | bytes | None = None, replace: bool = False,
+              limits: AddLimits | None = None) -> AddedModel:
+    """Check everything, then store the model; returns its spec and what was measured.
+    ``weights`` and ``fewshot`` are files or their bytes (an upload over HTTP)."""
+    limits = limits or AddLimits()
     from snp_ray.market.market import fewshot_seed
     from snp_ray.slicing.fragment import count_macs   # slicing imports market: import late
 
@@ -136,6 +176,11 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
     if mid in existing and not replace:
         raise ModelExistsError(f"model {mid!r} is already in the store at {store.root}; "
                                "pass --replace to overwrite it")
+    others = sorted({store.spec(i).dataset for i in existing if i != mid})
+    if others and others != [dataset]:
+        raise DatasetMismatchError(f"this market holds {', '.join(others)} models; a market holds "
+                                   f"one dataset (its classes are keyed by id), so a {dataset} "
+                                   "model goes into a market of its own")
     vocab = dataset_class_names(dataset)
     class_ids = resolve_classes(list(classes), dataset, vocab)
     ref = parse_ref(arch)
@@ -149,7 +194,7 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
     # --- the architecture, its head, and the weights
     n = len(class_ids)
     if ref.external:
-        raw = build_external(ref, n)
+        raw = build_external(ref, n, limits.max_params)
         try:
             with torch.no_grad():
                 raw(example)
@@ -161,9 +206,10 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         head_path = probe.head_path
     else:
-        raw = build_model(ref.name, n, ref_width(ref))
+        raw = build_capped(lambda: build_model(ref.name, n, ref_width(ref)), str(ref),
+                           limits.max_params)
         head_path = "head"
-    tensors, weights_sha = read_weights(weights)
+    tensors, weights_sha = read_weights(weights, limits.max_weights_bytes)
     outputs = _head_outputs(tensors, head_path)
     if outputs is not None and outputs != n:
         raise ConfigError(f"--classes names {n} classes but the weights' head {head_path} has "
@@ -191,9 +237,10 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
     mseed = fewshot_seed(seed, index)
     upload_blob = None
     if fewshot is not None:
-        what = f"few-shot file {fewshot}"
-        upload_blob = read_bytes(fewshot, "few-shot file")
-        split = split_from_bytes(upload_blob, dataset, "upload", vocab, what)
+        what = "few-shot file" if isinstance(fewshot, (bytes, bytearray)) else f"few-shot file {fewshot}"
+        upload_blob = read_capped(fewshot, limits.max_fewshot_bytes, "few-shot file")
+        split = split_from_bytes(upload_blob, dataset, "upload", vocab, what,
+                                 limits.max_fewshot_rows, limits.max_fewshot_decoded_bytes)
         stray = sorted(set(np.unique(split.labels).tolist()) - set(class_ids))
         if stray:
             raise DataError(f"{what} holds rows of classes {[vocab[c] for c in stray]} that the "
@@ -204,7 +251,7 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
             raise DataError(f"{what} has fewer than k={k} rows of classes {short}")
         manifest = sample_k_shot(split.labels, class_ids, k, mseed, dataset, "upload")
         source = {"source": "upload", "file": UPLOAD_FILE, "sha256": sha256_bytes(upload_blob),
-                  "rows": int(len(split)), "class_names": vocab}
+                  "rows": int(len(split)), "class_names": vocab, "seed": seed}
     else:
         split = market.train_split(dataset)
         manifest = sample_k_shot(split.labels, class_ids, k, mseed, dataset)

@@ -130,7 +130,7 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
     market = Market(root)
     for mid in ids:
         for k in cfg.ks:
-            market.manifest(mid, k, cfg.fewshot_seed)
+            market.keep_manifest(mid, k, cfg.fewshot_seed)
     return [store.spec(mid) for mid in ids]
 
 

@@ -27,6 +27,7 @@ class Market:
         self._splits: dict[str, Split] = {}
         self._models: dict[str, tuple[Classifier, ModelSpec]] = {}
         self._uploads: dict[str, Split] = {}
+        self._drawn: dict[tuple[str, int, int], FewShotManifest] = {}
 
     @property
     def root(self) -> Path:
@@ -68,13 +69,20 @@ class Market:
         return self._uploads[model_id]
 
     def manifest(self, model_id: str, k: int, seed: int = 0) -> FewShotManifest:
-        """The model's k-shot manifest, drawn and stored on first use: from the developer's
-        uploaded samples when there are some, otherwise from the dataset's train split."""
+        """The model's k-shot manifest: the stored one, or drawn now (deterministically from the
+        seed) from the developer's uploaded samples when there are some, otherwise from the
+        dataset's train split. Nothing is written: a read stays a read (see :meth:`keep_manifest`).
+
+        An added model draws with the seed its developer gave ``snp market add`` (its few-shot
+        source, part of its identity), whatever ``seed`` the slicing run uses, so its fragments
+        are cut on the samples its few-shot accuracy was measured on."""
         spec = self.spec(model_id)
-        mseed = fewshot_seed(seed, spec.index)
+        mseed = fewshot_seed(self.draw_seed(spec, seed), spec.index)
         found = self.store.manifest(model_id, k, mseed)
         if found is not None:
             return found
+        if (model_id, k, mseed) in self._drawn:
+            return self._drawn[model_id, k, mseed]
         upload = self.upload_split(model_id)
         if upload is not None:
             manifest = sample_k_shot(upload.labels, spec.classes, k, mseed, spec.dataset, "upload")
@@ -87,7 +95,22 @@ class Market:
                 inside[own] = True
                 labels = np.where(inside, labels, -1)
             manifest = sample_k_shot(labels, spec.classes, k, mseed, spec.dataset)
-        self.store.save_manifest(model_id, manifest)
+        self._drawn[model_id, k, mseed] = manifest
+        return manifest
+
+    @staticmethod
+    def draw_seed(spec: ModelSpec, seed: int) -> int:
+        """The seed a model's few-shot samples are drawn with: an added model's own (given to
+        ``snp market add``), a trained market's models the run's ``seed``."""
+        info = spec.train.get("fewshot") if spec.train.get("added") else None
+        return int(info.get("seed", 0)) if isinstance(info, dict) else int(seed)
+
+    def keep_manifest(self, model_id: str, k: int, seed: int = 0) -> FewShotManifest:
+        """:meth:`manifest`, stored when drawn: market building and the slice job's driver
+        write manifests once, up front, so every worker reads the same rows."""
+        manifest = self.manifest(model_id, k, seed)
+        if self.store.manifest(model_id, k, manifest.seed) is None:
+            self.store.save_manifest(model_id, manifest)
         return manifest
 
     def sample_source(self, model_id: str, manifest: FewShotManifest) -> str:
@@ -118,16 +141,20 @@ class Market:
         from snp_ray.market.add import add_model
 
         result = add_model(self, arch, weights, classes, dataset, **options)
-        self._models.pop(result.spec.id, None)
-        self._uploads.pop(result.spec.id, None)
+        self._forget(result.spec.id)
         return result
 
     def remove_model(self, model_id: str) -> ModelSpec:
-        """Remove a model from the store (its stored fragments stay in the fragment store)."""
+        """Remove a model from the model store. Its fragments and packs live in higher layers:
+        :func:`snp_ray.serve.lifecycle.remove_model` removes them too."""
         spec = self.store.remove(model_id)
+        self._forget(model_id)
+        return spec
+
+    def _forget(self, model_id: str) -> None:
         self._models.pop(model_id, None)
         self._uploads.pop(model_id, None)
-        return spec
+        self._drawn = {key: m for key, m in self._drawn.items() if key[0] != model_id}
 
     def holders(self, class_id: int) -> list[ModelSpec]:
         """Models that hold global class ``class_id``."""

@@ -8,10 +8,17 @@ Layout under the store root::
     models/<id>/fewshot/k<K>-s<S>.json the k-shot manifest the developer uploaded
 
 The spec is written after the weights, so a model becomes visible only once both are complete.
+
+A model's :attr:`ModelSpec.identity` digests everything that decides what its fragments are: the
+weights, which output is which class, the input spec, where its few-shot samples come from, the
+architecture and the id. Fragment keys derive from it, so correcting ``--classes`` or ``--mean``
+of a stored model (same weights) gives new keys and never serves a fragment cut for the old ones.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -57,6 +64,18 @@ class ModelSpec(Config):
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec.from_any(self.input)
+
+    @property
+    def identity(self) -> str:
+        """sha256 of what decides this model's fragments (see the module docstring). The
+        few-shot source is the developer's upload (its sha256) or seed for an added model; a
+        trained market's models draw theirs from the slicing seed, which fragment keys carry."""
+        fewshot = self.train.get("fewshot") if isinstance(self.train, dict) else None
+        doc = {"id": self.id, "index": self.index, "arch": self.arch, "width": self.width,
+               "dataset": self.dataset, "weights": self.weights_sha256,
+               "classes": list(self.classes), "class_names": list(self.class_names),
+               "input": self.input, "fewshot": fewshot or None}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def build(self) -> Classifier:
         vocab = len(self.input.get("vocab", [])) or None

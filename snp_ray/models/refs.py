@@ -14,7 +14,7 @@ downloaded: outside models are built without pretrained weights. An outside mode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 import torch
@@ -81,6 +81,12 @@ def parse_ref(ref: str) -> ArchRef:
             raise ConfigError(f"architecture reference {ref!r}: {banned!r} is set by snp_ray "
                               "(models are built without downloaded weights; the head size comes "
                               "from the classes)")
+    if source != "snp":
+        extra = sorted(set(kwargs) - EXTERNAL_OPTIONS)
+        if extra:
+            raise ConfigError(f"architecture reference {ref!r}: options {extra} are not taken; "
+                              f"an outside model takes {sorted(EXTERNAL_OPTIONS)} (its size is "
+                              "the library's, so an upload cannot make the server allocate more)")
     if source == "snp":
         if name not in ARCHS:
             raise UnknownNameError("architecture", name, list(ARCHS))
@@ -90,14 +96,23 @@ def parse_ref(ref: str) -> ArchRef:
     return ArchRef(source, name, kwargs)
 
 
+#: the only constructor options an outside reference may set: regularisation and width knobs
+#: that do not let a reference grow the model past its family (``embed_dim=65536&depth=200``)
+EXTERNAL_OPTIONS = frozenset({"width_mult", "dropout", "drop_rate", "drop_path_rate",
+                              "attention_dropout", "stochastic_depth_prob", "global_pool"})
+#: the most parameters an outside model may have; counted on the meta device, before any memory
+MAX_PARAMS = 200_000_000
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 
     return list(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_external(ref: ArchRef, num_classes: int) -> torch.nn.Module:
-    """The outside library's model with ``num_classes`` outputs and fresh (random) weights."""
+def build_external(ref: ArchRef, num_classes: int, max_params: int = MAX_PARAMS) -> torch.nn.Module:
+    """The outside library's model with ``num_classes`` outputs and fresh (random) weights,
+    refused before allocation when it has more than ``max_params`` parameters."""
     if not (isinstance(num_classes, int) and num_classes >= 1):
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     if ref.source == "torchvision":
@@ -121,9 +136,25 @@ def build_external(ref: ArchRef, num_classes: int) -> torch.nn.Module:
     else:
         raise ConfigError(f"{ref} is not an outside model")
     try:
-        return build().eval()
-    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
+        return build_capped(build, str(ref), max_params).eval()
+    except SnpError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError,
+            NotImplementedError) as e:
         raise ConfigError(f"cannot build {ref}: {e}") from None
+
+
+def build_capped(build: Callable[[], torch.nn.Module], what: str,
+                 max_params: int = MAX_PARAMS) -> torch.nn.Module:
+    """``build()``, after building it once on the meta device (parameters without storage) and
+    refusing it when it has more than ``max_params`` parameters: the size is known before any
+    memory is taken."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build().parameters())
+    if params > max_params:
+        raise ConfigError(f"{what} has {params:,} parameters, more than the {max_params:,} a "
+                          "market takes")
+    return build()
 
 
 def ref_width(ref: ArchRef) -> float:

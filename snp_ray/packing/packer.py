@@ -8,6 +8,7 @@ view) and only the small layers train.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,10 @@ class Packer:
         cfg = self.cfg
         targets, y, raw = self._check(fragments, samples, classes)
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed)
+        # The pack's own generator, never the global RNG: the service builds packs from
+        # concurrent threads, and a content-addressed pack id must name the same weights
+        # whatever else runs (same draws as the former torch.manual_seed(cfg.seed) stream)
+        gen = torch.Generator().manual_seed(cfg.seed)
         feats, y_all = self._cached_features(fragments, raw, y)
         n, dims = len(y), [f.spec.feature_dim for f in fragments]
         fold_of = _folds(y, len(classes), cv_folds, cfg.seed)
@@ -66,9 +70,9 @@ class Packer:
         scales = [_scales([f[:n][u] for f in feats], int(u.sum())) for u in uses]
         mods = []
         for i in range(len(uses)):
-            enc = nn.Linear(sum(dims), cfg.hidden)
-            head = nn.Linear(cfg.hidden, len(classes))
-            decoders = nn.ModuleList(nn.Linear(cfg.hidden, d) for d in dims)
+            enc = _linear(sum(dims), cfg.hidden, gen)
+            head = _linear(cfg.hidden, len(classes), gen)
+            decoders = nn.ModuleList(_linear(cfg.hidden, d, gen) for d in dims)
             if warm_start is not None:
                 _warm(warm_start, fragments, classes, enc, head, decoders)
             mods.append((enc, head, decoders))
@@ -234,6 +238,17 @@ def _folds(y: torch.Tensor, classes: int, folds: int, seed: int) -> torch.Tensor
         idx = torch.nonzero(y == c).flatten()
         fold_of[idx[torch.randperm(len(idx), generator=gen)]] = torch.arange(len(idx)) % folds
     return fold_of
+
+
+def _linear(n_in: int, n_out: int, gen: torch.Generator) -> nn.Linear:
+    """``nn.Linear(n_in, n_out)`` with its default init drawn from ``gen``: built without init
+    (``skip_init``), so constructing it does not draw from (or advance) the global RNG."""
+    layer = torch.nn.utils.skip_init(nn.Linear, n_in, n_out)
+    with torch.no_grad():   # nn.Linear.reset_parameters, from the pack's generator
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=gen)
+        bound = 1 / math.sqrt(n_in) if n_in > 0 else 0.0
+        nn.init.uniform_(layer.bias, -bound, bound, generator=gen)
+    return layer
 
 
 def _scales(feats: list[torch.Tensor], n: int) -> torch.Tensor:

@@ -3,25 +3,32 @@
 :func:`create_api` is plain FastAPI over a :class:`MarketService`; Ray Serve wraps it as the
 ingress (``deploy.py``) and tests can call it directly. Predictions go through ``predict(pack id,
 raw inputs) -> probabilities``: in Serve, the multiplexed and batched predictor deployment.
-Every refusal is a 4xx with a JSON body ``{"error", "type"}`` naming the problem.
+Every refusal is a 4xx with a JSON body ``{"error", "type"}`` naming the problem, and no server
+path. Access: every API route but health needs a token of a role that may do it (``accounts.py``;
+open on loopback until a token exists); only the allowed host names are answered (DNS
+rebinding), unsafe requests from another site's page are refused, and CORS is off unless
+``cors_origins`` names sites.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from snp_ray.errors import (ArtifactNotFoundError, DataError, PayloadTooLarge, SnpError,
-                            StoreError, UnknownNameError)
+from snp_ray.errors import (ArtifactNotFoundError, AuthError, DataError, ForbiddenError,
+                            HostNotAllowedError, PayloadTooLarge, QuotaExceeded, SnpError,
+                            StoreError, UnknownNameError, UnsupportedMediaType)
+from snp_ray.serve.accounts import LOOPBACK_NAMES, Gate, Principal, Quotas
 from snp_ray.serve.images import decode_base64, decode_batch
 from snp_ray.serve.packstore import FILES
 from snp_ray.serve.service import MarketService, top_classes
@@ -37,6 +44,10 @@ Predict = Callable[[str, Any], Awaitable[np.ndarray]]
 def status_of(e: SnpError) -> int:
     if isinstance(e, PayloadTooLarge):
         return 413
+    for kind, status in ((AuthError, 401), (ForbiddenError, 403), (QuotaExceeded, 429),
+                         (UnsupportedMediaType, 415), (HostNotAllowedError, 400)):
+        if isinstance(e, kind):
+            return status
     if isinstance(e, ArtifactNotFoundError) or (isinstance(e, UnknownNameError)
                                                  and e.kind == "class"):
         return 404
@@ -45,11 +56,101 @@ def status_of(e: SnpError) -> int:
     return 400
 
 
-def error_body(e: Exception) -> dict[str, Any]:
-    body = {"error": str(e), "type": type(e).__name__}
+def error_body(e: Exception, hide: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The JSON body of every refusal. Server paths never reach a client: ``hide`` maps known
+    roots (the market folder) to placeholders, and any other absolute path under an existing
+    top-level folder reads ``<path>``."""
+    if isinstance(e, StarletteHTTPException):
+        message, kind = f"{e.detail} ({e.status_code})", "HTTPError"
+    elif isinstance(e, RequestValidationError):
+        message, kind = f"malformed request: {e.errors()}", "ConfigError"
+    else:
+        message, kind = str(e), type(e).__name__
+    body = {"error": scrub(message, hide or {}), "type": kind}
     if isinstance(e, UnknownNameError):
         body["close_matches"] = e.close
     return body
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.])/(?:[\w.@+~-]+/)*[\w.@+~-]+")
+
+
+def scrub(message: str, hide: Mapping[str, str]) -> str:
+    """``message`` without server paths (route paths such as /v1/packs stay)."""
+    for root in sorted(hide, key=len, reverse=True):
+        if root:
+            message = message.replace(root, hide[root])
+
+    def path(m: re.Match) -> str:
+        top = m.group(0).split("/")[1]
+        return "<path>" if top and Path("/", top).exists() else m.group(0)
+    return _ABSOLUTE.sub(path, message)
+
+
+async def send_refusal(send, status: int, e: SnpError) -> None:
+    """Answer an ASGI request with ``e``'s JSON body (middleware refusals, before any route)."""
+    payload = json.dumps(error_body(e)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def host_name(value: str) -> str:
+    """The host name of a ``Host`` header or netloc, lower case, without port or brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return (value.rsplit(":", 1)[0] if value.count(":") == 1 else value).rstrip(".")
+
+
+def netloc(value: str) -> str:
+    """``host[:port]`` of an origin or ``Host`` header, default ports dropped."""
+    scheme, _, rest = value.strip().lower().rpartition("://")
+    for default in ((":80",) if scheme == "http" else (":443",) if scheme == "https" else (":80", ":443")):
+        rest = rest.removesuffix(default)
+    return rest
+
+
+class HostGuard:
+    """ASGI middleware: answer only requests for an allowed host name (a DNS-rebinding page
+    reaches a loopback service under the attacker's name), and refuse unsafe requests that a
+    browser sends from another site's page (cross-site form posts), unless that origin is in
+    ``origins``."""
+
+    UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def __init__(self, app, hosts: set[str], origins: set[str]):
+        self.app, self.hosts, self.origins = app, hosts, origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if "*" not in self.hosts and host_name(host) not in self.hosts:
+            return await send_refusal(send, 400, HostNotAllowedError(
+                f"this service does not answer for the host {host_name(host)[:100]!r}; its "
+                "operator can allow it (snp serve --allowed-host NAME)"))
+        origin = headers.get(b"origin")
+        if origin is not None and scope.get("method") in self.UNSAFE:
+            text = origin.decode("latin-1")
+            if "*" not in self.origins and text not in self.origins and netloc(text) != netloc(host):
+                return await send_refusal(send, 403, ForbiddenError(
+                    f"a {scope['method']} from the web page of {text[:100]!r} is refused: this "
+                    "service takes browser requests from its own pages (ServeConfig.cors_origins "
+                    "allows others)"))
+        return await self.app(scope, receive, send)
+
+
+def allowed_hosts(cfg) -> set[str]:
+    """The loopback names, the bound host and ``cfg.allowed_hosts``. Also ``testserver``, the
+    name Starlette's TestClient sends: a single-label name that public DNS does not resolve, so
+    a rebinding page cannot be served under it."""
+    names = {*LOOPBACK_NAMES, "testserver"} | {h if h == "*" else host_name(h) for h in cfg.allowed_hosts}
+    if cfg.host not in ("", "0.0.0.0", "::"):       # a bind address: no port, maybe brackets
+        names.add(cfg.host.strip("[]").lower())
+    return names
 
 
 class BodyLimit:
@@ -87,56 +188,94 @@ class BodyLimit:
                 await self._refuse(send, seen)
 
     async def _refuse(self, send, size: int) -> None:
-        e = PayloadTooLarge(f"the request body ({size:,} bytes) is over the limit of "
-                            f"{self.max_bytes:,} bytes")
-        payload = json.dumps(error_body(e)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await send_refusal(send, 413, PayloadTooLarge(
+            f"the request body ({size:,} bytes) is over the limit of {self.max_bytes:,} bytes"))
 
 
 def create_api(service: MarketService, predict: Predict) -> FastAPI:
     cfg = service.cfg
     app = FastAPI(title="snp_ray market", summary="Slice-and-Pack: a model for your classes, now",
                   docs_url="/docs", redoc_url=None)
+    gate = Gate.for_service(cfg)                 # refuses an unprotected non-loopback host
+    quotas = Quotas(gate.accounts)
+    hide = {cfg.market: "<market>", str(Path(cfg.market).resolve()): "<market>"}
+    for name in ("packs", "fragments"):
+        if getattr(cfg, name) and "://" not in getattr(cfg, name):
+            hide |= {getattr(cfg, name): f"<{name}>", str(Path(getattr(cfg, name)).resolve()): f"<{name}>"}
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE"], expose_headers=["Retry-After"],
+                           allow_headers=["authorization", "content-type", "serve_multiplexed_model_id"])
+    app.add_middleware(HostGuard, hosts=allowed_hosts(cfg), origins=set(cfg.cors_origins))
+
+    def allow(action: str):
+        """A route's access rule: the request's principal, if its role may do ``action``."""
+        async def principal(request: Request) -> Principal:
+            return gate.who(request.headers.get("authorization")).require(action)
+        return Depends(principal)
 
     @app.exception_handler(SnpError)
     async def refused(_: Request, e: SnpError):
-        return JSONResponse(error_body(e), status_code=status_of(e))
+        headers = {}
+        if isinstance(e, AuthError):
+            headers["WWW-Authenticate"] = 'Bearer realm="snp_ray market"'
+        if isinstance(e, QuotaExceeded):
+            headers["Retry-After"] = str(e.retry_after)
+        return JSONResponse(error_body(e, hide), status_code=status_of(e), headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
-        return JSONResponse({"error": f"{e.detail} ({e.status_code})", "type": "HTTPError"},
-                            status_code=e.status_code)
+        return JSONResponse(error_body(e, hide), status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(_: Request, e: RequestValidationError):
-        return JSONResponse({"error": f"malformed request: {e.errors()}", "type": "ConfigError"},
-                            status_code=400)
+        return JSONResponse(error_body(e, hide), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def failed(_: Request, e: Exception):
+        log.error("unexpected error answering a request", exc_info=e)
+        return JSONResponse({"error": "the service failed on this request (its log has the "
+                                      "details)", "type": "InternalError"}, status_code=500)
 
     # Under Ray Serve the proxy itself answers /-/healthz (200, "success"): /v1/health is ours
     @app.get("/-/healthz")
     @app.get("/v1/health")
     async def healthz() -> dict[str, Any]:
-        cat = service.catalogue()
-        return {"status": "ok", "models": len(cat.specs), "classes": len(cat.classes)}
+        # the catalogue as last read (never re-read for a probe), off the event loop
+        return await asyncio.to_thread(service.health)
 
-    @app.get("/v1/classes")
+    @app.get("/v1/classes", dependencies=[allow("catalogue")])
     async def classes() -> dict[str, Any]:
         return await asyncio.to_thread(service.classes)
 
-    @app.post("/v1/packs")
-    async def make_pack(request: Request) -> dict[str, Any]:
-        body, samples = await pack_request_parts(request)
-        return await asyncio.to_thread(service.pack, body, samples)
+    def stored(body: Any, samples: bytes | None) -> bool:
+        return service.packs.lookup(service.parse(body, samples).digest) is not None
 
-    @app.get("/v1/packs/{pid}")
+    @app.post("/v1/packs")
+    async def make_pack(request: Request, who: Principal = allow("pack")) -> dict[str, Any]:
+        body, samples = await pack_request_parts(request)
+        try:
+            quotas.start_build(who)
+        except QuotaExceeded:
+            if not await asyncio.to_thread(stored, body, samples):
+                raise
+            return await asyncio.to_thread(service.pack, body, samples)   # no build: no quota
+        built = False
+        try:
+            answer = await asyncio.to_thread(service.pack, body, samples)
+            built = not answer.get("cached", False)
+            return answer
+        finally:
+            await asyncio.to_thread(quotas.end_build, who, built)
+
+    @app.get("/v1/packs/{pid}", dependencies=[allow("download")])
     async def pack_meta(pid: str) -> dict[str, Any]:
         return service.meta(pid)
 
-    @app.get("/v1/packs/{pid}/{name}")
+    @app.get("/v1/packs/{pid}/{name}", dependencies=[allow("download")])
     async def pack_file(pid: str, name: str):
         if name not in FILES:
             raise ArtifactNotFoundError(f"no file {name!r} in a pack; files: {list(FILES)}")
@@ -144,7 +283,10 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
         return FileResponse(path, media_type=MEDIA[name], filename=f"{pid}-{name}")
 
     @app.post("/v1/packs/{pid}/predict")
-    async def predict_route(pid: str, request: Request) -> dict[str, Any]:
+    async def predict_route(pid: str, request: Request, who: Principal = allow("predict")
+                            ) -> dict[str, Any]:
+        media_type(request, PREDICT_FORMS)      # refused before any work
+        quotas.predict(who)
         meta = service.meta(pid)
         raw = await _inputs(request, meta, cfg.max_images)
         probs = np.asarray(await predict(pid, raw))
@@ -158,21 +300,55 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
     return app
 
 
-async def json_body(request: Request) -> Any:
+#: the deepest nesting a request's JSON may have (a pack request is 3 deep)
+MAX_JSON_DEPTH = 16
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """JSON from a client, bounded in nesting: 100,000 ``[`` made ``json.loads`` raise a
+    RecursionError (a 500); a deep but parsable document would reach every walker after it."""
     try:
-        return json.loads(await request.body())
+        value = json.loads(raw)
+    except RecursionError:
+        raise DataError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"the request body is not valid JSON ({e})") from None
+        raise DataError(f"{what} is not valid JSON ({e})") from None
+    stack = [(value, 1)]
+    while stack:                      # iterative: the check itself must not recurse
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise DataError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return value
+
+
+async def json_body(request: Request) -> Any:
+    return parse_json(await request.body(), "the request body")
 
 
 PACK_REQUEST_FORMS = ("send the pack request as application/json, or as multipart/form-data with "
                       "a 'request' part (the JSON object) and a 'samples' part (a Parquet file)")
 
 
+PREDICT_FORMS = ("send images as multipart/form-data files, or JSON {\"images\": [base64, ...]} "
+                 "(image packs) or {\"texts\": [...]} (text packs)")
+
+
+def media_type(request: Request, forms: str) -> str:
+    """The body's media type: ``application/json`` or ``multipart/form-data``, the two a route
+    takes; anything else (or nothing) is a 415, so that a cross-site form cannot post here
+    without a CORS preflight (text/plain, urlencoded)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMediaType(f"{forms}; got " + (f"content-type {ctype[:100]!r}" if ctype
+                                                       else "no content-type"))
+    return ctype
+
+
 async def pack_request_parts(request: Request) -> tuple[Any, bytes | None]:
     """A pack request's JSON object and, for a multipart upload, the requester's Parquet file."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
+    if media_type(request, PACK_REQUEST_FORMS) == "multipart/form-data":
         form = await request.form(max_files=2, max_fields=2)
         parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
         unknown = sorted(set(parts) - {"request", "samples"})
@@ -186,21 +362,14 @@ async def pack_request_parts(request: Request) -> tuple[Any, bytes | None]:
             raise DataError("the 'samples' part must be a file upload (a Parquet file), "
                             "e.g. curl -F samples=@mine.parquet")
         raw = await spec.read() if hasattr(spec, "read") else spec.encode()
-        try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"the 'request' part is not valid JSON ({e})") from None
-        return body, await samples.read()
-    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-        raise DataError(f"{PACK_REQUEST_FORMS}; got content-type {ctype!r}")
+        return parse_json(raw, "the 'request' part"), await samples.read()
     return await json_body(request), None
 
 
 async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> Any:
     """The request's inputs as a pack takes them: uint8 images (multipart files or a JSON list
     of base64 strings) for image packs, a list of strings for text packs."""
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    if media_type(request, PREDICT_FORMS) == "multipart/form-data":
         if meta["modality"] != "image":
             raise DataError("file uploads are for image packs; send {\"texts\": [...]} here")
         form = await request.form(max_files=max_images, max_fields=max_images)
@@ -208,10 +377,9 @@ async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> An
         blobs = [await f.read() for f in files]
         return await asyncio.to_thread(decode_batch, blobs,
                                        [f"image {i} ({f.filename})" for i, f in enumerate(files)])
-    body = await json_body(request) if ctype.startswith("application/json") else None
+    body = await json_body(request)
     if not isinstance(body, dict):
-        raise DataError("send images as multipart/form-data files, or JSON {\"images\": [base64, "
-                        "...]} (image packs) or {\"texts\": [...]} (text packs)")
+        raise DataError(PREDICT_FORMS)
     if meta["modality"] == "image":
         items = body.get("images")
         if not isinstance(items, list) or not items or len(items) > max_images:

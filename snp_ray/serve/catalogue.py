@@ -2,7 +2,8 @@
 
 Read from the market's model specs and the fragment store's manifest (never from fragment
 weights), so listing a market of thousands of fragments stays cheap. Only fragments of the
-service's slice config and seed, of models still in the market with the same weights, count.
+service's slice config and seed, of the current version of a model in the market
+(:func:`snp_ray.store.belongs_to`), count.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from snp_ray.errors import ConfigError, UnknownNameError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
+from snp_ray.store import belongs_to
 
 
 @dataclass
@@ -64,12 +66,12 @@ class Catalogue:
         specs = {s.id: s for s in market.specs()}
         datasets = {s.dataset for s in specs.values()}
         classes: dict[int, ServedClass] = {}
-        listing = store.listing(["model_id", "model_sha256", "class_id", "class_name",
+        listing = store.listing(["model_id", "model_sha256", "model_identity", "class_id", "class_name",
                                  "config_digest", "k", "fewshot_seed", "params", "source_params",
                                  "metrics"])
         for key, row in sorted(listing.items()):
             spec = specs.get(row["model_id"])
-            if (spec is None or row["model_sha256"] != spec.weights_sha256
+            if (not belongs_to(row, spec)
                     or row["config_digest"] != config_digest or int(row["fewshot_seed"]) != seed):
                 continue
             cid = int(row["class_id"])

@@ -2,7 +2,7 @@
 the tests."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError
@@ -17,7 +17,14 @@ class ServeConfig(Config):
     fragments the service packs; ``folds``: the cross-validation folds of the few-shot accuracy
     estimate; ``refresh_s``: how often the class catalogue re-reads the market;
     ``max_body_bytes``: any request body (and ``snp pack --samples``' file); ``max_images``:
-    inputs per prediction request, and a requester's samples per pack request."""
+    inputs per prediction request, and a requester's samples per pack request.
+
+    Access (``accounts.py``): ``accounts``: the token database (a relative path is in the
+    market folder); ``insecure_open``: answer everyone without tokens, even beyond loopback;
+    ``allowed_hosts``: names clients may reach the service under (the ``Host`` header) besides
+    the loopback names and ``host``, which are always answered (``"*"``: any name);
+    ``cors_origins``: browser origins of other sites that may call the API (default none: no
+    CORS headers)."""
 
     market: str = ""
     fragments: str = ""
@@ -34,7 +41,17 @@ class ServeConfig(Config):
     refresh_s: float = 30.0
     host: str = "127.0.0.1"
     port: int = 8000
+    accounts: str = "accounts.sqlite"
+    insecure_open: bool = False
+    allowed_hosts: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
     threads: int = 1
+    #: bytes of fragment weights a replica keeps loaded (LRU): a count of fragments bounds
+    #: nothing when one fragment is 10 kB and another 100 MB
+    fragment_cache_bytes: int = 1 << 30
+    #: bytes of packs on disk before the least recently used are evicted (0: unbounded); packs
+    #: are derived data, rebuilt on the next request for them
+    pack_store_bytes: int = 0
 
     def validate(self) -> None:
         if not self.market:
@@ -47,3 +64,10 @@ class ServeConfig(Config):
         check_range("ServeConfig", "max_images", self.max_images, 1, 100_000)
         check_range("ServeConfig", "port", self.port, 0, 65535)
         check_range("ServeConfig", "threads", self.threads, 1, 256)
+        check_range("ServeConfig", "fragment_cache_bytes", self.fragment_cache_bytes, 0, 2 ** 50)
+        check_range("ServeConfig", "pack_store_bytes", self.pack_store_bytes, 0, 2 ** 60)
+        for origin in self.cors_origins:
+            if origin != "*" and (not origin.startswith(("http://", "https://"))
+                                  or "/" in origin.split("://", 1)[1]):
+                raise ConfigError(f"ServeConfig.cors_origins: {origin!r} is not an origin like "
+                                  "https://example.org (scheme and host, no path) or '*'")

@@ -41,22 +41,16 @@ class MarketAPI:
         self.service = MarketService(self.cfg)
         store = self.service.packs
 
-        async def load(pid: str):
-            return await asyncio.to_thread(store.load, pid)
+        async def load(pid: str) -> Held:
+            token = store.hold(pid)          # not evicted while Serve keeps it loaded
+            try:
+                return Held(await asyncio.to_thread(store.load, pid), store, token)
+            except BaseException:
+                store.release(token)
+                raise
 
-        async def run(batch: list[tuple[str, Any]]) -> list[np.ndarray]:
-            # one forward pass per pack in the batch (Serve already splits batches by the
-            # multiplexed model id when clients send it; requests without it are grouped here)
-            out: list[np.ndarray | None] = [None] * len(batch)
-            for pid in dict.fromkeys(p for p, _ in batch):
-                idx = [i for i, (p, _) in enumerate(batch) if p == pid]
-                model = await self._load(pid)
-                parts = [batch[i][1] for i in idx]
-                raw = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else sum(parts, [])
-                probs = (await asyncio.to_thread(model.predict_proba, raw)).numpy()
-                for i, p in zip(idx, np.split(probs, np.cumsum([len(x) for x in parts])[:-1])):
-                    out[i] = p
-            return out
+        async def run(batch: list[tuple[str, Any]]) -> list[np.ndarray | Exception]:
+            return await run_batch(batch, self._load)
 
         # Applied here, not as class decorators, so that the bounds come from the config
         self._load = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
@@ -67,9 +61,48 @@ class MarketAPI:
         from snp_ray.serve.api import create_api
 
         async def predict(pid: str, raw: Any) -> np.ndarray:
-            return await self._run((pid, raw))
+            out = await self._run((pid, raw))
+            if isinstance(out, Exception):   # this request's pack failed, not the whole batch
+                raise out
+            return out
 
         return create_api(self.service, predict)
+
+
+class Held:
+    """A loaded pack that its store keeps from eviction until Serve unloads it (the multiplexer
+    calls ``__del__`` on unload, and Python calls it again at collection: releasing twice is a
+    no-op)."""
+
+    def __init__(self, model, store, token: int):
+        self.model, self.store, self.token = model, store, token
+
+    def __del__(self):
+        self.store.release(self.token)
+
+
+async def run_batch(batch: list[tuple[str, Any]], load) -> list[np.ndarray | Exception]:
+    """One forward pass per pack in ``batch`` ((pack id, raw inputs) pairs; ``load``: the async
+    pack loader). Serve splits batches by the multiplexed model id only when clients send it,
+    so one batch may hold several packs: a pack that fails to load or predict answers only its
+    own requests with the exception (Serve's batcher would fail the whole batch on a raise)."""
+    out: list[np.ndarray | Exception | None] = [None] * len(batch)
+    for pid in dict.fromkeys(p for p, _ in batch):
+        idx = [i for i, (p, _) in enumerate(batch) if p == pid]
+        try:
+            held = await load(pid)
+            model = getattr(held, "model", held)
+            parts = [batch[i][1] for i in idx]
+            raw = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else sum(parts, [])
+            probs = (await asyncio.to_thread(model.predict_proba, raw)).numpy()
+        except Exception as e:
+            log.warning("pack %s failed for %d requests of a batch: %s", pid, len(idx), e)
+            for i in idx:
+                out[i] = e
+            continue
+        for i, p in zip(idx, np.split(probs, np.cumsum([len(x) for x in parts])[:-1])):
+            out[i] = p
+    return out
 
 
 def build_app(cfg: ServeConfig):

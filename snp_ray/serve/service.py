@@ -8,6 +8,10 @@ A request may bring the requester's own labeled samples (``samples.py``): the pl
 candidates on them, the pack trains on them (beside the market's shots when asked), and their
 sha256 is part of the request digest and of the pack id.
 The service never reads a test split; its accuracy is a cross-validated few-shot estimate.
+
+Requests run in threads side by side, so what they share is swapped, never changed in place: a
+catalogue refresh builds a new :class:`_View` (catalogue, market, fragment-store snapshot) and
+replaces one reference, and a request takes that reference once and reads only from it.
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from snp_ray.errors import ConfigError
+from snp_ray.data.catalog import split_file
+from snp_ray.errors import ArtifactNotFoundError, ConfigError
 from snp_ray.market.market import Market
 from snp_ray.packing.config import preset_pack_config
 from snp_ray.packing.model import PackedModel
@@ -38,6 +43,7 @@ from snp_ray.serve.config import ServeConfig
 from snp_ray.serve.packstore import PackStore, pack_id
 from snp_ray.slicing.config import slice_preset
 from snp_ray.slicing.fragment import Fragment
+from snp_ray.store import FragmentStore
 
 log = logging.getLogger(__name__)
 
@@ -55,43 +61,114 @@ class PackRequest:
     digest: str
     requester: PackSamples | None = None
     market_shots: bool = False
+    view: "_View | None" = field(default=None, repr=False, compare=False)  # what parse read
+
+
+@dataclass(frozen=True)
+class _View:
+    """One generation of the market as the service reads it: the catalogue, the market it was
+    read from and a snapshot of the fragment store (see ``FragmentStore.snapshot``)."""
+
+    catalogue: Catalogue
+    market: Market
+    store: FragmentStore
+
+
+class ByteLRU:
+    """A thread-safe LRU bounded in bytes (each entry's size given on insert); the newest entry
+    always stays, even when it alone is over the bound."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key: str, value: Any, size: int) -> Any:
+        """Insert and return ``value``, or the value already there (another thread's load)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes and len(self._items) > 1:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+            return value
+
+
+def fragment_bytes(fragment: Fragment) -> int:
+    """What a loaded fragment holds in memory (parameters and buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*fragment.parameters(), *fragment.buffers()))
 
 
 class MarketService:
     def __init__(self, cfg: ServeConfig):
         from snp_ray.slicing.api import market_fragment_store
-        from snp_ray.store import FragmentStore
 
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.market = Market(cfg.market)
         self.store = FragmentStore(cfg.fragments) if cfg.fragments else market_fragment_store(self.market)
-        self.packs = PackStore(cfg.packs or Path(cfg.market) / "packs")
+        self.packs = PackStore(cfg.packs or Path(cfg.market) / "packs", max_bytes=cfg.pack_store_bytes)
+        for dataset in sorted({s.dataset for s in self.market.specs()}):
+            split_file(dataset, "train")   # a service that could not build packs says so now
+        # a store from before model identities is migrated once, here, not on a request's path
+        self.store.adopt_identities({s.id: s for s in self.market.specs()})
         self.slice_cfg = slice_preset(cfg.preset)
         self.pack_cfg = preset_pack_config(cfg.preset)
         PlanConfig(policy=cfg.plan)                      # refuse a bad default plan at start
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
-        self._fragments: OrderedDict[str, Fragment] = OrderedDict()
+        self._refreshing = threading.Lock()              # one catalogue re-read at a time
+        self._fragments = ByteLRU(cfg.fragment_cache_bytes)
         self._scores: dict[tuple[int, str], ScoreCache] = {}
         self.builds = 0                                  # packs built by this replica
-        self._catalogue = self._load_catalogue()
+        self._view = self._load_view()
 
     # ---------------------------------------------------------------- catalogue
-    def _load_catalogue(self) -> Catalogue:
-        self.market = Market(self.cfg.market)            # models may have been added or removed
-        self.store.refresh()
-        return Catalogue.load(self.market, self.store, self.slice_cfg.digest(), self.cfg.seed)
+    def _load_view(self) -> _View:
+        """A new generation, built aside: nothing a running request reads is touched."""
+        market = Market(self.cfg.market)                 # models may have been added or removed
+        store = self.store.refresh().snapshot()
+        cat = Catalogue.load(market, store, self.slice_cfg.digest(), self.cfg.seed)
+        self.market = market
+        return _View(cat, market, store)
+
+    def _current(self) -> _View:
+        """The current view, re-read at most every ``refresh_s`` seconds (one reader re-reads;
+        the others go on with the view they have)."""
+        view = self._view
+        if time.time() - view.catalogue.loaded_at > self.cfg.refresh_s:
+            with self._refreshing:
+                if self._view is view:
+                    self._view = self._load_view()
+            view = self._view
+        return view
 
     def catalogue(self) -> Catalogue:
         """The catalogue, re-read at most every ``refresh_s`` seconds."""
-        cat = self._catalogue
-        if time.time() - cat.loaded_at > self.cfg.refresh_s:
-            with self._lock:
-                if self._catalogue is cat:
-                    self._catalogue = self._load_catalogue()
-            cat = self._catalogue
-        return cat
+        return self._current().catalogue
+
+    def health(self) -> dict[str, Any]:
+        """Liveness from memory alone: the catalogue as last read, never re-read here (a probe
+        must stay cheap however slow the market's storage is)."""
+        cat = self._view.catalogue
+        return {"status": "ok", "models": len(cat.specs), "classes": len(cat.classes)}
 
     def classes(self) -> dict[str, Any]:
         return {**self.catalogue().to_dict(), "preset": self.cfg.preset, "seed": self.cfg.seed}
@@ -106,7 +183,8 @@ class MarketService:
         if unknown:
             raise ConfigError(f"unknown keys {unknown} in the pack request; valid keys: "
                               f"{list(REQUEST_KEYS)}")
-        cat = self.catalogue()
+        view = self._current()
+        cat = view.catalogue
         ids = cat.resolve(body.get("classes"))
         k = cat.check_k(ids, body.get("k", 10 if 10 in cat.ks else (cat.ks or [10])[0]))
         plan = body.get("plan", self.cfg.plan)
@@ -129,7 +207,7 @@ class MarketService:
         if requester is not None:        # absent otherwise: earlier digests stay valid
             doc |= {"requester": requester.sha256, "with_market_shots": market_shots}
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
-        return PackRequest(ids, k, plan, digest, requester, market_shots)
+        return PackRequest(ids, k, plan, digest, requester, market_shots, view)
 
     def _requester(self, cat: Catalogue, ids: list[int], in_json: Any, parquet: bytes | None
                    ) -> PackSamples | None:
@@ -154,7 +232,12 @@ class MarketService:
         digest = req.digest
         found = self.packs.lookup(digest)
         if found is not None:
-            return answer(self.packs.meta(found), cached=True)
+            try:
+                meta = self.packs.meta(found)
+                self.packs.used(found)
+                return answer(meta, cached=True)
+            except ArtifactNotFoundError:       # evicted meanwhile: build it again
+                pass
         with self._lock:
             fut = self._inflight.get(digest)
             leader = fut is None
@@ -175,21 +258,33 @@ class MarketService:
 
     def _build(self, req: PackRequest) -> tuple[dict[str, Any], bool]:
         t0 = time.perf_counter()
-        cat = self.catalogue()
+        view = req.view or self._current()
+        cat, market, store = view.catalogue, view.market, view.store
         ids, k = req.ids, req.k
-        plan = plan_request(self.market, ids, k, self.slice_cfg, PlanConfig(policy=req.plan),
-                            self.cfg.seed, cache=self._score_cache(cat, k), load=self._fragment,
+        plan = plan_request(market, ids, k, self.slice_cfg, PlanConfig(policy=req.plan),
+                            self.cfg.seed, cache=self._score_cache(view, k),
+                            load=lambda key: self._fragment(key, store),
                             holders_of=lambda c: cat.holders(c, k), requester=req.requester)
         fragments = plan.fragments()
         sample_doc = {"k": k, "seed": self.cfg.seed, "samples": plan.samples, "folds": self.cfg.folds}
         if req.requester is not None:
             sample_doc |= {"requester": req.requester.sha256, "market_shots": req.market_shots}
         pid = pack_id([f.spec.key for f in fragments], ids, self.pack_cfg.to_dict(), sample_doc)
+        with self.packs.pinned(pid):                # not evicted between its build and answer
+            return self._build_pack(req, plan, fragments, pid, market, t0)
+
+    def _build_pack(self, req: PackRequest, plan, fragments: list[Fragment], pid: str,
+                    market: Market, t0: float) -> tuple[dict[str, Any], bool]:
+        ids, k = req.ids, req.k
         if self.packs.has(pid):                     # another request planned the same pack
-            self.packs.remember(req.digest, pid)
-            return self.packs.meta(pid), False
+            try:
+                meta = self.packs.meta(pid)
+                self.packs.remember(req.digest, pid)
+                return meta, False
+            except ArtifactNotFoundError:           # evicted just before the pin: build it
+                pass
         scores = {row["key"]: row["score"] for rows in plan.candidates.values() for row in rows}
-        samples = plan_samples(self.market, plan, k, self.cfg.seed, req.requester,
+        samples = plan_samples(market, plan, k, self.cfg.seed, req.requester,
                                req.market_shots)
         packed = Packer(self.pack_cfg).pack(fragments, samples, ids, cv_folds=self.cfg.folds)
         metrics = packed.spec.metrics
@@ -216,34 +311,36 @@ class MarketService:
         meta["build_seconds"] = round(time.perf_counter() - t0, 4)
         meta = self.packs.put(pid, packed, meta)
         self.packs.remember(req.digest, pid)
-        self.builds += 1
+        with self._lock:
+            self.builds += 1
         log.info("built pack %s for %s in %.2fs", pid, meta["classes"], meta["build_seconds"])
         return meta, True
 
-    def _fragment(self, key: str) -> Fragment:
-        with self._lock:
-            hit = self._fragments.get(key)
-            if hit is not None:
-                self._fragments.move_to_end(key)
-                return hit
-        fragment = self.store.get(key)
-        with self._lock:
-            self._fragments[key] = fragment
-            while len(self._fragments) > 4096:
-                self._fragments.popitem(last=False)
-        return fragment
+    def _fragment(self, key: str, store: FragmentStore | None = None) -> Fragment:
+        """A fragment by key (keys are content addresses, so the cache outlives views), kept in
+        an LRU bounded by ``fragment_cache_bytes`` of weights (the newest always stays)."""
+        hit = self._fragments.get(key)
+        if hit is not None:
+            return hit
+        fragment = (store or self._view.store).get(key)
+        return self._fragments.put(key, fragment, fragment_bytes(fragment))
 
-    def _score_cache(self, cat: Catalogue, k: int) -> ScoreCache:
-        key = (k, cat.version)
-        if key not in self._scores:
+    def _score_cache(self, view: _View, k: int) -> ScoreCache:
+        key = (k, view.catalogue.version)
+        scores = self._scores                        # one reference: another build may swap it
+        cache = scores.get(key)
+        if cache is None:
+            cat = view.catalogue
             holders = sorted({h.model for c in cat.classes.values() for h in c.holders if h.k == k})
-            self._scores = {key: ScoreCache(FewShotPool.from_market(self.market, k, self.cfg.seed,
-                                                                    holders))}
-        return self._scores[key]
+            cache = ScoreCache(FewShotPool.from_market(view.market, k, self.cfg.seed, holders))
+            self._scores = {key: cache}
+        return cache
 
     # ---------------------------------------------------------------- packs
     def meta(self, pid: str) -> dict[str, Any]:
-        return answer(self.packs.meta(pid), cached=True)
+        meta = self.packs.meta(pid)
+        self.packs.used(pid)
+        return answer(meta, cached=True)
 
     def load(self, pid: str) -> PackedModel:
         return self.packs.load(pid)
@@ -251,19 +348,28 @@ class MarketService:
 
 class LocalPredictor:
     """Predictions without Ray Serve (tests, one process): packs loaded on first use, at most
-    ``max_models`` kept (least recently used out), as the Serve predictor does per replica."""
+    ``max_models`` kept (least recently used out), as the Serve predictor does per replica.
+    A loaded pack is held in the store (not evicted) until it leaves this LRU."""
 
     def __init__(self, packs: PackStore, max_models: int = 8):
         self.packs, self.max_models = packs, max_models
         self.models: OrderedDict[str, PackedModel] = OrderedDict()
+        self._holds: dict[str, int] = {}
 
     def model(self, pid: str) -> PackedModel:
         if pid in self.models:
             self.models.move_to_end(pid)
         else:
-            self.models[pid] = self.packs.load(pid)
+            token = self.packs.hold(pid)
+            try:
+                self.models[pid] = self.packs.load(pid)
+            except BaseException:
+                self.packs.release(token)
+                raise
+            self._holds[pid] = token
             while len(self.models) > self.max_models:
-                self.models.popitem(last=False)
+                old, _ = self.models.popitem(last=False)
+                self.packs.release(self._holds.pop(old))
         return self.models[pid]
 
     async def __call__(self, pid: str, raw: Any) -> np.ndarray:

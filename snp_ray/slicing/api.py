@@ -75,7 +75,8 @@ class ModelSlicer:
         with torch.no_grad():
             feature_dim = int(outcome.features(self.example).shape[1])
         fspec = FragmentSpec(
-            source_model=spec.id, source_sha256=spec.weights_sha256, arch=spec.arch,
+            source_model=spec.id, source_sha256=spec.weights_sha256,
+            source_identity=spec.identity, arch=spec.arch,
             width=spec.width, source_classes=len(spec.classes), class_id=int(class_id),
             class_name=spec.class_names[spec.classes.index(int(class_id))],
             kept={str(g): v for g, v in outcome.kept.items()},
@@ -109,7 +110,7 @@ def market_fragment_store(market: Market):
 
 
 def pair_key(model: ModelSpec, class_id: int, config: SliceConfig, k: int, seed: int) -> str:
-    return fragment_key(model.weights_sha256, class_id, config.digest(), k, seed)
+    return fragment_key(model.identity, class_id, config.digest(), k, seed)
 
 
 def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
@@ -121,6 +122,7 @@ def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
     Yields ``(model id, class id, key, fragment or None when it was already stored)``.
     """
     store = store or market_fragment_store(market)
+    store.adopt_identities({s.id: s for s in market.specs()})
     stored = store.keys()
     for mid in model_ids or market.ids():
         spec = market.spec(mid)
@@ -138,7 +140,8 @@ def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
         if todo:
             for frag in slice_model(market, mid, todo, k, config, seed, engine):
                 if force and frag.spec.key in stored:
-                    log.info("reslicing %s class %s: the stored fragment stays (keys are immutable)",
+                    log.info("reslicing %s class %s: the stored fragment is replaced",
                              mid, frag.spec.class_id)
+                    store.retire([frag.spec.key])
                 store.put(frag)
                 yield mid, frag.spec.class_id, frag.spec.key, frag

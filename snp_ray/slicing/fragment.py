@@ -57,6 +57,9 @@ class FragmentSpec(Config):
     device: str = "cpu"            # where it was sliced, and in which arithmetic (same key either way)
     precision: str = "fp32"
     format_version: int = FORMAT_VERSION
+    #: the source model's :attr:`ModelSpec.identity`; "" in fragments made before identities
+    #: (their key starts with the weights' sha256, see ``docs/SLICING.md``, "Identity")
+    source_identity: str = ""
 
     def validate(self) -> None:
         if self.format_version != FORMAT_VERSION:
@@ -74,14 +77,17 @@ class FragmentSpec(Config):
 
     @property
     def key(self) -> str:
-        """Identity in a store: source weights + class + slicing config (+ k and sample seed)."""
-        key = fragment_key(self.source_sha256, self.class_id, self.config_digest, self.k,
-                           self.fewshot_seed)
+        """Identity in a store: source model identity + class + slicing config (+ k and sample
+        seed). Fragments made before identities existed keep their key of the weights' sha256."""
+        key = fragment_key(self.source_identity or self.source_sha256, self.class_id,
+                           self.config_digest, self.k, self.fewshot_seed)
         return f"{key}-{self.subset}" if self.subset else key
 
 
-def fragment_key(source_sha256: str, class_id: int, config_digest: str, k: int, seed: int) -> str:
-    return f"{source_sha256[:16]}-c{int(class_id)}-{config_digest}-k{int(k)}-s{int(seed)}"
+def fragment_key(source: str, class_id: int, config_digest: str, k: int, seed: int) -> str:
+    """``source``: the model's identity (or, for fragments made before identities, its weights'
+    sha256)."""
+    return f"{source[:16]}-c{int(class_id)}-{config_digest}-k{int(k)}-s{int(seed)}"
 
 
 class Fragment(nn.Module):

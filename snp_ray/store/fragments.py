@@ -25,6 +25,7 @@ listed part gone (compacted meanwhile) lists again, so it never misses a row eit
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -56,7 +57,10 @@ SCHEMA = pa.schema([
     ("source_params", pa.int64()), ("flops", pa.int64()), ("metrics", pa.string()),
     ("seconds", pa.float64()), ("sha256", pa.string()), ("spec_sha256", pa.string()),
     ("blob", pa.string()), ("spec", pa.string()), ("created", pa.float64()), ("writer", pa.string()),
+    ("model_identity", pa.string()),
 ])
+#: columns added after stores existed: a part written before them reads them as null
+ADDED_COLUMNS = ("model_identity",)
 #: the manifest's partition column (hive-style directories ``class_id=<c>``)
 PARTITION = "class_id"
 PARTITIONING = pads.partitioning(pa.schema([(PARTITION, pa.int32())]), flavor="hive")
@@ -72,6 +76,19 @@ def class_of_key(key: str) -> int | None:
     """The class a fragment key names (keys are ``<sha>-c<class>-...``); None if it names none."""
     m = _KEY_CLASS.match(key)
     return int(m.group(1)) if m else None
+
+
+def belongs_to(row: dict[str, Any], spec, legacy: bool = True) -> bool:
+    """Whether a manifest row is a fragment of the current version of model ``spec`` (a
+    ``ModelSpec``, or None when the model is gone): its recorded model identity equals the
+    model's. A row written before identities (``model_identity`` null) belongs by the rule the
+    store always had, the model's id and weights' sha256, unless ``legacy`` is False: replacing
+    or removing a model judges its own old rows that way, so none outlives the change."""
+    if spec is None or row.get("model_id") != spec.id:
+        return False
+    if row.get("model_identity"):
+        return row["model_identity"] == spec.identity
+    return legacy and row.get("model_sha256") == spec.weights_sha256
 
 
 def open_filesystem(uri: str, connect_timeout: float = 3.0, retries: int = 3) -> tuple[pafs.FileSystem, str]:
@@ -105,10 +122,7 @@ class FragmentStore:
         self.fs, self.base = open_filesystem(self.uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.writer = writer or f"{os.uname().nodename}-{os.getpid()}"
-        self._rows: dict[str, dict[str, Any]] | None = None        # the whole manifest, once read
-        self._keys: set[str] | None = None                         # its keys alone (cheaper)
-        self._classes: dict[int, dict[str, dict[str, Any]]] = {}   # partitions read one by one
-        self._found: dict[str, dict[str, Any]] = {}                # rows looked up one by one
+        self._index = _Index()                 # what has been read of the manifest (refresh swaps it)
 
     def __repr__(self) -> str:
         return f"FragmentStore({self.uri!r})"
@@ -195,11 +209,15 @@ class FragmentStore:
             with self.fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 have = pf.schema_arrow.names
-                missing = [n for n in SCHEMA.names if n not in have]
+                missing = [n for n in SCHEMA.names if n not in have and n not in ADDED_COLUMNS]
                 if not missing:
                     groups = _groups_holding(pf, key) if key is not None else None
-                    t = (pf.read_row_groups(groups, columns=names) if groups is not None
-                         else pf.read(columns=names))
+                    present = [n for n in names if n in have]
+                    t = (pf.read_row_groups(groups, columns=present) if groups is not None
+                         else pf.read(columns=present))
+                    for n in names:
+                        if n not in have:
+                            t = t.append_column(SCHEMA.field(n), pa.nulls(t.num_rows, SCHEMA.field(n).type))
                     t = t.select(names).cast(pa.schema([SCHEMA.field(n) for n in names]))
         except FileNotFoundError:
             return None
@@ -237,20 +255,40 @@ class FragmentStore:
 
     # ------------------------------------------------------------------ manifest
     def refresh(self) -> "FragmentStore":
-        self._rows, self._keys, self._classes, self._found = None, None, {}, {}
+        """Forget what was read: the next reads see the manifest as it is then. Readers in other
+        threads are not disturbed: this swaps one reference to a new, empty :class:`_Index`
+        and each read method takes that reference once, so a read never mixes two generations
+        (clearing the dicts in place made a concurrent ``class_rows`` raise ``KeyError``)."""
+        self._index = _Index()
         return self
+
+    def snapshot(self) -> "FragmentStore":
+        """This store pinned to its current index: a later :meth:`refresh` of this store does not
+        reach the snapshot, so one request reads one view of the manifest (a service takes a
+        snapshot per catalogue and per request)."""
+        return copy.copy(self)
+
+    @property
+    def _rows(self) -> dict[str, dict[str, Any]] | None:
+        return self._index.rows
+
+    @_rows.setter
+    def _rows(self, rows: dict[str, dict[str, Any]] | None) -> None:
+        self._index.rows = rows
 
     def rows(self) -> dict[str, dict[str, Any]]:
         """key -> manifest row, one per key (the earliest write wins)."""
-        if self._rows is None:
-            self._rows = _as_rows(self._load())
-        return self._rows
+        ix = self._index
+        if ix.rows is None:
+            ix.rows = _as_rows(self._load())
+        return ix.rows
 
     def listing(self, columns: list[str]) -> dict[str, dict[str, Any]]:
         """key -> row of only ``columns``, one per key: a catalogue of a large store without
         reading every spec (rows() holds the kept units and specs too)."""
-        if self._rows is not None:
-            return {k: {c: r[c] for c in columns} for k, r in self._rows.items()}
+        rows = self._index.rows
+        if rows is not None:
+            return {k: {c: r[c] for c in columns} for k, r in rows.items()}
         cols = sorted(set(columns) | {"key", "created", "writer"})
         return {k: {c: r[c] for c in columns} for k, r in _as_rows(self._load(columns=cols)).items()}
 
@@ -266,48 +304,60 @@ class FragmentStore:
 
     def keys(self) -> set[str]:
         """Every stored key, reading the key column alone."""
-        if self._rows is not None:
-            return set(self._rows)
-        if self._keys is None:
-            self._keys = set(self._load(columns=["key"])["key"].drop_null().to_pylist())
-        return set(self._keys)
+        ix = self._index
+        if ix.rows is not None:
+            return set(ix.rows)
+        if ix.keys is None:
+            ix.keys = set(self._load(columns=["key"])["key"].drop_null().to_pylist())
+        return set(ix.keys)
 
     def has(self, key: str) -> bool:
-        if self._rows is not None:
-            return key in self._rows
-        if self._keys is not None:
-            return key in self._keys
-        return self.lookup(key) is not None
+        ix = self._index
+        if ix.rows is not None:
+            return key in ix.rows
+        if ix.keys is not None:
+            return key in ix.keys
+        return self._lookup(ix, key) is not None
 
     def lookup(self, key: str) -> dict[str, Any] | None:
         """The manifest row of ``key`` or None, reading only the partition of the class it names."""
-        if self._rows is not None:
-            return self._rows.get(key)
+        return self._lookup(self._index, key)
+
+    def _lookup(self, ix: "_Index", key: str) -> dict[str, Any] | None:
+        if ix.rows is not None:
+            return ix.rows.get(key)
         c = class_of_key(key)
         if c is None:
-            return self.rows().get(key)
-        if c in self._classes:
-            return self._classes[c].get(key)
-        if key not in self._found:        # has() then get() reads the partition once
+            if ix.rows is None:
+                ix.rows = _as_rows(self._load())
+            return ix.rows.get(key)
+        rows = ix.classes.get(c)
+        if rows is not None:
+            return rows.get(key)
+        row = ix.found.get(key)
+        if row is None:                   # has() then get() reads the partition once
             row = _as_rows(self._load(c, key=key)).get(key)
             if row is None:
                 return None
-            self._found[key] = row
-        return self._found[key]
+            ix.found[key] = row
+        return row
 
     def class_rows(self, class_id: int) -> dict[str, dict[str, Any]]:
         """key -> row of one class's fragments, reading its partition (and any flat parts)."""
         c = int(class_id)
-        if self._rows is not None:
-            return {k: r for k, r in self._rows.items() if r["class_id"] == c}
-        if c not in self._classes:
+        ix = self._index
+        if ix.rows is not None:
+            return {k: r for k, r in ix.rows.items() if r["class_id"] == c}
+        rows = ix.classes.get(c)
+        if rows is None:
             t = self._load(c)
-            self._classes[c] = _as_rows(t.filter(pc.equal(t[PARTITION], c)))
-        return self._classes[c]
+            rows = ix.classes[c] = _as_rows(t.filter(pc.equal(t[PARTITION], c)))
+        return rows
 
     def _class_keys(self, class_id: int) -> set[str]:
-        if class_id in self._classes:
-            return set(self._classes[class_id])
+        rows = self._index.classes.get(class_id)
+        if rows is not None:
+            return set(rows)
         t = self._load(class_id, columns=["key", PARTITION])
         return set(t.filter(pc.equal(t[PARTITION], class_id))["key"].to_pylist())
 
@@ -327,6 +377,7 @@ class FragmentStore:
         if self.has(spec.key):
             return spec.key, False
         row = {"key": spec.key, "model_id": spec.source_model, "model_sha256": spec.source_sha256,
+               "model_identity": spec.source_identity or None,
                "class_id": spec.class_id, "class_name": spec.class_name,
                "config_digest": spec.config_digest, "k": spec.k, "fewshot_seed": spec.fewshot_seed,
                "arch": spec.arch, "kept": json.dumps(spec.kept), "feature_dim": spec.feature_dim,
@@ -343,12 +394,12 @@ class FragmentStore:
         keys written."""
         items = list(items)
         for row, _ in items:
-            missing = [n for n in SCHEMA.names if n not in row and n not in _FILLED]
+            missing = [n for n in SCHEMA.names if n not in row and n not in _FILLED + ADDED_COLUMNS]
             if missing:
                 raise ConfigError(f"manifest row {row.get('key')!r} lacks fields {missing}")
             if class_of_key(row["key"]) not in (None, int(row["class_id"])):
                 raise ConfigError(f"key {row['key']!r} names another class than {row['class_id']}")
-        if self._rows is not None or self._keys is not None:
+        if self._index.rows is not None or self._index.keys is not None:
             stored = self.keys()
         else:                             # only the key column of the partitions these rows go to
             stored = set().union(*(self._class_keys(c) for c in {int(r["class_id"]) for r, _ in items}))
@@ -379,13 +430,7 @@ class FragmentStore:
         for c, group in sorted(by_class.items()):
             name = f"part-{time.time_ns()}-{_safe(self.writer)}-{uuid.uuid4().hex[:8]}.parquet"
             self._write_part(c, name, pa.Table.from_pylist(group, schema=SCHEMA))
-        for row in rows:
-            if self._rows is not None:
-                self._rows.setdefault(row["key"], row)
-            if self._keys is not None:
-                self._keys.add(row["key"])
-            if int(row["class_id"]) in self._classes:
-                self._classes[int(row["class_id"])].setdefault(row["key"], row)
+        self._index.add(rows)
 
     def _write_part(self, class_id: int, name: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -430,13 +475,63 @@ class FragmentStore:
         deleted, and only after every compacted part is written. A part written meanwhile is not
         listed, so it stays; a listed part that vanished was folded by another compaction, whose
         part this one did not list and so leaves alone."""
+        return self._fold(set(), None)
+
+    def adopt_identities(self, specs: dict[str, Any]) -> int:
+        """Migrate rows from before model identities (``model_identity`` null) that belong to a
+        model of ``specs`` (id -> ModelSpec; :func:`belongs_to`'s rule for old rows) to the key
+        that model's identity gives, so every reader that derives a key from a model finds them.
+        Returns the rows migrated. Idempotent: the new rows are written before the old ones are
+        retired, and a rerun after a crash in between only retires."""
+        listing = self.listing(["model_id", "model_sha256", "model_identity"])
+        legacy = [k for k, r in listing.items() if not r["model_identity"]
+                  and belongs_to(r, specs.get(r["model_id"]))]
+        if not legacy:
+            return 0
+        items = []
+        for key in legacy:
+            row = self.lookup(key)
+            spec = specs[row["model_id"]]
+            fspec = FragmentSpec.from_json(row["spec"]).replace(source_identity=spec.identity)
+            weights = self._read(self._path(row["blob"]), f"weights of fragment {key}")
+            items.append(({n: row[n] for n in SCHEMA.names if n not in _FILLED}
+                          | {"key": fspec.key, "model_identity": spec.identity,
+                             "spec": fspec.to_json()}, weights))
+        self.put_rows(items)
+        self.retire(legacy)
+        log.info("gave %d fragments of %s from before model identities their model's identity",
+                 len(legacy), self)
+        return len(legacy)
+
+    def retire(self, keys: Iterable[str]) -> tuple[int, int]:
+        """Remove fragments for good: their rows leave the manifest (their partitions are folded
+        without them, as :meth:`compact` folds) and their blobs are deleted unless another row
+        still names the same bytes. Returns (rows removed, blobs deleted).
+
+        Why not a tombstone: a retired fragment was cut for a model version that no longer
+        exists (replaced or removed), so nothing may serve it again and its bytes are reclaimed."""
+        rows = {k: r for k in set(keys) if (r := self.lookup(k)) is not None}
+        if not rows:
+            return 0, 0
+        self._fold(set(rows), {int(r["class_id"]) for r in rows.values()})
+        live = set(self._load(columns=["blob"])["blob"].drop_null().to_pylist())
+        dead = sorted({r["blob"] for r in rows.values() if r["blob"]} - live)
+        self._each(lambda b: self._delete(self._path(b)), dead)
+        log.info("retired %d fragments of %s (%d blobs deleted)", len(rows), self, len(dead))
+        return len(rows), len(dead)
+
+    def _fold(self, drop: set[str], only: set[int] | None) -> int:
+        """Rewrite partitions as one part each, without the rows of ``drop``: every partition
+        with several parts (``only`` None, a compaction) or the partitions ``only`` names, plus
+        the flat parts of old stores."""
         t0 = time.perf_counter()
         groups: dict[int | None, list[str]] = defaultdict(list)
         for p in self._parts():
             groups[self._where(p)].append(p)
         flat = groups.pop(None, [])
         tables, read, _ = self._read_parts(flat)
-        classes = {c for c, ps in groups.items() if len(ps) > 1}
+        classes = ({c for c, ps in groups.items() if len(ps) > 1} if only is None
+                   else set(only))
         for t in tables:
             if t[PARTITION].null_count:
                 raise IntegrityError(f"a flat manifest part of {self} has rows without a class_id")
@@ -446,6 +541,8 @@ class FragmentStore:
         more, more_read, _ = self._read_parts(sorted(p for c in classes for p in groups.get(c, [])))
         tables, read = tables + more, read + more_read
         table = _unique(pa.concat_tables(tables)) if tables else SCHEMA.empty_table()
+        if drop:
+            table = table.filter(pc.invert(pc.is_in(table["key"], pa.array(sorted(drop)))))
         stamp = f"part-{time.time_ns()}-compact-{uuid.uuid4().hex[:8]}"
         by_class = {c: table.filter(pc.equal(table[PARTITION], c)) for c in sorted(classes)}
         written = [(c, t) for c, t in by_class.items() if t.num_rows]   # none if all vanished
@@ -464,6 +561,40 @@ class FragmentStore:
         except OSError as e:
             if not _not_found(e):
                 log.warning("could not remove compacted part %s: %s", path, e)
+
+
+class _Index:
+    """One generation of what a :class:`FragmentStore` has read of its manifest: the whole
+    manifest, its keys, class partitions and single rows, each filled once when first read.
+
+    Swapped whole by ``refresh`` and never emptied in place; a reader takes the store's
+    reference once and reads only from it. Writes of this process (:meth:`add`) replace a
+    container instead of growing it, so a reader iterating one is never disturbed."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, Any]] | None = None        # the whole manifest, once read
+        self.keys: set[str] | None = None                         # its keys alone (cheaper)
+        self.classes: dict[int, dict[str, dict[str, Any]]] = {}   # partitions read one by one
+        self.found: dict[str, dict[str, Any]] = {}                # rows looked up one by one
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        """Rows this process just wrote (a stored key keeps its earlier row), copy on write."""
+        if not rows:
+            return
+        if self.rows is not None:
+            merged = dict(self.rows)
+            for row in rows:
+                merged.setdefault(row["key"], row)
+            self.rows = merged
+        if self.keys is not None:
+            self.keys = self.keys | {row["key"] for row in rows}
+        for c in {int(row["class_id"]) for row in rows}:
+            if c in self.classes:
+                merged = dict(self.classes[c])
+                for row in rows:
+                    if int(row["class_id"]) == c:
+                        merged.setdefault(row["key"], row)
+                self.classes[c] = merged
 
 
 #: the manifest fields the store fills in itself when it writes rows

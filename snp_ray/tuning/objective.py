@@ -102,11 +102,11 @@ class FragmentCache:
         self.reused = 0
 
     @staticmethod
-    def key(model_sha: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
+    def key(model_identity: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
             fold: int, fold_seed: int, train_rows: list[str]) -> str:
         """Everything that decides the fragment, the exact training rows included (folds depend
         on every model of the market, so the same model in another market may train on others)."""
-        body = json.dumps([model_sha, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed,
+        body = json.dumps([model_identity, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed,
                            sorted(str(r) for r in train_rows)])
         return hashlib.sha256(body.encode()).hexdigest()[:32]
 
@@ -208,7 +208,7 @@ def evaluate_fold(market: Market, cv: CVConfig, slice_cfg: SliceConfig, pack_cfg
         rows[mid] = {"train": sorted(train[mid].row_ids.tolist()),
                      "held_out": sorted(held[mid].row_ids.tolist())}
         spec = market.spec(mid)
-        keys = {c: cache.key(spec.weights_sha256, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
+        keys = {c: cache.key(spec.identity, c, slice_cfg, cv.k, cv.seed, cv.folds, fold,
                              cv.fold_seed, train[mid].keys.tolist()) for c in classes}
         make = FoldSlicer(lambda mid=mid: ModelSlicer(market, mid, cv.k, slice_cfg, cv.seed,
                                                       fewshot=train[mid], subset=subset),

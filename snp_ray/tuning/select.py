@@ -112,7 +112,7 @@ def cv_scores(market: Market, model_id: str, cfg: SliceConfig, k: int, cache: Fr
         train, held = fs.select(where != f), fs.select(where == f)
         train_rows = sorted(train.keys.tolist())
         todo = [int(c) for c in (classes if classes is not None else spec.classes)]
-        keys = {c: cache.key(spec.weights_sha256, c, cfg, k, seed, folds, f, fold_seed, train_rows)
+        keys = {c: cache.key(spec.identity, c, cfg, k, seed, folds, f, fold_seed, train_rows)
                 for c in todo}
         make = FoldSlicer(lambda train=train, f=f: ModelSlicer(market, model_id, k, cfg, seed, fewshot=train,
                                                                subset=f"cv{folds}-f{f}-s{fold_seed}"),

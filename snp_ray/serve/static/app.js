@@ -26,11 +26,36 @@ function formatParams(n) {
 
 const percent = (p) => `${(100 * p).toFixed(1)} %`;
 
+// The access token, if the market asks for one: kept for this tab only (sessionStorage), sent as
+// "Authorization: Bearer <token>" with every API request.
+const TOKEN_KEY = "snp-market-token";
+const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
+
+function withToken(options = {}) {
+  const t = token();
+  if (!t) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${t}` } };
+}
+
+// What a refusal of who is asking means for the person at the page.
+function accessHint(status, response) {
+  if (status === 401) {
+    return token() ? "The access token was refused (unknown or revoked): enter another one above."
+                   : "This market needs an access token: enter it above.";
+  }
+  if (status === 403) return "Your access token's role may not do this.";
+  if (status === 429) {
+    const after = response.headers.get("Retry-After");
+    return `Too many requests for your token${after ? `: try again in ${after} s` : ""}.`;
+  }
+  return "";
+}
+
 // A JSON request; a refusal becomes an Error carrying the service's {"error", ...} body.
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, withToken(options));
   } catch (e) {
     throw new Error(`the service did not answer (${e.message})`);
   }
@@ -44,6 +69,7 @@ async function api(path, options = {}) {
     const err = new Error((body && body.error) || `HTTP ${response.status} ${response.statusText}`);
     err.body = body || {};
     err.status = response.status;
+    err.hint = accessHint(response.status, response);
     throw err;
   }
   return body;
@@ -57,7 +83,58 @@ function showError(err) {
   if (close && close.length) {
     box.append(el("span", { class: "close-matches", text: ` Did you mean: ${close.join(", ")}?` }));
   }
+  if (err.hint) box.append(el("span", { id: "error-hint", class: "hint", text: ` ${err.hint}` }));
   box.hidden = false;
+  if (err.status === 401) $("token-input").focus();
+}
+
+// ------------------------------------------------------------------ access token
+function showToken() {
+  const t = token();
+  $("token-status").textContent = t ? "A token is in use for this tab." : "";
+  $("token-forget").hidden = !t;
+  $("token-input").value = "";
+}
+
+function saveToken(e) {
+  e.preventDefault();
+  const t = $("token-input").value.trim();
+  if (!t) return;
+  sessionStorage.setItem(TOKEN_KEY, t);
+  showToken();
+  clearError();
+  loadCatalogue();
+}
+
+function forgetToken() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  showToken();
+}
+
+// A download link carries no header: with a token, fetch the file and save it from memory.
+async function download(e) {
+  if (!token()) return;               // an open market: the plain link downloads
+  e.preventDefault();
+  const link = e.currentTarget;
+  clearError();
+  try {
+    const response = await fetch(link.getAttribute("href"), withToken());
+    if (!response.ok) {
+      let body = {};
+      try { body = await response.json(); } catch (_) { body = {}; }
+      const err = new Error(body.error || `HTTP ${response.status} ${response.statusText}`);
+      Object.assign(err, { body, status: response.status, hint: accessHint(response.status, response) });
+      throw err;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const a = el("a", { href: url, download: link.download });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  } catch (err) {
+    showError(err);
+  }
 }
 
 function clearError() {
@@ -240,6 +317,11 @@ function predictionCard(file, top) {
 
 // ------------------------------------------------------------------ wiring
 function wire() {
+  $("token-form").addEventListener("submit", saveToken);
+  $("token-forget").addEventListener("click", forgetToken);
+  for (const id of ["download-onnx", "download-safetensors", "download-spec"]) {
+    $(id).addEventListener("click", download);
+  }
   $("class-search").addEventListener("input", filterClasses);
   $("clear-selection").addEventListener("click", () => {
     state.selected.clear();
@@ -269,6 +351,7 @@ function wire() {
 
 document.addEventListener("DOMContentLoaded", () => {
   wire();
+  showToken();
   updateCounts();
   loadCatalogue();
 });
