@@ -190,8 +190,10 @@ def _floats3(text: str) -> list[float]:
 def _market_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="market_command", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="add your own trained model (safetensors weights)",
-                         description="add your own trained model (safetensors weights)")
-    add.add_argument("--store", required=True, help="market store folder (created if missing)")
+                         description="add your own trained model (safetensors weights), to a "
+                                     "market folder (--store) or over HTTP to a market service "
+                                     "(--remote)")
+    _where(add, "market store folder (created if missing)")
     add.add_argument("--arch", required=True,
                      help="torchvision:NAME[?k=v&...], timm:NAME[?k=v&...] or snp:ZOO_NAME[?width=W]")
     add.add_argument("--weights", required=True, help="the model's state_dict as .safetensors")
@@ -208,25 +210,47 @@ def _market_args(p: argparse.ArgumentParser) -> None:
     add.add_argument("--std", type=_floats3, default=None, help="per-channel std R,G,B (default ImageNet's)")
     add.add_argument("--fewshot", default=None,
                      help="your own few-shot samples: Parquet in the dataset's schema")
+    add.add_argument("--wait", action="store_true",
+                     help="with --remote: follow the upload until the model is ready (or failed)")
+    add.add_argument("--wait-timeout", type=float, default=1800.0,
+                     help="with --wait: give up after this many seconds (default 1800)")
     lst = sub.add_parser("list", help="the models of a market", description="the models of a market")
-    lst.add_argument("--store", required=True, help="market store folder")
+    _where(lst, "market store folder")
     rm = sub.add_parser("remove", help="remove a model from a market",
                         description="remove a model from a market")
-    rm.add_argument("--store", required=True, help="market store folder")
+    _where(rm, "market store folder")
     rm.add_argument("--id", dest="model_id", required=True, help="model id")
     for q in (add, lst, rm):   # --json after the action too; SUPPRESS keeps one given before it
         q.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="print the result as JSON on the last line")
 
 
+#: where ``--remote`` reads the token when ``--token`` is not given (keeps it out of shell history)
+TOKEN_ENV = "SNP_MARKET_TOKEN"
+
+
+def _where(p: argparse.ArgumentParser, store_help: str) -> None:
+    """Exactly one of a local market folder or a market service's URL."""
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help=store_help)
+    where.add_argument("--remote", metavar="URL",
+                       help="a market service, e.g. http://127.0.0.1:8000 (snp serve)")
+    p.add_argument("--token", default=None,
+                   help=f"with --remote: your access token (default: ${TOKEN_ENV})")
+
+
 def _model_row(s) -> dict[str, Any]:
-    return {"id": s.id, "arch": s.arch if s.arch.count(":") else f"snp:{s.arch}?width={s.width:g}",
+    return {"id": s.id, "arch": s.arch_ref,
             "params": s.params, "classes": s.class_names, "dataset": s.dataset,
             "added": bool(s.train.get("added")), "input": s.input}
 
 
 @command("market", "add your own model to a market, list its models, remove one", _market_args)
 def cmd_market(a: argparse.Namespace) -> dict[str, Any]:
+    if a.remote:
+        return _market_remote(a)
+    if a.token is not None or (a.market_command == "add" and a.wait):
+        raise ConfigError("--token and --wait are for a market service (--remote URL)")
     from snp_ray.market import Market
 
     from snp_ray.serve import lifecycle
@@ -255,6 +279,48 @@ def cmd_market(a: argparse.Namespace) -> dict[str, Any]:
     spec, retired = lifecycle.remove_model(market, a.model_id)
     print(f"removed {spec.id} with {len(retired.fragments)} fragments and {len(retired.packs)} packs")
     return {"removed": spec.id, "retired": retired.to_dict()}
+
+
+def _market_remote(a: argparse.Namespace) -> dict[str, Any]:
+    """``snp market add/list/remove --remote URL``: the same verbs over the service's HTTP API
+    (:class:`snp_ray.client.MarketClient`), as a developer token."""
+    from snp_ray.client import MarketClient
+
+    client = MarketClient(a.remote, a.token or os.environ.get(TOKEN_ENV) or None)
+    if a.market_command == "add":
+        if a.fewshot is not None and not Path(a.fewshot).is_file():
+            raise ConfigError(f"--fewshot: no file at {a.fewshot}")
+        m = client.upload(a.weights, a.arch, [c.strip() for c in a.classes.split(",") if c.strip()],
+                          a.dataset, k=a.k, seed=a.seed, model_id=a.model_id,
+                          input_size=a.input_size, mean=a.mean, std=a.std, fewshot=a.fewshot,
+                          replace=a.replace)
+        log.info("uploaded %s: %s", m["id"], m["state"])
+        if a.wait:
+            m = client.wait_ready(m["id"], timeout_s=a.wait_timeout, on_progress=lambda x: log.info(
+                "%s: %s %s", x["id"], x["state"], _progress_text(x)))
+        print(table([[m["id"], m["arch"], m["state"], _progress_text(m), ",".join(map(str, m["classes"]))]],
+                    ["model", "arch", "state", "progress", "classes"]))
+        if not a.wait and m["state"] not in ("ready", "failed"):
+            print(f"follow it with: snp market list --remote {a.remote}")
+        return {"model": m}
+    if a.market_command == "list":
+        rows = client.models()
+        print(table([[r["id"], r["arch"], f"{r['params']:,}" if r.get("params") is not None else "-",
+                      ",".join(map(str, r["classes"])), r["state"], _progress_text(r),
+                      r.get("owner") or "-"] for r in rows],
+                    ["model", "arch", "params", "classes", "state", "progress", "owner"]))
+        return {"models": rows}
+    out = client.remove(a.model_id)
+    r = out.get("retired", {})
+    count = lambda v: len(v) if isinstance(v, list) else int(v or 0)   # noqa: E731 (lists or counts)
+    print(f"removed {out['removed']} with {count(r.get('fragments'))} fragments and "
+          f"{count(r.get('packs'))} packs")
+    return out
+
+
+def _progress_text(m: dict[str, Any]) -> str:
+    p = m.get("progress") or {}
+    return f"{p.get('done', 0)}/{p.get('total', 0)}" if p.get("total") else "-"
 
 
 # ---------------------------------------------------------------- snp pack / evaluate

@@ -147,3 +147,56 @@ class QuotaExceeded(AccessError):
 class UnprotectedServiceError(ConfigError):
     """A service asked to listen beyond loopback with no access token to require (and without
     an explicit ``--insecure-open``)."""
+
+
+class RemoteError(SnpError):
+    """A market service refused a request (or did not answer): ``status`` is the HTTP code (None
+    when no answer came), ``kind`` the service's error type (its ``"type"``, e.g.
+    ``QuotaExceeded``), ``message`` its ``"error"``, ``retry_after`` the seconds a 429 asks to
+    wait (else None). Raised by :class:`snp_ray.client.MarketClient`, which keeps the server's
+    classes out of a client's process."""
+
+    def __init__(self, status: int | None, kind: str, message: str,
+                 retry_after: int | None = None, close_matches: list[str] | tuple[str, ...] = ()):
+        self.status, self.kind, self.message = status, kind, message
+        self.retry_after, self.close_matches = retry_after, list(close_matches)
+        where = f"HTTP {status}" if status is not None else "no answer"
+        wait = f"; retry in {retry_after} s" if retry_after is not None else ""
+        super().__init__(f"the market refused the request ({where}, {kind}): {message}{wait}"
+                         if status is not None else f"the market did not answer: {message}")
+
+    def __reduce__(self):  # keeps every field across processes (pickle calls cls(*args))
+        return type(self), (self.status, self.kind, self.message, self.retry_after,
+                            self.close_matches)
+
+
+class ModelFailedError(RemoteError):
+    """An uploaded model ended in the ``failed`` state (its slicing failed): ``model`` is the
+    service's last description of it, ``kind``/``message`` its error; ``status`` is 200, that of
+    the answer that reported it."""
+
+    def __init__(self, model: dict, kind: str, message: str):
+        self.model = model
+        super().__init__(200, kind, message)
+        self.args = (f"model {model.get('id')!r} failed ({kind}): {message}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return type(self), (self.model, self.kind, self.message)
+
+
+class RemoteTimeout(RemoteError, TimeoutError):
+    """A wait on the market (an uploaded model to become ready) ran past its time limit."""
+
+    def __init__(self, message: str, model: dict | None = None):
+        self.model = model
+        super().__init__(None, "Timeout", message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    def __reduce__(self):
+        return type(self), (self.message, self.model)

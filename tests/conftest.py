@@ -279,3 +279,21 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def serve_in_thread(app, port: int):
+    """``app`` under uvicorn on loopback ``port``, in a daemon thread, once it is listening:
+    (server, thread); stop it with ``server.should_exit = True; thread.join(10)``."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start within 30 s"
+    return server, thread

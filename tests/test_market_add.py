@@ -262,6 +262,26 @@ def test_an_added_models_files_are_capped_before_they_are_read(files, store_copy
         add(fewshot=(d / "ok.parquet").read_bytes(), limits=AddLimits(max_fewshot_decoded_bytes=1000))
     assert decoded == [] and snapshot(store_copy) == before
 
+    # a value repeated over many rows: a dictionary-encoded file states it once in its footer
+    # (772 bytes on disk, 0.5 MB in the footer, 1 GB as rows); it is held and decoded once
+    import io
+    monkeypatch.undo()
+    t = pa.table({"image": pa.array([b"\0" * (500 << 10)] * 2000, pa.binary()),
+                  "label": pa.array([0] * 2000, pa.int64())})
+    buf = io.BytesIO()
+    pq.write_table(t, buf, use_dictionary=True, compression="zstd")
+    with pytest.raises(DataError, match="row 0 does not decode as an image"):
+        add(fewshot=buf.getvalue(), limits=AddLimits(max_fewshot_decoded_bytes=1 << 20,
+                                                     max_fewshot_rows=2000))
+    from snp_ray.data.tables import split_from_bytes
+    seen = []
+    monkeypatch.setattr("snp_ray.data.tables.decode_images",
+                        lambda blobs, what, rows=None: seen.append((len(blobs), rows)) or
+                        np.zeros((len(blobs), 32, 32, 3), np.uint8))
+    split = split_from_bytes(buf.getvalue(), "cifar10", "upload", ["c"] * 10, "f")
+    assert seen == [(1, [0])] and split.images.shape == (2000, 32, 32, 3)
+    assert snapshot(store_copy) == before
+
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_a_typed_error_and_leaves_the_store_unchanged(case, files, store_copy):

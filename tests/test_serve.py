@@ -137,6 +137,15 @@ def test_another_plan_or_k_is_another_request(client):
     assert top2["id"] == best["id"] and top2["cached"] is True and service.builds == 1
     other = c.post("/v1/packs", json={"classes": ["cat", "dog"], "k": 5}).json()
     assert other["id"] != best["id"] and service.builds == 2
+    # issue 26: top-<m> has one spelling per plan (m past the holders is `all`), so spellings
+    # cannot mint request digests; plan strings and class lists are capped
+    digests = {service.parse({**REQUEST, "plan": p}).digest for p in ("top-2", "top-99", "all")}
+    assert len(digests) == 1 and service.parse({**REQUEST, "plan": "top-1"}).plan == "best"
+    assert service.parse({**REQUEST, "plan": "best"}).digest not in digests
+    r = c.post("/v1/packs", json={**REQUEST, "plan": "top-" + "9" * 40})
+    assert r.status_code == 400 and "must be a policy name" in r.json()["error"]
+    r = c.post("/v1/packs", json={**REQUEST, "classes": ["cat"] * 101})
+    assert r.status_code == 400 and "at most 100 classes, got 101" in r.json()["error"]
 
 
 # ---------------------------------------------------------------- downloads and predictions
@@ -341,9 +350,9 @@ def test_bad_requester_samples_get_a_named_4xx_and_leave_the_store_unchanged(sam
         ({"json": {**REQUEST, "samples": {**good, "images": [base64.b64encode(b"no").decode()]
                                            + good["images"][1:]}}}, 400, "does not decode"),
         ({"json": {**REQUEST, "samples": {**good, "images": [base64.b64encode(bomb).decode()]
-                                           + good["images"][1:]}}}, 400, "does not decode"),
+                                           + good["images"][1:]}}}, 400, "too large to decode"),
         (_multipart(REQUEST, _parquet(x, LABELS, [b"not a png"] + [png_bytes(i) for i in x[1:]])),
-         400, "not a decodable image"),
+         400, "does not decode as an image"),
         (_multipart(REQUEST, _parquet(x, LABELS, [bomb] + [png_bytes(i) for i in x[1:]])),
          400, "too large to decode"),
         ({"json": {**REQUEST, "samples": {**good, "labels": ["dog"] + LABELS[1:]}}},
@@ -523,3 +532,41 @@ def test_a_service_that_cannot_read_its_data_refuses_to_start(market, tmp_path, 
         _service(market)
     found = checkout_data_root()                # this checkout has ../shared beside it, as CI's
     assert found is not None and (found / "cifar10" / "train.parquet").is_file()
+
+
+def test_images_are_bounded_before_they_are_decoded():
+    """Issue 26 §5: PNG, JPEG and WEBP only; per image at most a generous multiple of the size
+    it is resized to (2048x2048 for a 32x32 pack), from the header; per request a pixel budget
+    checked from every header before any image is decoded. (16 PNGs of 6,000 x 6,000 pixels
+    took 8.7 s to decode and answered 200.)"""
+    from PIL import Image
+
+    from snp_ray.errors import DataError
+    from snp_ray.serve.images import decode_batch, decode_image, pixel_cap
+
+    def encoded(size, fmt="PNG", mode="RGB"):
+        buf = io.BytesIO()
+        Image.new(mode, size).save(buf, format=fmt)
+        return buf.getvalue()
+
+    assert pixel_cap((32, 32)) == 2048 * 2048 and pixel_cap((224, 224)) == 4096 * 4096
+    assert decode_image(encoded((2048, 2048))).shape == (32, 32, 3)
+    for fmt in ("JPEG", "WEBP"):
+        assert decode_image(encoded((40, 30), fmt)).shape == (32, 32, 3)
+    with pytest.raises(DataError, match="6000x6000: more than 4,194,304 pixels"):
+        decode_image(encoded((6000, 6000), mode="1"), "big")
+    for fmt in ("BMP", "GIF", "TIFF"):
+        with pytest.raises(DataError, match=f"is a {fmt} image; PNG, JPEG or WEBP only"):
+            decode_image(encoded((32, 32), fmt), "x")
+    four = [encoded((1024, 1024))] * 4
+    assert decode_batch(four, ["a", "b", "c", "d"], max_pixels=4 * 1024 * 1024).shape == (4, 32, 32, 3)
+    decoded = []
+    import snp_ray.serve.images as images
+    real = images.decode_image
+    try:
+        images.decode_image = lambda *a: decoded.append(a) or real(*a)
+        with pytest.raises(DataError, match="4,194,304 pixels, more than the 4,194,303"):
+            decode_batch(four, ["a", "b", "c", "d"], max_pixels=4 * 1024 * 1024 - 1)
+    finally:
+        images.decode_image = real
+    assert decoded == []                      # refused from the headers alone

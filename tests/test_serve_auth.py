@@ -275,22 +275,10 @@ def test_a_service_beyond_loopback_needs_a_token_or_insecure_open(market, capsys
 @pytest.fixture
 def page_server(market):
     """The API (no Ray Serve) under uvicorn on a free loopback port, in a thread: its URL."""
-    import threading
-    import time
-
-    import uvicorn
-
-    from conftest import free_port
+    from conftest import free_port, serve_in_thread
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(_app(market, port=port), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    server, thread = serve_in_thread(_app(market, port=port), port)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

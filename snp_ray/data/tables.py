@@ -15,11 +15,14 @@ import io
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from snp_ray.artifacts import atomic_write_bytes
@@ -182,29 +185,51 @@ def _decoded_images(path: Path) -> np.ndarray:
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 
 
-def decode_images(blobs: list[bytes | None], what: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (N, 32, 32, 3) uint8; a wrong size or mode is a DataError."""
+@contextlib.contextmanager
+def open_image(blob: bytes | None, what: str, max_pixels: int):
+    """One guard for every image the market decodes (datasets, uploads, requests): a PIL image
+    whose format is PNG, JPEG or WEBP and whose size, read from the header, is at most
+    ``max_pixels``; decoding happens only after both checks, in the caller's block."""
     from PIL import Image, UnidentifiedImageError
 
-    out = np.empty((len(blobs),) + IMAGE_SHAPE, dtype=np.uint8)
-    for i, blob in enumerate(blobs):
-        if blob is None:
-            raise DataError(f"{what}: row {i} has no image")
-        try:
+    if not blob:
+        raise DataError(f"{what} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(blob)) as im:
                 if im.format not in IMAGE_FORMATS:
-                    raise DataError(f"{what}: row {i} is a {im.format} image; PNG, JPEG or WEBP only")
-                if (im.height, im.width) != IMAGE_SHAPE[:2]:   # from the header, before decoding
-                    raise DataError(f"{what}: row {i} has shape ({im.height}, {im.width}, 3), "
-                                    f"expected {IMAGE_SHAPE} (checked before decoding)")
-                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-        except Image.DecompressionBombError as e:
-            raise DataError(f"{what}: row {i} is too large to decode ({e})") from None
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{what}: row {i} is not a decodable image ({e})") from None
+                    raise DataError(f"{what} is a {im.format} image; PNG, JPEG or WEBP only")
+                if im.width * im.height > max_pixels:
+                    raise DataError(f"{what} is {im.width}x{im.height}: more than {max_pixels:,} "
+                                    "pixels (checked before decoding)")
+                yield im
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{what} is too large to decode ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{what} does not decode as an image ({type(e).__name__}: {e})") from None
+
+
+def decode_images(blobs: list[bytes | None], what: str, rows: list[int] | None = None
+                  ) -> np.ndarray:
+    """PNG/JPEG/WEBP bytes -> (N, 32, 32, 3) uint8; a wrong size, format or mode is a DataError
+    naming the row (``rows[i]``, default i)."""
+    out = np.empty((len(blobs),) + IMAGE_SHAPE, dtype=np.uint8)
+    pixels = 64 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]   # a wrong size is named; a bomb never opens
+    for j, blob in enumerate(blobs):
+        i = rows[j] if rows is not None else j
+        if blob is None:
+            raise DataError(f"{what}: row {i} has no image")
+        with open_image(blob, f"{what}: row {i}", pixels) as im:
+            if (im.height, im.width) != IMAGE_SHAPE[:2]:   # from the header, before decoding
+                raise DataError(f"{what}: row {i} has shape ({im.height}, {im.width}, 3), "
+                                f"expected {IMAGE_SHAPE} (checked before decoding)")
+            arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
         if arr.shape != IMAGE_SHAPE:
             raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")
-        out[i] = arr
+        out[j] = arr
     return out
 
 
@@ -224,7 +249,10 @@ def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[st
     schema's columns are read, and ``max_rows`` and ``max_bytes`` (their uncompressed size) are
     checked from the footer before any of them is decompressed."""
     info = get_dataset(dataset)
+    payload = "image" if info.modality == "image" else "text"
     try:
+        # the payload column is read as a dictionary: a value repeated over many rows (a
+        # dictionary-encoded file states its size once in the footer) is held and decoded once
         file = pq.ParquetFile(pa.BufferReader(data))
         if max_rows is not None and file.metadata.num_rows > max_rows:
             raise DataError(f"{what} holds {file.metadata.num_rows} rows, more than the "
@@ -235,10 +263,10 @@ def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[st
             if size > max_bytes:
                 raise DataError(f"{what} decompresses to {size:,} bytes, more than the "
                                 f"{max_bytes:,} allowed (checked before decompressing)")
-        table = file.read(columns=list(info.columns))
+        table = pq.ParquetFile(pa.BufferReader(data), read_dictionary=[payload]).read(
+            columns=list(info.columns))
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{what} is not a readable Parquet file: {e}") from None
-    check_schema(table.schema, info.columns, what)
     if table.column("label").null_count:
         raise DataError(f"{what}: the label column has missing values")
     try:
@@ -249,11 +277,30 @@ def split_from_bytes(data: bytes, dataset: str, split: str, class_names: list[st
         raise DataError(f"{what}: labels out of range [0, {len(class_names)}) of {dataset}: "
                         f"found {int(labels.min())}..{int(labels.max())}")
     out = Split(dataset, split, labels, list(class_names))
+    values, index = distinct_rows(table.column(payload))
     if info.modality == "image":
-        out.images = decode_images(table.column("image").to_pylist(), what)
+        missing = np.flatnonzero(index < 0)
+        if missing.size:
+            raise DataError(f"{what}: row {int(missing[0])} has no image")
+        used, first, inverse = np.unique(index, return_index=True, return_inverse=True)
+        out.images = decode_images([values[u] for u in used], what, first.tolist())[inverse]
     else:
-        out.texts = [t if t is not None else "" for t in table.column("text").to_pylist()]
+        out.texts = [values[i] if i >= 0 and values[i] is not None else "" for i in index]
     return out
+
+
+def distinct_rows(column: pa.ChunkedArray) -> tuple[list[Any], np.ndarray]:
+    """(the column's distinct values, each row's index into them, -1 for a null row), without
+    making one Python object per row."""
+    values: list[Any] = []
+    parts = []
+    for chunk in column.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        idx = np.asarray(pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False), np.int64)
+        parts.append(np.where(idx >= 0, idx + len(values), -1))
+        values.extend(chunk.dictionary.to_pylist())
+    return values, (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
 
 
 def dataset_class_names(dataset: str) -> list[str]:

@@ -66,6 +66,11 @@ class ModelSpec(Config):
         return InputSpec.from_any(self.input)
 
     @property
+    def arch_ref(self) -> str:
+        """The architecture as ``snp market add --arch`` takes it (zoo models with their width)."""
+        return self.arch if ":" in self.arch else f"snp:{self.arch}?width={self.width:g}"
+
+    @property
     def identity(self) -> str:
         """sha256 of what decides this model's fragments (see the module docstring). The
         few-shot source is the developer's upload (its sha256) or seed for an added model; a

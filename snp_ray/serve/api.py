@@ -4,7 +4,9 @@
 ingress (``deploy.py``) and tests can call it directly. Predictions go through ``predict(pack id,
 raw inputs) -> probabilities``: in Serve, the multiplexed and batched predictor deployment.
 Every refusal is a 4xx with a JSON body ``{"error", "type"}`` naming the problem, and no server
-path. Access: every API route but health needs a token of a role that may do it (``accounts.py``;
+path. Developers upload models (``POST /v1/models``, multipart, its own body limit
+``max_upload_bytes``), follow them (``GET /v1/models[/{id}]``) and remove them (``DELETE``):
+``uploads.py``. Access: every API route but health needs a token of a role that may do it (``accounts.py``;
 open on loopback until a token exists); only the allowed host names are answered (DNS
 rebinding), unsafe requests from another site's page are refused, and CORS is off unless
 ``cors_origins`` names sites.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -31,6 +32,8 @@ from snp_ray.errors import (ArtifactNotFoundError, AuthError, DataError, Forbidd
 from snp_ray.serve.accounts import LOOPBACK_NAMES, Gate, Principal, Quotas
 from snp_ray.serve.images import decode_base64, decode_batch
 from snp_ray.serve.packstore import FILES
+from snp_ray.serve.redact import hidden_roots, scrub
+from snp_ray.serve.uploads import UploadSpec
 from snp_ray.serve.service import MarketService, top_classes
 
 log = logging.getLogger(__name__)
@@ -70,21 +73,6 @@ def error_body(e: Exception, hide: Mapping[str, str] | None = None) -> dict[str,
     if isinstance(e, UnknownNameError):
         body["close_matches"] = e.close
     return body
-
-
-_ABSOLUTE = re.compile(r"(?<![\w.])/(?:[\w.@+~-]+/)*[\w.@+~-]+")
-
-
-def scrub(message: str, hide: Mapping[str, str]) -> str:
-    """``message`` without server paths (route paths such as /v1/packs stay)."""
-    for root in sorted(hide, key=len, reverse=True):
-        if root:
-            message = message.replace(root, hide[root])
-
-    def path(m: re.Match) -> str:
-        top = m.group(0).split("/")[1]
-        return "<path>" if top and Path("/", top).exists() else m.group(0)
-    return _ABSOLUTE.sub(path, message)
 
 
 async def send_refusal(send, status: int, e: SnpError) -> None:
@@ -154,17 +142,21 @@ def allowed_hosts(cfg) -> set[str]:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` (declared or streamed) with a 413."""
+    """ASGI middleware: refuse bodies over ``max_bytes`` (declared or streamed) with a 413;
+    ``routes`` maps (method, path) to a route's own limit (a model upload carries weights)."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, routes: Mapping[tuple[str, str], int] | None = None):
+        self.app, self.max_bytes, self.routes = app, max_bytes, dict(routes or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path   # under a prefix
+        limit = self.routes.get((scope.get("method", ""), path.rstrip("/")), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send, int(declared))
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, int(declared), limit)
         seen, started = 0, False
 
         async def counted():
@@ -172,8 +164,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"the request body is over {self.max_bytes:,} bytes")
+                if seen > limit:
+                    raise PayloadTooLarge(f"the request body is over {limit:,} bytes")
             return message
 
         async def tracked(message):
@@ -185,11 +177,11 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except PayloadTooLarge:
             if not started:
-                await self._refuse(send, seen)
+                await self._refuse(send, seen, limit)
 
-    async def _refuse(self, send, size: int) -> None:
+    async def _refuse(self, send, size: int, limit: int) -> None:
         await send_refusal(send, 413, PayloadTooLarge(
-            f"the request body ({size:,} bytes) is over the limit of {self.max_bytes:,} bytes"))
+            f"the request body ({size:,} bytes) is over the limit of {limit:,} bytes"))
 
 
 def create_api(service: MarketService, predict: Predict) -> FastAPI:
@@ -198,11 +190,9 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     gate = Gate.for_service(cfg)                 # refuses an unprotected non-loopback host
     quotas = Quotas(gate.accounts)
-    hide = {cfg.market: "<market>", str(Path(cfg.market).resolve()): "<market>"}
-    for name in ("packs", "fragments"):
-        if getattr(cfg, name) and "://" not in getattr(cfg, name):
-            hide |= {getattr(cfg, name): f"<{name}>", str(Path(getattr(cfg, name)).resolve()): f"<{name}>"}
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    hide = hidden_roots(cfg)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes,
+                       routes={("POST", "/v1/models"): cfg.max_upload_bytes})
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -292,6 +282,31 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
         probs = np.asarray(await predict(pid, raw))
         return {"id": pid, "predictions": top_classes(meta, probs)}
 
+    # ---------------------------------------------------------------- developers' models
+    @app.post("/v1/models", status_code=202)
+    async def upload_model(request: Request, who: Principal = allow("models")):
+        spec, weights, fewshot = await upload_parts(request)
+        quotas.start_build(who)              # an upload is a build: it starts a slicing job
+        accepted = False
+        try:
+            model = await asyncio.to_thread(service.uploads.add, who, spec, weights, fewshot)
+            accepted = True
+        finally:
+            await asyncio.to_thread(quotas.end_build, who, accepted)
+        return JSONResponse({"model": model}, status_code=202)
+
+    @app.get("/v1/models", dependencies=[allow("catalogue")])
+    async def list_models() -> dict[str, Any]:
+        return {"models": await asyncio.to_thread(service.uploads.list)}
+
+    @app.get("/v1/models/{mid}", dependencies=[allow("catalogue")])
+    async def get_model(mid: str) -> dict[str, Any]:
+        return {"model": await asyncio.to_thread(service.uploads.describe, mid)}
+
+    @app.delete("/v1/models/{mid}")
+    async def delete_model(mid: str, who: Principal = allow("models")) -> dict[str, Any]:
+        return await asyncio.to_thread(service.uploads.remove, who, mid)
+
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -364,6 +379,37 @@ async def pack_request_parts(request: Request) -> tuple[Any, bytes | None]:
         raw = await spec.read() if hasattr(spec, "read") else spec.encode()
         return parse_json(raw, "the 'request' part"), await samples.read()
     return await json_body(request), None
+
+
+UPLOAD_FORMS = ("send a model as multipart/form-data with a 'weights' part (a safetensors "
+                "file), a 'spec' part (a JSON object: arch, classes, dataset, and optionally k, "
+                "seed, id, input_size, mean, std, replace) and optionally a 'fewshot' part (a "
+                "Parquet file in the dataset's schema)")
+
+
+async def upload_parts(request: Request) -> tuple[UploadSpec, bytes, bytes | None]:
+    """A model upload's spec, weights and optional few-shot file (multipart only: 415 else)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType(f"{UPLOAD_FORMS}; got " + (f"content-type {ctype[:100]!r}"
+                                                               if ctype else "no content-type"))
+    form = await request.form(max_files=3, max_fields=3)
+    parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
+    unknown = sorted(set(parts) - {"weights", "spec", "fewshot"})
+    missing = sorted({"weights", "spec"} - set(parts))
+    if unknown or missing or any(len(v) > 1 for v in parts.values()):
+        raise DataError(f"{UPLOAD_FORMS}; got parts {[p[:40] for p in sorted(parts)][:10]}"
+                        + (f" (missing {missing})" if missing else "")
+                        + (f" (unknown {[u[:40] for u in unknown][:10]})" if unknown else ""))
+    for name in ("weights", "fewshot"):
+        if name in parts and not hasattr(parts[name][0], "read"):
+            raise DataError(f"the {name!r} part must be a file upload, e.g. curl -F {name}=@FILE")
+    raw = parts["spec"][0]
+    raw = await raw.read() if hasattr(raw, "read") else raw.encode()
+    spec = UploadSpec.parse(parse_json(raw, "the 'spec' part"))
+    weights = await parts["weights"][0].read()
+    fewshot = await parts["fewshot"][0].read() if "fewshot" in parts else None
+    return spec, weights, fewshot
 
 
 async def _inputs(request: Request, meta: dict[str, Any], max_images: int) -> Any:

@@ -52,6 +52,20 @@ class ServeConfig(Config):
     #: bytes of packs on disk before the least recently used are evicted (0: unbounded); packs
     #: are derived data, rebuilt on the next request for them
     pack_store_bytes: int = 0
+    #: the whole body of a model upload (POST /v1/models: weights, spec, few-shot file); every
+    #: other route keeps ``max_body_bytes``. Also the cap on the weights and few-shot files
+    max_upload_bytes: int = 512 * 1024 ** 2
+    #: parameters of an uploaded model (counted on the meta device, before any allocation);
+    #: the default is ``snp market add``'s
+    max_upload_params: int = 200_000_000
+    #: rows of an uploaded few-shot file, and the bytes of its columns once decompressed
+    max_upload_rows: int = 50_000
+    max_upload_decoded_bytes: int = 1024 ** 3
+    #: slicer actors (one CPU each) of the job that slices an upload's classes
+    upload_slice_actors: int = 1
+
+    #: classes one pack request may name (a pack's head and plan grow with them)
+    max_classes: int = 100
 
     def validate(self) -> None:
         if not self.market:
@@ -64,8 +78,14 @@ class ServeConfig(Config):
         check_range("ServeConfig", "max_images", self.max_images, 1, 100_000)
         check_range("ServeConfig", "port", self.port, 0, 65535)
         check_range("ServeConfig", "threads", self.threads, 1, 256)
+        check_range("ServeConfig", "max_classes", self.max_classes, 1, 100_000)
         check_range("ServeConfig", "fragment_cache_bytes", self.fragment_cache_bytes, 0, 2 ** 50)
         check_range("ServeConfig", "pack_store_bytes", self.pack_store_bytes, 0, 2 ** 60)
+        check_range("ServeConfig", "max_upload_bytes", self.max_upload_bytes, 1024, 2 ** 40)
+        check_range("ServeConfig", "max_upload_params", self.max_upload_params, 1, 2 ** 40)
+        check_range("ServeConfig", "max_upload_rows", self.max_upload_rows, 1, 2 ** 31)
+        check_range("ServeConfig", "max_upload_decoded_bytes", self.max_upload_decoded_bytes, 1, 2 ** 44)
+        check_range("ServeConfig", "upload_slice_actors", self.upload_slice_actors, 1, 1024)
         for origin in self.cors_origins:
             if origin != "*" and (not origin.startswith(("http://", "https://"))
                                   or "/" in origin.split("://", 1)[1]):

@@ -5,40 +5,34 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
-import warnings
 
 import numpy as np
+from PIL import Image
 
-from snp_ray.data.tables import IMAGE_SHAPE
+from snp_ray.data.tables import IMAGE_SHAPE, open_image
 from snp_ray.errors import DataError
 
-#: larger uploads are refused before they are decoded (a decompression bomb guard)
-MAX_PIXELS = 40_000_000
+#: the most pixels one image may have: a generous multiple of the size it is resized to (a
+#: 32x32 pack input admits 2048x2048), never more than 4096x4096; checked from the header
+PIXEL_MULTIPLE = 4096
+MAX_PIXELS = 4096 * 4096
+#: the most pixels one request may decode in all (sixteen 2048x2048 images)
+MAX_REQUEST_PIXELS = 64 * 1024 * 1024
+
+
+def pixel_cap(size: tuple[int, int]) -> int:
+    return min(MAX_PIXELS, PIXEL_MULTIPLE * size[0] * size[1])
 
 
 def decode_image(data: bytes, name: str = "image", size: tuple[int, int] = IMAGE_SHAPE[:2]
                  ) -> np.ndarray:
-    """PNG/JPEG (any format Pillow reads) bytes -> (H, W, 3) uint8 at ``size``."""
-    from PIL import Image
-
-    if not data:
-        raise DataError(f"{name} is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise DataError(f"{name} is {img.width}x{img.height}: more than "
-                                    f"{MAX_PIXELS:,} pixels")
-                rgb = img.convert("RGB")
-                if rgb.size != (size[1], size[0]):
-                    rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.uint8).copy()
-    except DataError:
-        raise
-    except Exception as e:   # Pillow raises many types for a broken file
-        raise DataError(f"{name} does not decode as an image ({type(e).__name__}: {e})") from None
+    """PNG, JPEG or WEBP bytes -> (H, W, 3) uint8 at ``size`` (the guard is
+    :func:`snp_ray.data.tables.open_image`, shared with datasets and uploads)."""
+    with open_image(data, name, pixel_cap(size)) as img:
+        rgb = img.convert("RGB")
+        if rgb.size != (size[1], size[0]):
+            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def decode_base64(item: object, name: str) -> bytes:
@@ -53,7 +47,17 @@ def decode_base64(item: object, name: str) -> bytes:
         raise DataError(f"{name} is not valid base64 ({e})") from None
 
 
-def decode_batch(blobs: list[bytes], names: list[str]) -> np.ndarray:
+def decode_batch(blobs: list[bytes], names: list[str],
+                 max_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
+    """Every image of a request, after the request's pixel budget is checked from the headers
+    (none is decoded when their sum is over it)."""
     if not blobs:
         raise DataError("no images in the request")
+    total = 0
+    for b, n in zip(blobs, names):
+        with open_image(b, n, pixel_cap(IMAGE_SHAPE[:2])) as img:
+            total += img.width * img.height
+    if total > max_pixels:
+        raise DataError(f"the request's images hold {total:,} pixels, more than the "
+                        f"{max_pixels:,} one request may decode")
     return np.stack([decode_image(b, n) for b, n in zip(blobs, names)])

@@ -82,14 +82,18 @@ def retire_stale(market: Market, changed: list[str] = (), fragments: FragmentSto
     return out
 
 
-def add_model(market: Market, arch: str, weights, classes: list[str], dataset: str, **options):
-    """:meth:`Market.add_model`, then retire what a replaced model leaves behind."""
+def add_model(market: Market, arch: str, weights, classes: list[str], dataset: str, *,
+              fragments: FragmentStore | None = None, packs: PackStore | None = None, **options):
+    """:meth:`Market.add_model`, then retire what a replaced model leaves behind (in the
+    market's own stores, or a service's ``fragments`` and ``packs``)."""
     added = market.add_model(arch, weights, classes, dataset, **options)
-    retired = retire_stale(market, [added.spec.id]) if options.get("replace") else Retired()
+    retired = (retire_stale(market, [added.spec.id], fragments, packs) if options.get("replace")
+               else Retired())
     return added, retired
 
 
-def remove_model(market: Market, model_id: str) -> tuple[ModelSpec, Retired]:
+def remove_model(market: Market, model_id: str, fragments: FragmentStore | None = None,
+                 packs: PackStore | None = None) -> tuple[ModelSpec, Retired]:
     """Remove a model, its fragments and the packs built on them."""
     spec = market.remove_model(model_id)
-    return spec, retire_stale(market, [model_id])
+    return spec, retire_stale(market, [model_id], fragments, packs)

@@ -11,7 +11,9 @@ The service never reads a test split; its accuracy is a cross-validated few-shot
 
 Requests run in threads side by side, so what they share is swapped, never changed in place: a
 catalogue refresh builds a new :class:`_View` (catalogue, market, fragment-store snapshot) and
-replaces one reference, and a request takes that reference once and reads only from it.
+replaces one reference, and a request takes that reference once and reads only from it. A change
+this replica makes (an upload's fragment stored, a model removed, ``uploads.py``) calls
+:meth:`MarketService.invalidate`, so the next request re-reads the market at once.
 """
 from __future__ import annotations
 
@@ -35,12 +37,13 @@ from snp_ray.market.market import Market
 from snp_ray.packing.config import preset_pack_config
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import CV_NONE, Packer, cv_method
-from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
+from snp_ray.packing.planner import PLAN_NAMES, FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
 from snp_ray.packing.samples import PackSamples
 from snp_ray.serve import samples as samples_io
 from snp_ray.serve.catalogue import Catalogue
 from snp_ray.serve.config import ServeConfig
 from snp_ray.serve.packstore import PackStore, pack_id
+from snp_ray.serve.uploads import Uploads
 from snp_ray.slicing.config import slice_preset
 from snp_ray.slicing.fragment import Fragment
 from snp_ray.store import FragmentStore
@@ -72,6 +75,7 @@ class _View:
     catalogue: Catalogue
     market: Market
     store: FragmentStore
+    generation: int = 0      # MarketService._generation when it was read
 
 
 class ByteLRU:
@@ -116,6 +120,16 @@ def fragment_bytes(fragment: Fragment) -> int:
     return sum(t.numel() * t.element_size() for t in (*fragment.parameters(), *fragment.buffers()))
 
 
+def canonical_plan(plan: str, holders: int) -> str:
+    """One spelling per plan: ``top-<m>`` (m > 1) with m at least the most holders any requested
+    class has keeps them all (``all``), and ``top-1`` is ``best``, so ``top-99999`` cannot mint
+    new request digests (each a planning pass) for the same pack."""
+    m = PlanConfig(policy=plan).m
+    if m is None or (m > 1 and m >= holders):
+        return "all"
+    return "best" if m == 1 else f"top-{m}"
+
+
 class MarketService:
     def __init__(self, cfg: ServeConfig):
         from snp_ray.slicing.api import market_fragment_store
@@ -138,27 +152,38 @@ class MarketService:
         self._fragments = ByteLRU(cfg.fragment_cache_bytes)
         self._scores: dict[tuple[int, str], ScoreCache] = {}
         self.builds = 0                                  # packs built by this replica
+        self._generation = 0                             # bumped by invalidate()
         self._view = self._load_view()
+        self.uploads = Uploads(self)
+        self.uploads.resume()
 
     # ---------------------------------------------------------------- catalogue
     def _load_view(self) -> _View:
         """A new generation, built aside: nothing a running request reads is touched."""
+        generation = self._generation                    # read first: a later bump re-reads
         market = Market(self.cfg.market)                 # models may have been added or removed
         store = self.store.refresh().snapshot()
         cat = Catalogue.load(market, store, self.slice_cfg.digest(), self.cfg.seed)
         self.market = market
-        return _View(cat, market, store)
+        return _View(cat, market, store, generation)
 
     def _current(self) -> _View:
-        """The current view, re-read at most every ``refresh_s`` seconds (one reader re-reads;
-        the others go on with the view they have)."""
+        """The current view, re-read at most every ``refresh_s`` seconds or after
+        :meth:`invalidate` (one reader re-reads; the others go on with the view they have)."""
         view = self._view
-        if time.time() - view.catalogue.loaded_at > self.cfg.refresh_s:
+        if (view.generation != self._generation
+                or time.time() - view.catalogue.loaded_at > self.cfg.refresh_s):
             with self._refreshing:
                 if self._view is view:
                     self._view = self._load_view()
             view = self._view
         return view
+
+    def invalidate(self) -> None:
+        """The market changed (a fragment stored, a model added or removed): the next request
+        re-reads it instead of waiting out ``refresh_s``."""
+        with self._lock:
+            self._generation += 1
 
     def catalogue(self) -> Catalogue:
         """The catalogue, re-read at most every ``refresh_s`` seconds."""
@@ -185,12 +210,17 @@ class MarketService:
                               f"{list(REQUEST_KEYS)}")
         view = self._current()
         cat = view.catalogue
-        ids = cat.resolve(body.get("classes"))
+        requested = body.get("classes")
+        if isinstance(requested, list) and len(requested) > self.cfg.max_classes:
+            raise ConfigError(f"a pack request names at most {self.cfg.max_classes} classes, "
+                              f"got {len(requested)}")
+        ids = cat.resolve(requested)
         k = cat.check_k(ids, body.get("k", 10 if 10 in cat.ks else (cat.ks or [10])[0]))
         plan = body.get("plan", self.cfg.plan)
-        if not isinstance(plan, str):
-            raise ConfigError(f"'plan' must be a policy name, got {plan!r}")
-        PlanConfig(policy=plan)
+        if not isinstance(plan, str) or len(plan) > 16:
+            raise ConfigError(f"'plan' must be a policy name ({', '.join(PLAN_NAMES)}), "
+                              f"got {str(plan)[:40]!r}")
+        plan = canonical_plan(plan, max(len(cat.holders(c, k)) for c in ids))
         requester = self._requester(cat, ids, body.get("samples"), samples)
         market_shots = body.get("with_market_shots", False)
         if not isinstance(market_shots, bool):

@@ -1,4 +1,5 @@
-// The market's web page: choose classes, pack them, download the pack, try it on images.
+// The market's web page: choose classes, pack them, download the pack, try it on images; and,
+// for developers, upload a model and follow it until it is sliced and served.
 // Plain JS over the JSON API (no build step, no external resources).
 "use strict";
 
@@ -75,8 +76,8 @@ async function api(path, options = {}) {
   return body;
 }
 
-function showError(err) {
-  const box = $("error");
+function showError(err, boxId = "error") {
+  const box = $(boxId);
   box.replaceChildren(el("strong", { text: "Error: " }),
                       el("span", { id: "error-message", text: err.message }));
   const close = err.body && err.body.close_matches;
@@ -86,6 +87,11 @@ function showError(err) {
   if (err.hint) box.append(el("span", { id: "error-hint", class: "hint", text: ` ${err.hint}` }));
   box.hidden = false;
   if (err.status === 401) $("token-input").focus();
+}
+
+function clearBox(boxId) {
+  $(boxId).hidden = true;
+  $(boxId).replaceChildren();
 }
 
 // ------------------------------------------------------------------ access token
@@ -104,6 +110,7 @@ function saveToken(e) {
   showToken();
   clearError();
   loadCatalogue();
+  if (!$("developer-panel").hidden) loadModels();
 }
 
 function forgetToken() {
@@ -138,8 +145,7 @@ async function download(e) {
 }
 
 function clearError() {
-  $("error").hidden = true;
-  $("error").replaceChildren();
+  clearBox("error");
 }
 
 // ------------------------------------------------------------------ catalogue
@@ -154,6 +160,7 @@ async function loadCatalogue() {
       `catalogue ${cat.version}`;
     $("k-select").replaceChildren(...cat.ks.map((k) => el("option", { value: String(k), text: String(k) })));
     if (cat.ks.includes(10)) $("k-select").value = "10";
+    if (cat.dataset && !$("model-dataset").value) $("model-dataset").value = cat.dataset;
     renderClasses();
   } catch (e) {
     $("catalogue-summary").textContent = "The class catalogue did not load.";
@@ -315,6 +322,163 @@ function predictionCard(file, top) {
                el("ol", { class: "prediction-list" }, ...rows)));
 }
 
+// ------------------------------------------------------------------ tabs
+function showTab(which) {
+  const developer = which === "developer";
+  $("requester-panel").hidden = developer;
+  $("developer-panel").hidden = !developer;
+  $("tab-requester").setAttribute("aria-selected", String(!developer));
+  $("tab-developer").setAttribute("aria-selected", String(developer));
+  if (developer) loadModels();
+}
+
+// ------------------------------------------------------------------ developers: upload a model
+const POLL_MS = 1000;
+const FINAL = new Set(["ready", "failed"]);
+const dev = { polling: null };
+
+// A failed model's reason: the service's error type and message
+function modelError(model) {
+  const message = model.error || "the service gave no reason";
+  return model.error_type ? `${model.error_type}: ${message}` : message;
+}
+
+function showUpload(model) {
+  $("upload-progress-box").hidden = false;
+  $("upload-model").textContent = model.id;
+  const st = $("upload-state");
+  st.textContent = model.state;
+  st.dataset.state = model.state;
+  st.className = `state-${model.state}`;
+  const p = model.progress || {};
+  const bar = $("upload-progress");
+  if (p.total) {
+    bar.max = p.total;
+    bar.value = p.done || 0;
+    $("upload-count").textContent = `${p.done || 0} of ${p.total} classes sliced`;
+  } else {
+    bar.removeAttribute("value");          // indeterminate while validating
+    $("upload-count").textContent = "";
+  }
+  if (model.state === "ready") {
+    bar.max = 1;
+    bar.value = 1;
+    $("upload-status").textContent =
+      `Model ${model.id} is ready: requesters can pack its classes (${(model.classes || []).join(", ")}).`;
+  } else if (model.state === "failed") {
+    $("upload-status").textContent = "";
+    showError(new Error(`Model ${model.id} failed: ${modelError(model)}`), "upload-error");
+  } else {
+    $("upload-status").textContent = `Checking and slicing ${model.id}…`;
+  }
+}
+
+function stopPolling() {
+  if (dev.polling) clearTimeout(dev.polling);
+  dev.polling = null;
+}
+
+async function follow(id) {
+  stopPolling();
+  try {
+    const { model } = await api(`/v1/models/${encodeURIComponent(id)}`);
+    showUpload(model);
+    if (FINAL.has(model.state)) {
+      $("upload-button").disabled = false;
+      loadModels();
+      if (model.state === "ready") loadCatalogue();     // its classes join the catalogue
+      return;
+    }
+  } catch (e) {
+    $("upload-button").disabled = false;
+    showError(e, "upload-error");
+    return;
+  }
+  dev.polling = setTimeout(() => follow(id), POLL_MS);
+}
+
+async function upload(e) {
+  e.preventDefault();
+  clearBox("upload-error");
+  const weights = $("model-weights").files[0];
+  if (!weights) return;
+  const classes = $("model-classes").value.split(",").map((c) => c.trim()).filter((c) => c);
+  const spec = {
+    arch: $("model-arch").value.trim(),
+    classes: classes.map((c) => (/^\d+$/.test(c) ? Number(c) : c)),
+    dataset: $("model-dataset").value.trim(),
+    k: Number($("model-k").value),
+    id: $("model-id").value.trim() || null,
+    input_size: Number($("model-input-size").value),
+    replace: $("model-replace").checked,
+  };
+  const form = new FormData();
+  form.append("weights", weights, weights.name);
+  form.append("spec", JSON.stringify(spec));
+  const fewshot = $("model-fewshot").files[0];
+  if (fewshot) form.append("fewshot", fewshot, fewshot.name);
+  $("upload-button").disabled = true;
+  $("upload-progress-box").hidden = true;
+  $("upload-status").textContent = `Uploading ${weights.name} (${formatParams(weights.size)}B)…`;
+  try {
+    const { model } = await api("/v1/models", { method: "POST", body: form });
+    showUpload(model);
+    loadModels();
+    follow(model.id);
+  } catch (err) {
+    $("upload-button").disabled = false;
+    $("upload-status").textContent = "";
+    showError(err, "upload-error");
+  }
+}
+
+async function loadModels() {
+  try {
+    const { models } = await api("/v1/models");
+    $("models-summary").textContent =
+      `${models.length} model${models.length === 1 ? "" : "s"} you can see`;
+    $("models-list").replaceChildren(...models.map(modelRow));
+  } catch (e) {
+    $("models-summary").textContent = "The model list did not load.";
+    $("models-list").replaceChildren();
+    showError(e, "upload-error");
+  }
+}
+
+function modelRow(m) {
+  const remove = el("button", { type: "button", class: "secondary", text: "Delete",
+                                "data-testid": "model-delete", "aria-label": `delete ${m.id}` });
+  remove.addEventListener("click", () => removeModel(m.id, remove));
+  const p = m.progress || {};
+  const state = m.state + (!FINAL.has(m.state) && p.total ? ` (${p.done || 0}/${p.total})` : "");
+  const stateCell = el("td", { class: `state-${m.state}`, "data-testid": "model-state", text: state });
+  if (m.state === "failed") stateCell.title = modelError(m);
+  return el("tr", { "data-model": m.id, "data-testid": "model-row" },
+            el("td", {}, el("code", { text: m.id })), el("td", { text: m.arch || "" }),
+            el("td", { text: (m.classes || []).join(", ") }),
+            el("td", { class: "num", text: m.params != null ? m.params.toLocaleString("en") : "–" }),
+            el("td", { "data-testid": "model-owner", text: m.owner || "the operator" }),
+            stateCell, el("td", {}, remove));
+}
+
+async function removeModel(id, button) {
+  if (!window.confirm(`Remove ${id}, its fragments and the packs built on them?`)) return;
+  clearBox("upload-error");
+  button.disabled = true;
+  try {
+    const out = await api(`/v1/models/${encodeURIComponent(id)}`, { method: "DELETE" });
+    const r = out.retired || {};
+    const packs = Array.isArray(r.packs) ? r.packs.length : (r.packs || 0);
+    $("upload-status").textContent =
+      `Removed ${out.removed} with ${r.fragments || 0} fragments and ${packs} packs.`;
+    loadCatalogue();
+  } catch (e) {
+    showError(e, "upload-error");
+  } finally {
+    loadModels();
+  }
+}
+
 // ------------------------------------------------------------------ wiring
 function wire() {
   $("token-form").addEventListener("submit", saveToken);
@@ -329,6 +493,10 @@ function wire() {
     updateCounts();
   });
   $("pack-button").addEventListener("click", pack);
+  $("tab-requester").addEventListener("click", () => { location.hash = ""; showTab("requester"); });
+  $("tab-developer").addEventListener("click", () => { location.hash = "develop"; showTab("developer"); });
+  $("upload-form").addEventListener("submit", upload);
+  $("models-refresh").addEventListener("click", loadModels);
   $("image-input").addEventListener("change", (e) => {
     predictFiles(e.target.files);
     e.target.value = "";
@@ -354,4 +522,5 @@ document.addEventListener("DOMContentLoaded", () => {
   showToken();
   updateCounts();
   loadCatalogue();
+  if (location.hash === "#develop") showTab("developer");
 });
