@@ -119,11 +119,11 @@ def probes(url: str, k: int, rounds: int) -> list[dict]:
             blob = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n"
         r, s = timed(lambda: requests.post(f"{url}/v1/packs/{pid}/predict",
                                            files=[("images", ("x", blob, "image/x"))], timeout=60))
-        row(f"a {fmt} image", 400, r.status_code, s, r.json().get("error", "")[:80])
+        row(f"an {fmt} image", 400, r.status_code, s, r.json().get("error", "")[:80])
     # 6. top-<m> spellings and a long class list
     r, s = timed(lambda: requests.post(f"{url}/v1/packs", json={"classes": classes[:3], "k": k,
                                                                 "plan": "top-99999"}, timeout=600))
-    row("plan top-99999 (is 'all')", 200, r.status_code, s, f"plan {r.json().get('plan', {}).get('policy')}")
+    row("plan top-99999 (one spelling: all)", 200, r.status_code, s, f"pack {r.json().get('id')}")
     r, s = timed(lambda: requests.post(f"{url}/v1/packs", json={"classes": classes * 20, "k": k},
                                        timeout=60))
     row(f"{len(classes) * 20} classes in one request", 400, r.status_code, s,
