@@ -53,7 +53,8 @@ def _image() -> dict:
 #: every API route, with a request that gets past the token check (and fails later, cheaply)
 ROUTES = [("get", "/v1/classes", {}), ("post", "/v1/packs", {"json": {"classes": []}}),
           ("get", f"/v1/packs/{NO_PACK}", {}), ("get", f"/v1/packs/{NO_PACK}/spec.json", {}),
-          ("post", f"/v1/packs/{NO_PACK}/predict", {"json": {"images": []}})]
+          ("post", f"/v1/packs/{NO_PACK}/predict", {"json": {"images": []}}),
+          ("get", "/openapi.json", {}), ("get", "/v1/models", {})]
 
 
 # ---------------------------------------------------------------- tokens and roles
@@ -74,6 +75,8 @@ def test_once_a_token_exists_every_api_route_needs_a_valid_one(market):
             assert r.status_code in (200, 400, 404), (path, r.status_code, r.text)
         for path in ("/", "/static/app.js", "/static/style.css", "/v1/health", "/-/healthz"):
             assert c.get(path).status_code == 200, path
+        assert "/v1/packs" in c.get("/openapi.json", headers=_auth(token)).json()["paths"]
+        assert c.get("/docs").status_code == 404
         Accounts(market / "accounts.sqlite").revoke("alice")
         r = c.get("/v1/classes", headers=_auth(token))
         assert r.status_code == 401 and "revoked" in r.json()["error"]
@@ -86,7 +89,7 @@ def test_a_role_may_only_do_its_own_work(market):
         tokens = {role: _token(market, role, role) for role in ("developer", "requester", "admin")}
         for role, token in tokens.items():
             assert c.get("/v1/classes", headers=_auth(token)).status_code == 200, role
-            for method, path, kwargs in ROUTES[1:]:
+            for method, path, kwargs in ROUTES[1:5]:     # the requester's routes
                 r = getattr(c, method)(path, headers=_auth(token), **kwargs)
                 if role == "developer":
                     assert r.status_code == 403, (path, r.text)

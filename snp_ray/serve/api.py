@@ -186,8 +186,10 @@ class BodyLimit:
 
 def create_api(service: MarketService, predict: Predict) -> FastAPI:
     cfg = service.cfg
+    # the API description is a route like the others (a token once tokens exist); no Swagger
+    # page, which would fetch it without one
     app = FastAPI(title="snp_ray market", summary="Slice-and-Pack: a model for your classes, now",
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate.for_service(cfg)                 # refuses an unprotected non-loopback host
     quotas = Quotas(gate.accounts)
     hide = hidden_roots(cfg)
@@ -206,6 +208,10 @@ def create_api(service: MarketService, predict: Predict) -> FastAPI:
         async def principal(request: Request) -> Principal:
             return gate.who(request.headers.get("authorization")).require(action)
         return Depends(principal)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_: Principal = allow("catalogue")) -> dict[str, Any]:
+        return app.openapi()
 
     @app.exception_handler(SnpError)
     async def refused(_: Request, e: SnpError):
