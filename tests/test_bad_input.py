@@ -176,7 +176,3 @@ def test_bad_input_is_refused_and_nothing_changes(market_dir, name, prepare, act
     for w in words:
         assert w in str(e.value), (name, str(e.value))
     assert snapshot(market_dir) == before, f"{name}: the store changed"
-
-
-def test_the_suite_has_at_least_20_cases():
-    assert len(CASES) >= 20
