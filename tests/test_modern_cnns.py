@@ -18,7 +18,7 @@ from snp_ray.data.specs import ImageSpec
 from snp_ray.errors import ConfigError, UnsupportedLayerError
 from snp_ray.models import Classifier, count_params, split_classifier
 from snp_ray.slicing import Slicer, slice_preset
-from snp_ray.slicing.graph import trace
+from snp_ray.slicing.graph import OP_RULES, OpRule, register_op_rule, trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ONE = dict(pool_epochs=1, adapt_epochs=1, combine_epochs=1, mode="rate", beta=0.5)
@@ -278,6 +278,36 @@ def test_channel_shuffle_is_refused_before_training():
     spec, fs = _fewshot()
     with pytest.raises(UnsupportedLayerError, match="view at block"):
         trace(_block_model(Shuffle(), 8, 8).features, spec.encode(fs.raw[:2]))
+
+
+def test_a_new_op_is_one_registered_rule():
+    """The op-rule registry is the extension point: torch.abs is refused until a rule for it is
+    registered, then traced (and sliced) like any pass-through op, and refused again once removed."""
+    class Abs(nn.Module):
+        def forward(self, x):
+            return torch.abs(x)
+
+    class EachUnitAlone(OpRule):
+        functions = (torch.abs,)
+
+        def layout(self, node, ins, tracing):
+            return ins[0]
+
+    spec, fs = _fewshot()
+    model = _block_model(Abs(), 8, 8)
+    x = spec.encode(fs.raw[:2])
+    with pytest.raises(UnsupportedLayerError, match="call_function abs at block"):
+        trace(model.features, x)
+    remove = register_op_rule(EachUnitAlone())
+    try:
+        graph = trace(model.features, x)
+        assert len(graph.groups) == 2      # the stem's and the block conv's units, through abs
+        _check_slice(model, spec, fs)
+    finally:
+        remove()
+    assert torch.abs not in OP_RULES
+    with pytest.raises(UnsupportedLayerError, match="call_function abs at block"):
+        trace(model.features, x)
 
 
 def test_split_classifier_needs_one_final_linear():

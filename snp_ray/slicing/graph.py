@@ -6,7 +6,9 @@ occupies (1, or H*W after flattening a channel map: ``Layout.inner``). Producers
 embedding) open a new space; channel-wise ops (BN, activations, pooling, dropout) pass the layout
 through; an element-wise add merges the spaces of its operands (a residual join: one coupled
 group, one kept set); a concat along the unit dim lays spaces side by side. Spaces merged by
-adds form the slicing groups.
+adds form the slicing groups. Modules find their part through a typed ``Handler``
+(``handlers.handler_for``); functional and method ops through a typed ``OpRule`` looked up by
+target in ``OP_RULES``, so following a new op is one ``register_op_rule``, not a longer ``trace``.
 
 Nothing here knows what a VGG or a ResNet is: the groups fall out of the traced data flow.
 """
@@ -16,6 +18,7 @@ import copy
 import math
 import operator
 import threading
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -156,25 +159,6 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-F = nn.functional
-#: functions that act on each unit alone (first argument = the tensor)
-_PASS_FUNCS = {torch.relu, F.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout1d, F.dropout2d,
-               F.gelu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.mish,
-               F.hardtanh, F.softplus, F.leaky_relu, F.sigmoid, F.tanh, torch.relu_, F.relu_,
-               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
-               F.adaptive_max_pool2d, F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d}
-try:   # per-sample (row) dropping: acts on whole rows, never across units
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-    _PASS_FUNCS.add(_stochastic_depth)
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
-_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-_MUL_FUNCS = {operator.mul, torch.mul, operator.imul}
-_PASS_METHODS = {"relu", "relu_", "contiguous", "float", "sigmoid", "sigmoid_", "tanh", "clone"}
-_REDUCE_METHODS = {"amax", "max", "mean", "sum"}
-_REDUCE_FUNCS = {torch.amax, torch.mean, torch.sum}
-
-
 def _shape(node: fx.Node) -> tuple[int, ...]:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
@@ -182,33 +166,43 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(meta.shape)
 
 
-def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
-    """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
-    try:
-        gm = symbolic_trace(features)
-    except Exception as e:  # fx raises many types for untraceable code
-        raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
-    ShapeProp(gm).propagate(example)
-    modules = dict(gm.named_modules())
-    layouts: dict[fx.Node, Layout] = {}
-    uf = _UnionFind()
-    sizes: dict[int, int] = {}
-    producers: dict[int, list[tuple[str, int]]] = {}
-    members: list[tuple[str, int, int]] = []          # channel-wise modules with params: (name, sid, off)
-    consumers: list[tuple[str, fx.Node]] = []
-    first_seen: dict[int, int] = {}
-    out_node: fx.Node | None = None
-    called: set[str] = set()                          # modules with weights already called once
-    recurrent: set[fx.Node] = set()
-    sequences: list[fx.Node] = []                     # a recurrent layer's per-step output
-    fixed: dict[int, str] = {}                        # space -> why all its units must be kept
-    extra: dict[str, Handler] = {}                    # bare parameters hosted by their owner
-    params = dict(gm.named_parameters()) | dict(gm.named_buffers())
+def _arg0(node: fx.Node) -> fx.Node:
+    """The op's first node argument: the tensor it acts on."""
+    return next(a for a in node.args if isinstance(a, fx.Node))
 
-    def member_param(node: fx.Node, p: fx.Node, lay: Layout) -> None:
+
+class _Tracing:
+    """One trace in progress: each node's layout so far, the unit spaces opened and the
+    union-find that couples them. Op rules read it and, to couple units, ``join``."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.modules = dict(gm.named_modules())
+        self.params = dict(gm.named_parameters()) | dict(gm.named_buffers())
+        self.layouts: dict[fx.Node, Layout] = {}
+        self.uf = _UnionFind()
+        self.sizes: dict[int, int] = {}
+        self.producers: dict[int, list[tuple[str, int]]] = {}
+        self.members: list[tuple[str, int, int]] = []   # channel-wise modules with params: (name, sid, off)
+        self.consumers: list[tuple[str, fx.Node]] = []
+        self.first_seen: dict[int, int] = {}
+        self.called: set[str] = set()                   # modules with weights already called once
+        self.recurrent: set[fx.Node] = set()
+        self.sequences: list[fx.Node] = []              # a recurrent layer's per-step output
+        self.fixed: dict[int, str] = {}                 # space -> why all its units must be kept
+        self.extra: dict[str, Handler] = {}             # bare parameters hosted by their owner
+
+    def new_space(self, node: fx.Node, name: str, size: int, pos: int) -> int:
+        sid = len(self.sizes)
+        self.uf.add(sid)
+        self.sizes[sid] = size
+        self.producers[sid] = [(name, 0)]
+        self.first_seen[sid] = pos
+        return sid
+
+    def member_param(self, node: fx.Node, p: fx.Node, lay: Layout) -> None:
         """A bare parameter combined element-wise with a unit tensor: if it has one entry per
         unit it rides on the units (like a BN affine); if it broadcasts over them it is inert."""
-        t = params.get(p.target)
+        t = self.params.get(p.target)
         if t is None:
             raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
                                         f"combines units with the untraced tensor {p.name}")
@@ -225,18 +219,18 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
                                         f"parameter {p.target} does not line up with the units")
         owner, _, attr = p.target.rpartition(".")
-        if owner in extra or (owner in modules and handler_for(modules[owner]) is not None):
+        if owner in self.extra or (owner in self.modules and handler_for(self.modules[owner]) is not None):
             raise UnsupportedLayerError(f"parameter {p.target}", _path(node), "a module hosting "
                                         "more than one per-unit parameter is not supported")
-        extra[owner] = ParamHandler(attr, d)
+        self.extra[owner] = ParamHandler(attr, d)
         for sid, off, _ in lay.with_offsets():
-            members.append((owner, sid, off))
+            self.members.append((owner, sid, off))
 
-    def elementwise(node: fx.Node, kind: str) -> None:
+    def join(self, node: fx.Node, kind: str) -> Layout:
         """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
         rides on the units; constants and tensors broadcast over the units are inert."""
         ops = [a for a in node.args if isinstance(a, fx.Node)]
-        lays = [layouts.get(a) for a in ops]
+        lays = [self.layouts.get(a) for a in ops]
         traced = [lay for lay in lays if lay is not None]
         a = traced[0]
         for b in traced[1:]:
@@ -245,44 +239,267 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 raise UnsupportedLayerError(f"{kind}", _path(node),
                                             f"{node.name} {kind}s tensors whose units do not line up")
             for (sa, _), (sb, _) in zip(a.segments, b.segments):
-                uf.union(sa, sb)
+                self.uf.union(sa, sb)
         for op, lay in zip(ops, lays):
             if lay is not None:
                 continue
             if op.op == "get_attr":
-                member_param(node, op, a)
+                self.member_param(node, op, a)
                 continue
             shape = _shape(op) if hasattr(op.meta.get("tensor_meta"), "shape") else ()
             d = a.dim - (len(_shape(node)) - len(shape))
             if d >= 0 and shape[d] != 1:
                 raise UnsupportedLayerError(f"{kind}", _path(node), f"{node.name} combines units "
                                             f"with {op.name}, which carries no traced units")
-        layouts[node] = a
+        return a
 
-    def new_space(node: fx.Node, name: str, size: int, pos: int) -> int:
-        sid = len(sizes)
-        uf.add(sid)
-        sizes[sid] = size
-        producers[sid] = [(name, 0)]
-        first_seen[sid] = pos
-        return sid
 
+class OpRule:
+    """How units flow through a functional or method op (``torch.cat``, ``x.permute``...): the
+    function-side twin of a module's ``Handler``. ``trace`` finds a node's rule by its target in
+    ``OP_RULES``, so following a new op is one rule given to ``register_op_rule``."""
+
+    #: call_function targets (the function objects) and call_method names the rule handles
+    functions: tuple[Callable, ...] = ()
+    methods: tuple[str, ...] = ()
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The tensors whose units flow in: by default the node's positional node arguments."""
+        return [a for a in node.args if isinstance(a, fx.Node)]
+
+    def layout(self, node: fx.Node, ins: list[Layout | None], tracing: _Tracing) -> Layout | None:
+        """The output's layout (None: it carries no units), or raise ``UnsupportedLayerError``.
+        Called only when some input carries units; ``ins`` = the layouts of ``inputs(node)``
+        (None where a tensor has none); ``tracing`` = the trace in progress."""
+        raise NotImplementedError
+
+
+#: call_function target (a function object) or call_method name -> the rule that follows it
+OP_RULES: dict[Callable | str, OpRule] = {}
+
+
+def register_op_rule(rule: OpRule) -> Callable[[], None]:
+    """Route every target of ``rule`` to it (per process: register at import time so that worker
+    processes see it too); returns a function that restores what it replaced."""
+    keys = (*rule.functions, *rule.methods)
+    before = {k: OP_RULES.get(k) for k in keys}
+    OP_RULES.update(dict.fromkeys(keys, rule))
+
+    def remove() -> None:
+        for k, old in before.items():
+            if OP_RULES.get(k) is rule:
+                if old is None:
+                    del OP_RULES[k]
+                else:
+                    OP_RULES[k] = old
+    return remove
+
+
+def _rule_for(node: fx.Node) -> OpRule | None:
+    try:
+        return OP_RULES.get(node.target)
+    except TypeError:          # an unhashable callable: no rule can name it
+        return None
+
+
+def _refusal(node: fx.Node) -> UnsupportedLayerError:
+    """The refusal of an op that no rule follows (or follows only in other forms)."""
+    return UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                 f"the slicer cannot follow units through it ({node.name}); "
+                                 "e.g. a reshape, split or channel shuffle of the unit dim")
+
+
+class _Cat(OpRule):
+    """A concat along the unit dim lays the operands' spaces side by side."""
+
+    functions = (torch.cat,)
+
+    def inputs(self, node):
+        return node.args[0]
+
+    def layout(self, node, ins, tracing):
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        if any(lay is None for lay in ins):
+            raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
+                                        "and untraced tensors")
+        dim = dim % len(_shape(node))
+        if not all(lay.dim == dim for lay in ins):
+            raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
+                                        "non-unit dim")
+        if len({lay.inner for lay in ins}) > 1:
+            raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates "
+                                        "unit maps flattened from different sizes "
+                                        f"({sorted({lay.inner for lay in ins})} positions "
+                                        "per unit)")
+        return Layout(dim, [s for lay in ins for s in lay.segments], ins[0].inner)
+
+
+class _Shape(OpRule):
+    """``x.size()``, ``x.shape``: shapes are not tensors with units."""
+
+    functions, methods = (getattr,), ("size",)
+
+    def layout(self, node, ins, tracing):
+        return None
+
+
+class _GetItem(OpRule):
+    """An integer index drops a tensor's first dim, or picks one element of a module's tuple
+    output (a recurrent layer's element 0 is its per-step output, scored on its own)."""
+
+    functions = (operator.getitem,)
+
+    def layout(self, node, ins, tracing):
+        if not isinstance(node.args[1], int):
+            raise _refusal(node)
+        src = _arg0(node)
+        if hasattr(src.meta.get("tensor_meta"), "shape"):
+            if ins[0].dim == 0:
+                raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
+                                            "index on the unit dim of the output "
+                                            f"of {_source(src)}")
+            return ins[0].at(ins[0].dim - 1)
+        if src in tracing.recurrent and node.args[1] == 0:
+            tracing.sequences.append(node)
+        return ins[0]
+
+
+class _Gather(OpRule):
+    """Gathering along another dim keeps every unit whole."""
+
+    methods = ("gather",)
+
+    def layout(self, node, ins, tracing):
+        if node.args[1] % len(_shape(_arg0(node))) == ins[0].dim:
+            raise UnsupportedLayerError("gather", _path(node), f"{node.name} gathers along the unit dim")
+        return ins[0]
+
+
+class _Squeeze(OpRule):
+    """Squeezing another dim only renumbers the unit dim."""
+
+    methods = ("squeeze",)
+
+    def layout(self, node, ins, tracing):
+        d = node.args[1] % len(_shape(_arg0(node)))
+        lay = ins[0]
+        if d == lay.dim:
+            raise UnsupportedLayerError("squeeze", _path(node), f"{node.name} squeezes the unit dim")
+        return lay.at(lay.dim - (1 if d < lay.dim else 0))
+
+
+class _Join(OpRule):
+    """add / mul: operands with units become one group (``_Tracing.join``)."""
+
+    def __init__(self, kind: str, functions: tuple, methods: tuple[str, ...]):
+        self.kind, self.functions, self.methods = kind, functions, methods
+
+    def layout(self, node, ins, tracing):
+        return tracing.join(node, self.kind)
+
+
+class _Flatten(OpRule):
+    """Flattening from the unit dim on keeps units contiguous (``_flatten``)."""
+
+    functions, methods = (torch.flatten,), ("flatten",)
+
+    def layout(self, node, ins, tracing):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return _flatten(node, _arg0(node), ins[0], start, end)
+
+
+class _Permute(OpRule):
+    """Permuting dims moves the unit dim, never mixes units."""
+
+    functions, methods = (torch.permute,), ("permute",)
+
+    def layout(self, node, ins, tracing):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
+            else node.args[1:]
+        dims = node.kwargs.get("dims", dims)
+        ndim = len(_shape(_arg0(node)))
+        return ins[0].at([d % ndim for d in dims].index(ins[0].dim))
+
+
+class _Transpose(OpRule):
+    """Swapping two dims moves the unit dim if it is one of them."""
+
+    functions, methods = (torch.transpose,), ("transpose",)
+
+    def layout(self, node, ins, tracing):
+        d0, d1 = (x % len(_shape(_arg0(node))) for x in node.args[1:3])
+        lay = ins[0]
+        return lay.at(d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim)
+
+
+class _Pass(OpRule):
+    """Ops that act on each unit alone (first argument = the tensor): the layout passes."""
+
+    def __init__(self, functions: tuple, methods: tuple[str, ...]):
+        self.functions, self.methods = functions, methods
+
+    def layout(self, node, ins, tracing):
+        return ins[0]
+
+
+class _Reduce(OpRule):
+    """Reductions over non-unit dims (``_reduce``)."""
+
+    def __init__(self, functions: tuple, methods: tuple[str, ...]):
+        self.functions, self.methods = functions, methods
+
+    def layout(self, node, ins, tracing):
+        return _reduce(node, _arg0(node), ins[0])
+
+
+F = nn.functional
+_PASS_FUNCS = (torch.relu, F.relu, torch.sigmoid, torch.tanh, F.dropout, F.dropout1d, F.dropout2d,
+               F.gelu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.mish,
+               F.hardtanh, F.softplus, F.leaky_relu, F.sigmoid, F.tanh, torch.relu_, F.relu_,
+               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d,
+               F.adaptive_max_pool2d, F.avg_pool1d, F.avg_pool2d, F.max_pool1d, F.max_pool2d)
+try:   # per-sample (row) dropping: acts on whole rows, never across units
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+    _PASS_FUNCS += (_stochastic_depth,)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+for _rule in (_Cat(), _Shape(), _GetItem(), _Gather(), _Squeeze(), _Flatten(), _Permute(),
+              _Transpose(),
+              _Join("add", (operator.add, torch.add, operator.iadd), ("add", "add_")),
+              _Join("multiply", (operator.mul, torch.mul, operator.imul), ("mul", "mul_")),
+              _Pass(_PASS_FUNCS, ("relu", "relu_", "contiguous", "float", "sigmoid", "sigmoid_",
+                                  "tanh", "clone")),
+              _Reduce((torch.amax, torch.mean, torch.sum), ("amax", "max", "mean", "sum"))):
+    register_op_rule(_rule)
+del _rule
+
+
+def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
+    """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
+    try:
+        gm = symbolic_trace(features)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
+    ShapeProp(gm).propagate(example)
+    st = _Tracing(gm)
+    out_node: fx.Node | None = None
     for pos, node in enumerate(gm.graph.nodes):
         args = [a for a in node.args if isinstance(a, fx.Node)]
-        lay_in = layouts.get(args[0]) if args else None
+        lay_in = st.layouts.get(args[0]) if args else None
         if node.op == "placeholder" or node.op == "get_attr":
             continue
         if node.op == "output":
             out_node = node.args[0]
             continue
         if node.op == "call_module":
-            mod = modules[node.target]
+            mod = st.modules[node.target]
             h = handler_for(mod)
             if any(True for _ in mod.parameters(recurse=False)) or h is not None:
-                if node.target in called:   # one module, two layers: one set of kept units cannot serve both
+                if node.target in st.called:   # one module, two layers: one set of kept units cannot serve both
                     raise ConfigError(f"module {node.target} ({type(mod).__name__}) is called more than "
                                       "once (shared weights); the slicer needs one call per layer")
-                called.add(node.target)
+                st.called.add(node.target)
             if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not is_depthwise(mod):
                 raise UnsupportedLayerError(
                     f"grouped {type(mod).__name__} (groups={mod.groups}, {mod.in_channels}->"
@@ -294,19 +511,19 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     if lay_in.dim != expected:
                         raise UnsupportedLayerError(type(mod).__name__, node.target,
                                                     "units are not on its input channel dim")
-                    consumers.append((node.target, args[0]))
+                    st.consumers.append((node.target, args[0]))
                 if h.recurrent:   # (output sequence, final state): units on the last dim of both
                     out_dim, size = 2, mod.hidden_size
-                    recurrent.add(node)
+                    st.recurrent.add(node)
                 else:
                     out_dim = len(_shape(node)) - 1 if isinstance(mod, nn.Linear) else 1
                     size = _shape(node)[out_dim]
-                sid = new_space(node, node.target, size, pos)
-                layouts[node] = Layout(out_dim, [(sid, sizes[sid])])
+                sid = st.new_space(node, node.target, size, pos)
+                st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])])
             elif h is not None and h.produces(mod) and not h.consumes(mod) and isinstance(mod, nn.Embedding):
                 out_dim = len(_shape(node)) - 1
-                sid = new_space(node, node.target, _shape(node)[out_dim], pos)
-                layouts[node] = Layout(out_dim, [(sid, sizes[sid])])
+                sid = st.new_space(node, node.target, _shape(node)[out_dim], pos)
+                st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])])
             elif h is not None and h.produces(mod):        # BN, depthwise conv, LayerNorm: ride on units
                 if lay_in is None:
                     raise UnsupportedLayerError(type(mod).__name__, node.target,
@@ -323,130 +540,60 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 if h.normalises:
                     _check_normalised(node, mod, args[0], lay_in)
                     for sid, _, _ in lay_in.with_offsets():
-                        fixed.setdefault(sid, f"normalised over its units by {node.target} "
+                        st.fixed.setdefault(sid, f"normalised over its units by {node.target} "
                                               f"({type(mod).__name__})")
                 for sid, off, _ in lay_in.with_offsets():
-                    members.append((node.target, sid, off))
-                layouts[node] = lay_in
+                    st.members.append((node.target, sid, off))
+                st.layouts[node] = lay_in
             elif isinstance(mod, CHANNELWISE):
                 if lay_in is not None:
-                    layouts[node] = lay_in
+                    st.layouts[node] = lay_in
             elif isinstance(mod, nn.Flatten):
                 if lay_in is not None:
-                    layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim, mod.end_dim)
+                    st.layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim, mod.end_dim)
             elif lay_in is not None or any(True for _ in mod.parameters()):
                 raise UnsupportedLayerError(type(mod).__name__, node.target,
                                             f"the slicer has no handler for {type(mod).__name__}; "
                                             "register one in snp_ray.slicing.handlers")
             continue
-        # call_function / call_method
-        target = node.target
-        if target is torch.cat:
-            tensors = node.args[0]
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-            lays = [layouts.get(t) for t in tensors]
-            if not any(lays):
-                continue
-            if any(lay is None for lay in lays):
-                raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
-                                            "and untraced tensors")
-            ndim = len(_shape(node))
-            dim = dim % ndim
-            if all(lay.dim == dim for lay in lays):
-                if len({lay.inner for lay in lays}) > 1:
-                    raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates "
-                                                "unit maps flattened from different sizes "
-                                                f"({sorted({lay.inner for lay in lays})} positions "
-                                                "per unit)")
-                layouts[node] = Layout(dim, [s for lay in lays for s in lay.segments], lays[0].inner)
-            else:
-                raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
-                                            "non-unit dim")
-            continue
-        ins = [layouts.get(a) for a in args]
+        # call_function / call_method: the op's rule says where its units go
+        rule = _rule_for(node)
+        ins = [st.layouts.get(a) for a in (rule.inputs(node) if rule else args)]
         if not any(ins):
-            continue
-        if target is getattr or (node.op == "call_method" and target == "size"):
-            continue                                   # shapes are not tensors with units
-        if target is operator.getitem and isinstance(node.args[1], int):
-            if hasattr(args[0].meta.get("tensor_meta"), "shape"):   # a tensor: drops its first dim
-                if ins[0].dim == 0:
-                    raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
-                                                "index on the unit dim of the output "
-                                      f"of {_source(args[0])}")
-                layouts[node] = ins[0].at(ins[0].dim - 1)
-            else:                                      # an element of a module's tuple output
-                layouts[node] = ins[0]
-                if args[0] in recurrent and node.args[1] == 0:
-                    sequences.append(node)
-            continue
-        if node.op == "call_method" and target == "gather":
-            if node.args[1] % len(_shape(args[0])) == ins[0].dim:
-                raise UnsupportedLayerError("gather", _path(node), f"{node.name} gathers along the unit dim")
-            layouts[node] = ins[0]
-            continue
-        if node.op == "call_method" and target == "squeeze":
-            d = node.args[1] % len(_shape(args[0]))
-            lay = ins[0]
-            if d == lay.dim:
-                raise UnsupportedLayerError("squeeze", _path(node), f"{node.name} squeezes the unit dim")
-            layouts[node] = lay.at(lay.dim - (1 if d < lay.dim else 0))
-            continue
-        if target in _ADD_FUNCS or (node.op == "call_method" and target in ("add", "add_")):
-            elementwise(node, "add")
-        elif target in _MUL_FUNCS or (node.op == "call_method" and target in ("mul", "mul_")):
-            elementwise(node, "multiply")
-        elif target is torch.flatten or (node.op == "call_method" and target == "flatten"):
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            layouts[node] = _flatten(node, args[0], ins[0], start, end)
-        elif target is torch.permute or (node.op == "call_method" and target == "permute"):
-            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) \
-                else node.args[1:]
-            dims = node.kwargs.get("dims", dims)
-            ndim = len(_shape(args[0]))
-            layouts[node] = ins[0].at([d % ndim for d in dims].index(ins[0].dim))
-        elif target in _PASS_FUNCS or (node.op == "call_method" and target in _PASS_METHODS):
-            layouts[node] = ins[0]
-        elif (node.op == "call_method" and target in _REDUCE_METHODS) or target in _REDUCE_FUNCS:
-            layouts[node] = _reduce(node, args[0], ins[0])
-        elif (node.op == "call_method" and target == "transpose") or target is torch.transpose:
-            d0, d1 = (x % len(_shape(args[0])) for x in node.args[1:3])
-            lay = ins[0]
-            dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
-            layouts[node] = lay.at(dim)
-        else:
-            raise UnsupportedLayerError(f"{node.op} {_name(target)}", _path(node),
-                                        f"the slicer cannot follow units through it ({node.name}); "
-                                        "e.g. a reshape, split or channel shuffle of the unit dim")
-    if out_node is None or out_node not in layouts:
+            continue                                   # no units flow through it
+        if rule is None:
+            raise _refusal(node)
+        lay = rule.layout(node, ins, st)
+        if lay is not None:
+            st.layouts[node] = lay
+    if out_node is None or out_node not in st.layouts:
         raise ConfigError("the feature extractor's output carries no traced units")
 
     # groups = union-find roots
-    roots = sorted({uf.find(s) for s in sizes}, key=lambda r: min(first_seen[s] for s in sizes if uf.find(s) == r))
+    roots = sorted({st.uf.find(s) for s in st.sizes}, key=lambda r: min(st.first_seen[s] for s in st.sizes if st.uf.find(s) == r))
     gid_of = {r: i for i, r in enumerate(roots)}
-    groups = [Group(id=i, size=sizes[r]) for i, r in enumerate(roots)]
-    for sid in sizes:
-        g = groups[gid_of[uf.find(sid)]]
-        if sizes[sid] != g.size:
+    groups = [Group(id=i, size=st.sizes[r]) for i, r in enumerate(roots)]
+    for sid in st.sizes:
+        g = groups[gid_of[st.uf.find(sid)]]
+        if st.sizes[sid] != g.size:
             raise ConfigError("coupled unit spaces of different sizes")
-        g.producers += producers[sid]
-        g.order = min(g.order or first_seen[sid], first_seen[sid])
-    for name, sid, off in members:
-        groups[gid_of[uf.find(sid)]].producers.append((name, off))
-    for sid, why in fixed.items():
-        g = groups[gid_of[uf.find(sid)]]
+        g.producers += st.producers[sid]
+        g.order = min(g.order or st.first_seen[sid], st.first_seen[sid])
+    for name, sid, off in st.members:
+        groups[gid_of[st.uf.find(sid)]].producers.append((name, off))
+    for sid, why in st.fixed.items():
+        g = groups[gid_of[st.uf.find(sid)]]
         g.fixed = g.fixed or why
 
     def gid(sid: int) -> int:
-        return gid_of[uf.find(sid)]
+        return gid_of[st.uf.find(sid)]
 
     # one gate after every tensor a consumer reads, and one on the output
     gated: dict[fx.Node, str] = {}
     gate_layouts: dict[str, list[Segment]] = {}
     consumer_inner: dict[str, int] = {}
-    for cname, node in consumers:
-        lay = layouts[node]
+    for cname, node in st.consumers:
+        lay = st.layouts[node]
         if lay.inner != 1:
             consumer_inner[cname] = lay.inner
         if node not in gated:
@@ -454,7 +601,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
         for s, off, _ in lay.with_offsets():
             groups[gid(s)].consumers.append((cname, off))
-    out_lay = layouts[out_node]
+    out_lay = st.layouts[out_node]
     output_layout = [(gid(s), off, size) for s, off, size in out_lay.with_offsets()]
     gated.setdefault(out_node, f"gate{len(gated)}")
     gate_layouts[gated[out_node]] = output_layout
@@ -464,23 +611,23 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     # the state its consumers read: a score-only gate there, and the other gates stop scoring it
     scored_at: dict[int, str] = {}
     score_only: dict[fx.Node, str] = {}
-    for node in sequences:
+    for node in st.sequences:
         gname = f"score{len(score_only)}"
         score_only[node] = gname
-        gate_layouts[gname] = [(gid(s), off, size) for s, off, size in layouts[node].with_offsets()]
+        gate_layouts[gname] = [(gid(s), off, size) for s, off, size in st.layouts[node].with_offsets()]
         scored_at.update((g, gname) for g, _, _ in gate_layouts[gname])
     for node, gname in list(gated.items()) + list(score_only.items()):
         for g, off, _ in gate_layouts[gname]:
             groups[g].gates.append((gname, off))
         scores = {g for g, _, _ in gate_layouts[gname] if scored_at.get(g, gname) == gname}
-        gm.add_submodule(gname, Gate(gname, layouts[node].dim, gate_layouts[gname], scores,
-                                     repairs=node not in score_only, inner=layouts[node].inner))
+        gm.add_submodule(gname, Gate(gname, st.layouts[node].dim, gate_layouts[gname], scores,
+                                     repairs=node not in score_only, inner=st.layouts[node].inner))
         with gm.graph.inserting_after(node):
             gate_node = gm.graph.call_module(gname, (node,))
         node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
     gm.graph.lint()
     gm.recompile()
-    return SliceGraph(gm, groups, gate_layouts, output_layout, extra, consumer_inner, out_lay.inner)
+    return SliceGraph(gm, groups, gate_layouts, output_layout, st.extra, consumer_inner, out_lay.inner)
 
 
 def _name(target) -> str:
