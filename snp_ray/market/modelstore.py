@@ -17,6 +17,7 @@ of a stored model (same weights) gives new keys and never serves a fragment cut 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -70,11 +71,13 @@ class ModelSpec(Config):
         """The architecture as ``snp market add --arch`` takes it (zoo models with their width)."""
         return self.arch if ":" in self.arch else f"snp:{self.arch}?width={self.width:g}"
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         """sha256 of what decides this model's fragments (see the module docstring). The
         few-shot source is the developer's upload (its sha256) or seed for an added model; a
-        trained market's models draw theirs from the slicing seed, which fragment keys carry."""
+        trained market's models draw theirs from the slicing seed, which fragment keys carry.
+        Computed once per spec: the catalogue compares it with every manifest row (specs are
+        never changed in place; ``replace`` makes a new one)."""
         fewshot = self.train.get("fewshot") if isinstance(self.train, dict) else None
         doc = {"id": self.id, "index": self.index, "arch": self.arch, "width": self.width,
                "dataset": self.dataset, "weights": self.weights_sha256,

@@ -356,34 +356,51 @@ PREDICT_FORMS = ("send images as multipart/form-data files, or JSON {\"images\":
                  "(image packs) or {\"texts\": [...]} (text packs)")
 
 
-def media_type(request: Request, forms: str) -> str:
-    """The body's media type: ``application/json`` or ``multipart/form-data``, the two a route
-    takes; anything else (or nothing) is a 415, so that a cross-site form cannot post here
-    without a CORS preflight (text/plain, urlencoded)."""
+def media_type(request: Request, forms: str,
+               takes: tuple[str, ...] = ("application/json", "multipart/form-data")) -> str:
+    """The body's media type, one of ``takes`` (by default the two a route takes); anything
+    else (or nothing) is a 415, so that a cross-site form cannot post here without a CORS
+    preflight (text/plain, urlencoded)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in ("application/json", "multipart/form-data"):
+    if ctype not in takes:
         raise UnsupportedMediaType(f"{forms}; got " + (f"content-type {ctype[:100]!r}" if ctype
                                                        else "no content-type"))
     return ctype
 
 
+async def form_parts(request: Request, forms: str, required: set[str],
+                     optional: set[str] = frozenset(), files: dict[str, str] | None = None
+                     ) -> dict[str, Any]:
+    """A multipart body's parts by name: each of ``required`` once, ``optional`` at most once,
+    nothing else (a DataError naming what is wrong); the parts in ``files`` (name -> what the
+    file is) must be file uploads."""
+    allowed = set(required) | set(optional)
+    form = await request.form(max_files=len(allowed), max_fields=len(allowed))
+    parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
+    unknown = sorted(set(parts) - allowed)
+    missing = sorted(set(required) - set(parts))
+    if unknown or missing or any(len(v) > 1 for v in parts.values()):
+        raise DataError(f"{forms}; got parts {[p[:40] for p in sorted(parts)][:10]}"
+                        + (f" (missing {missing})" if missing else "")
+                        + (f" (unknown {[u[:40] for u in unknown][:10]})" if unknown else ""))
+    for name, kind in (files or {}).items():
+        if name in parts and not hasattr(parts[name][0], "read"):
+            raise DataError(f"the {name!r} part must be a file upload ({kind}), "
+                            f"e.g. curl -F {name}=@FILE")
+    return {name: values[0] for name, values in parts.items()}
+
+
+async def json_part(part: Any, what: str) -> Any:
+    """A part holding JSON, sent as a field or as a file."""
+    return parse_json(await part.read() if hasattr(part, "read") else part.encode(), what)
+
+
 async def pack_request_parts(request: Request) -> tuple[Any, bytes | None]:
     """A pack request's JSON object and, for a multipart upload, the requester's Parquet file."""
     if media_type(request, PACK_REQUEST_FORMS) == "multipart/form-data":
-        form = await request.form(max_files=2, max_fields=2)
-        parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
-        unknown = sorted(set(parts) - {"request", "samples"})
-        missing = sorted({"request", "samples"} - set(parts))
-        if unknown or missing or any(len(v) > 1 for v in parts.values()):
-            raise DataError(f"{PACK_REQUEST_FORMS}; got parts {sorted(parts)}"
-                            + (f" (missing {missing})" if missing else "")
-                            + (f" (unknown {unknown})" if unknown else ""))
-        spec, samples = parts["request"][0], parts["samples"][0]
-        if not hasattr(samples, "read"):
-            raise DataError("the 'samples' part must be a file upload (a Parquet file), "
-                            "e.g. curl -F samples=@mine.parquet")
-        raw = await spec.read() if hasattr(spec, "read") else spec.encode()
-        return parse_json(raw, "the 'request' part"), await samples.read()
+        parts = await form_parts(request, PACK_REQUEST_FORMS, {"request", "samples"},
+                                 files={"samples": "a Parquet file"})
+        return await json_part(parts["request"], "the 'request' part"), await parts["samples"].read()
     return await json_body(request), None
 
 
@@ -395,26 +412,12 @@ UPLOAD_FORMS = ("send a model as multipart/form-data with a 'weights' part (a sa
 
 async def upload_parts(request: Request) -> tuple[UploadSpec, bytes, bytes | None]:
     """A model upload's spec, weights and optional few-shot file (multipart only: 415 else)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        raise UnsupportedMediaType(f"{UPLOAD_FORMS}; got " + (f"content-type {ctype[:100]!r}"
-                                                               if ctype else "no content-type"))
-    form = await request.form(max_files=3, max_fields=3)
-    parts = {name: [v for n, v in form.multi_items() if n == name] for name, _ in form.multi_items()}
-    unknown = sorted(set(parts) - {"weights", "spec", "fewshot"})
-    missing = sorted({"weights", "spec"} - set(parts))
-    if unknown or missing or any(len(v) > 1 for v in parts.values()):
-        raise DataError(f"{UPLOAD_FORMS}; got parts {[p[:40] for p in sorted(parts)][:10]}"
-                        + (f" (missing {missing})" if missing else "")
-                        + (f" (unknown {[u[:40] for u in unknown][:10]})" if unknown else ""))
-    for name in ("weights", "fewshot"):
-        if name in parts and not hasattr(parts[name][0], "read"):
-            raise DataError(f"the {name!r} part must be a file upload, e.g. curl -F {name}=@FILE")
-    raw = parts["spec"][0]
-    raw = await raw.read() if hasattr(raw, "read") else raw.encode()
-    spec = UploadSpec.parse(parse_json(raw, "the 'spec' part"))
-    weights = await parts["weights"][0].read()
-    fewshot = await parts["fewshot"][0].read() if "fewshot" in parts else None
+    media_type(request, UPLOAD_FORMS, takes=("multipart/form-data",))
+    parts = await form_parts(request, UPLOAD_FORMS, {"weights", "spec"}, {"fewshot"},
+                             files={"weights": "a safetensors file", "fewshot": "a Parquet file"})
+    spec = UploadSpec.parse(await json_part(parts["spec"], "the 'spec' part"))
+    weights = await parts["weights"].read()
+    fewshot = await parts["fewshot"].read() if "fewshot" in parts else None
     return spec, weights, fewshot
 
 
