@@ -14,6 +14,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from snp_ray.errors import ConfigError
+from snp_ray.models.attention import canonicalise
 from snp_ray.models.base import Classifier
 
 #: modules allowed between the head and the model's output (identities at inference)
@@ -26,8 +27,8 @@ def split_classifier(model: nn.Module, example: torch.Tensor) -> Classifier:
     ``nn.Linear``. A model whose output is not produced by one final Linear is a ConfigError."""
     from snp_ray.slicing.graph import symbolic_trace   # slicing imports models: import late
 
-    model = copy.deepcopy(model).eval()
     name = type(model).__name__
+    model = canonicalise(copy.deepcopy(model)).eval()   # attention in its sliceable form
     try:
         gm = symbolic_trace(model)
     except Exception as e:  # fx raises many types for untraceable code

@@ -87,6 +87,8 @@ def parse_ref(ref: str) -> ArchRef:
             raise ConfigError(f"architecture reference {ref!r}: options {extra} are not taken; "
                               f"an outside model takes {sorted(EXTERNAL_OPTIONS)} (its size is "
                               "the library's, so an upload cannot make the server allocate more)")
+    if "img_size" in kwargs or "patch_size" in kwargs:
+        _check_tokens(ref, kwargs)
     if source == "snp":
         if name not in ARCHS:
             raise UnknownNameError("architecture", name, list(ARCHS))
@@ -99,7 +101,24 @@ def parse_ref(ref: str) -> ArchRef:
 #: the only constructor options an outside reference may set: regularisation and width knobs
 #: that do not let a reference grow the model past its family (``embed_dim=65536&depth=200``)
 EXTERNAL_OPTIONS = frozenset({"width_mult", "dropout", "drop_rate", "drop_path_rate",
-                              "attention_dropout", "stochastic_depth_prob", "global_pool"})
+                              "attention_dropout", "stochastic_depth_prob", "global_pool",
+                              "img_size", "patch_size"})
+#: a ViT's input and patch sizes set its token count, and attention costs tokens squared: a
+#: reference may fit a ViT to small images (``img_size=32&patch_size=4``: 64 tokens) but not ask
+#: for more tokens than a 224-pixel ViT with 16-pixel patches has (196)
+MAX_TOKENS = 256
+
+
+def _check_tokens(ref: str, kwargs: dict[str, Any]) -> None:
+    img, patch = kwargs.get("img_size", 224), kwargs.get("patch_size", 16)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024
+               for v in (img, patch)):
+        raise ConfigError(f"architecture reference {ref!r}: img_size and patch_size must be "
+                          "integers in 1..1024")
+    if (img // patch) ** 2 > MAX_TOKENS:
+        raise ConfigError(f"architecture reference {ref!r}: {img}-pixel images in {patch}-pixel "
+                          f"patches make {(img // patch) ** 2} tokens, more than the "
+                          f"{MAX_TOKENS} a market takes")
 #: the most parameters an outside model may have; counted on the meta device, before any memory
 MAX_PARAMS = 200_000_000
 

@@ -190,6 +190,7 @@ class _Tracing:
         self.sequences: list[fx.Node] = []              # a recurrent layer's per-step output
         self.fixed: dict[int, str] = {}                 # space -> why all its units must be kept
         self.extra: dict[str, Handler] = {}             # bare parameters hosted by their owner
+        self.hosted: dict[str, list[int]] = {}          # owner -> the spaces its parameters ride on
 
     def new_space(self, node: fx.Node, name: str, size: int, pos: int) -> int:
         sid = len(self.sizes)
@@ -219,27 +220,50 @@ class _Tracing:
             raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
                                         f"parameter {p.target} does not line up with the units")
         owner, _, attr = p.target.rpartition(".")
-        if owner in self.extra or (owner in self.modules and handler_for(self.modules[owner]) is not None):
+        segments = [sid for sid, _ in lay.segments]
+        hosted = self.extra.get(owner)
+        if hosted is not None and hosted.out_dim == d and self.hosted[owner] == segments:
+            hosted.out_tensors += (attr,)      # a second parameter on the same units (ViT's
+            return                             # class token and position embedding)
+        if hosted is not None or (owner in self.modules and handler_for(self.modules[owner]) is not None):
             raise UnsupportedLayerError(f"parameter {p.target}", _path(node), "a module hosting "
-                                        "more than one per-unit parameter is not supported")
+                                        "per-unit parameters on different units is not supported")
         self.extra[owner] = ParamHandler(attr, d)
+        self.hosted[owner] = segments
         for sid, off, _ in lay.with_offsets():
             self.members.append((owner, sid, off))
+
+    def align(self, node: fx.Node, kind: str, lays: list[Layout]) -> Layout:
+        """Couple tensors unit by unit (one group per segment position); their units must line
+        up: same dim, same segment sizes, same positions per unit."""
+        a = lays[0]
+        for b in lays[1:]:
+            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim \
+                    or a.inner != b.inner:
+                raise UnsupportedLayerError(kind, _path(node),
+                                            f"{node.name} combines tensors whose units do not line up")
+            for (sa, _), (sb, _) in zip(a.segments, b.segments):
+                self.uf.union(sa, sb)
+        return a
+
+    def couple(self, node: fx.Node, inputs: list[fx.Node]) -> Layout:
+        """A module whose inputs carry the same units one to one (q, k and v of attention): the
+        inputs' spaces become one group, the module rides on it, its output carries it."""
+        lays = [self.layouts.get(a) for a in inputs]
+        if not lays or any(lay is None for lay in lays):
+            raise UnsupportedLayerError(_name(node.target), _path(node),
+                                        "an input carries no traced units")
+        a = self.align(node, _name(node.target), lays)
+        for sid, off, _ in a.with_offsets():
+            self.members.append((node.target, sid, off))
+        return a
 
     def join(self, node: fx.Node, kind: str) -> Layout:
         """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
         rides on the units; constants and tensors broadcast over the units are inert."""
         ops = [a for a in node.args if isinstance(a, fx.Node)]
         lays = [self.layouts.get(a) for a in ops]
-        traced = [lay for lay in lays if lay is not None]
-        a = traced[0]
-        for b in traced[1:]:
-            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim \
-                    or a.inner != b.inner:
-                raise UnsupportedLayerError(f"{kind}", _path(node),
-                                            f"{node.name} {kind}s tensors whose units do not line up")
-            for (sa, _), (sb, _) in zip(a.segments, b.segments):
-                self.uf.union(sa, sb)
+        a = self.align(node, kind, [lay for lay in lays if lay is not None])
         for op, lay in zip(ops, lays):
             if lay is not None:
                 continue
@@ -319,10 +343,13 @@ class _Cat(OpRule):
 
     def layout(self, node, ins, tracing):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = dim % len(_shape(node))
+        traced = [lay for lay in ins if lay is not None]
+        if all(lay.dim != dim for lay in traced):
+            return self.along_tokens(node, ins, tracing)
         if any(lay is None for lay in ins):
             raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
-                                        "and untraced tensors")
-        dim = dim % len(_shape(node))
+                                        "and untraced tensors along the unit dim")
         if not all(lay.dim == dim for lay in ins):
             raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
                                         "non-unit dim")
@@ -333,11 +360,37 @@ class _Cat(OpRule):
                                         "per unit)")
         return Layout(dim, [s for lay in ins for s in lay.segments], ins[0].inner)
 
+    def along_tokens(self, node, ins, tracing):
+        """Along another dim (tokens: ViT's class token before the patches) every operand has
+        the same units: traced ones are coupled, and an untraced one must be a parameter (seen
+        through ``expand``/``repeat``) with one entry per unit, which rides on them."""
+        lay = tracing.align(node, "cat", [lay for lay in ins if lay is not None])
+        for op, own in zip(self.inputs(node), ins):
+            if own is None:
+                param = _parameter_behind(op)
+                if param is None:
+                    raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates "
+                                                f"units with {op.name}, which is neither traced "
+                                                "nor a parameter")
+                tracing.member_param(node, param, lay)
+        return lay
+
+
+#: ops that only broadcast or copy a tensor: a parameter seen through them is still itself
+_BROADCASTS = {"expand", "expand_as", "repeat", "contiguous", "to", "type_as", "clone"}
+
+
+def _parameter_behind(node: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` node that ``node`` broadcasts (``cls_token.expand(B, -1, -1)``), if any."""
+    while node.op == "call_method" and node.target in _BROADCASTS:
+        node = _arg0(node)
+    return node if node.op == "get_attr" else None
+
 
 class _Shape(OpRule):
     """``x.size()``, ``x.shape``: shapes are not tensors with units."""
 
-    functions, methods = (getattr,), ("size",)
+    functions, methods = (getattr,), ("size", "dim")
 
     def layout(self, node, ins, tracing):
         return None
@@ -350,6 +403,8 @@ class _GetItem(OpRule):
     functions = (operator.getitem,)
 
     def layout(self, node, ins, tracing):
+        if isinstance(node.args[1], tuple):
+            return self.indexed(node, ins[0])
         if not isinstance(node.args[1], int):
             raise _refusal(node)
         src = _arg0(node)
@@ -362,6 +417,35 @@ class _GetItem(OpRule):
         if src in tracing.recurrent and node.args[1] == 0:
             tracing.sequences.append(node)
         return ins[0]
+
+    @staticmethod
+    def indexed(node: fx.Node, lay: Layout) -> Layout:
+        """``x[:, 0]``, ``x[:, 1:]``, ``x[..., None]``: other dims may be indexed, sliced or
+        added; the unit dim must be taken whole (``:``)."""
+        index, ndim = node.args[1], len(_shape(_arg0(node)))
+        if sum(1 for i in index if i is Ellipsis) > 1:
+            raise _refusal(node)
+        eaten = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded: list = []
+        for i in index:
+            expanded += [slice(None)] * (ndim - eaten) if i is Ellipsis else [i]
+        expanded += [slice(None)] * (ndim - sum(1 for i in expanded if i is not None))
+        src_dim, out_dim = 0, 0
+        for i in expanded:
+            if i is None:
+                out_dim += 1
+                continue
+            if src_dim == lay.dim:
+                if i != slice(None):
+                    raise UnsupportedLayerError("getitem", _path(node), f"{node.name} indexes "
+                                                f"or slices the unit dim ({i!r}); only a whole "
+                                                "':' is supported there")
+                return lay.at(out_dim)
+            if not isinstance(i, (int, slice)):
+                raise _refusal(node)       # a tensor index: rows move, units could too
+            src_dim += 1
+            out_dim += 0 if isinstance(i, int) else 1
+        raise _refusal(node)
 
 
 class _Gather(OpRule):
@@ -433,6 +517,48 @@ class _Transpose(OpRule):
         return lay.at(d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim)
 
 
+class _Reshape(OpRule):
+    """``view``/``reshape`` that keeps the unit dim whole: it may add or drop size-1 dims
+    (an SE block's ``x.view(b, c, 1, 1)``), reshape the dims after it among themselves, or merge
+    them into it (``x.view(x.size(0), -1)``: each unit then holds their positions). Splitting the
+    unit dim or merging it with the dims before it (a channel shuffle, a patch unfold) is refused.
+    A unit count written as a constant (``view(b, 64, 1, 1)``) could not follow a sliced group,
+    so that group is kept whole."""
+
+    functions, methods = (torch.reshape,), ("view", "reshape")
+
+    def layout(self, node, ins, tracing):
+        lay, src = ins[0], _arg0(node)
+        shape_in, shape_out = _shape(src), _shape(node)
+        before = math.prod(shape_in[:lay.dim])
+        e = next((i for i in range(len(shape_out)) if math.prod(shape_out[:i]) == before), None)
+        while e is not None and e + 1 < len(shape_out) and shape_out[e] == 1 \
+                and shape_in[lay.dim] != 1:
+            e += 1                                   # size-1 dims inserted before the units
+        if e is None or shape_out[e] % shape_in[lay.dim]:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node), f"{node.name} reshapes "
+                                        f"{tuple(shape_in)} to {tuple(shape_out)}: the unit dim "
+                                        f"{lay.dim} would be split or merged with the dims before "
+                                        "it (a channel shuffle or a patch unfold)")
+        merged = shape_out[e] // shape_in[lay.dim]
+        after, k = 1, lay.dim + 1
+        while after < merged and k < len(shape_in):
+            after *= shape_in[k]
+            k += 1
+        if after != merged:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node), f"{node.name} merges "
+                                        "the unit dim with part of a dim after it")
+        sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        named = sizes[e] if len(sizes) == len(shape_out) else None
+        if isinstance(named, int) and named != -1:
+            for sid, _ in lay.segments:
+                tracing.fixed.setdefault(sid, f"{node.name} writes their count as the constant "
+                                              f"{named} ({_path(node)})")
+        return Layout(e, lay.segments, lay.inner * merged)
+
+
 class _Pass(OpRule):
     """Ops that act on each unit alone (first argument = the tensor): the layout passes."""
 
@@ -465,7 +591,7 @@ try:   # per-sample (row) dropping: acts on whole rows, never across units
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 for _rule in (_Cat(), _Shape(), _GetItem(), _Gather(), _Squeeze(), _Flatten(), _Permute(),
-              _Transpose(),
+              _Transpose(), _Reshape(),
               _Join("add", (operator.add, torch.add, operator.iadd), ("add", "add_")),
               _Join("multiply", (operator.mul, torch.mul, operator.imul), ("mul", "mul_")),
               _Pass(_PASS_FUNCS, ("relu", "relu_", "contiguous", "float", "sigmoid", "sigmoid_",
@@ -518,8 +644,11 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 else:
                     out_dim = len(_shape(node)) - 1 if isinstance(mod, nn.Linear) else 1
                     size = _shape(node)[out_dim]
-                sid = st.new_space(node, node.target, size, pos)
-                st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])])
+                inner = h.out_inner(mod)             # a head of head_dim outputs is one unit
+                sid = st.new_space(node, node.target, size // inner, pos)
+                st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])], inner)
+            elif h is not None and h.couples_inputs:        # attention over heads
+                st.layouts[node] = st.couple(node, [a for a in node.args if isinstance(a, fx.Node)])
             elif h is not None and h.produces(mod) and not h.consumes(mod) and isinstance(mod, nn.Embedding):
                 out_dim = len(_shape(node)) - 1
                 sid = st.new_space(node, node.target, _shape(node)[out_dim], pos)
@@ -645,12 +774,30 @@ def _check_normalised(node: fx.Node, mod: nn.Module, src: fx.Node, lay: Layout) 
     """A LayerNorm must normalise exactly the unit dim: the last dim for ``nn.LayerNorm`` itself,
     the channel dim for a channels-first subclass (one that overrides ``forward``)."""
     shape = getattr(mod, "normalized_shape", None)
-    ndim = len(_shape(src))
     ok = shape is not None and tuple(shape) == (lay.width,)
-    own = type(mod).forward is not nn.LayerNorm.forward
-    if not ok or (not own and lay.dim != ndim - 1) or (own and lay.dim != 1):
+    if not ok or _normalised_dim(mod, _shape(src)) != lay.dim:
         raise UnsupportedLayerError(type(mod).__name__, node.target,
                                     "it does not normalise exactly the unit dim")
+
+
+@torch.no_grad()
+def _normalised_dim(mod: nn.Module, shape: tuple[int, ...]) -> int | None:
+    """The dim a LayerNorm (or a subclass with its own ``forward``: timm's fast LayerNorm,
+    a channels-first LayerNorm2d) normalises, found by running it on a probe, not by its name."""
+    x = torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(0),
+                    dtype=mod.weight.dtype if getattr(mod, "weight", None) is not None else None)
+    try:
+        y = mod(x)
+    except (RuntimeError, ValueError):
+        return None
+    for d in dict.fromkeys((x.dim() - 1, 1)):
+        if (x.shape[d],) != tuple(mod.normalized_shape):
+            continue
+        ref = F.layer_norm(x.movedim(d, -1), tuple(mod.normalized_shape), mod.weight, mod.bias,
+                           mod.eps).movedim(-1, d)
+        if torch.allclose(y, ref, rtol=1e-4, atol=1e-5):
+            return d
+    return None
 
 
 def _source(node: fx.Node) -> str:

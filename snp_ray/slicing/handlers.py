@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from snp_ray.errors import ConfigError, UnsupportedLayerError
+from snp_ray.models.attention import HeadAttention, HeadProjection
 
 
 class Handler:
@@ -34,6 +35,13 @@ class Handler:
     #: the module mixes units through statistics over them (LayerNorm over channels): the groups
     #: it normalises are kept whole, since dropping a unit would change every other unit's output
     normalises = False
+    #: a parameter-free module whose tensor inputs carry the same units one to one and whose
+    #: output carries them on (attention over heads): its inputs are coupled into one group
+    couples_inputs = False
+
+    def out_inner(self, module: nn.Module) -> int:
+        """Positions of the output's unit dim per unit (a head of ``head_dim`` outputs)."""
+        return 1
 
     def unit_positions(self, module: nn.Module, tensor: str, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``out_dim`` of ``tensor`` that belong to ``units``."""
@@ -178,6 +186,36 @@ class LinearHandler(Handler):
         module.in_features = n
 
 
+class HeadProjectionHandler(LinearHandler):
+    """q, k or v of an attention: its units are heads, ``head_dim`` output rows each."""
+
+    def out_inner(self, module):
+        return module.head_dim
+
+    def unit_positions(self, module, tensor, units):
+        hd = module.head_dim
+        return (units.unsqueeze(1) * hd + torch.arange(hd, device=units.device)).flatten()
+
+    def set_out_size(self, module, n):
+        module.out_features = n * module.head_dim
+
+
+class HeadAttentionHandler(Handler):
+    """Attention over heads: couples the heads of q, k and v (one group) and passes them to its
+    output; dropping heads only lowers ``num_heads``. A softmax sits between q.k and the output,
+    so no repair can stand in for a dropped q or k unit: the unit is the whole head, and the
+    repair of a dropped head rebuilds its *output* (all ``head_dim`` positions, every token)
+    from the kept heads' outputs, folded into the output projection."""
+
+    couples_inputs = True
+
+    def produces(self, module):
+        return True
+
+    def set_out_size(self, module, n):
+        module.num_heads = n
+
+
 class BatchNormHandler(Handler):
     """Per-channel affine + running statistics: follows its input's units, consumes nothing."""
 
@@ -259,7 +297,8 @@ HANDLERS: dict[type, Handler] = {
     nn.Conv1d: ConvHandler(), nn.Conv2d: ConvHandler(), nn.Linear: LinearHandler(),
     nn.BatchNorm1d: BatchNormHandler(), nn.BatchNorm2d: BatchNormHandler(),
     nn.Embedding: EmbeddingHandler(), nn.GRU: RecurrentHandler(), nn.LSTM: RecurrentHandler(),
-    nn.LayerNorm: LayerNormHandler(),
+    nn.LayerNorm: LayerNormHandler(), HeadProjection: HeadProjectionHandler(),
+    HeadAttention: HeadAttentionHandler(),
 }
 DEPTHWISE = DepthwiseConvHandler()
 

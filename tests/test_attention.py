@@ -1,0 +1,165 @@
+"""Issue 27 section 1: attention slices like any other layer.
+
+timm's ViT/DeiT (fused qkv + scaled_dot_product_attention, class token, position embedding) and
+torchvision's ViT (nn.MultiheadAttention) are rewritten exactly into the canonical
+``SelfAttention``; slicing then drops whole heads (repaired into the output projection) and MLP
+units, and the fused fragment equals the repaired network at batch sizes 1 and 3 with fewer
+heads and consistent ``num_heads``/``head_dim`` bookkeeping."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from snp_ray.errors import ConfigError, UnsupportedLayerError
+from snp_ray.models import Classifier, count_params, split_classifier
+from snp_ray.models.attention import HeadAttention, SelfAttention, canonicalise, from_multihead
+from snp_ray.slicing import Slicer, slice_preset
+from snp_ray.slicing.graph import trace
+from test_modern_cnns import ONE, _check_slice, _fewshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _timm(name):
+    import timm   # a dependency (pyproject): never skipped
+
+    return timm.create_model(name, pretrained=False, num_classes=3, img_size=32, patch_size=4,
+                             depth=2)
+
+
+VITS = {
+    "timm_vit_tiny": lambda: _timm("vit_tiny_patch16_224"),
+    "timm_deit_tiny": lambda: _timm("deit_tiny_patch16_224"),
+    "torchvision_vit": lambda: VisionTransformer(image_size=32, patch_size=4, num_layers=2,
+                                                 num_heads=3, hidden_dim=48, mlp_dim=96,
+                                                 num_classes=3),
+}
+
+
+@pytest.mark.parametrize("family", list(VITS))
+def test_vit_drops_heads_and_fuses_exactly_at_batch_1_and_3(family):
+    torch.manual_seed(0)
+    spec, fs = _fewshot()
+    model = VITS[family]().eval()
+    x = spec.encode(fs.raw)
+    clf = split_classifier(model, x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), model(x), rtol=1e-5, atol=1e-5)
+    slicer, out = _check_slice(clf, spec, fs)
+    heads = [g for g in slicer.graph.groups
+             if any(n.endswith(".core") for n, _ in g.producers)]
+    assert len(heads) == 2 and all(g.size == model_heads(clf) for g in heads)
+    assert any(len(out.kept[g.id]) < g.size for g in heads), "no head was dropped"
+    mods = dict(out.features.named_modules())
+    for name, core in mods.items():
+        if isinstance(core, HeadAttention):
+            att = name.rsplit(".", 1)[0]
+            width = core.num_heads * core.head_dim
+            assert core.num_heads < model_heads(clf)
+            for p in ("q", "k", "v"):
+                assert mods[f"{att}.{p}"].out_features == width
+            assert mods[f"{att}.proj"].in_features == width
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            fused, unfused = out.features(xb), slicer.repaired_features(xb)
+        assert float((fused - unfused).norm() / unfused.norm()) <= 1e-5
+
+
+def model_heads(clf: Classifier) -> int:
+    return next(m.num_heads for m in clf.features.modules() if isinstance(m, HeadAttention))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_rewritten_exactly(batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    att = from_multihead(mha).eval()
+    x = torch.randn(5, 2, 16) if not batch_first else torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want, _ = mha(x, x, x, need_weights=False)
+        got, weights = att(x, x, x, need_weights=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert weights is None
+    with pytest.raises(ConfigError, match="need_weights"):
+        att(x, x, x, need_weights=True)
+
+
+def test_an_unknown_attention_is_left_alone_and_refused_by_op_and_path():
+    class Mine(nn.Module):           # heads by hand, with the head count written as a constant
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 4).unbind(2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v).flatten(2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.attn = nn.Linear(3, 8), Mine()
+
+        def forward(self, x):
+            return self.attn(self.embed(x.flatten(2).transpose(1, 2))).mean(1)
+
+    net = canonicalise(Net())
+    assert isinstance(net.attn, Mine)
+    with pytest.raises(UnsupportedLayerError, match=r"reshape at attn"):
+        trace(net, torch.randn(2, 3, 4, 4))
+
+
+class _SE(nn.Module):
+    """Squeeze-and-excitation written with ``view``; ``const`` writes the channel count as 8."""
+
+    def __init__(self, const: bool):
+        super().__init__()
+        self.conv, self.fc1, self.fc2, self.const = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4), nn.Linear(4, 8), const
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        b = x.size(0)
+        w = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3)).view(b, -1)))))
+        return x * (w.view(b, 8, 1, 1) if self.const else w.view(b, x.size(1), 1, 1))
+
+
+class _SENet(nn.Module):
+    def __init__(self, const: bool):
+        super().__init__()
+        self.stem, self.se, self.conv = nn.Conv2d(3, 8, 3, padding=1), _SE(const), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(self.se(torch.relu(self.stem(x))))
+        return x.reshape(x.size(0), -1)       # merged into the unit dim: 32*32 positions per unit
+
+
+@pytest.mark.parametrize("const", [False, True])
+def test_a_view_keeps_units_and_a_constant_count_keeps_its_group_whole(const):
+    torch.manual_seed(0)
+    spec, fs = _fewshot()
+    slicer, out = _check_slice(Classifier(_SENet(const), 8 * 32 * 32, 3).eval(), spec, fs)
+    se = next(g for g in slicer.graph.groups if ("se.conv", 0) in g.producers)
+    assert ("se.fc2", 0) in se.producers          # the excitation is coupled to its channels
+    assert slicer.graph.output_inner == 32 * 32
+    if const:
+        assert "constant 8" in se.fixed and len(out.kept[se.id]) == 8
+    else:
+        assert not se.fixed and len(out.kept[se.id]) < 8
+
+
+def test_getitem_may_index_tokens_but_not_slice_units():
+    class Net(nn.Module):
+        def __init__(self, units: bool):
+            super().__init__()
+            self.embed, self.units = nn.Linear(3, 8), units
+
+        def forward(self, x):
+            t = self.embed(x.flatten(2).transpose(1, 2))
+            return t[:, 0, :4] if self.units else t[:, 1:][:, 0]
+
+    g = trace(Net(False), torch.randn(2, 3, 4, 4))
+    assert g.groups[0].output_offsets == [0]
+    with pytest.raises(UnsupportedLayerError, match="slices the unit dim"):
+        trace(Net(True), torch.randn(2, 3, 4, 4))
