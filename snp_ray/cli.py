@@ -461,8 +461,8 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true",
-                   help="rerun every arch (default: reuse an arch whose protocol and market are "
-                        "unchanged from OUT/TASK/results.json)")
+                   help="rerun every arch (default: reuse an arch whose protocol, code and market "
+                        "are unchanged from OUT/TASK/results.json; the table marks it reused)")
     p.add_argument("--from-json", default="", metavar="RESULTS_JSON",
                    help="only redraw Figure 4 beside an existing results.json (nothing is run)")
 

@@ -11,11 +11,43 @@ import hashlib
 import json
 import math
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from snp_ray.errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+
+#: the package folder (this file is snp_ray/config.py)
+PACKAGE = Path(__file__).resolve().parent
+#: what never decides a number, relative to the package: serving, the CLI's wording (a stage's
+#: key hashes the CLI file it runs on its own), the HTTP client, and the modules that only record
+#: or present results. Every other module is in :func:`code_digest`.
+NOT_DIGESTED = ("serve/", "cli.py", "client.py", "evaluation/provenance.py",
+                "evaluation/reproduce.py", "evaluation/report.py")
+
+
+def code_digest(only: tuple[str, ...] = (), package: Path | None = None) -> str:
+    """sha256 (16 hex) over the source of every module that decides a number: each ``.py``
+    under ``snp_ray/`` (paths and bytes, in sorted order) less :data:`NOT_DIGESTED`. That is the
+    algorithm (slicing, packing, models, market, baselines, data, tuning, evaluation,
+    expansion) and what runs it: ``runtime.py`` (bf16 or fp32, the device, the engine),
+    ``config.py`` (the config digests), ``engine/``, ``store/``, ``artifacts.py``, ``errors.py``.
+
+    Equal digests mean the code that made a result has not changed; every cache that feeds a
+    published number is keyed by it or checked against it (docs/REPRODUCIBILITY.md).
+    ``only``: hash just these paths (relative to the package; a folder ends in ``/``), for a
+    cache that one module alone decides (decoded images); ``package``: another copy of the
+    package (a test's edited one)."""
+    pkg = Path(package) if package is not None else PACKAGE
+    h = hashlib.sha256()
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if "__pycache__" in rel or rel.startswith(NOT_DIGESTED) or (
+                only and not rel.startswith(only)):
+            continue
+        h.update(f"snp_ray/{rel}".encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:

@@ -39,14 +39,25 @@ def default_engine() -> str:
     return engine
 
 
+#: what ``precision="auto"`` resolves to ("fp32" or "bf16") whatever the hardware; unset: the
+#: hardware decides (:func:`resolve_precision`). An explicit config value is never overridden.
+ENV_PRECISION = "SNP_PRECISION"
+#: the CPU flags that make ``auto`` pick bf16 on a CPU
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
 def resolve_precision(precision: str, device: "torch.device") -> str:
-    """``auto``: bf16 where the hardware runs it natively (a CUDA GPU of compute capability 8.0
-    or newer, or a Linux CPU with AVX512-BF16 or AMX-BF16 and oneDNN), else fp32. Emulated bf16
-    is slower than fp32, so it is never chosen automatically."""
+    """``auto``: ``SNP_PRECISION`` when set (fp32 or bf16: a result made elsewhere can be
+    remade with the same arithmetic), else bf16 where the hardware runs it natively (a CUDA GPU
+    of compute capability 8.0 or newer, or a Linux CPU with AVX512-BF16 or AMX-BF16 and oneDNN),
+    else fp32. Emulated bf16 is slower than fp32, so it is never chosen automatically."""
     import torch
 
     if precision != "auto":
         return precision
+    forced = forced_precision()
+    if forced:
+        return forced
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
     if device.type == "cpu" and torch.backends.mkldnn.is_available() and cpu_has_native_bf16():
@@ -54,17 +65,100 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
     return "fp32"
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU flags list AVX512-BF16 or AMX-BF16 (Linux; False where unknown)."""
+def forced_precision() -> str:
+    """``SNP_PRECISION`` ("" when unset); ConfigError when it names no precision."""
+    from snp_ray.errors import ConfigError
+
+    value = os.environ.get(ENV_PRECISION, "")
+    if value not in ("", "fp32", "bf16"):
+        raise ConfigError(f"{ENV_PRECISION} must be fp32 or bf16, got {value!r}")
+    return value
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's flags (Linux; empty where unknown)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags list AVX512-BF16 or AMX-BF16 (Linux; False where unknown)."""
+    return bool(cpu_flags(cpuinfo) & set(BF16_FLAGS))
+
+
+def _cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+#: the environment variables a worker needs to compute what its driver would: where data and
+#: caches are, and the device, precision and engine choices above
+WORKER_ENV = ("SNP_DATA_ROOT", "SNP_CACHE_DIR", ENV_DEVICE, ENV_PRECISION, ENV_ENGINE)
+
+
+def worker_env(*extra: str) -> dict[str, str]:
+    """The driver's values of :data:`WORKER_ENV` and ``extra`` that are set, for a Ray task's
+    ``runtime_env`` (a remote cluster's workers do not inherit the driver's environment)."""
+    return {k: os.environ[k] for k in (*WORKER_ENV, *extra) if k in os.environ}
+
+
+#: the fields of :func:`environment` that can move a number (what a rerun must match to be
+#: expected to give the same digits); the others describe the machine
+DECISIVE = ("engine", "device", "precision", "torch", "numpy")
+
+
+def environment() -> dict:
+    """What a number is made with besides the code and the configs, as seen by this process:
+    the slicing engine (``SNP_SLICE_ENGINE``; per-class or batched), the device, the precision
+    ``auto`` resolves to here for slicing and for packing (``SNP_PRECISION`` forces it; the
+    batched engine always slices in fp32; each fragment records what it used), the CPU flags
+    that decide it, threads, and the torch, numpy, Ray and Python versions."""
+    import importlib.metadata
+    import platform
+
+    import numpy
+    import torch
+
+    engine = default_engine()
+    device = torch.device(default_device())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    slicing = "fp32" if engine == "batched" else resolve_precision("auto", device)
+    try:
+        ray_version = importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        ray_version = "absent"
+    return {
+        "engine": engine, "engine_kind": "batched" if engine == "batched" else "per-class",
+        "device": f"{device.type}: {name}",
+        "precision": {"slicing": slicing, "packing": resolve_precision("auto", torch.device("cpu"))},
+        "precision_forced": forced_precision() or None,
+        "cpu_bf16_flags": sorted(cpu_flags() & set(BF16_FLAGS)),
+        "onednn": bool(torch.backends.mkldnn.is_available()),
+        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                       if k in os.environ},
+        "torch": torch.__version__, "numpy": numpy.__version__, "ray": ray_version,
+        "python": platform.python_version(), "platform": platform.platform(terse=True),
+    }
+
+
+def decisive(env: dict) -> dict:
+    """The :data:`DECISIVE` part of an :func:`environment`."""
+    return {k: env.get(k) for k in DECISIVE}
 
 
 #: Ray's logger for the token-auth notices, and the notices that are routine on a local start

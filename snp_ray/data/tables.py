@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.config import code_digest
 from snp_ray.data.catalog import get_dataset, split_file
 from snp_ray.errors import DataError, SchemaError, TestSplitAccessError
 
@@ -161,8 +162,15 @@ def cache_dir() -> Path:
 
 
 def _decoded_images(path: Path) -> np.ndarray:
+    """The images of a dataset file, decoded once per file version and decoder: the cache key
+    holds the file's path, size and mtime, this module's source (which decodes) and Pillow's
+    version, so a changed decoder never reads arrays an older one made."""
+    import PIL
+
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    decoder = f"{code_digest(only=('data/tables.py',))}|{PIL.__version__}"
+    body = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{decoder}"
+    key = hashlib.sha256(body.encode()).hexdigest()[:24]
     cached = cache_dir() / "decoded" / f"{key}.npy"
     if cached.is_file():
         try:

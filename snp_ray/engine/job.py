@@ -205,12 +205,11 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
     from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
     from snp_ray.engine.actors import SlicerActor
+    from snp_ray.runtime import worker_env
 
     n_actors, gpus = _actor_count(cfg, n_todo)
-    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_DEVICE", "SNP_SLICE_CACHE_MB",
-                                      "AWS_ACCESS_KEY_ID",
-                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-           if k in os.environ}
+    env = worker_env("SNP_SLICE_CACHE_MB", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_DEFAULT_REGION")
     remote = ray.remote(SlicerActor).options(
         num_cpus=1, num_gpus=gpus, max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_task_retries, max_concurrency=2, scheduling_strategy="SPREAD")

@@ -92,7 +92,7 @@ def run(cfg: LearnwareJobConfig, out_dir: str | Path) -> dict[str, Any]:
     from snp_ray.engine.job import SliceJobConfig, run_slice_job
     from snp_ray.engine.presets import get_preset
     from snp_ray.market import build_market
-    from snp_ray.runtime import ensure_ray
+    from snp_ray.runtime import ensure_ray, worker_env
 
     t_start = time.perf_counter()
     preset = get_preset(cfg.preset)
@@ -111,8 +111,7 @@ def run(cfg: LearnwareJobConfig, out_dir: str | Path) -> dict[str, Any]:
     if export.exists():           # an earlier run's users must not enter this run's rows
         shutil.rmtree(export)
     export.mkdir(parents=True)
-    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_CLEAN_EVIDENCE")
-           if k in os.environ}
+    env = worker_env("SNP_CLEAN_EVIDENCE")
     remote = ray.remote(num_cpus=1, max_retries=1)(_evaluate_users)
     shares = [list(range(cfg.users.users))[i::cfg.workers] for i in range(cfg.workers)]
     refs = [remote.options(runtime_env={"env_vars": env}).remote(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snp_ray.artifacts import require_keys, save_figure
-from snp_ray.config import Config
+from snp_ray.config import Config, code_digest
 from snp_ray.errors import ConfigError
 from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
 from snp_ray.market import Market, MarketConfig, TrainConfig, build_market, get_task
@@ -92,15 +92,19 @@ def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, r
     # a preset's content can change under its name (a re-saved preset, new defaults in the code):
     # only the same config digests reuse a result; one that recorded none is never reused
     same = same and previous.get("digests") == _digests(cfg)
-    # nor one the algorithm's code has changed since (results stamped before #17 recorded none)
-    from snp_ray.evaluation.provenance import code_digest
-
+    # nor one the code has changed since (results stamped before #17 recorded none)
     same = same and (previous.get("provenance") or {}).get("code") == code_digest()
     entry = previous["archs"][arch]
     models = {s.id: s.metrics["test_accuracy"] for s in specs}
     if same and entry.get("market") == str(root) and entry.get("model_test_accuracy") == models:
         return entry
     return None
+
+
+def _origin(previous: dict[str, Any]) -> dict[str, Any]:
+    """Where a reused entry was made: the earlier result's commit, date and code digest."""
+    prov = previous.get("provenance") or {}
+    return {k: prov.get(k, "unknown") for k in ("commit", "created", "code")}
 
 
 def slice_and_test(market: Market, targets: list, k: int, slice_cfg: SliceConfig,
@@ -135,7 +139,8 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
 
     ``previous`` (an earlier result, e.g. ``results/<task>/results.json``) lets an arch whose
     protocol and market are unchanged be reused rather than rerun, so adding an arch to a table
-    costs only that arch."""
+    costs only that arch. A reused entry says so (``reused``, ``reused_from``: the commit and
+    date it was made at) and its table shows it (:func:`render_table`)."""
     task = get_task(cfg.task)
     targets = target_sets(task, cfg.n_targets, cfg.seed)
     out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets,
@@ -147,7 +152,8 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
         reused = _reusable(previous, cfg, arch, root, specs)
         if reused is not None:
             log.info("%s: reusing the earlier result for this arch (same protocol and market)", arch)
-            out["archs"][arch] = {**reused, "reused": True}
+            out["archs"][arch] = {**reused, "reused": True,
+                                  "reused_from": reused.get("reused_from") or _origin(previous)}
             continue
         market = Market(root)
         ids = [s.id for s in specs]
@@ -275,7 +281,14 @@ def render_table(result: dict[str, Any], paper: dict[str, Any]) -> str:
              f"Target class sets: {len(result['targets'])} seeded ({[list(t) for t in result['targets']]}). "
              "Accuracy in %, mean ± std over target sets; each cell is `ours | paper`.", ""]
     for arch, data in result["archs"].items():
-        lines += [f"## {arch} (paper: {paper_arch(paper, task, arch)})", "",
+        lines += [f"## {arch} (paper: {paper_arch(paper, task, arch)})", ""]
+        if data.get("reused"):
+            origin = data.get("reused_from") or {}
+            made = (f"`{str(origin.get('commit', 'unknown'))[:12]}` "
+                    f"({origin.get('created') or 'date not recorded'})")
+            lines += [f"**Reused, not rerun:** copied from an earlier results.json made at commit {made} "
+                      "with the same configs, code and market (`snp report --fresh` reruns it).", ""]
+        lines += [
                   f"Ensemble of all original models: {data['ensemble_params']:,} parameters. "
                   f"Original models' test accuracy on their own classes: "
                   + ", ".join(f"{v:.3f}" for v in data["model_test_accuracy"].values()), "",

@@ -1,32 +1,31 @@
-"""Where a published number came from: the git commit, the code of the algorithm, the configs.
+"""Where a published number came from: the git commit, the code, the configs, the machine.
 
 Every results JSON carries a ``provenance`` object (:func:`stamp`): the commit and whether the
-tracked code differed from it, a digest of the algorithm's source (:func:`code_digest`), the
-config digests the numbers were made with, and the command. :func:`staleness` compares a stamp
-with what the current code would use, so a report can mark a table whose configs have moved on.
+tracked code differed from it, a digest of every module that decides a number
+(:func:`snp_ray.config.code_digest`), the config digests the numbers were made with, the
+command, the environment (:func:`snp_ray.runtime.environment`: engine, device, precision,
+versions, CPU flags, threads) and what the run reused from earlier runs. :func:`staleness`
+compares a stamp with what the current code would use, so a report can mark a table whose
+configs have moved on.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from snp_ray.config import NOT_DIGESTED, code_digest
 from snp_ray.errors import SchemaError
+
+__all__ = ["ROOT", "ORCHESTRATION", "code_digest", "git_commit", "stamp", "relative",
+           "last_commit_of", "stamp_legacy", "provenance_of", "staleness", "reuse_note"]
 
 #: the repository root (this file is snp_ray/evaluation/provenance.py)
 ROOT = Path(__file__).resolve().parents[2]
-#: the packages whose source decides a result (serving and the CLI's wording do not)
-ALGORITHM = ("slicing", "packing", "models", "market", "baselines", "data", "tuning",
-             "evaluation", "expansion")
-#: files inside those packages that only record or present results, never compute them
-PRESENTATION = ("evaluation/provenance.py", "evaluation/reproduce.py", "evaluation/report.py")
-
-
-#: files outside the algorithm that only orchestrate or present results: editing them does not
-#: make a run "dirty"
-ORCHESTRATION = tuple(f"snp_ray/{p}" for p in PRESENTATION) + ("jobs/reproduce_all.py",)
+#: files that only orchestrate or present results: editing them does not make a run "dirty"
+ORCHESTRATION = tuple(f"snp_ray/{p}" for p in NOT_DIGESTED if p.startswith("evaluation/")) + (
+    "jobs/reproduce_all.py",)
 
 
 def git_commit(root: Path = ROOT) -> tuple[str, bool]:
@@ -44,29 +43,40 @@ def git_commit(root: Path = ROOT) -> tuple[str, bool]:
     return sha, any(p not in ORCHESTRATION for p in paths)
 
 
-def code_digest(packages: tuple[str, ...] = ALGORITHM, root: Path = ROOT) -> str:
-    """sha256 (16 hex) over the source of ``packages`` (paths and bytes, in sorted order):
-    equal digests mean the algorithm that made a result has not changed."""
-    h = hashlib.sha256()
-    for pkg in packages:
-        for path in sorted((root / "snp_ray" / pkg).rglob("*.py")):
-            if path.relative_to(root / "snp_ray").as_posix() in PRESENTATION:
-                continue
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
 def stamp(result: dict[str, Any], digests: dict[str, str], command: list[str] | str = "",
-          stage: str = "", at: tuple[str, bool, str] | None = None) -> dict[str, Any]:
+          stage: str = "", at: tuple[str, bool, str] | None = None,
+          environment: dict[str, Any] | None = None, reused: dict[str, Any] | None = None,
+          workdir: str = "") -> dict[str, Any]:
     """``result`` with a ``provenance`` object (replaced if present); returns ``result``.
     ``at``: (commit, dirty, code digest) taken when the run started (default: now), so an edit
-    or a commit made while a long run works cannot relabel what it made."""
+    or a commit made while a long run works cannot relabel what it made. ``environment``: what
+    :func:`snp_ray.runtime.environment` said when the run started; ``reused``: what the run took
+    from earlier runs (None or empty: nothing, the run started from nothing); ``workdir``: the
+    stage's working folder (markets, fragments, caches)."""
     sha, dirty, code = at or (*git_commit(), code_digest())
     result["provenance"] = {
         "commit": sha, "dirty": dirty, "code": code, "digests": dict(sorted(digests.items())),
         "command": relative(command if isinstance(command, str) else " ".join(command)), "stage": stage,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "reused": dict(reused) if reused else False}
+    if environment is not None:
+        result["provenance"]["environment"] = dict(environment)
+    if workdir:
+        result["provenance"]["workdir"] = relative(workdir)
     return result
+
+
+def reuse_note(reused: Any) -> str:
+    """One line naming what a run reused (its ``provenance.reused``), "" when nothing."""
+    if not isinstance(reused, dict) or not reused:
+        return ""
+    parts = []
+    if reused.get("workdir"):
+        w = reused["workdir"]
+        parts.append(f"working folder of run {w.get('run', '?')} (made {w.get('created', '?')} at "
+                     f"commit {str(w.get('commit', '?'))[:12]})")
+    parts += [f"entry {e}" for e in reused.get("entries") or []]
+    return "reused " + "; ".join(parts) if parts else ""
 
 
 def relative(value: Any) -> Any:

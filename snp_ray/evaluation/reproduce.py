@@ -3,27 +3,39 @@
 A :class:`Stage` is one published table, figure, sweep, study or benchmark: the commands that
 make it, the results JSON files it writes, and the config digests the current code would use
 for it (:data:`DIGESTS`). :func:`run_stages` runs the stages in order, skipping one only when its
-commands, digests and algorithm code (:func:`provenance.code_digest`) are those of its last
-run and its outputs are unchanged since; it stamps every output JSON with its provenance and
-writes ``provenance.md`` beside them. :func:`stage_status` tells a fresh result from a stale
-one (digests that no longer match the current defaults, or no provenance at all).
+commands, digests, code (:func:`code_digest`), scripts, environment and the runs of the stages it
+reads are those of its last run and its outputs and working folder are unchanged since.
+
+Each stage works in its own folder, ``RUNS/stages/STAGE/CODE`` (:func:`workdir`): markets,
+fragments, fold caches and saved presets made by one code version are never read by another. A
+stage that runs starts from nothing (its folder emptied and stamped with a new run id, and
+``snp report`` told ``--fresh``) unless ``reuse``; then what it reused is recorded in its
+outputs' provenance and printed. It stamps every output JSON with its provenance (the environment included) and
+writes ``provenance.md`` beside them. :func:`stage_status` tells a fresh result from a stale one
+(digests that no longer match the current defaults, or no provenance at all).
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.errors import ConfigError, EngineError, UnknownNameError
-from snp_ray.evaluation.provenance import ROOT, code_digest, git_commit, relative, stamp, staleness
+from snp_ray.evaluation.provenance import (ROOT, code_digest, git_commit, relative, reuse_note,
+                                           stamp, staleness)
+from snp_ray.runtime import decisive
+from snp_ray.runtime import environment as current_environment
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +160,12 @@ def _preset(name: str) -> Callable[[], dict[str, str]]:
 # ------------------------------------------------------------------------------- the stages
 @dataclass(frozen=True)
 class Stage:
-    """One published result. ``commands``: argv lists, ``{py}``, ``{out}`` (the results folder)
-    and ``{runs}`` (markets, fragments, caches) filled in; ``outputs``: the JSON files it writes,
-    relative to ``{out}``; ``digests``: the config digests the current code uses for it."""
+    """One published result. ``commands``: argv lists with ``{py}``, ``{out}`` (the results
+    folder), ``{runs}`` (the stage's own working folder: markets, fragments, caches, saved
+    presets), ``{runs:NAME}`` (the working folder of stage NAME, one of ``needs``) and
+    ``{fresh}`` (``--fresh`` unless the run may reuse earlier work) filled in; ``outputs``: the
+    JSON files it writes, relative to ``{out}``; ``digests``: the config digests the current
+    code uses for it."""
 
     name: str
     title: str
@@ -160,24 +175,44 @@ class Stage:
     needs: tuple[str, ...] = ()
     group: str = "tables"           # tables | studies | benchmarks
 
-    def argv(self, out: str, runs: str, py: str = "") -> list[list[str]]:
-        return [[x.replace("{py}", py or sys.executable).replace("{out}", out).replace("{runs}", runs)
-                 for x in cmd] for cmd in self.commands]
+    def argv(self, out: str, runs: str, py: str = "", code: str = "",
+             reuse: bool = False) -> list[list[str]]:
+        """The commands to run, with the working folders of the code whose digest is ``code``
+        under ``runs`` (:func:`workdir`)."""
+        dirs = {n: workdir(runs, n, code) for n in (self.name, *self.needs)}
 
-    def command_line(self, out: str, runs: str) -> str:
+        def fill(x: str) -> str:
+            if x == "{fresh}":
+                return "--fresh"
+            for n in self.needs:
+                x = x.replace(f"{{runs:{n}}}", dirs[n])
+            return (x.replace("{py}", py or sys.executable).replace("{out}", out)
+                    .replace("{runs}", dirs[self.name]))
+        return [[fill(x) for x in cmd if not (reuse and x == "{fresh}")] for cmd in self.commands]
+
+    def command_line(self, out: str, runs: str, code: str = "", reuse: bool = False) -> str:
         """The commands as one shell line, ``python`` for the interpreter."""
-        return " && ".join(" ".join(a) for a in self.argv(out, runs, "python"))
+        return " && ".join(" ".join(a) for a in self.argv(out, runs, "python", code, reuse))
+
+
+def workdir(runs: str, stage: str, code: str) -> str:
+    """A stage's working folder for the code whose digest is ``code``: ``RUNS/stages/STAGE/CODE``
+    (``RUNS/stages/STAGE`` without one: every code version's). Code that differs in any module
+    that decides a number gets another folder, so nothing one code version made (a market, a
+    fragment, a fold cache, a saved preset) is read by another. Folders of the layout before
+    (``RUNS/tables``, ``RUNS/market50``, ...) are left as they are."""
+    return "/".join(x for x in (runs.rstrip("/"), "stages", stage, code) if x)
 
 
 def _report(task: str, archs: str, ks: str) -> tuple[str, ...]:
     return ("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs, "--k", ks,
             "--targets", "5", "--preset", "quick", "--root", "{runs}/tables", "--out", "{out}",
-            "--json")
+            "{fresh}", "--json")
 
 
 def _diagnosis(variants: tuple[str, ...], name: str) -> tuple[str, ...]:
     """The mixed market's MobileNetV2 diagnosis on class ship with ``variants`` (#13)."""
-    return ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs}/mixed", "--k", "10",
+    return ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs:mixed}/mixed", "--k", "10",
             "--model", "mobilenet_v2-w0.5", "--klass", "ship", "--variants", *variants,
             "--out", f"{{out}}/mixed/{name}")
 
@@ -192,32 +227,32 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           lambda: table_digests("T1", ["vgg11", "resnet20"])),
     Stage("T1-size", "ResNet-20 under a size budget chosen by few-shot CV (#17 §3)",
           (("{py}", "jobs/select_under_budget.py", "--task", "T1", "--arch", "resnet20", "--k", "20",
-            "--candidates", SIZE_CANDIDATES, "--root", "{runs}/tables",
+            "--candidates", SIZE_CANDIDATES, "--root", "{runs:T1}/tables",
             "--out", "{out}/T1-size/selection.json"),
            ("{py}", "-m", "snp_ray.cli", "report", "--task", "T1", "--archs", "resnet20", "--k",
             "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
-            "--root", "{runs}/tables", "--out", "{out}/T1-size", "--fresh", "--json")),
+            "--root", "{runs:T1}/tables", "--out", "{out}/T1-size", "--fresh", "--json")),
           ("T1-size/selection.json", "T1-size/T1/results.json"), _t1_size, needs=("T1",)),
     Stage("tune-T1", "Tune sweep on T1 (VGG11 x 1/4)",
           (("{py}", "-m", "snp_ray.cli", "tune", "--task", "T1", "--trials", "16",
-            "--market", "{runs}/tables/T1/vgg11-w0.25", "--storage", "{runs}/tune",
+            "--market", "{runs:T1}/tables/T1/vgg11-w0.25", "--storage", "{runs}/tune",
             "--out", "{out}/tune", "--json"),),
           ("tune/T1/sweep.json",), lambda: tune_digests("quick", market_digest("T1", "vgg11")), needs=("T1",), group="studies"),
     Stage("figures", "Figures 5 and 7 on the T1 VGG11 x 1/4 market",
-          (("{py}", "-m", "snp_ray.cli", "figures", "--market", "{runs}/tables/T1/vgg11-w0.25",
+          (("{py}", "-m", "snp_ray.cli", "figures", "--market", "{runs:T1}/tables/T1/vgg11-w0.25",
             "--k", "10", "--out", "{out}", "--json"),),
           ("figures/figures.json",), lambda: figures_digests("quick", market_digest("T1", "vgg11")), needs=("T1",), group="studies"),
     Stage("shared-T6", "Shared lookup tables in T6 packs (#17 §2)",
-          (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T6/gru-w1",
+          (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs:T6}/tables/T6/gru-w1",
             "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T6.json"),
-           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T6/gru-w1",
+           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs:T6}/tables/T6/gru-w1",
             "--slice", "--hidden", "64", "--variants", SHARED_ENC64,
             "--out", "{out}/shared-tables/T6-hidden64.json")),
           ("shared-tables/T6.json", "shared-tables/T6-hidden64.json"), _shared("T6", "gru"), needs=("T6",), group="studies"),
     Stage("shared-T7", "Shared lookup tables in T7 packs (#17 §2)",
-          (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T7/textcnn-w1",
+          (("{py}", "benchmarks/text_pack_size.py", "--market", "{runs:T7}/tables/T7/textcnn-w1",
             "--slice", "--variants", SHARED_VARIANTS, "--out", "{out}/shared-tables/T7.json"),
-           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs}/tables/T7/textcnn-w1",
+           ("{py}", "benchmarks/text_pack_size.py", "--market", "{runs:T7}/tables/T7/textcnn-w1",
             "--slice", "--hidden", "64", "--variants", SHARED_ENC64,
             "--out", "{out}/shared-tables/T7-hidden64.json")),
           ("shared-tables/T7.json", "shared-tables/T7-hidden64.json"), _shared("T7", "textcnn"), needs=("T7",), group="studies"),
@@ -253,9 +288,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           needs=("mixed",), group="studies"),
     Stage("expansion-merge", "Expansion with every holder's fragment and shots (labelled, #14)",
           (("{py}", "-m", "snp_ray.cli", "expansion", "--task", "T3-C10", "--combos", "100",
-            "--k", "5,10,20", "--market", "{runs}/expansion/T3-C10", "--out", "{out}/expansion",
+            "--k", "5,10,20", "--market", "{runs:expansion}/expansion/T3-C10", "--out", "{out}/expansion",
             "--holders", "merge", "--json"),),
-          ("expansion/T3-C10-merge/expansion.json",), _expansion_merge, group="studies"),
+          ("expansion/T3-C10-merge/expansion.json",), _expansion_merge, needs=("expansion",),
+          group="studies"),
     # the market trains 1 of the recipe's 35 epochs and 6 of the protocol's 100 users, one
     # repeat per budget: what 2 cores allow (RESULTS says so beside every number)
     Stage("LW-C10", "The learnware market's CIFAR-10 scenario, side by side (#25)",
@@ -267,14 +303,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("learnware/LW-C10/learnware.json", "learnware/LW-C10/learnware_package.json"),
           _preset("fast"), group="studies"),
     Stage("slicer-speed", "Naive, cached and batched slicing side by side (performance)",
-          (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/tables/T1/vgg11-w0.25",
+          (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs:T1}/tables/T1/vgg11-w0.25",
             "--c10", "{runs}/bench/c10",
             "--variants", "naive:4:fp32", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--flops", "--plot", "{out}/slicer/batched_roofline.png",
             "--out", "{out}/slicer/batched.json"),),
           ("slicer/batched.json",), _preset("quick"), needs=("T1",), group="benchmarks"),
     Stage("slicer-speed-market50", "Batched slicing where kernels are small (market50)",
-          (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs}/market50", "--classes", "12",
+          (("{py}", "benchmarks/slicer_speed.py", "--markets", "{runs:market50}/market50", "--classes", "12",
             "--preset", "fast", "--variants", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--repeats", "2", "--flops", "--out", "{out}/slicer/batched_market50.json"),),
           ("slicer/batched_market50.json",), _preset("fast"), needs=("market50",), group="benchmarks"),
@@ -321,13 +357,13 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-#: runtime packages whose code moves a benchmark's numbers (timings, memory), not a table's
-RUNTIME_PACKAGES = ("engine", "store", "serve")
+#: code outside :func:`code_digest` that still moves a benchmark's numbers (the service's)
+RUNTIME_PACKAGES = ("serve",)
 
 
 def scripts_digest(stage: Stage) -> str:
     """sha256 over the files a stage's commands execute (a job or benchmark script, or the CLI
-    module), and for benchmarks the runtime packages too: code outside the algorithm's packages
+    module), and for benchmarks the service's package too: code outside :func:`code_digest`
     that still decides what a stage writes."""
     files = set()
     for cmd in stage.commands:
@@ -343,11 +379,14 @@ def scripts_digest(stage: Stage) -> str:
     return h.hexdigest()[:16]
 
 
-def stage_key(stage: Stage, out: str, runs: str, digests: dict[str, str], code: str) -> str:
-    """Everything a stage's numbers depend on: its commands, the config digests, the
-    algorithm's code and the scripts it runs (:func:`scripts_digest`)."""
-    body = json.dumps([stage.command_line(out, runs), digests, code, scripts_digest(stage)],
-                      sort_keys=True)
+def stage_key(stage: Stage, out: str, runs: str, digests: dict[str, str], code: str,
+              needs: dict[str, str] | None = None, env: dict[str, Any] | None = None) -> str:
+    """Everything a stage's numbers depend on: its commands (with its working folders), the
+    config digests, the code (:func:`code_digest`), the scripts it runs (:func:`scripts_digest`),
+    the runs of the stages it reads (``needs``: name -> run id) and the environment's decisive
+    part (``env``: :func:`snp_ray.runtime.decisive`)."""
+    body = json.dumps([stage.command_line(out, runs, code), digests, code, scripts_digest(stage),
+                       needs or {}, env or {}], sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
@@ -355,14 +394,32 @@ def _record_path(runs: str, stage: Stage) -> Path:
     return here(runs) / "reproduce" / f"{stage.name}.json"
 
 
-def up_to_date(stage: Stage, out: str, runs: str, key: str) -> bool:
-    """Whether the stage's last run had this key and left outputs that are still as it wrote them."""
-    rec = _record_path(runs, stage)
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        data = json.loads(rec.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+#: the file in a working folder that says which code, scripts and environment made it, and when
+STAMP_FILE = "STAMP.json"
+
+
+def read_stamp(folder: str | Path) -> dict[str, Any] | None:
+    """A working folder's stamp (None when it has none, or it cannot be read)."""
+    return _read_json(here(folder) / STAMP_FILE)
+
+
+def up_to_date(stage: Stage, out: str, runs: str, key: str, reuse: bool = False,
+               code: str = "") -> bool:
+    """Whether the stage's last run had this key, left outputs that are still as it wrote them
+    and a working folder still as it stamped it, and (unless ``reuse``) reused nothing."""
+    data = _read_json(_record_path(runs, stage))
+    if not data or data.get("key") != key or (data.get("reused") and not reuse):
         return False
-    if data.get("key") != key:
+    stamp_ = read_stamp(workdir(runs, stage.name, code or data.get("code", "")))
+    if not stamp_ or stamp_.get("run") != data.get("run"):
         return False
     for rel, sha in (data.get("outputs") or {}).items():
         p = here(out) / rel
@@ -371,36 +428,114 @@ def up_to_date(stage: Stage, out: str, runs: str, key: str) -> bool:
     return set(data.get("outputs") or {}) == set(stage.outputs)
 
 
+def open_workdir(folder: str | Path, want: dict[str, Any], reuse: bool = False,
+                 clear: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Make ``folder`` ready for a run; returns (its stamp, what is reused of an earlier run).
+
+    ``want``: what the run will be made with (stage, code, scripts, environment). By default the
+    folder is emptied and stamped afresh with a new run id: the run starts from nothing. With
+    ``reuse``, a folder whose stamp matches ``want`` keeps what an earlier run left (markets,
+    fragments, caches) and the reuse is returned; a mismatch still empties it. ``clear``: a
+    folder to delete first (``--force``: the stage's folders of every code version)."""
+    path = here(folder)
+    if clear is not None and here(clear).exists():
+        shutil.rmtree(here(clear))
+    old = read_stamp(path)
+    kept = (reuse and old is not None and all(old.get(k) == v for k, v in want.items())
+            and any(p.name != STAMP_FILE for p in path.iterdir()))
+    if kept:
+        return old, {"run": old.get("run"), "created": old.get("created"), "commit": old.get("commit")}
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    sha, _ = git_commit()
+    new = {**want, "run": uuid.uuid4().hex[:12], "commit": sha,
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_bytes(path / STAMP_FILE, json.dumps(new, indent=1, sort_keys=True).encode())
+    return new, None
+
+
+def reused_entries(value: Any, where: str = "") -> list[str]:
+    """Where a result holds entries copied from an earlier one (``"reused": true``, as
+    ``snp report`` marks an arch it did not rerun), with the commit each was made at."""
+    out = []
+    if isinstance(value, dict):
+        if value.get("reused") is True:
+            origin = (value.get("reused_from") or {}).get("commit")
+            out.append(where + (f" (made at commit {str(origin)[:12]})" if origin else ""))
+        for k, v in value.items():
+            if k != "provenance":
+                out += reused_entries(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += reused_entries(v, f"{where}[{i}]")
+    return out
+
+
+def _needed_runs(stage: Stage, runs: str, code: str) -> dict[str, str]:
+    """Run id of each stage ``stage`` reads, from its working folder for this code;
+    EngineError when one has not run with this code (it must run first)."""
+    out = {}
+    for n in stage.needs:
+        st = read_stamp(workdir(runs, n, code))
+        if not st or not st.get("run"):
+            raise EngineError(f"stage {stage.name} reads stage {n}'s working folder "
+                              f"{workdir(runs, n, code)}, which this code has not made: run {n} "
+                              f"first (--only {n},{stage.name})")
+        out[n] = st["run"]
+    return out
+
+
 def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = None,
-              runner: Callable[[list[str], dict[str, str]], int] | None = None) -> dict[str, Any]:
-    """Run one stage's commands, then stamp its outputs and record the run."""
+              runner: Callable[[list[str], dict[str, str]], int] | None = None,
+              reuse: bool = False, force: bool = False,
+              environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one stage's commands in its working folder (fresh unless ``reuse``; every code
+    version's folder of the stage deleted first with ``force``), then stamp its outputs and
+    record the run."""
     digests, code = stage.digests(), code_digest()
-    key = stage_key(stage, out, runs, digests, code)
+    environment = environment or current_environment()
     at = (*git_commit(), code)          # what the outputs are stamped with, taken before the run
+    needs = _needed_runs(stage, runs, code)
+    folder = workdir(runs, stage.name, code)
+    want = {"stage": stage.name, "code": code, "scripts": scripts_digest(stage),
+            "environment": decisive(environment)}
+    stamp_, reused_dir = open_workdir(folder, want, reuse,
+                                      clear=workdir(runs, stage.name, "") if force else None)
+    key = stage_key(stage, out, runs, digests, code, needs, decisive(environment))
     t0 = time.perf_counter()
     # saved presets (tuned-T1, size-T1-resnet20) live with the stage's other run files
-    run_env = {**os.environ, "SNP_PRESETS": str(Path(runs) / "presets"), **(env or {}),
+    run_env = {**os.environ, "SNP_PRESETS": str(Path(folder) / "presets"), **(env or {}),
                "PYTHONPATH": os.pathsep.join(
                    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    for argv in stage.argv(out, runs):
+    for argv in stage.argv(out, runs, code=code, reuse=reuse):
         log.info("[%s] %s", stage.name, " ".join(argv))
         rc = (runner or _subprocess)(argv, run_env)
         if rc != 0:
             raise EngineError(f"stage {stage.name}: `{' '.join(argv)}` exited with {rc}")
     seconds = time.perf_counter() - t0
-    shas = {}
+    results = {}
     for rel in stage.outputs:
         path = here(out) / rel
         if not path.is_file():
             raise EngineError(f"stage {stage.name} did not write {path}")
-        result = relative(json.loads(path.read_text()))
-        stamp(result, digests, stage.command_line(out, runs), stage.name, at)
+        results[rel] = relative(json.loads(path.read_text()))
+    entries = sorted({f"{rel}: {e}" for rel, r in results.items() for e in reused_entries(r)})
+    reused = {k: v for k, v in (("workdir", reused_dir), ("entries", entries)) if v}
+    shas = {}
+    for rel, result in results.items():
+        stamp(result, digests, stage.command_line(out, runs, code, reuse), stage.name, at,
+              environment=environment, reused=reused, workdir=folder)
         result["provenance"]["seconds"] = round(seconds, 1)
+        result["provenance"]["run"] = stamp_["run"]
+        path = here(out) / rel
         atomic_write_bytes(path, json.dumps(result, indent=1, default=str).encode())
         shas[rel] = _sha(path)
     sha, dirty, _ = at
     record = {"stage": stage.name, "key": key, "commit": sha, "dirty": dirty, "code": code,
-              "digests": digests, "seconds": round(seconds, 1), "outputs": shas}
+              "digests": digests, "seconds": round(seconds, 1), "outputs": shas,
+              "run": stamp_["run"], "workdir": folder, "needs": needs, "reused": reused or False,
+              "environment": environment}
     atomic_write_bytes(_record_path(runs, stage), json.dumps(record, indent=1).encode())
     return record
 
@@ -411,21 +546,30 @@ def _subprocess(argv: list[str], env: dict[str, str]) -> int:
 
 def run_stages(stages: list[Stage], out: str, runs: str, force: bool = False,
                runner: Callable[[list[str], dict[str, str]], int] | None = None,
-               keep_going: bool = False) -> list[dict[str, Any]]:
+               keep_going: bool = False, reuse: bool = False) -> list[dict[str, Any]]:
     """Run ``stages`` in order (each after the stages it needs, when those are selected),
-    skipping the up-to-date ones unless ``force``. Returns one row per stage."""
+    skipping the up-to-date ones unless ``force``. Each stage that runs gets a fresh working
+    folder unless ``reuse`` (:func:`open_workdir`); ``force`` deletes the stage's working
+    folders first. Returns one row per stage, naming what a run reused."""
+    if force and reuse:
+        raise ConfigError("--force deletes the working folders that --reuse would keep: give one")
     rows, failed = [], set()
+    code, environment = code_digest(), current_environment()
     for stage in stages:
         if any(n in failed for n in stage.needs):
             rows.append({"stage": stage.name, "status": "blocked", "by": sorted(failed & set(stage.needs))})
             continue
-        key = stage_key(stage, out, runs, stage.digests(), code_digest())
-        if not force and up_to_date(stage, out, runs, key):
-            log.info("[%s] up to date: skipped", stage.name)
-            rows.append({"stage": stage.name, "status": "skipped (inputs unchanged)"})
-            continue
-        try:
-            rec = run_stage(stage, out, runs, runner=runner)
+        try:            # a stage it reads that this code has not made fails it like its commands
+            needs = _needed_runs(stage, runs, code)
+            key = stage_key(stage, out, runs, stage.digests(), code, needs, decisive(environment))
+            if not force and up_to_date(stage, out, runs, key, reuse, code):
+                log.info("[%s] up to date: skipped", stage.name)
+                rec = _read_json(_record_path(runs, stage)) or {}
+                rows.append({"stage": stage.name, "status": "skipped (inputs unchanged)",
+                             "workdir": workdir(runs, stage.name, code), "reused": rec.get("reused") or False})
+                continue
+            rec = run_stage(stage, out, runs, runner=runner, reuse=reuse, force=force,
+                            environment=environment)
         except EngineError as e:
             if not keep_going:
                 raise
@@ -433,8 +577,18 @@ def run_stages(stages: list[Stage], out: str, runs: str, force: bool = False,
             failed.add(stage.name)
             rows.append({"stage": stage.name, "status": "failed", "error": str(e)})
             continue
-        rows.append({"stage": stage.name, "status": "ran", "seconds": rec["seconds"]})
+        rows.append({"stage": stage.name, "status": "ran", "seconds": rec["seconds"],
+                     "workdir": rec["workdir"], "reused": rec["reused"]})
     return rows
+
+
+def render_runs(rows: list[dict[str, Any]]) -> str:
+    """The stages of one ``make results`` as a table: what ran, where, and what it reused."""
+    lines = ["| stage | status | working folder | reused |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['status']} | {r.get('workdir') or '–'} | "
+                     f"{reuse_note(r.get('reused')) or 'nothing (from nothing)'} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------- staleness
@@ -452,9 +606,13 @@ def stage_status(path: str | Path, out: str | Path, code: str | None = None) -> 
         return {"path": str(path), "status": "stale", "stage": stage and stage.name,
                 "why": ["no provenance: made before results recorded their commit and digests"]}
     name = stage.name if stage else prov.get("stage")
+    # what it reused: as its stamp says, or (stamped before stamps said) the entries it copied
+    copied = reused_entries(result)
+    reused = prov.get("reused") or ({"entries": copied} if copied else False)
     row = {"path": str(path), "stage": name, "commit": prov.get("commit", "unknown"),
            "created": prov.get("created", ""), "dirty": bool(prov.get("dirty")),
-           "code_changed": bool(prov.get("code")) and prov.get("code") != (code or code_digest())}
+           "code_changed": bool(prov.get("code")) and prov.get("code") != (code or code_digest()),
+           "reused": reused, "environment": prov.get("environment")}
     if prov.get("legacy"):
         row.update(status="stale", why=[prov.get("why") or "made before make results existed"])
         return row
@@ -472,22 +630,40 @@ def status_table(out: str | Path) -> list[dict[str, Any]]:
     return [stage_status(p, out, code) for p in sorted(out.rglob("*.json"))]
 
 
+def made_with(env: Any) -> str:
+    """An environment (:func:`snp_ray.runtime.environment`) in a few words: engine, device,
+    precision (slicing/packing), torch; "–" when none was recorded."""
+    if not isinstance(env, dict):
+        return "–"
+    prec = env.get("precision") or {}
+    prec = "/".join(str(prec.get(k, "?")) for k in ("slicing", "packing")) if isinstance(prec, dict) else prec
+    forced = " (forced)" if env.get("precision_forced") else ""
+    return (f"{env.get('engine', '?')}, {env.get('device', '?')}, {prec}{forced}, "
+            f"torch {env.get('torch', '?')}")
+
+
 def render_provenance(rows: list[dict[str, Any]], out: str | Path) -> str:
-    """provenance.md: which commit each results JSON came from, and whether it is stale."""
+    """provenance.md: which commit each results JSON came from, what it was made with, what it
+    reused, and whether it is stale."""
     sha, dirty = git_commit()
     lines = ["# Where each published result came from", "",
              f"Checked against the code at `{sha[:12]}`{' (with uncommitted changes)' if dirty else ''}"
-             f" (algorithm digest `{code_digest()}`). A result is **stale** when the config digests"
+             f" (code digest `{code_digest()}`). A result is **stale** when the config digests"
              " it recorded differ from those the current defaults give, or it recorded none. "
-             "`make results` (python jobs/reproduce_all.py) regenerates them.", "",
-             "| results JSON | stage | commit | status | why |", "|---|---|---|---|---|"]
+             "`make results` (python jobs/reproduce_all.py) regenerates them from nothing; "
+             "*reused* names what a result took from earlier runs instead "
+             "(docs/REPRODUCIBILITY.md).", "",
+             "| results JSON | stage | commit | status | made with | reused | why |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        notes = (["algorithm code changed since"] if r.get("code_changed") else []) + (
-            ["made with uncommitted changes"] if r.get("dirty") else [])
+        notes = (["code changed since"] if r.get("code_changed") else []) + (
+            ["made with uncommitted changes"] if r.get("dirty") else []) + (
+            ["reused earlier work"] if r.get("reused") else [])
         why = "; ".join((r.get("why") or []) + ([] if r["status"] == "stale" else notes))
         status = "**stale**" if r["status"] == "stale" else ("fresh" if not notes else "current digests")
         lines.append(f"| `{Path(r['path']).relative_to(here(out)).as_posix()}` | {r.get('stage') or '–'} | "
-                     f"{(r.get('commit') or '–')[:12]} | {status} | {why} |")
+                     f"{(r.get('commit') or '–')[:12]} | {status} | {made_with(r.get('environment'))} | "
+                     f"{reuse_note(r.get('reused')) or '–'} | {why} |")
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(here(out) / "provenance.md", text.encode())
     return str(here(out) / "provenance.md")

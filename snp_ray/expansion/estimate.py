@@ -165,7 +165,7 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     from snp_ray.engine.job import SliceJobConfig, run_slice_job
     from snp_ray.evaluation.protocol import market_config
     from snp_ray.market import build_market
-    from snp_ray.runtime import ensure_ray
+    from snp_ray.runtime import ensure_ray, worker_env
 
     task = get_task(cfg.task)
     if cfg.holders == "own" and task.target_mode != "one_per_model":
@@ -178,7 +178,7 @@ def run_expansion(cfg: ExpansionConfig, build: bool = True) -> dict[str, Any]:
     out_dir = Path(cfg.out) / cfg.task
     out_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
-    env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR") if k in os.environ}
+    env = worker_env()
     remote = ray.remote(num_cpus=1, max_retries=2)(_evaluate_combo)
     featurize = ray.remote(num_cpus=1, max_retries=2)(_fragment_features)
     from snp_ray.market import Market

@@ -81,7 +81,7 @@ def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, A
 
 def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> list[ModelSpec]:
     """Train the models of ``cfg.task`` that ``root`` lacks; return every model's spec."""
-    from snp_ray.runtime import ensure_ray
+    from snp_ray.runtime import ensure_ray, worker_env
 
     store = ModelStore(root)
     task = get_task(cfg.task)
@@ -96,7 +96,7 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
         ensure_ray()           # before importing Ray: it sets the driver's Ray log defaults
         import ray
 
-        env = {k: os.environ[k] for k in ("SNP_DATA_ROOT", "SNP_CACHE_DIR", "SNP_DEVICE") if k in os.environ}
+        env = worker_env()
         # on a cluster with GPUs, the models share them (a fraction each); else CPUs only
         gpus = float(ray.cluster_resources().get("GPU", 0))
         share = min(1.0, gpus / len(todo)) if gpus else 0.0

@@ -609,7 +609,7 @@ RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
 
 
 def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, folds: int = 5,
-                 grid: tuple[float, ...] = RIDGE_GRID, seed: int = 0) -> tuple[torch.Tensor, float]:
+                 grid: tuple[float, ...] | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
     """The repair ``L`` (dropped x kept) that predicts dropped activations from kept ones, by
     ridge regression with its strength chosen by cross-validation over few-shot SAMPLES.
 
@@ -618,7 +618,9 @@ def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, fold
     positions are correlated). An unregularised fit interpolates where rows < k (a 1x1 layer of
     a 32x32 ResNet has one row per sample) and predicts held-out samples worse than no repair at
     all; here "no repair" (``inf``) is a candidate, so on the held-out folds the chosen repair
-    does no worse than none. Returns ``(L, chosen strength)``."""
+    does no worse than none. ``grid``: the strengths tried (default :data:`RIDGE_GRID`, read at
+    each call). Returns ``(L, chosen strength)``."""
+    grid = RIDGE_GRID if grid is None else grid
     zk, zd = zk.double(), zd.double()
     k = zk.shape[1]
     ids = torch.unique(samples)

@@ -6,9 +6,9 @@ the packs are scored on fold f. Nothing here can reach the test split: the funct
 market (whose only data door is the train split's few-shot manifests) and the tuning package is
 scanned by tests/test_isolation.py.
 
-Fragments are cached on disk by (model, class, slicing config, k, fold), so a trial that changes
-only packing knobs (δ, the packing learning rate or epochs) reuses every fragment instead of
-reslicing.
+Fragments are cached on disk by (model, class, slicing config, k, fold, code digest), so a
+trial that changes only packing knobs (δ, the packing learning rate or epochs) reuses every
+fragment instead of reslicing, and no code version reads another's.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from snp_ray.config import Config, check_range
+from snp_ray.config import Config, check_range, code_digest
 from snp_ray.data.fewshot import FewShotSet, key_order, sample_keys
 from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
@@ -91,23 +91,26 @@ def market_folds(market: Market, cv: "CVConfig") -> dict[str, int]:
 
 
 class FragmentCache:
-    """Fragments of one CV fold on disk, keyed by everything that determines them.
+    """Fragments of one CV fold on disk, keyed by everything that determines them, the code that
+    slices them included (:func:`snp_ray.config.code_digest`): a cache made by older code is
+    never read.
 
     Safe for concurrent trials on one node: a fragment becomes visible only when its spec (written
     last, atomically) exists; two trials that race both write identical content."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, code: str | None = None):
         self.root = Path(root)
+        self.code = code or code_digest()
         self.made = 0
         self.reused = 0
 
-    @staticmethod
-    def key(model_identity: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
+    def key(self, model_identity: str, class_id: int, cfg: SliceConfig, k: int, seed: int, folds: int,
             fold: int, fold_seed: int, train_rows: list[str]) -> str:
         """Everything that decides the fragment, the exact training rows included (folds depend
-        on every model of the market, so the same model in another market may train on others)."""
+        on every model of the market, so the same model in another market may train on others),
+        and the code digest."""
         body = json.dumps([model_identity, int(class_id), cfg.digest(), k, seed, folds, fold, fold_seed,
-                           sorted(str(r) for r in train_rows)])
+                           sorted(str(r) for r in train_rows), self.code])
         return hashlib.sha256(body.encode()).hexdigest()[:32]
 
     def has(self, key: str) -> bool:
