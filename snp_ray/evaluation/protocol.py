@@ -32,8 +32,13 @@ log = logging.getLogger(__name__)
 #: (width, original-model epochs) per architecture at CPU scale
 ARCH_DEFAULTS: dict[str, tuple[float, int]] = {
     "vgg11": (0.25, 12), "vgg16": (1.0, 30), "resnet20": (1.0, 8), "resnet34": (1.0, 30),
-    "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10),
+    "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10), "vit": (1.0, 15),
+    "transformer": (1.0, 10),
 }
+#: training settings per architecture beyond the defaults: a ViT trains with AdamW and decoupled
+#: weight decay, the usual ViT recipe (fixed before any run; never tuned on test data)
+ARCH_TRAIN: dict[str, dict[str, Any]] = {"vit": {"optimizer": "adamw", "lr": 2e-3,
+                                                 "weight_decay": 0.05}}
 #: S&P variants of Table 2: rate (R) and threshold (T) selection
 VARIANTS = {"S&P (R)": {"mode": "rate", "beta": 0.5}, "S&P (T)": {"mode": "threshold", "beta": 0.6}}
 PAPER_ARCH = {"vgg": "VGG16", "resnet": "ResNet34"}
@@ -73,7 +78,8 @@ def market_config(task: str, arch: str, width: float = 0.0, epochs: int = 0,
     """The CPU-scale market of ``task`` with ``arch`` (defaults from ARCH_DEFAULTS)."""
     w, e = ARCH_DEFAULTS.get(arch, (1.0, 10))
     return MarketConfig(task=task, arch=arch, width=width or w,
-                        train=TrainConfig(epochs=epochs or e, train_fraction=train_fraction),
+                        train=TrainConfig(epochs=epochs or e, train_fraction=train_fraction,
+                                          **ARCH_TRAIN.get(arch, {})),
                         ks=ks or [5, 10, 20])
 
 

@@ -204,10 +204,21 @@ def workdir(runs: str, stage: str, code: str) -> str:
     return "/".join(x for x in (runs.rstrip("/"), "stages", stage, code) if x)
 
 
-def _report(task: str, archs: str, ks: str) -> tuple[str, ...]:
+def _report(task: str, archs: str, ks: str, out: str = "{out}",
+            baselines: tuple[str, ...] = ()) -> tuple[str, ...]:
     return ("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs, "--k", ks,
-            "--targets", "5", "--preset", "quick", "--root", "{runs}/tables", "--out", "{out}",
-            "{fresh}", "--json")
+            "--targets", "5", "--preset", "quick", *baselines, "--root", "{runs}/tables",
+            "--out", out, "{fresh}", "--json")
+
+
+def _attention_stage(task: str, arch: str, ks: str, title: str) -> "Stage":
+    """An attention model's table beside the task's CNN/RNN one (#27 section 4): its own results
+    folder, so that the task's published table is not rewritten. The baselines the issue asks
+    for (Ensemble, Finetune); CA-MKD and NetGraft are CNN-era methods left to the CNN tables."""
+    return Stage(f"{task}-{arch}", title,
+                 (_report(task, arch, ks, f"{{out}}/{arch}", ("--baselines", "ensemble,finetune")),),
+                 (f"{arch}/{task}/results.json",),
+                 lambda: table_digests(task, [arch], ks=[int(k) for k in ks.split(",")]))
 
 
 def _diagnosis(variants: tuple[str, ...], name: str) -> tuple[str, ...]:
@@ -222,6 +233,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("T6/results.json",), lambda: table_digests("T6", ["gru"], ks=TEXT_KS)),
     Stage("T7", "T7 (SST-5, TextCNN): the paper's Table 3", (_report("T7", "textcnn", "5,10"),),
           ("T7/results.json",), lambda: table_digests("T7", ["textcnn"], ks=TEXT_KS)),
+    _attention_stage("T6", "transformer", "5,10", "T6 (TREC) with a 2-layer text Transformer (#27)"),
+    _attention_stage("T7", "transformer", "5,10", "T7 (SST-5) with a 2-layer text Transformer (#27)"),
+    _attention_stage("T1", "vit", "5,10,20", "T1 (CIFAR-10) with three 4-layer ViTs (#27)"),
     Stage("T1", "T1 (CIFAR-10, VGG11 x 1/4 and ResNet-20): the paper's Table 2",
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),
           lambda: table_digests("T1", ["vgg11", "resnet20"])),

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 SCHEDULES = ("warmup_cosine", "constant")
+OPTIMIZERS = ("auto", "sgd", "adamw")
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TrainConfig(Config):
     #: image LR schedule: warm-up then cosine, or "constant" (the learnware recipe: plain SGD)
     schedule: str = added_field("warmup_cosine")
     nesterov: bool = added_field(True)
+    #: "auto": SGD (momentum) for images, AdamW for text; "adamw" also for images (a ViT)
+    optimizer: str = added_field("auto")
 
     def validate(self) -> None:
         name = "TrainConfig"
@@ -55,6 +58,8 @@ class TrainConfig(Config):
         check_range(name, "threads", self.threads, 1, 1024)
         if self.lr is not None:
             check_range(name, "lr", self.lr, 0.0, 10.0, lo_open=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -164,9 +169,10 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Trai
         fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
         x = x.contiguous(memory_format=fmt)
         model = model.to(memory_format=fmt)
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr or 0.05, momentum=0.9, nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay)
+    opt: torch.optim.Optimizer
+    if cfg.optimizer == "sgd" or (cfg.optimizer == "auto" and image):
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr or 0.05, momentum=0.9,
+                              nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr or 2e-3, weight_decay=cfg.weight_decay)
 

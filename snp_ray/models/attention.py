@@ -50,9 +50,12 @@ class HeadAttention(nn.Module):
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: optional (batch, tokens) bool, the keys each query may attend to."""
         q, k = self.q_norm(self._heads(q)), self.k_norm(self._heads(k))
-        out = F.scaled_dot_product_attention(q, k, self._heads(v), scale=self.scale,
+        mask = None if keep is None else keep[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, self._heads(v), attn_mask=mask, scale=self.scale,
                                              dropout_p=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).flatten(-2)
 
@@ -77,13 +80,15 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_dropout)
         self.mha_call, self.batch_first = mha_call, batch_first
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.core(self.q(query), self.k(key), self.v(value))))
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.core(self.q(query), self.k(key), self.v(value), keep)))
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+                attn_mask=None, average_attn_weights=True, is_causal=False, keep=None):
+        """``keep``: (batch, tokens) bool, the real tokens (our text encoder's padding mask)."""
         if not self.mha_call:       # timm: attn(x, attn_mask=None); no mask reaches a classifier
-            return self.attend(query, query, query)
+            return self.attend(query, query, query, keep)
         if key_padding_mask is not None or attn_mask is not None or need_weights:
             raise ConfigError("the sliceable attention supports unmasked self-attention without "
                               "returned weights (need_weights=False)")

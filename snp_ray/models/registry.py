@@ -16,12 +16,13 @@ from snp_ray.models.resnet import LAYOUTS, resnet
 from snp_ray.models.rnn import rnn
 from snp_ray.models.textcnn import textcnn
 from snp_ray.models.vgg import CONFIGS, vgg
+from snp_ray.models.vit import transformer, vit
 
 
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str        # vgg | resnet | convnet | textcnn | rnn
+    family: str        # vgg | resnet | convnet | vit | textcnn | rnn | transformer
     modality: str      # image | text
     builder: Callable[..., Classifier]
 
@@ -36,6 +37,8 @@ for _name in CONVNETS:
 ARCHS["textcnn"] = Arch("textcnn", "textcnn", "text", textcnn)
 ARCHS["gru"] = Arch("gru", "rnn", "text", partial(rnn, cell="gru"))
 ARCHS["lstm"] = Arch("lstm", "rnn", "text", partial(rnn, cell="lstm"))
+ARCHS["vit"] = Arch("vit", "vit", "image", vit)
+ARCHS["transformer"] = Arch("transformer", "transformer", "text", transformer)
 
 #: vocabulary size used to report text-model sizes when no real vocabulary is at hand
 REFERENCE_VOCAB = 10_000

@@ -262,7 +262,10 @@ class _Tracing:
         """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
         rides on the units; constants and tensors broadcast over the units are inert."""
         ops = [a for a in node.args if isinstance(a, fx.Node)]
-        lays = [self.layouts.get(a) for a in ops]
+        ndim = len(_shape(node))
+        # broadcasting lines dims up from the end: (T, d) + (B, T, d) puts units on dim 2
+        lays = [None if self.layouts.get(a) is None else
+                self.layouts[a].at(ndim - len(_shape(a)) + self.layouts[a].dim) for a in ops]
         a = self.align(node, kind, [lay for lay in lays if lay is not None])
         for op, lay in zip(ops, lays):
             if lay is not None:
@@ -648,7 +651,7 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 sid = st.new_space(node, node.target, size // inner, pos)
                 st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])], inner)
             elif h is not None and h.couples_inputs:        # attention over heads
-                st.layouts[node] = st.couple(node, [a for a in node.args if isinstance(a, fx.Node)])
+                st.layouts[node] = st.couple(node, list(node.args[:h.couples_inputs]))
             elif h is not None and h.produces(mod) and not h.consumes(mod) and isinstance(mod, nn.Embedding):
                 out_dim = len(_shape(node)) - 1
                 sid = st.new_space(node, node.target, _shape(node)[out_dim], pos)

@@ -35,9 +35,9 @@ class Handler:
     #: the module mixes units through statistics over them (LayerNorm over channels): the groups
     #: it normalises are kept whole, since dropping a unit would change every other unit's output
     normalises = False
-    #: a parameter-free module whose tensor inputs carry the same units one to one and whose
-    #: output carries them on (attention over heads): its inputs are coupled into one group
-    couples_inputs = False
+    #: a parameter-free module whose first ``couples_inputs`` tensor inputs carry the same units
+    #: one to one and whose output carries them on (attention: q, k, v heads): one group
+    couples_inputs = 0
 
     def out_inner(self, module: nn.Module) -> int:
         """Positions of the output's unit dim per unit (a head of ``head_dim`` outputs)."""
@@ -207,7 +207,7 @@ class HeadAttentionHandler(Handler):
     repair of a dropped head rebuilds its *output* (all ``head_dim`` positions, every token)
     from the kept heads' outputs, folded into the output projection."""
 
-    couples_inputs = True
+    couples_inputs = 3          # q, k, v (a padding mask after them carries no units)
 
     def produces(self, module):
         return True
