@@ -163,3 +163,66 @@ def test_getitem_may_index_tokens_but_not_slice_units():
     assert g.groups[0].output_offsets == [0]
     with pytest.raises(UnsupportedLayerError, match="slices the unit dim"):
         trace(Net(True), torch.randn(2, 3, 4, 4))
+
+
+def test_zoo_transformers_slice_with_padding_masked():
+    """The zoo's ViT and text Transformer: heads and MLP units drop, fusion is exact, and the
+    text model's padding never changes a sentence's features (nor its fragment's)."""
+    from snp_ray.data.fewshot import FewShotManifest, FewShotSet
+    from snp_ray.data.specs import TextSpec
+    from snp_ray.models import build_model
+
+    torch.manual_seed(0)
+    spec, fs = _fewshot()
+    _check_slice(build_model("vit", 3, 0.5), spec, fs)
+    vocab = ["<pad>", "<unk>"] + [f"w{i}" for i in range(40)]
+    tspec = TextSpec(vocab=vocab, max_len=12)
+    texts = [" ".join(f"w{(3 * i + j) % 40}" for j in range(2 + i % 7)) for i in range(12)]
+    labels = torch.arange(12).remainder(3).numpy()
+    rows = [[i for i in range(12) if labels[i] == c] for c in range(3)]
+    tfs = FewShotSet(FewShotManifest(dataset="synthetic", k=4, seed=0, classes=[0, 1, 2], row_ids=rows),
+                     texts, labels, ["a", "b", "c"])
+    model = build_model("transformer", 3, 0.25, vocab_size=len(vocab)).eval()
+    slicer = Slicer(model, tspec, tfs, slice_preset("quick", **ONE))
+    out = slicer.slice_class(1)
+    x = tspec.encode(texts)
+    with torch.no_grad():
+        fused, unfused = out.features(x), slicer.repaired_features(x)
+        assert float((fused - unfused).norm() / unfused.norm()) <= 1e-5
+        longer = torch.cat([x, torch.zeros(len(texts), 4, dtype=x.dtype)], 1)  # more padding
+        torch.testing.assert_close(model.features(longer), model.features(x))
+        torch.testing.assert_close(out.features(longer), fused)
+    assert any(len(out.kept[g.id]) < g.size for g in slicer.graph.groups)
+
+
+def test_a_vit_cnn_and_torchvision_pack_exports_match(tmp_path):
+    """One ViT fragment, one VGG fragment and one from a torchvision model in one pack; its
+    ONNX and torch.export files match PyTorch within 1e-4 at batch sizes 1 and 7."""
+    import numpy as np
+    import torchvision
+
+    from conftest import as_fragment, make_fragment
+    from snp_ray.data.fewshot import FewShotManifest, FewShotSet
+    from snp_ray.data.specs import ImageSpec
+    from snp_ray.packing import PackConfig, Packer, PackSamples
+    from test_packing import assert_exports_match
+
+    a, fa = make_fragment("vit", 0, ImageSpec(mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2]), 1)
+    b, fb = make_fragment("vgg11", 4, ImageSpec(), 2, classes=(3, 4, 5))
+    torch.manual_seed(3)
+    spec = ImageSpec()
+    labels = np.repeat([6, 7, 8], 3)
+    fc = FewShotSet(FewShotManifest(dataset="cifar10", k=3, seed=3, classes=[6, 7, 8],
+                                    row_ids=[list(range(300 + 3 * i, 303 + 3 * i)) for i in range(3)]),
+                    np.random.default_rng(3).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8),
+                    labels, ["c6", "c7", "c8"])
+    raw = torchvision.models.mobilenet_v3_small(weights=None, num_classes=3, width_mult=0.25).eval()
+    tv = split_classifier(raw, spec.encode(fc.raw[:2]))
+    slicer = Slicer(tv, spec, fc, slice_preset("quick", **ONE))
+    c = as_fragment(slicer.slice_class(7), slicer, "torchvision:mobilenet_v3_small?width_mult=0.25",
+                    1.0, 7, 3)
+    samples = PackSamples.from_fewshot([fa, fb, fc], [0, 4, 7])
+    packed = Packer(PackConfig(epochs=5, hidden=16, augment_views=2)).pack([a, b, c], samples, [0, 4, 7])
+    rng = np.random.default_rng(0)
+    assert_exports_match(packed, lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                         tmp_path / "x")
