@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from conftest import png_bytes, write_image_parquet
 from snp_ray.artifacts import sha256_bytes
 from snp_ray.cli import main
-from snp_ray.errors import ModelExistsError, WeightsError
+from snp_ray.errors import ConfigError, ModelExistsError, WeightsError
 from snp_ray.market import Market
 from snp_ray.models import build_model
 from snp_ray.slicing import slice_missing, slice_preset
@@ -164,6 +164,31 @@ def test_added_torchvision_model_slices_and_its_fragment_reloads(store_copy):
     assert rc == 0 and again["test_accuracy"] == pytest.approx(out["test_accuracy"])
 
 
+def test_a_conv_head_model_is_added_and_slices(files, store_copy):
+    """squeezenet1_1's head is a 1x1 conv, ReLU and global average pooling (#27 section 3): taken
+    at add (the conv stays in the features, the head is the identity on its class scores), its
+    class count read from the conv's weight, sliced, and reloaded from the store."""
+    d, _, _ = files
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=3).eval()
+    save_file(model.state_dict(), d / "squeeze.safetensors")
+    market = Market(store_copy)
+    with pytest.raises(ConfigError, match="2 classes but the weights' head classifier.1 has 3 outputs"):
+        market.add_model("torchvision:squeezenet1_1", d / "squeeze.safetensors", ["airplane", "cat"],
+                         "cifar10", k=5, model_id="sq")
+    market.add_model("torchvision:squeezenet1_1", d / "squeeze.safetensors", CLASSES.split(","),
+                     "cifar10", k=5, model_id="sq")
+    clf, _ = market.model("sq")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clf(x), model(x))
+    made = list(slice_missing(market, 5, slice_preset("smoke"), model_ids=["sq"], class_id=3))
+    _, _, key, frag = made[0]
+    assert frag.spec.params < frag.spec.source_params
+    with torch.no_grad():
+        torch.testing.assert_close(FragmentStore(store_copy / "fragments").get(key)(x), frag(x))
+
+
 def _upload(path: Path, per_class: dict[int, int], seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     labels = np.concatenate([[c] * n for c, n in per_class.items()])
@@ -212,8 +237,9 @@ BAD = {
     "unknown source": (lambda d: {"--arch": "keras:resnet"}, "UnknownNameError", ["torchvision", "timm"]),
     "id already exists": (lambda d: {}, "ModelExistsError", ["mv2", "--replace"]),
     "NaN weights": (lambda d: {"--weights": str(d / "nan.safetensors")}, "WeightsError", ["NaN"]),
-    "no single final Linear": (lambda d: {"--arch": "torchvision:squeezenet1_1"}, "ConfigError",
-                               ["final nn.Linear"]),
+    # a distilled DeiT averages two Linear heads (squeezenet's 1x1 conv head is taken since #27)
+    "no single final Linear": (lambda d: {"--arch": "timm:deit_tiny_distilled_patch16_224",
+                                          "--input-size": "224"}, "ConfigError", ["final nn.Linear"]),
     "input size the model cannot run": (
         lambda d: {"--arch": "snp:vgg11?width=0.125", "--weights": str(d / "vgg.safetensors"),
                    "--input-size": "8"}, "ConfigError", ["cannot run", "8x8"]),

@@ -150,8 +150,8 @@ def _default_id(arch: str, existing: list[str]) -> str:
 
 
 def _head_outputs(tensors: dict[str, torch.Tensor], head_path: str) -> int | None:
-    w = tensors.get(f"{head_path}.weight")
-    return int(w.shape[0]) if w is not None and w.dim() == 2 else None
+    w = tensors.get(f"{head_path}.weight")      # a Linear's, or a 1x1 conv head's (K, C, 1, 1)
+    return int(w.shape[0]) if w is not None and w.dim() in (2, 4) else None
 
 
 def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str], dataset: str, *,

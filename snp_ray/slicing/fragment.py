@@ -196,13 +196,16 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
             total += out.numel() // batch * per_out
         elif isinstance(mod, nn.Linear):
             total += out.numel() // batch * mod.in_features
-        elif isinstance(mod, (nn.GRU, nn.LSTM)):
-            gates = 3 if isinstance(mod, nn.GRU) else 4
+        elif isinstance(mod, nn.RNNBase):      # every layer: its input, then its own state
+            gates = {"GRU": 3, "LSTM": 4}.get(mod.mode, 1)
             steps = inp[0].shape[1] if mod.batch_first else inp[0].shape[0]
-            total += steps * gates * mod.hidden_size * (mod.input_size + mod.hidden_size)
+            h, dirs = mod.hidden_size, 2 if mod.bidirectional else 1
+            for k in range(mod.num_layers):
+                width = mod.input_size if k == 0 else dirs * h
+                total += dirs * steps * gates * h * (width + h)
 
     hooks = [m.register_forward_hook(hook) for m in module.modules()
-             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.GRU, nn.LSTM))]
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.RNNBase))]
     try:
         with torch.no_grad():
             module.eval()(example[:1])

@@ -258,15 +258,20 @@ class _Tracing:
             self.members.append((node.target, sid, off))
         return a
 
-    def join(self, node: fx.Node, kind: str) -> Layout:
+    def join(self, node: fx.Node, kind: str) -> Layout | None:
         """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
-        rides on the units; constants and tensors broadcast over the units are inert."""
+        rides on the units; constants and tensors broadcast over the units are inert, and so is
+        a traced operand one unit wide broadcast over the others' units (``_unbroadcast``)."""
         ops = [a for a in node.args if isinstance(a, fx.Node)]
         ndim = len(_shape(node))
+        raw = _unbroadcast(self, node, ops, [self.layouts.get(a) for a in ops], kind)
         # broadcasting lines dims up from the end: (T, d) + (B, T, d) puts units on dim 2
-        lays = [None if self.layouts.get(a) is None else
-                self.layouts[a].at(ndim - len(_shape(a)) + self.layouts[a].dim) for a in ops]
-        a = self.align(node, kind, [lay for lay in lays if lay is not None])
+        lays = [None if lay is None else lay.at(ndim - len(_shape(op)) + lay.dim)
+                for op, lay in zip(ops, raw)]
+        traced = [lay for lay in lays if lay is not None]
+        if not traced:          # only broadcast width-1 operands carried units
+            return None
+        a = self.align(node, kind, traced)
         for op, lay in zip(ops, lays):
             if lay is not None:
                 continue
@@ -305,21 +310,25 @@ class OpRule:
 OP_RULES: dict[Callable | str, OpRule] = {}
 
 
-def register_op_rule(rule: OpRule) -> Callable[[], None]:
-    """Route every target of ``rule`` to it (per process: register at import time so that worker
-    processes see it too); returns a function that restores what it replaced."""
-    keys = (*rule.functions, *rule.methods)
-    before = {k: OP_RULES.get(k) for k in keys}
-    OP_RULES.update(dict.fromkeys(keys, rule))
+def _register(table: dict, keys: tuple, rule: OpRule) -> Callable[[], None]:
+    """Route ``keys`` of ``table`` to ``rule``; returns a function that restores what it replaced."""
+    before = {k: table.get(k) for k in keys}
+    table.update(dict.fromkeys(keys, rule))
 
     def remove() -> None:
         for k, old in before.items():
-            if OP_RULES.get(k) is rule:
+            if table.get(k) is rule:
                 if old is None:
-                    del OP_RULES[k]
+                    del table[k]
                 else:
-                    OP_RULES[k] = old
+                    table[k] = old
     return remove
+
+
+def register_op_rule(rule: OpRule) -> Callable[[], None]:
+    """Route every target of ``rule`` to it (per process: register at import time so that worker
+    processes see it too); returns a function that restores what it replaced."""
+    return _register(OP_RULES, (*rule.functions, *rule.methods), rule)
 
 
 def _rule_for(node: fx.Node) -> OpRule | None:
@@ -604,6 +613,130 @@ for _rule in (_Cat(), _Shape(), _GetItem(), _Gather(), _Squeeze(), _Flatten(), _
 del _rule
 
 
+# --- issue #27 §3 rules: resampling and padding, reductions over the unit dim, a one-unit operand
+# broadcast over the units (CBAM's spatial gate), and weightless modules that follow an op rule
+def _where(node: fx.Node) -> str:
+    """The module path for an error message: a module's own path, else the node's (``_path``)."""
+    return str(node.target) if node.op == "call_module" else _path(node)
+
+
+def _op_name(node: fx.Node, tracing: _Tracing) -> str:
+    if node.op == "call_module":
+        return type(tracing.modules[node.target]).__name__
+    return f"{node.op} {_name(node.target)}"
+
+
+def _unbroadcast(tracing: _Tracing, node: fx.Node, ops: list[fx.Node], lays: list[Layout | None],
+                 kind: str) -> list[Layout | None]:
+    """``lays`` without the traced operands that are one position wide on the unit dim while the
+    result is wider there: such an operand is broadcast over the other operands' units (CBAM's
+    spatial gate ``x * sigmoid(conv(...))``, a 1-channel conv), so its one unit is read by every
+    unit of the result and must not be coupled with them unit by unit. Its group is kept whole
+    (fixed: dropping its unit would zero the gate) and the operand is then inert, like any tensor
+    broadcast over the units."""
+    out_shape = _shape(node)
+    out = list(lays)
+    for i, (op, lay) in enumerate(zip(ops, lays)):
+        if lay is None or _shape(op)[lay.dim] != 1:
+            continue
+        d = lay.dim + len(out_shape) - len(_shape(op))
+        if out_shape[d] == 1:
+            continue
+        for sid, _, _ in lay.with_offsets():
+            tracing.fixed.setdefault(sid, f"its one unit is broadcast over {out_shape[d]} units by "
+                                          f"the {kind} {node.name} at {_path(node)}")
+        out[i] = None
+    return out
+
+
+class _ReduceOverUnits(_Reduce):
+    """Reductions (mean, sum, max, min): over other dims the units stay (``_reduce``). A
+    reduction over the unit dim (CBAM's channel mean and max, ``x.mean(1, keepdim=True)``) carries
+    no units: its value reads every unit of its input, so dropping any of them would change it
+    for every layer that reads it, and no repair can be folded into a mean or a max. The groups of
+    its input are therefore kept whole (fixed, like the groups a LayerNorm normalises), and the
+    result is an untraced tensor: a conv reading it keeps its input channels."""
+
+    def layout(self, node, ins, tracing):
+        src, lay = _arg0(node), ins[0]
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(dims, fx.Node) or lay is None:  # torch.max(a, b): element-wise, two tensors
+            raise _refusal(node)
+        ndim = len(_shape(src))
+        if dims is None or lay.dim not in [d % ndim for d in (dims if isinstance(dims, (list, tuple))
+                                                              else [dims])]:
+            return _reduce(node, src, lay)
+        for sid, _, _ in lay.with_offsets():
+            tracing.fixed.setdefault(sid, f"reduced over its units by {_name(node.target)} "
+                                          f"({node.name}) at {_path(node)}: a dropped unit would "
+                                          "change what every later reader of the reduction sees")
+        return None
+
+
+class _Resample(OpRule):
+    """``F.interpolate`` / ``nn.Upsample``: each channel's map is resampled on its own (dims 2
+    on), so the units pass through while they lie on dim 1."""
+
+    functions = (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+    modules: tuple[type, ...] = (nn.Upsample,)
+
+    def layout(self, node, ins, tracing):
+        lay = ins[0]
+        if lay.dim >= 2 or lay.inner != 1:
+            raise UnsupportedLayerError(_op_name(node, tracing), _where(node), f"{node.name} "
+                                        f"resamples dims 2 on, and the units lie on dim {lay.dim}"
+                                        + (" (a flattened map)" if lay.inner != 1 else ""))
+        return lay
+
+
+class _Pad(OpRule):
+    """``F.pad`` and the padding modules (zero, constant, reflection, replication, circular):
+    padding other dims keeps every unit's values apart (a constant pad value is the same for
+    every unit; the repair is applied after it, at the next consumer's gate). Padding the unit
+    dim would add units that no layer produces, so it is refused."""
+
+    functions = tuple({F.pad, torch._C._nn.pad})
+    modules: tuple[type, ...] = tuple(getattr(nn.modules.padding, n) for n in (
+        "_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+        if hasattr(nn.modules.padding, n))
+
+    def layout(self, node, ins, tracing):
+        lay = ins[0]
+        if node.op == "call_module":
+            pad = tuple(tracing.modules[node.target].padding)
+        else:
+            pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+        j = len(_shape(_arg0(node))) - 1 - lay.dim          # pad lists the last dim first
+        amounts = tuple(pad[2 * j:2 * j + 2]) if pad is not None else ("?",)
+        if any(not isinstance(p, int) or p != 0 for p in amounts):
+            raise UnsupportedLayerError(_op_name(node, tracing), _where(node), f"{node.name} pads "
+                                        f"the unit dim {lay.dim} by {amounts}: padded positions "
+                                        "would be units that no layer produces")
+        return lay
+
+
+#: weightless module type -> the op rule it follows (looked up along the MRO; modules with a
+#: handler or in ``CHANNELWISE`` never get here)
+MODULE_RULES: dict[type, OpRule] = {}
+
+
+def register_module_rule(rule: OpRule) -> Callable[[], None]:
+    """Route the module types ``rule.modules`` to ``rule``; returns a function that undoes it."""
+    return _register(MODULE_RULES, tuple(getattr(rule, "modules", ())), rule)
+
+
+def _module_rule(mod: nn.Module) -> OpRule | None:
+    return next((MODULE_RULES[c] for c in type(mod).__mro__ if c in MODULE_RULES), None)
+
+
+for _rule in (_ReduceOverUnits((torch.amax, torch.mean, torch.sum, torch.max, torch.amin, torch.min),
+                               ("amax", "max", "mean", "sum", "amin", "min")),
+              _Resample(), _Pad()):
+    register_op_rule(_rule)
+    register_module_rule(_rule)
+del _rule
+
+
 def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
     try:
@@ -624,6 +757,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if node.op == "call_module":
             mod = st.modules[node.target]
             h = handler_for(mod)
+            if h is not None:
+                h.check(mod, node.target)
             if any(True for _ in mod.parameters(recurse=False)) or h is not None:
                 if node.target in st.called:   # one module, two layers: one set of kept units cannot serve both
                     raise ConfigError(f"module {node.target} ({type(mod).__name__}) is called more than "
@@ -674,6 +809,9 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     for sid, _, _ in lay_in.with_offsets():
                         st.fixed.setdefault(sid, f"normalised over its units by {node.target} "
                                               f"({type(mod).__name__})")
+                why = h.fixes(mod, node.target, lay_in.dim, len(_shape(args[0])))
+                for sid, _, _ in lay_in.with_offsets() if why else ():
+                    st.fixed.setdefault(sid, why)
                 for sid, off, _ in lay_in.with_offsets():
                     st.members.append((node.target, sid, off))
                 st.layouts[node] = lay_in
@@ -683,6 +821,10 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             elif isinstance(mod, nn.Flatten):
                 if lay_in is not None:
                     st.layouts[node] = _flatten(node, args[0], lay_in, mod.start_dim, mod.end_dim)
+            elif _module_rule(mod) is not None:        # weightless: Upsample, pads
+                lay = _module_rule(mod).layout(node, [lay_in], st) if lay_in is not None else None
+                if lay is not None:
+                    st.layouts[node] = lay
             elif lay_in is not None or any(True for _ in mod.parameters()):
                 raise UnsupportedLayerError(type(mod).__name__, node.target,
                                             f"the slicer has no handler for {type(mod).__name__}; "

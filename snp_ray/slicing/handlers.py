@@ -59,7 +59,7 @@ class Handler:
 
     def keep_out(self, module: nn.Module, kept: torch.Tensor) -> None:
         """Physically keep only output units ``kept``."""
-        for name in self.out_tensors:
+        for name in self.tensors(module):
             t = getattr(module, name, None)
             if t is None:
                 continue
@@ -104,6 +104,21 @@ class Handler:
 
     def set_in_size(self, module: nn.Module, n: int) -> None:
         raise NotImplementedError
+
+    def tensors(self, module: nn.Module) -> tuple[str, ...]:
+        """The names of ``module``'s tensors that hold its units (``out_tensors`` unless the
+        module's own shape decides them: one set per layer of a stacked recurrent layer)."""
+        return self.out_tensors
+
+    def check(self, module: nn.Module, name: str) -> None:
+        """Raise ``UnsupportedLayerError`` (naming the module's path ``name``) if the slicer
+        cannot handle this configuration of the module at all."""
+
+    def fixes(self, module: nn.Module, name: str, dim: int, ndim: int) -> str:
+        """Checked when ``module`` (at path ``name``) rides on units that lie on ``dim`` of an
+        ``ndim``-dim tensor: raise ``UnsupportedLayerError`` where it cannot, else say why the
+        groups it touches must be kept whole ("": they can be sliced)."""
+        return ""
 
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -325,3 +340,134 @@ def register_handler(module_type: type, handler: Handler) -> Callable[[], None]:
     """Add a handler for a new layer type; returns a function that removes it again."""
     HANDLERS[module_type] = handler
     return lambda: HANDLERS.pop(module_type, None)
+
+
+# --- issue #27 §3 handlers: norms over space and channel groups, PReLU, stacked and plain RNNs
+class InstanceNormHandler(Handler):
+    """InstanceNorm1d/2d: each channel is normalised over its own positions (per sample, or with
+    running statistics), so unit j of the output reads unit j of the input only. The affine and
+    the running statistics, where present, ride on the units like a BatchNorm's; without them it
+    has nothing to slice but ``num_features`` still follows the kept count."""
+
+    out_tensors = ("weight", "bias", "running_mean", "running_var")
+
+    def fixes(self, module, name, dim, ndim):
+        if dim != 1 or ndim != module._get_no_batch_dim() + 1:
+            raise UnsupportedLayerError(type(module).__name__, name, "its units are not the "
+                                        "channels of a batched input, which it normalises one by one")
+        return ""
+
+    def set_out_size(self, module, n):
+        module.num_features = n
+
+
+class GroupNormHandler(Handler):
+    """GroupNorm(G, C): per-channel affine; statistics over each block of C/G channels. With one
+    channel per group (G == C) it is an InstanceNorm with affine and slices per unit; otherwise a
+    dropped unit would change its block's statistics, hence every other unit of the block, so the
+    groups it normalises are kept whole (like a LayerNorm's; ``fixes``)."""
+
+    out_tensors = ("weight", "bias")
+
+    def fixes(self, module, name, dim, ndim):
+        if dim != 1 or ndim < 2:
+            raise UnsupportedLayerError("GroupNorm", name, "its units are not on the channel dim "
+                                        "it normalises in groups")
+        if module.num_groups == module.num_channels:
+            return ""
+        return (f"normalised over blocks of {module.num_channels // module.num_groups} units by "
+                f"{name} (GroupNorm, {module.num_groups} groups): a dropped unit would change "
+                "its block's statistics")
+
+    def set_out_size(self, module, n):
+        if module.num_groups == module.num_channels:      # one channel per group
+            module.num_groups = n
+        elif n != module.num_channels:
+            raise ConfigError(f"GroupNorm with {module.num_groups} groups keeps all its "
+                              f"{module.num_channels} channels, not {n}")
+        module.num_channels = n
+
+
+class PReLUHandler(Handler):
+    """PReLU with one slope per channel: the slopes are per-unit parameters (on the channel dim,
+    dim 1). With a single slope (``num_parameters == 1``) it is channel-wise (``CHANNELWISE``)."""
+
+    out_tensors = ("weight",)
+
+    def produces(self, module):
+        return module.num_parameters > 1
+
+    def fixes(self, module, name, dim, ndim):
+        if dim != (1 if ndim >= 2 else 0):
+            raise UnsupportedLayerError("PReLU", name, "its per-channel slopes index dim 1, "
+                                        "which does not hold the units")
+        return ""
+
+    def set_out_size(self, module, n):
+        module.num_parameters = n
+
+
+class StackedRecurrentHandler(RecurrentHandler):
+    """GRU, LSTM and RNN (tanh or relu): any number of layers, one direction, batch first.
+
+    ``nn.GRU`` & co. hold one ``hidden_size`` for every layer, so a fragment's layers keep the
+    same number of units; here they keep the same units: all layers' hidden units are one group
+    (one kept set; scored on the last layer's output sequence, the layer the next module reads).
+    Layer l+1 reads layer l's hidden state inside the module, where no repair can run, so like the
+    recurrent columns (``RecurrentHandler``) the columns of ``weight_ih_l{l+1}`` that read a dropped
+    unit are cut in the repaired network as well, and the fragment equals it exactly. A plain RNN
+    has one gate block, a GRU three, an LSTM four. Refused: two directions (the forward and the
+    backward units lie side by side in the output sequence but on the layer dim of the final
+    state, which one layout cannot say) and LSTM projections (``proj_size``)."""
+
+    def _blocks(self, module) -> int:
+        return {"RNN_TANH": 1, "RNN_RELU": 1, "GRU": 3, "LSTM": 4}[module.mode]
+
+    def tensors(self, module):
+        return tuple(f"{kind}_l{k}" for k in range(module.num_layers)
+                     for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def consumes(self, module):
+        return True
+
+    def check(self, module, name):
+        kind = type(module).__name__
+        if module.bidirectional:
+            raise UnsupportedLayerError(f"bidirectional {kind}", name, "two directions: the "
+                                        "forward and backward units lie side by side in the output "
+                                        "sequence but on the layer dim of the final state; only "
+                                        "one direction is supported")
+        if getattr(module, "proj_size", 0):
+            raise UnsupportedLayerError(f"{kind} (proj_size={module.proj_size})", name,
+                                        "a projected LSTM outputs projections, not its hidden units")
+        if not module.batch_first:
+            raise UnsupportedLayerError(f"{kind} (batch_first=False)", name,
+                                        "the slicer needs batch-first recurrent layers")
+
+    @staticmethod
+    def _reads_hidden(tensor: str) -> bool:
+        """Whether the columns of ``tensor`` are hidden units: the recurrence, and the input of
+        every layer above the first."""
+        return tensor.startswith("weight_hh_l") or (tensor.startswith("weight_ih_l")
+                                                    and tensor != "weight_ih_l0")
+
+    def tilde_override(self, module, tensor, value, dropped):
+        if not self._reads_hidden(tensor) or dropped.numel() == 0:
+            return value
+        mask = torch.ones(value.shape[1], dtype=value.dtype, device=value.device)
+        mask[dropped.to(value.device)] = 0
+        return value * mask
+
+    def keep_out(self, module, kept):
+        Handler.keep_out(self, module, kept)
+        for name in self.tensors(module):
+            if self._reads_hidden(name):
+                _set(module, name, getattr(module, name).detach().index_select(1, kept).clone())
+        module._flat_weights = [getattr(module, n) for n in module._flat_weights_names]
+
+
+STACKED_RECURRENT = StackedRecurrentHandler()
+HANDLERS.update({nn.InstanceNorm1d: InstanceNormHandler(), nn.InstanceNorm2d: InstanceNormHandler(),
+                 nn.GroupNorm: GroupNormHandler(), nn.PReLU: PReLUHandler(),
+                 nn.GRU: STACKED_RECURRENT, nn.LSTM: STACKED_RECURRENT, nn.RNN: STACKED_RECURRENT})
+CHANNELWISE += (nn.PReLU,)      # a single slope (num_parameters == 1): one function for every unit

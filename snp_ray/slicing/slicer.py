@@ -140,7 +140,7 @@ class Slicer:
             for mname, off in g.producers:
                 mod = self.graph.module.get_submodule(mname)
                 h = self.graph.handler(mname, mod)
-                for t in h.out_tensors:
+                for t in h.tensors(mod):
                     if getattr(mod, t, None) is not None:
                         full = f"{mname}.{t}" if mname else t   # "": a root parameter
                         frozen = config.freeze_tables and h.table   # selected, never trained
