@@ -20,7 +20,8 @@ import torch
 from snp_ray.artifacts import atomic_write_bytes
 from snp_ray.market import Market
 from snp_ray.slicing import slice_preset
-from snp_ray.slicing.api import market_fragment_store, pair_key
+from snp_ray.slicing.api import pair_key
+from snp_ray.store import market_fragment_store
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -39,8 +39,8 @@ def _features(model, spec, raw, bs: int = 500) -> torch.Tensor:
 
 
 def source_and_probe(market, mid: str, k: int, seed: int = 0) -> dict:
-    from snp_ray.evaluation.testsplit import load_test_split
-    from snp_ray.slicing.slicer import roc_auc
+    from snp_ray.data.testsplit import load_test_split
+    from snp_ray.metrics import roc_auc
 
     model, spec = market.model(mid)
     model.eval()

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                          plan_request)
     from snp_ray.packing.request import pack_assignment
     from snp_ray.slicing import slice_preset
-    from snp_ray.slicing.api import market_fragment_store, pair_key
+    from snp_ray.slicing.api import pair_key
+    from snp_ray.store import market_fragment_store
 
     market = Market(a.market)
     specs = market.specs()

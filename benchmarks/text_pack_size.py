@@ -58,12 +58,12 @@ def main() -> int:
     p.add_argument("--slice", action="store_true", help="slice each variant's missing fragments first")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    from snp_ray.evaluation.testsplit import load_test_split
+    from snp_ray.data.testsplit import load_test_split
     from snp_ray.market import Market
     from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
     from snp_ray.slicing import slice_preset
-    from snp_ray.slicing.api import slice_missing
+    from snp_ray.store import slice_missing
     from snp_ray.slicing.config import variant_overrides
 
     torch.set_num_threads(1)

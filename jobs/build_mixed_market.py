@@ -238,7 +238,8 @@ def pack_chosen(store: Path, classes: list[str], k: int, chosen: dict[str, Any])
     from snp_ray.packing import PackConfig
     from snp_ray.packing.packer import Packer, PackSamples
     from snp_ray.packing.request import resolve_classes
-    from snp_ray.slicing.api import market_fragment_store, pair_key
+    from snp_ray.slicing.api import pair_key
+    from snp_ray.store import market_fragment_store
 
     market = Market(store)
     fstore = market_fragment_store(market)
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ray_env_defaults()
     a = parse(argv)
-    from snp_ray.cli import run_command
+    from snp_ray.engine.command import run_command
     rc, _ = run_command(lambda: run(a), a.json)
     return rc
 
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace) -> dict[str, Any]:
     import statistics
 
-    from snp_ray.cli import table
+    from snp_ray.engine.command import table
     from snp_ray.engine.main import ensure_data
 
     store = Path(a.store)

@@ -12,9 +12,9 @@ import _jobenv  # noqa: F401  - exits with a hint when this python is not the pr
 
 
 def main(argv=None) -> int:
-    from snp_ray.cli import run_command
+    from snp_ray.engine.command import run_command
     from snp_ray.evaluation.learnware import MethodsConfig, UsersConfig
-    from snp_ray.evaluation.learnware_job import LearnwareJobConfig, run
+    from snp_ray.engine.learnware import LearnwareJobConfig, run
     from snp_ray.runtime import ray_env_defaults
 
     ray_env_defaults()
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.redraw or a.reuse:
-        from snp_ray.evaluation.learnware_job import redraw, reuse
+        from snp_ray.engine.learnware import redraw, reuse
 
         return run_command(lambda: reuse(a.learnware_python, a.out) if a.reuse else redraw(a.out),
                            a.json)[0]

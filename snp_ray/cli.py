@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from snp_ray.errors import ArtifactNotFoundError, ConfigError, SnpError
+from snp_ray.engine.command import market_summary, run_command, table
+from snp_ray.errors import ArtifactNotFoundError, ConfigError
 
 log = logging.getLogger("snp_ray.cli")
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -26,14 +27,6 @@ def command(name: str, help_text: str, configure: Callable[[argparse.ArgumentPar
         COMMANDS[name] = (fn, configure, help_text)
         return fn
     return register
-
-
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- snp models
@@ -101,15 +94,6 @@ def cmd_train_market(a: argparse.Namespace) -> dict[str, Any]:
     return market_summary(specs)
 
 
-def market_summary(specs) -> dict[str, Any]:
-    rows = [[s.id, ",".join(s.class_names), f"{s.params:,}", f"{s.metrics['test_accuracy']:.4f}",
-             f"{s.metrics.get('train_seconds', 0):.1f}"] for s in specs]
-    print(table(rows, ["model", "classes", "params", "test acc (own classes)", "train s"]))
-    return {"models": [{"id": s.id, "classes": s.class_names, "class_ids": s.classes,
-                        "test_accuracy": s.metrics["test_accuracy"], "params": s.params,
-                        "train_seconds": s.metrics.get("train_seconds")} for s in specs]}
-
-
 # ---------------------------------------------------------------- snp slice
 def _slice_config_args(p: argparse.ArgumentParser) -> None:
     """The slice settings: ``snp pack`` takes the same ones to find the fragments they made."""
@@ -149,7 +133,7 @@ def _slice_args(p: argparse.ArgumentParser) -> None:
 def cmd_slice(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.errors import DataError
     from snp_ray.market import Market
-    from snp_ray.slicing.api import slice_missing
+    from snp_ray.store import slice_missing
 
     cfg = _slice_config(a)
     market = Market(a.store)
@@ -378,7 +362,7 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     if a.with_market_shots and requester is None:
         raise ConfigError("--with-market-shots adds the market's shots to your own: give --samples")
     if requester is not None and not a.with_market_shots:
-        from snp_ray.serve.samples import check_covers
+        from snp_ray.packing.samples import check_covers
 
         check_covers(requester, {c: _class_name(market, c) for c in ids}, "--with-market-shots")
     if a.plan:                 # choose first, on few-shot data only; the test split comes after
@@ -397,7 +381,7 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
         result["plan"] = plan.to_dict()
     result["train_samples"] = int(packed.spec.metrics["train_samples"])
     if requester is not None:
-        from snp_ray.serve.samples import source_of
+        from snp_ray.packing.samples import source_of
 
         result["samples"] = {"file": a.samples, "source": source_of(requester),
                              "count": len(requester), "sha256": requester.sha256,
@@ -414,16 +398,17 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _requester_samples(market, ids: list[int], path: str):
-    """``--samples``: the file read under the service's byte cap, then its rows (at most the
-    service's row cap) in the market's dataset schema, every label one of ``ids``."""
-    from snp_ray.serve import samples as samples_io
+    """``--samples``: the file read under the requester-samples byte cap, then its rows (at most
+    the row cap; the service's defaults are the same caps) in the market's dataset schema, every
+    label one of ``ids``."""
+    from snp_ray.packing import samples as samples_io
 
     datasets = sorted({s.dataset for c in ids for s in market.holders(c)})
     if len(datasets) != 1:
         raise ConfigError(f"the requested classes come from several datasets {datasets}")
     data = samples_io.read_capped(path, samples_io.MAX_BYTES, "samples file")
-    return samples_io.from_parquet(data, datasets[0], ids, f"samples file {path}",
-                                   samples_io.MAX_ROWS)
+    return samples_io.PackSamples.from_parquet(data, datasets[0], what=f"samples file {path}",
+                                               max_rows=samples_io.MAX_ROWS).only(ids)
 
 
 def _class_name(market, class_id: int) -> str:
@@ -614,7 +599,7 @@ def cmd_figures(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.market import Market
     from snp_ray.packing import preset_pack_config
     from snp_ray.slicing import slice_preset
-    from snp_ray.slicing.api import slice_missing
+    from snp_ray.store import slice_missing
 
     market = Market(a.market)
     configs = {label: slice_preset(a.preset, **VARIANTS[label]) for label in VARIANTS}
@@ -681,7 +666,8 @@ def _expansion_args(p: argparse.ArgumentParser) -> None:
 
 @command("expansion", "estimate the market's equivalent expansion rate R(e) (Figure 6)", _expansion_args)
 def cmd_expansion(a: argparse.Namespace) -> dict[str, Any]:
-    from snp_ray.expansion import ExpansionConfig, run_expansion, write_outputs
+    from snp_ray.engine.expansion import run_expansion
+    from snp_ray.expansion import ExpansionConfig, write_outputs
 
     if a.from_json:
         return {"figure6": _redraw(a.from_json, "figure6.png")}
@@ -852,23 +838,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
         p.set_defaults(handler=fn)
     return parser
-
-
-def run_command(fn: Callable[[], dict[str, Any]], as_json: bool, verbose: bool = False) -> tuple[int, dict[str, Any] | None]:
-    """Run a command body under the CLI contract: logs to stderr, typed errors -> exit 2,
-    the result as one JSON object on the last line of stdout with ``--json``."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = fn()
-    except SnpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if as_json:
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
-        return 2, None
-    if as_json:
-        print(json.dumps(result, default=str))
-    return 0, result
 
 
 def main(argv: list[str] | None = None) -> int:

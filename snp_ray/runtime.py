@@ -25,13 +25,14 @@ def default_device() -> str:
 
 #: the slicer engine every path uses unless told otherwise (``cached``, ``batched``, ``naive``)
 ENV_ENGINE = "SNP_SLICE_ENGINE"
+#: the slicer's engines (batched: snp_ray/slicing/batched.py)
+ENGINES = ("cached", "naive", "batched")
 
 
 def default_engine() -> str:
     """``SNP_SLICE_ENGINE`` if set, else ``cached``: the slice job, the expansion job and the
     Tune sweep's fold slicing all build their slicers through it, so one setting reaches all."""
     from snp_ray.errors import ConfigError
-    from snp_ray.slicing.slicer import ENGINES
 
     engine = os.environ.get(ENV_ENGINE) or "cached"
     if engine not in ENGINES:

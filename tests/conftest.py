@@ -126,7 +126,8 @@ def sliced_smoke(smoke_market, tmp_path_factory) -> Path:
     import shutil
 
     from snp_ray.market import Market
-    from snp_ray.slicing import slice_missing, slice_preset
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
 
     _, root, _ = smoke_market
     dest = tmp_path_factory.mktemp("sliced_smoke") / "market"
@@ -172,7 +173,8 @@ TINY_SLICE = dict(pool_epochs=2, adapt_epochs=2, combine_epochs=2)
 def text_market(ray_cluster, real_data, tmp_path_factory):
     """A tiny T7 market (two TextCNNs sharing class 2), trained once, every pair sliced."""
     from snp_ray.market import Market, MarketConfig, TrainConfig, build_market
-    from snp_ray.slicing import slice_missing, slice_preset
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
 
     cfg = MarketConfig(task="T7", arch="textcnn", width=0.25,
                        train=TrainConfig(epochs=1, train_fraction=0.2), ks=[5])
@@ -214,7 +216,7 @@ def make_fragment(arch: str, class_id: int, spec, seed: int, classes=(0, 1, 2)):
 def as_fragment(out, slicer, arch: str, width: float, class_id: int, seed: int):
     """A Fragment (with a made-up source identity) from a slicing outcome of ``slicer``."""
     from snp_ray.slicing import Fragment, FragmentSpec, SliceConfig
-    from snp_ray.slicing.fragment import count_macs
+    from snp_ray.models import count_macs
 
     spec = slicer.input_spec
     x = slicer.x_cpu[:1]

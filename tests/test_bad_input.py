@@ -15,7 +15,8 @@ from snp_ray.errors import (ArtifactNotFoundError, ConfigError, DataError, Integ
 from snp_ray.market import Market, ModelStore
 from snp_ray.packing import PackConfig, Packer, PackSamples
 from snp_ray.packing.request import pack_request
-from snp_ray.slicing import SliceConfig, slice_missing, slice_preset
+from snp_ray.slicing import SliceConfig, slice_preset
+from snp_ray.store import slice_missing
 from snp_ray.store import FragmentStore
 
 SMOKE = slice_preset("smoke")

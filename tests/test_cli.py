@@ -130,7 +130,7 @@ def test_pack_refuses_bad_samples_with_exit_2(sliced_smoke, real_data, tmp_path,
     """A label of a class the request does not name is refused (never silently dropped); so are
     a file that is not Parquet, a missing class, a file over the service's byte or row cap, and
     --with-market-shots without --samples. Each exits 2 with an error line."""
-    from snp_ray.serve import samples as samples_io
+    from snp_ray.packing import samples as samples_io
 
     stray = _requester_file(tmp_path / "stray.parquet", real_data, {0: 2, 3: 2, 6: 2, 5: 1})
     partial = _requester_file(tmp_path / "partial.parquet", real_data, {0: 2, 3: 2})

@@ -12,7 +12,7 @@ from snp_ray.data import (FewShotManifest, ImageSpec, TextSpec, load_fewshot, re
 from snp_ray.data.text import build_vocab, tokenize
 from snp_ray.errors import (ConfigError, DataError, DatasetNotFoundError, SchemaError,
                             TestSplitAccessError, UnknownNameError)
-from snp_ray.evaluation import load_test_split
+from snp_ray.data.testsplit import load_test_split
 
 
 def test_real_cifar10_train(real_data):

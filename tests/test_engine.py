@@ -224,7 +224,8 @@ def test_local_slicing_takes_the_engine_from_the_environment(smoke_market, tmp_p
     """`snp slice` and the expansion job slice through slice_missing: SNP_SLICE_ENGINE=batched
     reaches it, units of class_batch classes are sliced and stored one pass at a time, and an
     unknown engine name is a ConfigError."""
-    from snp_ray.slicing import slice_missing, slice_preset
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
 
     market = Market(_market_copy(smoke_market, tmp_path))
     mid = market.ids()[0]

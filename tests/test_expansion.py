@@ -5,7 +5,8 @@ import itertools
 import json
 import math
 
-from snp_ray.expansion import ExpansionConfig, rates, run_expansion, wilson, write_outputs
+from snp_ray.engine.expansion import run_expansion
+from snp_ray.expansion import ExpansionConfig, rates, wilson, write_outputs
 from snp_ray.market.tasks import TaskConfig, combinations, count_combinations
 
 
@@ -103,7 +104,8 @@ def test_cached_test_features_give_the_same_accuracy(smoke_market):
     from snp_ray.market import Market
     from snp_ray.packing import PackConfig
     from snp_ray.packing.request import pack_request
-    from snp_ray.slicing import slice_missing, slice_preset
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
 
     _, root, _ = smoke_market
     market, cfg = Market(root), slice_preset("smoke")

@@ -6,11 +6,14 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "snp_ray"
 #: modules that train or select anything; they must see few-shot (or developer) data only
-#: (expansion/ and engine/main.py score packs on the test split by design, through the
-#: evaluation API; the slice job's driver and actors, like the service, never may)
-FITTING = ["market/training.py", "market/add.py", "data/fewshot.py", "slicing", "packing", "tuning",
-           "baselines", "serve", "engine/job.py", "engine/actors.py", "engine/noop.py"]
-FORBIDDEN = ("snp_ray.evaluation", "EVAL_ACCESS", "load_test_split", "test_accuracy")
+#: (the job bodies engine/main.py, engine/expansion.py and engine/learnware.py score packs on the
+#: test split by design, through snp_ray.data.testsplit; the slice job's driver and actors, like
+#: the service, never may)
+FITTING = ["market/training.py", "market/add.py", "data/fewshot.py", "data/augment.py", "metrics.py",
+           "slicing", "store", "packing", "tuning", "baselines", "serve", "engine/job.py",
+           "engine/actors.py", "engine/noop.py"]
+FORBIDDEN = ("snp_ray.evaluation", "snp_ray.data.testsplit", "EVAL_ACCESS", "load_test_split",
+             "test_accuracy")
 
 
 def _files() -> list[Path]:

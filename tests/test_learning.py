@@ -13,8 +13,9 @@ import torch
 
 import synthetic
 from conftest import as_fragment
+from snp_ray.metrics import roc_auc
 from snp_ray.packing import PackConfig, Packer, PackSamples
-from snp_ray.slicing import Slicer, roc_auc, slice_preset
+from snp_ray.slicing import Slicer, slice_preset
 
 K = 5
 CHANCE = 1 / synthetic.CLASSES

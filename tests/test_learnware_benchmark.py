@@ -35,7 +35,7 @@ def test_the_market_follows_the_learnware_protocol(real_data):
 
 
 def test_users_hold_six_classes_at_the_ratio(real_data):
-    from snp_ray.evaluation.testsplit import load_test_split
+    from snp_ray.data.testsplit import load_test_split
 
     test = load_test_split("cifar10").labels
     train = __import__("snp_ray.data.tables", fromlist=["read_split"]).read_split("cifar10", "train").labels
@@ -57,7 +57,7 @@ def test_users_hold_six_classes_at_the_ratio(real_data):
 
 def test_clean_evidence_seeds_are_refused_in_development():
     from snp_ray.errors import ConfigError
-    from snp_ray.evaluation.learnware_job import LearnwareJobConfig
+    from snp_ray.engine.learnware import LearnwareJobConfig
 
     with pytest.raises(ConfigError, match="reserved"):
         LearnwareJobConfig(users=UsersConfig(seed=1000))
@@ -70,7 +70,7 @@ def test_smoke_job_counts_and_fences_every_choice(ray_cluster, real_data, tmp_pa
     import json
 
     from snp_ray.evaluation.learnware import MethodsConfig, UsersConfig
-    from snp_ray.evaluation.learnware_job import LearnwareJobConfig, run
+    from snp_ray.engine.learnware import LearnwareJobConfig, run
 
     methods = MethodsConfig(plans=["best", "top-2"], user_epochs=1, reuse_budgets=[12])
     cfg = LearnwareJobConfig(preset="lw-c10-smoke", store=str(tmp_path / "market"),

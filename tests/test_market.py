@@ -36,7 +36,7 @@ def assert_stored_test_accuracy(root, model_id: str, reported: float) -> None:
     independently: the whole test split, filtered and labelled with numpy, the stored model run on
     it and its outputs mapped to global class ids by hand. Exact, except that a row whose two top
     logits lie within 1e-4 (where float rounding could flip the argmax) may count either way."""
-    from snp_ray.evaluation import load_test_split
+    from snp_ray.data.testsplit import load_test_split
 
     model, spec = ModelStore(root).load(model_id)
     split = load_test_split(spec.dataset)

@@ -27,7 +27,8 @@ from snp_ray.cli import main
 from snp_ray.errors import ConfigError, ModelExistsError, WeightsError
 from snp_ray.market import Market
 from snp_ray.models import build_model
-from snp_ray.slicing import slice_missing, slice_preset
+from snp_ray.slicing import slice_preset
+from snp_ray.store import slice_missing
 from snp_ray.store import FragmentStore
 
 ARCH = "torchvision:mobilenet_v2?width_mult=0.25"

@@ -12,7 +12,8 @@ import torch
 from snp_ray.market import Market, ModelStore
 from snp_ray.packing import PackConfig, PackedModel
 from snp_ray.packing.request import pack_request
-from snp_ray.slicing import slice_missing, slice_preset
+from snp_ray.slicing import slice_preset
+from snp_ray.store import slice_missing
 from snp_ray.store import FragmentStore
 
 

@@ -106,7 +106,8 @@ def market12(ray_cluster, real_data, tmp_path_factory):
     """The market12 preset's market, trained once; the holders of classes 0, 1 and 9 sliced."""
     from snp_ray.engine.presets import get_preset
     from snp_ray.market import Market, build_market
-    from snp_ray.slicing import slice_missing, slice_preset
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
 
     preset = get_preset("market12")
     root = tmp_path_factory.mktemp("market12")

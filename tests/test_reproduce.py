@@ -182,9 +182,9 @@ def test_a_result_without_digests_is_never_reused(tmp_path):
     cfg = ProtocolConfig(task="T6", archs=["gru"], ks=[5, 10])
     previous = {"config": cfg.to_dict(), "archs": {"gru": {"market": "m", "model_test_accuracy": {}}}}
     assert _reusable(previous, cfg, "gru", Path("m"), []) is None
-    from snp_ray.evaluation.protocol import _digests
+    from snp_ray.evaluation.protocol import config_digests
 
-    previous["digests"] = _digests(cfg)
+    previous["digests"] = config_digests(cfg)
     assert _reusable(previous, cfg, "gru", Path("m"), []) is None        # no code digest either
     previous["provenance"] = {"code": code_digest()}
     assert _reusable(previous, cfg, "gru", Path("m"), []) is not None

@@ -16,7 +16,7 @@ import synthetic
 from snp_ray.data.tables import ENV_FENCE
 from snp_ray.errors import ConfigError, TestSplitAccessError
 from snp_ray.market.modelstore import ModelSpec
-from snp_ray.slicing import roc_auc
+from snp_ray.metrics import roc_auc
 from snp_ray.tuning.objective import FragmentCache
 from snp_ray.tuning.select import (CANDIDATES, Candidate, choose, cv_scores, model_folds,
                                    parse_candidates, select_config)
@@ -128,7 +128,7 @@ def test_mixed_job_chooses_with_the_test_split_fenced(tmp_path, monkeypatch):
     """``--slice-preset auto`` runs the selector with the fence up (a test-split read raises) and
     takes it down afterwards; models outside ``--auto-models`` get the first candidate."""
     import snp_ray.tuning.select as select
-    from snp_ray.evaluation import load_test_split
+    from snp_ray.data.testsplit import load_test_split
 
     job = _job_module()
     seen = []

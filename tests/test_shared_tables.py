@@ -15,7 +15,7 @@ from snp_ray.data.specs import TextSpec
 from snp_ray.data.tables import read_split
 from snp_ray.data.text import build_vocab
 from snp_ray.errors import IntegrityError
-from snp_ray.evaluation.testsplit import load_test_split
+from snp_ray.data.testsplit import load_test_split
 from snp_ray.models import build_model
 from snp_ray.packing import PackConfig, PackedModel, Packer, PackSamples
 from snp_ray.packing.shared import EmbeddingView

@@ -10,10 +10,10 @@ from torch import nn
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet
 from snp_ray.data.specs import ImageSpec, TextSpec
 from snp_ray.errors import ConfigError, DataError, IntegrityError, UnknownNameError
-from snp_ray.models import Classifier, build_model, count_params
-from snp_ray.slicing import (Fragment, FragmentSpec, SliceConfig, Slicer, kept_iou, roc_auc,
-                             select_units, slice_preset)
-from snp_ray.slicing.fragment import count_macs
+from snp_ray.metrics import roc_auc
+from snp_ray.models import Classifier, build_model, count_macs, count_params
+from snp_ray.slicing import (Fragment, FragmentSpec, SliceConfig, Slicer, kept_iou, select_units,
+                             slice_preset)
 from snp_ray.slicing.graph import trace
 from snp_ray.slicing.slicer import ridge_repair
 

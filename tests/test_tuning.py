@@ -132,7 +132,7 @@ def _poisoned_root(real: Path, dest: Path) -> Path:
 
 
 def test_sweep_never_reads_the_test_split(smoke_market, tmp_path, monkeypatch):
-    from snp_ray.evaluation import load_test_split
+    from snp_ray.data.testsplit import load_test_split
 
     _, root, _ = smoke_market
     poisoned = _poisoned_root(Path(os.environ["SNP_DATA_ROOT"]), tmp_path / "data")

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from snp_ray.config import Config
+from snp_ray.data.augment import augment_images
 from snp_ray.data.fewshot import FewShotSet
 from snp_ray.data.specs import InputSpec
 from snp_ray.errors import ConfigError, DataError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
-from snp_ray.market.training import augment_images
 from snp_ray.models import Classifier, count_params, get_arch
 from snp_ray.packing.packer import PackSamples
 

@@ -19,10 +19,11 @@ from torch import nn
 from snp_ray.baselines.common import (BaselineResult, SingleModel, as_config, batches, finite,
                                       load_task)
 from snp_ray.config import Config, check_range
+from snp_ray.data.augment import augment_images
 from snp_ray.data.specs import InputSpec
 from snp_ray.errors import DataError
 from snp_ray.market.market import Market
-from snp_ray.market.training import augment_images, warmup_cosine
+from snp_ray.market.training import warmup_cosine
 from snp_ray.models import Classifier, channels_last_safe, count_params
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Data: Parquet readers, the torchvision converter, k-shot sampling and input specs.
 
-The test split is not reachable from here; see :mod:`snp_ray.evaluation`.
+The test split is reachable only through :mod:`snp_ray.data.testsplit`, which this package
+does not export and fitting code never imports.
 """
 from snp_ray.data.catalog import DATASETS, available, data_root, get_dataset
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot

@@ -4,7 +4,7 @@ Images are decoded once and cached as ``.npy`` (no pickle) next to a key of the 
 size and mtime, because PNG decoding of 50 000 images costs far more than a training epoch.
 
 The test split is fenced off: :func:`read_split` refuses it unless the caller holds
-``EVAL_ACCESS``, which only :mod:`snp_ray.evaluation` passes. Slicing, packing and tuning code
+``EVAL_ACCESS``, which only :mod:`snp_ray.data.testsplit` passes. Slicing, packing and tuning code
 receive few-shot sets, never a reader, so they cannot reach test rows by accident.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from snp_ray.errors import DataError, SchemaError, TestSplitAccessError
 
 log = logging.getLogger(__name__)
 
-#: the key that opens the test split; held by snp_ray.evaluation only
+#: the key that opens the test split; held by snp_ray.data.testsplit only
 EVAL_ACCESS = object()
 PROTECTED_SPLITS = frozenset({"test"})
 #: set to "1" in a process that must never read a protected split at all (every tuning trial)
@@ -123,10 +123,10 @@ def read_split(name: str, split: str, *, access: object = None, path: Path | Non
     if split in PROTECTED_SPLITS and os.environ.get(ENV_FENCE) == "1":
         raise TestSplitAccessError(
             f"the {split} split of {name} is fenced off in this process ({ENV_FENCE}=1, set by "
-            f"tuning trials), even through snp_ray.evaluation")
+            f"tuning trials), even through snp_ray.data.testsplit")
     if split in PROTECTED_SPLITS and access is not EVAL_ACCESS:
         raise TestSplitAccessError(
-            f"the {split} split of {name} is for evaluation only; use snp_ray.evaluation")
+            f"the {split} split of {name} is for evaluation only; use snp_ray.data.testsplit")
     info = get_dataset(name)
     path = path or split_file(name, split)
     try:

@@ -27,6 +27,7 @@ from snp_ray.config import Config, check_range
 from snp_ray.engine.noop import SLICE, check_mode, job_pair_key
 from snp_ray.errors import ConfigError, EngineError, SnpError, StoreError
 from snp_ray.market.market import Market
+from snp_ray.runtime import ENGINES
 from snp_ray.slicing.config import SliceConfig, slice_preset
 from snp_ray.store import FragmentStore
 
@@ -55,7 +56,6 @@ class SliceJobConfig(Config):
 
     def validate(self) -> None:
         check_mode(self.slice_mode)
-        from snp_ray.slicing.slicer import ENGINES
         if self.engine not in ENGINES:
             raise ConfigError(f"SliceJobConfig.engine must be one of {ENGINES}, got {self.engine!r}")
         check_range("SliceJobConfig", "noop_fragment_kb", self.noop_fragment_kb, 1, 1 << 20)

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from snp_ray.cli import market_summary, run_command, table
+from snp_ray.engine.command import market_summary, run_command, table
 from snp_ray.engine.job import SliceJobConfig, run_slice_job
 from snp_ray.engine.presets import PRESETS, get_preset
 

@@ -1,5 +1,3 @@
-"""Evaluation: the only code that reads test splits. Slicing, packing and tuning never import it."""
-from snp_ray.evaluation.metrics import predict_logits, test_accuracy
-from snp_ray.evaluation.testsplit import load_test_split
-
-__all__ = ["load_test_split", "predict_logits", "test_accuracy"]
+"""Evaluation: packs and fragments measured on the test split (through
+:mod:`snp_ray.data.testsplit`, the one door to it), the paper's protocol, tables and figures, and
+``make results``. Slicing, packing and tuning never import it."""

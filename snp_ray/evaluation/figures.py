@@ -16,8 +16,9 @@ from snp_ray.market import Market
 from snp_ray.packing import PackConfig
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import SliceConfig
-from snp_ray.slicing.api import market_fragment_store, pair_key
+from snp_ray.slicing.api import pair_key
 from snp_ray.slicing.fragment import FragmentSpec, kept_iou
+from snp_ray.store import market_fragment_store
 
 log = logging.getLogger(__name__)
 

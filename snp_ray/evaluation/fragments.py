@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from snp_ray.evaluation.testsplit import load_test_split
+from snp_ray.data.testsplit import load_test_split
+from snp_ray.metrics import roc_auc
 from snp_ray.slicing.fragment import Fragment
-from snp_ray.slicing.slicer import roc_auc
 
 
 @torch.no_grad()

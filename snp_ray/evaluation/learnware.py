@@ -27,9 +27,9 @@ import torch
 
 from snp_ray.config import Config
 from snp_ray.data.tables import Split, read_split, test_split_fenced
+from snp_ray.data.testsplit import load_test_split
 from snp_ray.errors import ConfigError
 from snp_ray.evaluation.packs import predict_from_features
-from snp_ray.evaluation.testsplit import load_test_split
 from snp_ray.market.market import Market
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from snp_ray.evaluation.testsplit import load_test_split
+from snp_ray.data.testsplit import load_test_split
 from snp_ray.packing.model import PackedModel
 from snp_ray.slicing.fragment import Fragment
 

@@ -25,7 +25,7 @@ from snp_ray.models import get_arch
 from snp_ray.packing import PackConfig, preset_pack_config
 from snp_ray.packing.request import pack_request
 from snp_ray.slicing import SliceConfig, slice_preset
-from snp_ray.slicing.api import slice_missing
+from snp_ray.store import slice_missing
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, r
         {k: v for k, v in cfg.to_dict().items() if k != "archs"}
     # a preset's content can change under its name (a re-saved preset, new defaults in the code):
     # only the same config digests reuse a result; one that recorded none is never reused
-    same = same and previous.get("digests") == _digests(cfg)
+    same = same and previous.get("digests") == config_digests(cfg)
     # nor one the code has changed since (results stamped before #17 recorded none)
     same = same and (previous.get("provenance") or {}).get("code") == code_digest()
     entry = previous["archs"][arch]
@@ -132,7 +132,7 @@ def slice_and_test(market: Market, targets: list, k: int, slice_cfg: SliceConfig
     return runs, sliced, slice_s
 
 
-def _digests(cfg: ProtocolConfig) -> dict[str, str]:
+def config_digests(cfg: ProtocolConfig) -> dict[str, str]:
     """Digests of the slice config of every variant and of the packing config."""
     out = {v: slice_preset(cfg.slice_preset, **VARIANTS[v]).digest() for v in cfg.variants}
     out["pack"] = preset_pack_config(cfg.slice_preset, seed=cfg.seed, epochs=cfg.pack_epochs).digest()
@@ -150,7 +150,7 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
     task = get_task(cfg.task)
     targets = target_sets(task, cfg.n_targets, cfg.seed)
     out: dict[str, Any] = {"task": cfg.task, "config": cfg.to_dict(), "targets": targets,
-                           "digests": _digests(cfg), "archs": {}}
+                           "digests": config_digests(cfg), "archs": {}}
     for arch in cfg.archs:
         mcfg = _market_config(cfg, arch)
         root = Path(cfg.root) / cfg.task / f"{arch}-w{mcfg.width:g}"

@@ -65,9 +65,9 @@ def market_label(path: str, task: str, arch: str) -> str:
 
 def protocol_digests(cfg: Any) -> dict[str, str]:
     """A table's digests: each S&P variant's slice config, the packing config, every market."""
-    from snp_ray.evaluation.protocol import _digests
+    from snp_ray.evaluation.protocol import config_digests
 
-    out = _digests(cfg)
+    out = config_digests(cfg)
     out.update({f"market:{a}": market_digest(cfg.task, a, cfg.width, cfg.epochs, cfg.train_fraction,
                                              cfg.ks) for a in cfg.archs})
     return out

@@ -33,7 +33,7 @@ from snp_ray.errors import (ConfigError, DataError, DatasetMismatchError, Integr
                             ModelExistsError, PayloadTooLarge, SnpError, UnknownNameError,
                             WeightsError)
 from snp_ray.market.modelstore import ModelSpec, ModelStore, check_id
-from snp_ray.models import Classifier, count_params, split_classifier
+from snp_ray.models import Classifier, count_macs, count_params, split_classifier
 from snp_ray.models.refs import MAX_PARAMS, build_capped, build_external, parse_ref, ref_width
 from snp_ray.models.registry import build_model
 
@@ -163,7 +163,6 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
     ``weights`` and ``fewshot`` are files or their bytes (an upload over HTTP)."""
     limits = limits or AddLimits()
     from snp_ray.market.market import fewshot_seed
-    from snp_ray.slicing.fragment import count_macs   # slicing imports market: import late
 
     store = market.store
     info = get_dataset(dataset)

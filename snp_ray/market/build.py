@@ -53,7 +53,7 @@ def model_id(task: str, index: int, arch: str, width: float) -> str:
 def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, Any]]:
     """Body of one Ray task: train model ``index`` of the task and evaluate it once."""
     from snp_ray.data.tables import read_split
-    from snp_ray.evaluation import test_accuracy
+    from snp_ray.data.testsplit import test_accuracy
     from snp_ray.market.training import train_original
     from snp_ray.runtime import worker_logging
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from snp_ray.config import Config, added_field, check_range
+from snp_ray.data.augment import augment_images
 from snp_ray.data.specs import ImageSpec, InputSpec, TextSpec
 from snp_ray.data.tables import Split
 from snp_ray.data.text import build_vocab
@@ -97,21 +98,6 @@ def warmup_cosine(steps: int, warmup_share: float = 0.15):
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
     return factor
-
-
-def augment_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crop of the zero-padded (by 4) batch, and a random horizontal flip."""
-    n, _, h, w = x.shape
-    padded = nn.functional.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
-    out = padded.gather(2, rows)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    out = out.gather(3, cols)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out.contiguous()
 
 
 def training_rows(split: Split, classes: list[int], cfg: TrainConfig) -> tuple[np.ndarray, torch.Tensor]:

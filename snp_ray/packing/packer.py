@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from snp_ray.data.augment import augment_images
 from snp_ray.errors import ConfigError, DataError
-from snp_ray.market.training import augment_images
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel, PackSpec
 from snp_ray.packing.samples import PackSamples, class_weights

@@ -29,13 +29,14 @@ from snp_ray.config import Config
 from snp_ray.errors import ArtifactNotFoundError, ConfigError, UnknownNameError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
+from snp_ray.metrics import roc_auc
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import Packer, PackSamples
-from snp_ray.slicing.api import market_fragment_store, pair_key
+from snp_ray.slicing.api import pair_key
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.fragment import Fragment
-from snp_ray.slicing.slicer import roc_auc
+from snp_ray.store import market_fragment_store
 
 log = logging.getLogger(__name__)
 

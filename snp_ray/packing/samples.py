@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from snp_ray.data.fewshot import FewShotSet, sample_keys
-from snp_ray.errors import ConfigError, DataError
+from snp_ray.errors import ArtifactNotFoundError, ConfigError, DataError, PayloadTooLarge, StoreError
 
 #: the ``source`` prefix of samples a requester brought (the rest is their content's sha256)
 REQUESTER = "requester"
+#: a requester's samples: the most bytes of a file and rows. ``snp pack --samples`` refuses past
+#: these, and the service's defaults (``ServeConfig.max_body_bytes``, ``max_images``) are these
+MAX_BYTES, MAX_ROWS = 8 * 1024 * 1024, 256
 
 
 @dataclass
@@ -104,10 +108,15 @@ class PackSamples:
                      max_rows: int | None = None) -> "PackSamples":
         """A requester's Parquet file in ``dataset``'s schema (``image`` PNG bytes or ``text``,
         and ``label``, the dataset's class id). Its row count is checked before any decoding."""
+        from PIL import Image
+
         from snp_ray.data.tables import dataset_class_names, split_from_bytes
 
         names = dataset_class_names(dataset)
-        split = split_from_bytes(data, dataset, REQUESTER, names, what, max_rows=max_rows)
+        try:
+            split = split_from_bytes(data, dataset, REQUESTER, names, what, max_rows=max_rows)
+        except Image.DecompressionBombError as e:    # Pillow refuses it at open, with its own type
+            raise DataError(f"{what}: an image is too large to decode ({e})") from None
         raw = split.images if split.images is not None else split.texts
         return cls.from_arrays(dataset, raw, split.labels,
                                source=f"{REQUESTER}:{hashlib.sha256(data).hexdigest()}")
@@ -150,6 +159,37 @@ class PackSamples:
 
     def describe(self) -> dict[str, object]:
         return {"count": len(self), **self.counts, "sha256": self.sha256}
+
+
+def read_capped(path: str | os.PathLike, max_bytes: int, what: str) -> bytes:
+    """A file's bytes, refused (:class:`PayloadTooLarge`) past ``max_bytes`` without reading
+    further: the same cap as the service's request bodies."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ArtifactNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise StoreError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"{what} {path} is over the limit of {max_bytes:,} bytes")
+    return data
+
+
+def check_covers(samples: PackSamples, classes: dict[int, str], flag: str) -> None:
+    """Samples that are all a pack trains on must hold every requested class ({id: name});
+    ``flag`` names the option that adds the market's shots."""
+    have = set(np.unique(samples.labels).tolist())
+    missing = [f"{name} ({c})" for c, name in classes.items() if c not in have]
+    if missing:
+        raise DataError(f"the samples hold none of {missing}: give every requested class some, "
+                        f"or add the market's shots ({flag})")
+
+
+def source_of(samples: PackSamples) -> str:
+    """Where the samples come from, e.g. ``requester:<sha256 of the file>`` (their keys'
+    ``source`` part, :func:`snp_ray.data.fewshot.sample_keys`)."""
+    return str(samples.keys[0]).rsplit("#", 1)[0]
 
 
 def content_sha256(raw, labels) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from snp_ray.config import Config, check_range
 from snp_ray.errors import ConfigError
+from snp_ray.packing.samples import MAX_BYTES, MAX_ROWS
 
 
 @dataclass
@@ -36,8 +37,8 @@ class ServeConfig(Config):
     max_models_per_replica: int = 8
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.002
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_images: int = 256
+    max_body_bytes: int = MAX_BYTES          # the caps ``snp pack --samples`` refuses past too
+    max_images: int = MAX_ROWS
     refresh_s: float = 30.0
     host: str = "127.0.0.1"
     port: int = 8000

@@ -38,7 +38,7 @@ from snp_ray.packing.config import preset_pack_config
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import CV_NONE, Packer, cv_method
 from snp_ray.packing.planner import PLAN_NAMES, FewShotPool, PlanConfig, ScoreCache, plan_request, plan_samples
-from snp_ray.packing.samples import PackSamples
+from snp_ray.packing.samples import PackSamples, check_covers
 from snp_ray.serve import samples as samples_io
 from snp_ray.serve.catalogue import Catalogue
 from snp_ray.serve.config import ServeConfig
@@ -46,7 +46,7 @@ from snp_ray.serve.packstore import PackStore, pack_id
 from snp_ray.serve.uploads import Uploads
 from snp_ray.slicing.config import slice_preset
 from snp_ray.slicing.fragment import Fragment
-from snp_ray.store import FragmentStore
+from snp_ray.store import FragmentStore, market_fragment_store
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,6 @@ def canonical_plan(plan: str, holders: int) -> str:
 
 class MarketService:
     def __init__(self, cfg: ServeConfig):
-        from snp_ray.slicing.api import market_fragment_store
-
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.market = Market(cfg.market)
@@ -229,7 +227,7 @@ class MarketService:
             raise ConfigError("'with_market_shots' adds the market's shots to your own samples: "
                               "send 'samples' too (without samples, packs train on the market's)")
         if requester is not None and not market_shots:
-            samples_io.check_covers(requester, {c: cat.classes[c].name for c in ids},
+            check_covers(requester, {c: cat.classes[c].name for c in ids},
                                     '"with_market_shots": true')
         doc = {"classes": ids, "k": k, "plan": plan, "slice": self.slice_cfg.digest(),
                "pack": self.pack_cfg.digest(), "seed": self.cfg.seed, "folds": self.cfg.folds,
@@ -250,8 +248,8 @@ class MarketService:
         if cat.dataset is None:
             raise ConfigError("this market mixes datasets; it takes no requester samples")
         if parquet is not None:
-            return samples_io.from_parquet(parquet, cat.dataset, ids, "the 'samples' file",
-                                           self.cfg.max_images)
+            return PackSamples.from_parquet(parquet, cat.dataset, what="the 'samples' file",
+                                            max_rows=self.cfg.max_images).only(ids)
         return samples_io.from_json(in_json, cat.dataset, cat.modality,
                                     {c: cat.classes[c].name for c in ids}, self.cfg.max_images)
 

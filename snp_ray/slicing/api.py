@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -12,11 +11,10 @@ from snp_ray.data.fewshot import FewShotSet
 from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
-from snp_ray.models import count_params
+from snp_ray.models import count_macs, count_params
 from snp_ray.runtime import default_device, default_engine
 from snp_ray.slicing.config import SliceConfig
-from snp_ray.slicing.fragment import (Fragment, FragmentSpec, count_macs, example_input,
-                                      fragment_key)
+from snp_ray.slicing.fragment import Fragment, FragmentSpec, example_input, fragment_key
 from snp_ray.slicing.slicer import Slicer
 
 log = logging.getLogger(__name__)
@@ -102,46 +100,5 @@ def slice_model(market: Market, model_id: str, classes: list[int] | None, k: int
         yield from ms.slice_many(unit)
 
 
-def market_fragment_store(market: Market):
-    """The market's default fragment store: ``<market root>/fragments``."""
-    from snp_ray.store import FragmentStore
-
-    return FragmentStore(Path(market.root) / "fragments")
-
-
 def pair_key(model: ModelSpec, class_id: int, config: SliceConfig, k: int, seed: int) -> str:
     return fragment_key(model.identity, class_id, config.digest(), k, seed)
-
-
-def slice_missing(market: Market, k: int, config: SliceConfig, seed: int = 0,
-                  model_ids: list[str] | None = None, class_id: int | None = None,
-                  force: bool = False, store=None,
-                  engine: str | None = None) -> Iterator[tuple[str, int, str, Fragment | None]]:
-    """Slice every selected pair whose fragment is not stored yet, storing each as it is made.
-
-    Yields ``(model id, class id, key, fragment or None when it was already stored)``.
-    """
-    store = store or market_fragment_store(market)
-    store.adopt_identities({s.id: s for s in market.specs()})
-    stored = store.keys()
-    for mid in model_ids or market.ids():
-        spec = market.spec(mid)
-        if class_id is not None and class_id not in spec.classes:
-            continue
-        classes = [class_id] if class_id is not None else spec.classes
-        todo = []
-        for c in classes:
-            key = pair_key(spec, c, config, k, seed)
-            if key in stored and not force:
-                log.info("fragment of %s class %s already stored, skipping", mid, c)
-                yield mid, c, key, None
-            else:
-                todo.append(c)
-        if todo:
-            for frag in slice_model(market, mid, todo, k, config, seed, engine):
-                if force and frag.spec.key in stored:
-                    log.info("reslicing %s class %s: the stored fragment is replaced",
-                             mid, frag.spec.class_id)
-                    store.retire([frag.spec.key])
-                store.put(frag)
-                yield mid, frag.spec.class_id, frag.spec.key, frag

@@ -184,37 +184,6 @@ def rebuild_features(spec: FragmentSpec) -> nn.Module:
     return shrink(features, graph, kept)
 
 
-def count_macs(module: nn.Module, example: torch.Tensor) -> int:
-    """Multiply-accumulates per sample of conv, linear and recurrent layers."""
-    total = 0
-
-    def hook(mod, inp, out):
-        nonlocal total
-        batch = inp[0].shape[0]
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-            per_out = mod.in_channels // mod.groups * int(torch.tensor(mod.kernel_size).prod())
-            total += out.numel() // batch * per_out
-        elif isinstance(mod, nn.Linear):
-            total += out.numel() // batch * mod.in_features
-        elif isinstance(mod, nn.RNNBase):      # every layer: its input, then its own state
-            gates = {"GRU": 3, "LSTM": 4}.get(mod.mode, 1)
-            steps = inp[0].shape[1] if mod.batch_first else inp[0].shape[0]
-            h, dirs = mod.hidden_size, 2 if mod.bidirectional else 1
-            for k in range(mod.num_layers):
-                width = mod.input_size if k == 0 else dirs * h
-                total += dirs * steps * gates * h * (width + h)
-
-    hooks = [m.register_forward_hook(hook) for m in module.modules()
-             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.RNNBase))]
-    try:
-        with torch.no_grad():
-            module.eval()(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return int(total)
-
-
 def kept_iou(a: FragmentSpec, b: FragmentSpec) -> dict[str, float]:
     """IoU of kept-unit sets per group between two fragments of the same model (Figure 5)."""
     if a.source_sha256 != b.source_sha256:

@@ -40,12 +40,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from snp_ray.data.augment import augment_images
 from snp_ray.data.fewshot import FewShotSet
 from snp_ray.data.specs import InputSpec
 from snp_ray.errors import ConfigError, DataError
-from snp_ray.market.training import augment_images
+from snp_ray.metrics import roc_auc
 from snp_ray.models import Classifier, channels_last_safe
-from snp_ray.runtime import resolve_precision
+from snp_ray.runtime import ENGINES, resolve_precision
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.frontier import Split, batch_nodes, segment, split
 from snp_ray.slicing.graph import Gate, SliceGraph, attach, trace
@@ -54,7 +55,6 @@ from snp_ray.slicing.surgery import Repair, fold_into_linear, shrink
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("cached", "naive", "batched")   # batched: snp_ray/slicing/batched.py
 #: frontier caches of the original network are kept for every group up to this many MiB
 ENV_CACHE_MB = "SNP_SLICE_CACHE_MB"
 
@@ -665,13 +665,3 @@ def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
     mask[kept] = False
     return torch.nonzero(mask).flatten()
 
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve by the rank statistic (ties counted half)."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]  # 1-based, ties averaged
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))

@@ -24,9 +24,9 @@ import numpy as np
 
 from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
+from snp_ray.metrics import roc_auc
 from snp_ray.slicing.api import ModelSlicer
 from snp_ray.slicing.config import SliceConfig, slice_preset
-from snp_ray.slicing.slicer import roc_auc
 from snp_ray.tuning.objective import FoldSlicer, FragmentCache, deal_folds, fold_of
 
 log = logging.getLogger(__name__)

@@ -59,8 +59,8 @@ def _evaluate_users(store: str, k: int, slice_name: str, cfg_dict: dict[str, Any
     import torch
 
     from snp_ray.data.tables import read_split
+    from snp_ray.data.testsplit import load_test_split
     from snp_ray.evaluation.learnware import TestCache, evaluate_user, make_users
-    from snp_ray.evaluation.testsplit import load_test_split
     from snp_ray.market.market import Market
     from snp_ray.packing.config import preset_pack_config
     from snp_ray.packing.planner import FewShotPool, ScoreCache
