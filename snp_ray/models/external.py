@@ -17,6 +17,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from snp_ray.errors import ConfigError
 from snp_ray.models.attention import canonicalise
 from snp_ray.models.base import Classifier
+from snp_ray.models.tracing import CHANNELWISE, symbolic_trace
 
 #: modules allowed between the head and the model's output (identities at inference)
 _TRANSPARENT = (nn.Dropout, nn.Identity)
@@ -26,7 +27,6 @@ def split_classifier(model: nn.Module, example: torch.Tensor) -> Classifier:
     """``model`` (eval mode is used) as a :class:`Classifier`: ``features`` = the traced graph up
     to the head's input (a flat ``(batch, feature_dim)`` tensor), ``head`` = a copy of the final
     ``nn.Linear``. A model whose output is not produced by one final Linear is a ConfigError."""
-    from snp_ray.slicing.graph import symbolic_trace   # slicing imports models: import late
 
     name = type(model).__name__
     model = canonicalise(copy.deepcopy(model)).eval()   # attention in its sliceable form
@@ -85,7 +85,6 @@ def _conv_head(gm: fx.GraphModule, modules: dict[str, nn.Module], node,
       flatten: pooling and the conv no longer commute, so the conv stays in the features, which
       then end with the model's own class scores, and the head is the identity Linear on them.
     """
-    from snp_ray.slicing.handlers import CHANNELWISE   # slicing imports models: import late
 
     def only(n) -> bool:
         return isinstance(n, fx.Node) and len(n.users) == 1

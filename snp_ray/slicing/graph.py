@@ -14,10 +14,8 @@ Nothing here knows what a VGG or a ResNet is: the groups fall out of the traced 
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
-import threading
 from typing import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +25,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from snp_ray.errors import ConfigError, UnsupportedLayerError
-from snp_ray.slicing.handlers import CHANNELWISE, Handler, ParamHandler, handler_for, is_depthwise
+from snp_ray.models.tracing import CHANNELWISE, symbolic_trace
+from snp_ray.slicing.handlers import Handler, ParamHandler, handler_for, is_depthwise
 
 Segment = tuple[int, int, int]  # (space or group id, offset in the unit dim, size)
 
@@ -94,52 +93,6 @@ class SliceGraph:
     def handler(self, name: str, module: nn.Module) -> Handler | None:
         """The handler of producer/consumer ``name`` (``module`` is the module at that path)."""
         return self.extra_handlers.get(name) or handler_for(module)
-
-
-#: One fx trace at a time in this process. While ``fx.Tracer.trace`` runs it patches
-#: ``nn.Module.__call__`` and ``__getattr__`` on the class (process-wide) and restores whatever it
-#: found on exit, so two overlapping traces could restore each other's patch and leave every
-#: module call of the process going through a finished tracer.
-_TRACE_LOCK = threading.Lock()
-
-
-class SliceTracer(fx.Tracer):
-    """fx tracing where every module with a slicing handler is a leaf (a subclass such as a
-    channels-first LayerNorm or a BatchNorm fused with its activation stays one module).
-
-    Thread-confined: the class-wide patches that fx installs while tracing also catch module
-    calls of *other* threads (a service rebuilding a fragment beside predictions and pack
-    builds), which plain fx turns into graph nodes or a ``NameError: module is not installed as
-    a submodule``. Here those calls and attribute reads go straight to the real module, so a
-    trace leaves every other thread's forward as it would run without it."""
-
-    _thread: int | None = None       # the thread that runs trace()
-
-    def trace(self, root, concrete_args=None) -> fx.Graph:
-        self._thread = threading.get_ident()
-        return super().trace(root, concrete_args)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return super().is_leaf_module(m, qualname) or handler_for(m) is not None
-
-    def call_module(self, m: nn.Module, forward, args, kwargs):
-        if threading.get_ident() != self._thread:
-            return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
-
-    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
-        if threading.get_ident() != self._thread:
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-
-def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    """``module`` as a GraphModule (a GraphModule's own graph is copied, keeping its meta)."""
-    if isinstance(module, fx.GraphModule):
-        return fx.GraphModule(module, copy.deepcopy(module.graph))
-    with _TRACE_LOCK:                 # see _TRACE_LOCK: fx's patches are process-wide
-        graph = SliceTracer().trace(module)
-    return fx.GraphModule(module, graph, type(module).__name__)
 
 
 class _UnionFind:

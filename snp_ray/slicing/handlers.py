@@ -12,6 +12,7 @@ from torch import nn
 
 from snp_ray.errors import ConfigError, UnsupportedLayerError
 from snp_ray.models.attention import HeadAttention, HeadProjection
+from snp_ray.models.tracing import register_leaf
 
 
 class Handler:
@@ -317,16 +318,6 @@ HANDLERS: dict[type, Handler] = {
 }
 DEPTHWISE = DepthwiseConvHandler()
 
-#: modules that keep units apart (act on each channel alone) and so pass a channel layout through
-CHANNELWISE: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid,
-                                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Dropout,
-                                 nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.SiLU,
-                                 nn.Hardswish, nn.Hardsigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Mish,
-                                 nn.Softplus, nn.Hardtanh)
-
-
 def handler_for(module: nn.Module) -> Handler | None:
     if is_depthwise(module):
         return DEPTHWISE
@@ -339,7 +330,12 @@ def handler_for(module: nn.Module) -> Handler | None:
 def register_handler(module_type: type, handler: Handler) -> Callable[[], None]:
     """Add a handler for a new layer type; returns a function that removes it again."""
     HANDLERS[module_type] = handler
-    return lambda: HANDLERS.pop(module_type, None)
+    unleaf = register_leaf(module_type)       # a handled module stays one module in a trace
+
+    def remove() -> None:
+        HANDLERS.pop(module_type, None)
+        unleaf()
+    return remove
 
 
 # --- issue #27 §3 handlers: norms over space and channel groups, PReLU, stacked and plain RNNs
@@ -470,4 +466,3 @@ STACKED_RECURRENT = StackedRecurrentHandler()
 HANDLERS.update({nn.InstanceNorm1d: InstanceNormHandler(), nn.InstanceNorm2d: InstanceNormHandler(),
                  nn.GroupNorm: GroupNormHandler(), nn.PReLU: PReLUHandler(),
                  nn.GRU: STACKED_RECURRENT, nn.LSTM: STACKED_RECURRENT, nn.RNN: STACKED_RECURRENT})
-CHANNELWISE += (nn.PReLU,)      # a single slope (num_parameters == 1): one function for every unit
