@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: (width, original-model epochs) per architecture at CPU scale
 ARCH_DEFAULTS: dict[str, tuple[float, int]] = {
     "vgg11": (0.25, 12), "vgg16": (1.0, 30), "resnet20": (1.0, 8), "resnet34": (1.0, 30),
-    "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10), "vit": (1.0, 15),
+    "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10), "vit": (1.0, 10),
     "transformer": (1.0, 10),
 }
 #: training settings per architecture beyond the defaults: a ViT trains with AdamW and decoupled

@@ -235,7 +235,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("T7/results.json",), lambda: table_digests("T7", ["textcnn"], ks=TEXT_KS)),
     _attention_stage("T6", "transformer", "5,10", "T6 (TREC) with a 2-layer text Transformer (#27)"),
     _attention_stage("T7", "transformer", "5,10", "T7 (SST-5) with a 2-layer text Transformer (#27)"),
-    _attention_stage("T1", "vit", "5,10,20", "T1 (CIFAR-10) with three 4-layer ViTs (#27)"),
+    _attention_stage("T1", "vit", "10,20", "T1 (CIFAR-10) with three 4-layer ViTs (#27): the goals' k"),
     Stage("T1", "T1 (CIFAR-10, VGG11 x 1/4 and ResNet-20): the paper's Table 2",
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),
           lambda: table_digests("T1", ["vgg11", "resnet20"])),
