@@ -2,16 +2,24 @@
 
 A market exchanges weights as safetensors and specs as JSON; every blob's sha256 is recorded in
 its spec and checked on load, so a tampered or truncated file is refused before it is parsed
-into tensors. Writes go to a temporary file in the target folder and are renamed into place, so a
-reader never sees half a file.
+into tensors.
+
+The one way to publish (every store uses it): a file is written to a temporary file in the
+target folder, fsynced and renamed into place (:func:`atomic_write_bytes`), so a reader never
+sees half a file; a folder that must appear whole or not at all is written in a private
+:func:`staging_dir` beside the store and moved into place in one rename (:func:`publish_dir`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,69 @@ def _unlink_quietly(path: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staging_dir(root: str | os.PathLike) -> Iterator[Path]:
+    """A new private folder ``root/.staging/<random>`` to write a whole folder in (on the
+    store's filesystem, so :func:`publish_dir` can rename it into place). Whatever is left in it
+    (nothing, once published) is deleted afterwards, and ``.staging`` too when it is empty."""
+    staging = Path(root) / ".staging" / uuid.uuid4().hex
+    for attempt in range(3):       # another writer may remove an empty .staging meanwhile
+        try:
+            staging.mkdir(parents=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+        except OSError as e:
+            raise StoreError(f"cannot write under {root}: {e.strerror or e}") from e
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):     # only when empty: another writer may be staging
+            staging.parent.rmdir()
+
+
+def publish_dir(staged: str | os.PathLike, dest: str | os.PathLike, *,
+                trash: str | os.PathLike | None = None) -> bool:
+    """Move the complete folder ``staged`` to ``dest`` in one rename (same filesystem): readers
+    see all of it or none of it.
+
+    Without ``trash``, an existing ``dest`` is kept: returns False (another writer published
+    first) and True when this one did. With ``trash`` (a folder on the same filesystem), an
+    existing ``dest`` is replaced: renamed aside into ``trash``, the new one renamed in, the old
+    one deleted; readers see the old folder or the new one, never a mix, and if the second rename
+    fails the old one is put back. Other failures raise ``OSError`` for the caller to name."""
+    staged, dest = Path(staged), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if trash is None:
+        try:
+            os.rename(staged, dest)
+        except OSError:
+            if not dest.exists():
+                raise
+            return False
+        return True
+    aside = None
+    if dest.exists():
+        aside = Path(trash) / f"{dest.name}-{uuid.uuid4().hex}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(dest, aside)
+    try:
+        os.rename(staged, dest)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, dest)
+            with contextlib.suppress(OSError):
+                aside.parent.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+        with contextlib.suppress(OSError):     # only when empty: another replace may run
+            aside.parent.rmdir()
+    return True
 
 
 def read_bytes(path: str | os.PathLike, what: str = "file") -> bytes:

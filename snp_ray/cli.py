@@ -346,7 +346,7 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     from snp_ray.market import Market
     from snp_ray.packing import export_pack, preset_pack_config
     from snp_ray.packing.model import check_export_formats
-    from snp_ray.packing.request import pack_request, resolve_classes
+    from snp_ray.packing.request import pack_request
 
     formats = check_export_formats([f.strip() for f in a.export.split(",") if f.strip()])
     if formats and not a.out:
@@ -357,7 +357,7 @@ def cmd_pack(a: argparse.Namespace) -> dict[str, Any]:
     slice_cfg = _slice_config(a)
     requested = [c.strip() for c in a.classes.split(",") if c.strip()]
     market, plan = Market(a.store), None
-    ids = resolve_classes(market, requested)
+    ids = market.class_ids(requested)
     requester = _requester_samples(market, ids, a.samples) if a.samples else None
     if a.with_market_shots and requester is None:
         raise ConfigError("--with-market-shots adds the market's shots to your own: give --samples")

@@ -20,7 +20,9 @@ class UnknownNameError(ConfigError, KeyError):
     #: longer lists (timm has ~1400 models) are cut to the closest names
     MAX_LISTED = 30
 
-    def __init__(self, kind: str, name: object, valid: list[str] | tuple[str, ...]):
+    def __init__(self, kind: str, name: object, valid: list[str] | tuple[str, ...], where: str = ""):
+        """``where`` follows the name in the message (e.g. ``" (held by no model of this
+        market)"``): what the valid names are valid for."""
         import difflib
 
         self.kind, self.name, self.valid = kind, name, sorted(map(str, valid))
@@ -33,7 +35,7 @@ class UnknownNameError(ConfigError, KeyError):
             listed = (f"closest of the {len(self.valid)} valid {kinds}: {', '.join(close)}" if close
                       else f"none of the {len(self.valid)} valid {kinds} is close, e.g. "
                            f"{', '.join(self.valid[:8])}")
-        super().__init__(f"unknown {kind} {name!r}; {listed}")
+        super().__init__(f"unknown {kind} {name!r}{where}; {listed}")
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of the message
         return self.args[0]

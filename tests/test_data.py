@@ -160,3 +160,65 @@ def test_image_spec_carries_its_size_and_resizes_other_sizes_to_it():
     assert spec.example(3).shape == (3, 3, 16, 24)
     with pytest.raises(ConfigError, match="size"):
         ImageSpec(size=[0, 32])
+
+
+def test_one_class_resolver_rules():
+    """snp_ray.data.classes: the rules every class-taking place shares (snp pack/slice/market
+    add, the service's classes and sample labels)."""
+    from snp_ray.data.classes import class_id, class_ids
+    from snp_ray.errors import UnknownNameError
+
+    vocab = ["airplane", "automobile", "bird", "cat", "Deer"]
+    assert class_ids(["cat", 1, " 2 ", "bird"], vocab, repeats=True) == [3, 1, 2, 2]
+    assert class_ids(["CAT", "deer", "Deer "], vocab, repeats=True) == [3, 4, 4]   # case, blanks
+    assert class_ids(("bird", "airplane"), vocab) == [2, 0]                       # order kept
+    assert class_id(np.int64(4), vocab) == 4                                      # numpy ints
+    held = {3: "cat", 7: "horse"}                                                 # {id: name}
+    assert class_ids(["horse", "3"], held) == [7, 3]
+    with pytest.raises(UnknownNameError, match=r"unknown class '1'.*valid classes: cat, horse"):
+        class_id("1", held)                           # an id outside the choices
+    with pytest.raises(UnknownNameError) as e:
+        class_id(" dgo ", vocab + ["dog"], where=" (held by no model)")
+    assert str(e.value).startswith("unknown class 'dgo' (held by no model); valid classes:")
+    assert "dog" in e.value.close and isinstance(e.value, ConfigError)
+    with pytest.raises(UnknownNameError, match="'²'"):
+        class_id("²", vocab)                          # non-ASCII digits are names, not ids
+    with pytest.raises(UnknownNameError, match="unknown cifar10 class 'x'"):
+        class_id("x", vocab, kind="cifar10 class")
+    assert class_ids(["Cat"], ["cat", "CAT", "Cat"]) == [2]                       # exact wins
+    with pytest.raises(UnknownNameError):
+        class_id("cAt", ["cat", "CAT"])               # two classes differ only in case: no guess
+    for bad in ([], "cat", None, {"cat": 1}):
+        with pytest.raises(ConfigError, match="the request names no classes"):
+            class_ids(bad, vocab)
+    for bad in (True, 1.0, None, ["cat"]):
+        with pytest.raises(ConfigError, match="a class is a name or an id"):
+            class_id(bad, vocab)
+    with pytest.raises(ConfigError, match=r"duplicate classes in --classes: \['cat \(3\)'\]"):
+        class_ids(["cat", "3"], vocab, what="--classes")
+    assert class_ids(["cat", "3"], vocab, repeats=True) == [3, 3]
+
+
+def test_one_image_decoder_guards_and_sizes(tiny_root):
+    """snp_ray.data.tables.decode_image: a dataset row must have the dataset's size (refused from
+    the header); an upload is resized; both pass the pixel guard and decode to the same pixels."""
+    import io
+
+    from PIL import Image
+
+    from conftest import png_bytes
+    from snp_ray.data.tables import decode_image
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    blob = png_bytes(img)
+    np.testing.assert_array_equal(decode_image(blob, "row"), img)
+    np.testing.assert_array_equal(decode_image(blob, "row", resize=True), img)
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(img, np.ones((2, 2, 1), np.uint8))).save(buf, format="PNG")
+    with pytest.raises(DataError, match=r"row has shape \(64, 64, 3\), expected \(32, 32, 3\)"):
+        decode_image(buf.getvalue(), "row")
+    assert decode_image(buf.getvalue(), "upload", resize=True).shape == (32, 32, 3)
+    with pytest.raises(DataError, match="more than 4,095 pixels"):
+        decode_image(buf.getvalue(), "upload", max_pixels=4095, resize=True)
+    with pytest.raises(DataError, match="upload is empty"):
+        decode_image(b"", "upload", resize=True)

@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "snp_ray"
 #: (the job bodies engine/main.py, engine/expansion.py and engine/learnware.py score packs on the
 #: test split by design, through snp_ray.data.testsplit; the slice job's driver and actors, like
 #: the service, never may)
-FITTING = ["market/training.py", "market/add.py", "data/fewshot.py", "data/augment.py", "metrics.py",
+FITTING = ["market/training.py", "market/mixed.py", "market/add.py", "data/fewshot.py", "data/augment.py", "metrics.py",
            "slicing", "store", "packing", "tuning", "baselines", "serve", "engine/job.py",
            "engine/actors.py", "engine/noop.py"]
 FORBIDDEN = ("snp_ray.evaluation", "snp_ray.data.testsplit", "EVAL_ACCESS", "load_test_split",

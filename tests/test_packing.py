@@ -258,7 +258,7 @@ def test_pack_request_errors(text_market):
         pack_request(market, [], 5, scfg)
     with pytest.raises(ConfigError, match="duplicate"):
         pack_request(market, ["neutral", "2"], 5, scfg)
-    with pytest.raises(DataError, match="held by no model"):
+    with pytest.raises(UnknownNameError, match="held by no model"):
         pack_request(market, ["sarcastic"], 5, scfg)
     with pytest.raises(ArtifactNotFoundError, match="slice it first"):
         pack_request(market, ["neutral"], 5, slice_preset("paper"))

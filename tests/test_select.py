@@ -3,11 +3,7 @@ winner is the candidate with the best held-out AUC, ties go to smaller fragments
 are cached, and the mixed-market job chooses with the test split fenced off."""
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +17,6 @@ from snp_ray.tuning.objective import FragmentCache
 from snp_ray.tuning.select import (CANDIDATES, Candidate, choose, cv_scores, model_folds,
                                    parse_candidates, select_config)
 
-REPO = Path(__file__).resolve().parents[1]
 K = 6
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,25 +107,13 @@ def test_selector_picks_the_higher_held_out_auc_and_caches_folds(tmp_path, monke
         pytest.approx(by["good"]["per_fold"][frag.spec.class_name][0])
 
 
-def _job_module():
-    sys.path.insert(0, str(REPO / "jobs"))
-    try:
-        spec = importlib.util.spec_from_file_location("build_mixed_market", REPO / "jobs" / "build_mixed_market.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod           # dataclasses look their module up while defined
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(REPO / "jobs"))
-
-
-def test_mixed_job_chooses_with_the_test_split_fenced(tmp_path, monkeypatch):
-    """``--slice-preset auto`` runs the selector with the fence up (a test-split read raises) and
-    takes it down afterwards; models outside ``--auto-models`` get the first candidate."""
+def test_mixed_selection_chooses_with_the_test_split_fenced(tmp_path, monkeypatch):
+    """``--slice-preset auto`` (snp_ray.tuning.select.select_models) runs the selector with the
+    fence up (a test-split read raises) and takes it down afterwards; models outside
+    ``--auto-models`` get the first candidate."""
     import snp_ray.tuning.select as select
     from snp_ray.data.testsplit import load_test_split
 
-    job = _job_module()
     seen = []
 
     def fake_select(market, mid, candidates, k, cache, folds=3, folds_used=0, **_):
@@ -142,18 +125,14 @@ def test_mixed_job_chooses_with_the_test_split_fenced(tmp_path, monkeypatch):
                                                                       for c in candidates]}
 
     class _Market:
-        def __init__(self, root):
-            pass
-
         def ids(self):
             return ["a", "b"]
 
     monkeypatch.setattr(select, "select_config", fake_select)
-    monkeypatch.setattr("snp_ray.market.Market", _Market)
     monkeypatch.delenv(ENV_FENCE, raising=False)
-    a = argparse.Namespace(candidates="quick,quick-rate0.3", auto_models="b", k=10, cv_folds=3,
-                           cv_folds_used=1)
-    chosen, record = job.select_configs(a, tmp_path)
+    cands = parse_candidates("quick,quick-rate0.3")
+    chosen, record = select.select_models(_Market(), cands, 10, FragmentCache(tmp_path), ["b"],
+                                          folds=3, folds_used=1)
     assert seen == ["b"] and chosen["a"].name == "quick" and chosen["b"].name == "quick-rate0.3"
     assert list(record["models"]) == ["b"] and len(record["candidates"]) == 2
     assert (record["folds"], record["folds_used"]) == (3, 1)

@@ -510,13 +510,13 @@ def test_a_text_market_packs_and_predicts_texts(text_market, tmp_path):
 
 
 def test_a_non_ascii_digit_class_name_is_a_4xx_not_a_500(client, market):
-    """'²'.isdigit() is true but int('²') raises: every resolver reads ASCII digits only."""
-    from snp_ray.errors import DataError
+    """'²'.isdigit() is true but int('²') raises: the one resolver reads ASCII digits only."""
+    from snp_ray.errors import UnknownNameError
 
     c, _ = client
     r = c.post("/v1/packs", json={"classes": ["²", "cat"], "k": 5})
     assert r.status_code in (400, 404) and "error" in r.json()
-    with pytest.raises(DataError):
+    with pytest.raises(UnknownNameError, match="'²' .held by no model"):
         Market(market).class_id("²")
 
 
@@ -541,8 +541,12 @@ def test_images_are_bounded_before_they_are_decoded():
     took 8.7 s to decode and answered 200.)"""
     from PIL import Image
 
+    from snp_ray.data.tables import decode_image as decode
     from snp_ray.errors import DataError
-    from snp_ray.serve.images import decode_batch, decode_image, pixel_cap
+    from snp_ray.serve.images import decode_batch, pixel_cap
+
+    def decode_image(data, name="image"):        # the one decoder, under the service's caps
+        return decode(data, name, max_pixels=pixel_cap((32, 32)), resize=True)
 
     def encoded(size, fmt="PNG", mode="RGB"):
         buf = io.BytesIO()
@@ -564,7 +568,7 @@ def test_images_are_bounded_before_they_are_decoded():
     import snp_ray.serve.images as images
     real = images.decode_image
     try:
-        images.decode_image = lambda *a: decoded.append(a) or real(*a)
+        images.decode_image = lambda *a, **kw: decoded.append(a) or real(*a, **kw)
         with pytest.raises(DataError, match="4,194,304 pixels, more than the 4,194,303"):
             decode_batch(four, ["a", "b", "c", "d"], max_pixels=4 * 1024 * 1024 - 1)
     finally:

@@ -362,3 +362,40 @@ def test_a_listing_reads_only_the_named_columns_one_row_per_key(frags, tmp_path)
     assert listing == {k: {"class_id": r["class_id"], "params": r["params"]}
                        for k, r in fresh.rows().items()}
     assert fresh.listing(["class_id", "params"]) == listing        # from the cached rows
+
+
+def test_one_atomic_publish_helper(tmp_path, monkeypatch):
+    """snp_ray.artifacts: a folder is staged privately and renamed in whole; without a trash
+    folder an existing one is kept (the first writer wins), with one it is replaced, and a
+    failed replace puts the old folder back. The staging folder is gone afterwards."""
+    from snp_ray.artifacts import atomic_write_bytes, publish_dir, staging_dir
+
+    dest = tmp_path / "store" / "items" / "a"
+    with staging_dir(tmp_path / "store") as staged:
+        assert staged.parent == tmp_path / "store" / ".staging" and staged.is_dir()
+        atomic_write_bytes(staged / "x", b"first")
+        assert publish_dir(staged, dest)
+    with staging_dir(tmp_path / "store") as staged:
+        atomic_write_bytes(staged / "x", b"second")
+        assert not publish_dir(staged, dest)                 # lost the race: the first stays
+    assert _files(dest) == {"x": b"first"}
+    with staging_dir(tmp_path / "store") as staged:
+        atomic_write_bytes(staged / "x", b"third")
+        assert publish_dir(staged, dest, trash=tmp_path / "store" / ".trash")
+    assert _files(dest) == {"x": b"third"}
+    real = os.rename
+
+    def rename(a, b):                                        # the new folder cannot move in
+        if ".staging" in str(a):
+            raise OSError("full")
+        return real(a, b)
+    monkeypatch.setattr(os, "rename", rename)
+    with staging_dir(tmp_path / "store") as staged, pytest.raises(OSError, match="full"):
+        atomic_write_bytes(staged / "x", b"fourth")
+        publish_dir(staged, dest, trash=tmp_path / "store" / ".trash")
+    monkeypatch.undo()
+    assert _files(dest) == {"x": b"third"}                   # the old folder is put back
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["items"]
+    atomic_write_bytes(tmp_path / "f", b"1")
+    atomic_write_bytes(tmp_path / "f", b"2")
+    assert _files(tmp_path) == {"f": b"2", "store/items/a/x": b"third"}

@@ -232,10 +232,10 @@ def check_onnx(path: Path, png: bytes, head: list[str], shown: list[tuple[str, f
     except ImportError:
         log.warning("onnxruntime is missing: the downloaded ONNX file is not run")
         return
-    from snp_ray.serve.images import decode_image
+    from snp_ray.serve.images import decode_batch
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {session.get_inputs()[0].name: decode_image(png)[None]})[0][0]
+    logits = session.run(None, {session.get_inputs()[0].name: decode_batch([png], ["png"])})[0][0]
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     for name, p in shown:

@@ -220,24 +220,40 @@ def open_image(blob: bytes | None, what: str, max_pixels: int):
         raise DataError(f"{what} does not decode as an image ({type(e).__name__}: {e})") from None
 
 
+def decode_image(blob: bytes | None, what: str, *, size: tuple[int, int] = IMAGE_SHAPE[:2],
+                 max_pixels: int | None = None, resize: bool = False) -> np.ndarray:
+    """The one image decoder: PNG/JPEG/WEBP bytes -> (H, W, 3) uint8 at ``size`` (H, W), through
+    :func:`open_image`'s guard. ``max_pixels`` caps the image read from the header (default 64
+    times ``size``: a wrong size is named, a bomb never opens). Without ``resize`` another size is
+    refused from the header, before decoding (a dataset row); with it, the image is resized
+    bilinearly (an uploaded image: a pack's raw input is its dataset's image size)."""
+    from PIL import Image
+
+    h, w = size
+    cap = max_pixels if max_pixels is not None else 64 * h * w
+    with open_image(blob, what, cap) as im:
+        if (im.height, im.width) != (h, w) and not resize:
+            raise DataError(f"{what} has shape ({im.height}, {im.width}, 3), expected "
+                            f"{(h, w, 3)} (checked before decoding)")
+        rgb = im.convert("RGB") if im.mode != "RGB" else im
+        if (rgb.height, rgb.width) != (h, w):
+            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
+        arr = np.array(rgb, dtype=np.uint8)
+    if arr.shape != (h, w, 3):
+        raise DataError(f"{what} has shape {arr.shape}, expected {(h, w, 3)}")
+    return arr
+
+
 def decode_images(blobs: list[bytes | None], what: str, rows: list[int] | None = None
                   ) -> np.ndarray:
-    """PNG/JPEG/WEBP bytes -> (N, 32, 32, 3) uint8; a wrong size, format or mode is a DataError
-    naming the row (``rows[i]``, default i)."""
+    """A dataset's images, (N, 32, 32, 3) uint8 by :func:`decode_image`; a missing image, a wrong
+    size, format or mode is a DataError naming the row (``rows[i]``, default i)."""
     out = np.empty((len(blobs),) + IMAGE_SHAPE, dtype=np.uint8)
-    pixels = 64 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1]   # a wrong size is named; a bomb never opens
     for j, blob in enumerate(blobs):
         i = rows[j] if rows is not None else j
         if blob is None:
             raise DataError(f"{what}: row {i} has no image")
-        with open_image(blob, f"{what}: row {i}", pixels) as im:
-            if (im.height, im.width) != IMAGE_SHAPE[:2]:   # from the header, before decoding
-                raise DataError(f"{what}: row {i} has shape ({im.height}, {im.width}, 3), "
-                                f"expected {IMAGE_SHAPE} (checked before decoding)")
-            arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
-        if arr.shape != IMAGE_SHAPE:
-            raise DataError(f"{what}: row {i} has shape {arr.shape}, expected {IMAGE_SHAPE}")
-        out[j] = arr
+        out[j] = decode_image(blob, f"{what}: row {i}")
     return out
 
 

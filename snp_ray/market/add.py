@@ -11,11 +11,8 @@ last. The test split is never read.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from snp_ray.artifacts import atomic_write_bytes, read_bytes, sha256_bytes, tensors_from_bytes
+from snp_ray.artifacts import (atomic_write_bytes, read_bytes, sha256_bytes, staging_dir,
+                               tensors_from_bytes)
 from snp_ray.data.catalog import get_dataset
+from snp_ray.data.classes import class_ids as resolve_class_ids
 from snp_ray.data.fewshot import sample_k_shot
 from snp_ray.data.specs import ImageSpec
 from snp_ray.data.tables import dataset_class_names, split_from_bytes
 from snp_ray.config import Config, check_range
 from snp_ray.errors import (ConfigError, DataError, DatasetMismatchError, IntegrityError,
-                            ModelExistsError, PayloadTooLarge, SnpError, UnknownNameError,
-                            WeightsError)
+                            ModelExistsError, PayloadTooLarge, SnpError, WeightsError)
 from snp_ray.market.modelstore import ModelSpec, ModelStore, check_id
 from snp_ray.models import Classifier, count_macs, count_params, split_classifier
 from snp_ray.models.refs import MAX_PARAMS, build_capped, build_external, parse_ref, ref_width
@@ -124,23 +122,6 @@ def check_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what:
         raise WeightsError(f"{what} do not fit the architecture: " + "; ".join(parts))
 
 
-def resolve_classes(names: list[str], dataset: str, vocab: list[str]) -> list[int]:
-    ids = []
-    for n in names:
-        n = str(n).strip()
-        if n in vocab:
-            ids.append(vocab.index(n))
-        elif n.isascii() and n.isdigit() and int(n) < len(vocab):
-            ids.append(int(n))
-        else:
-            raise UnknownNameError(f"class of {dataset}", n, vocab)
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"--classes names a class twice: {names}")
-    if not ids:
-        raise ConfigError("--classes must name at least one class")
-    return ids
-
-
 def _default_id(arch: str, existing: list[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", arch.split("?")[0].replace(":", "-")).strip("-.") or "model"
     i = 0
@@ -181,7 +162,7 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
                                    f"one dataset (its classes are keyed by id), so a {dataset} "
                                    "model goes into a market of its own")
     vocab = dataset_class_names(dataset)
-    class_ids = resolve_classes(list(classes), dataset, vocab)
+    class_ids = resolve_class_ids(list(classes), vocab, kind=f"{dataset} class", what="--classes")
     ref = parse_ref(arch)
     if not isinstance(input_size, int) or isinstance(input_size, bool):
         raise ConfigError(f"input size must be an integer, got {input_size!r}")
@@ -272,15 +253,11 @@ def add_model(market, arch: str, weights: str | Path | bytes, classes: list[str]
 
     # --- write: nothing above wrote anything. The model is written to a private staging folder
     # and moved into place by renames, so a failure at any point leaves the old model (or none).
-    staged = ModelStore(store.root / ".staging" / uuid.uuid4().hex)
-    try:
+    with staging_dir(store.root) as folder:
+        staged = ModelStore(folder)
         if upload_blob is not None:
             atomic_write_bytes(staged.model_dir(mid) / UPLOAD_FILE, upload_blob)
         saved = staged.save(model, spec)       # weights, then the spec
         staged.save_manifest(mid, manifest)
         store.install(staged.model_dir(mid), mid)
-    finally:
-        shutil.rmtree(staged.root, ignore_errors=True)
-        with contextlib.suppress(OSError):     # only when empty: another add may be staging
-            staged.root.parent.rmdir()
     return AddedModel(saved, int(spec.metrics["macs"]), accuracy, int(rows.size))

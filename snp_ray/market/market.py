@@ -5,13 +5,18 @@ from pathlib import Path
 
 import numpy as np
 
+from snp_ray.data.classes import class_id, class_ids
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet, load_fewshot, sample_k_shot
 from snp_ray.artifacts import read_bytes, sha256_bytes
 from snp_ray.data.tables import Split, read_split, split_from_bytes
-from snp_ray.errors import ArtifactNotFoundError, DataError, IntegrityError
+from snp_ray.errors import ArtifactNotFoundError, IntegrityError
 from snp_ray.market.modelstore import ModelSpec, ModelStore
 from snp_ray.market.tasks import TASKS, model_rows
 from snp_ray.models import Classifier
+
+
+#: what an unknown class name is unknown to, in a market's errors
+HELD = " (held by no model of this market)"
 
 
 def fewshot_seed(base_seed: int, model_index: int) -> int:
@@ -160,18 +165,20 @@ class Market:
         """Models that hold global class ``class_id``."""
         return [s for s in self.specs() if class_id in s.classes]
 
-    def class_id(self, name_or_id: str | int) -> int:
-        """Resolve a class name or id against the classes the market's models hold."""
-        names: dict[str, int] = {}
+    def held_classes(self) -> dict[int, str]:
+        """Every class a model of the market holds, ``{id: name}``, by id."""
+        names: dict[int, str] = {}
         for s in self.specs():
-            names.update(zip(s.class_names, s.classes))
+            names.update(zip(s.classes, s.class_names))
         if not names:
             raise ArtifactNotFoundError(f"the market at {self.root} holds no models")
-        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.isascii() and name_or_id.isdigit()):
-            cid = int(name_or_id)
-            if cid in names.values():
-                return cid
-        elif name_or_id in names:
-            return names[name_or_id]
-        raise DataError(f"class {name_or_id!r} is held by no model of this market; held classes: "
-                        f"{sorted(names, key=names.get)}")
+        return dict(sorted(names.items()))
+
+    def class_ids(self, requested: list[str | int], what: str = "the pack request") -> list[int]:
+        """Class names or ids -> ids, in order, against the classes the market's models hold
+        (:func:`snp_ray.data.classes.class_ids`: one class at most once)."""
+        return class_ids(requested, self.held_classes(), what=what, where=HELD)
+
+    def class_id(self, name_or_id: str | int) -> int:
+        """One class name or id -> its id, against the classes the market's models hold."""
+        return class_id(name_or_id, self.held_classes(), where=HELD)

@@ -16,11 +16,9 @@ of a stored model (same weights) gives new keys and never serves a fragment cut 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +26,9 @@ from typing import Any
 
 import torch
 
-from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, read_bytes, read_json,
-                               sha256_bytes, tensors_from_bytes, tensors_to_bytes, load_state_strict)
+from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, load_state_strict, publish_dir,
+                               read_bytes, read_json, sha256_bytes, tensors_from_bytes,
+                               tensors_to_bytes)
 from snp_ray.config import Config
 from snp_ray.data.fewshot import FewShotManifest
 from snp_ray.data.specs import InputSpec
@@ -165,34 +164,15 @@ class ModelStore:
         return spec
 
     def install(self, staged: Path, model_id: str) -> None:
-        """Move a complete model folder (written elsewhere on this filesystem) into place.
-
-        An existing model is first renamed aside, then the new one renamed in, then the old one
-        deleted: readers see the old model or the new one, never a mix, and if the second rename
-        fails the old model is put back."""
-        import shutil
-        import uuid
-
+        """Move a complete model folder (written in a :func:`~snp_ray.artifacts.staging_dir` of
+        this store) into place by :func:`~snp_ray.artifacts.publish_dir`: an existing model is
+        renamed aside, the new one renamed in, the old one deleted, so readers see the old model
+        or the new one, never a mix, and if the second rename fails the old one is put back."""
         dest = self.model_dir(model_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        aside = None
         try:
-            if dest.exists():
-                aside = self.root / ".trash" / f"{model_id}-{uuid.uuid4().hex}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(dest, aside)
-            try:
-                os.rename(staged, dest)
-            except OSError:
-                if aside is not None:
-                    os.rename(aside, dest)
-                raise
+            publish_dir(staged, dest, trash=self.root / ".trash")
         except OSError as e:
             raise StoreError(f"cannot install model {model_id} at {dest}: {e.strerror or e}") from e
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-            with contextlib.suppress(OSError):     # only when empty: another replace may run
-                aside.parent.rmdir()
 
     def save_manifest(self, model_id: str, manifest: FewShotManifest) -> None:
         atomic_write_json(self._manifest_path(model_id, manifest.k, manifest.seed), manifest.to_dict())

@@ -218,6 +218,27 @@ def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceCon
                 raise ArtifactNotFoundError(f"no fragment {key} in {market.root}; slice the "
                                             f"market first (snp slice --store {market.root} --k {k})")
             return store.get(key)
+    frags = {}
+    for c in classes:
+        holders = holders_of(c)
+        if not holders:
+            raise ConfigError(f"class {c} is held by no model of {market.root}")
+        frags[c] = [load(pair_key(spec, c, slice_cfg, k, seed)) for spec in holders]
+    chosen, candidates = choose_holders(market, frags, list(classes), k, cfg, seed, cache, requester)
+    return Plan(cfg.policy, cfg.samples, list(classes), chosen, candidates,
+                time.perf_counter() - t0)
+
+
+def choose_holders(market: Market, frags: dict[int, list[Fragment]], classes: list[int], k: int,
+                   cfg: PlanConfig, seed: int = 0, cache: ScoreCache | None = None,
+                   requester: PackSamples | None = None
+                   ) -> tuple[dict[int, list[Fragment]], dict[int, list[dict[str, Any]]]]:
+    """The one holder selector: for each class of ``frags`` (class -> its holders' fragments),
+    the policy's share by :func:`choose` (tier, then score, then model id). ``classes`` are the
+    request's (a fragment is scored against the others); ``cache`` scores on the market's k shots
+    (default: a pool of the holders' shots). With ``requester`` samples, a class they hold (with
+    samples of another requested class) is scored on them alone, less the shots each fragment
+    was sliced on; other classes on the market's held-out shots. Returns (chosen, candidates)."""
     theirs = None
     if requester is not None:
         requester = requester.only(classes)
@@ -227,27 +248,23 @@ def plan_request(market: Market, classes: list[int], k: int, slice_cfg: SliceCon
     def market_cache() -> ScoreCache:
         nonlocal cache
         if cache is None:
-            holders = sorted({s.id for c in classes for s in holders_of(c)})
+            holders = sorted({f.spec.source_model for fs in frags.values() for f in fs})
             cache = ScoreCache(FewShotPool.from_market(market, k, seed, holders))
         return cache
 
     chosen, candidates = {}, {}
-    for c in classes:
-        holders = holders_of(c)
-        if not holders:
-            raise ConfigError(f"class {c} is held by no model of {market.root}")
-        frags = [load(pair_key(spec, c, slice_cfg, k, seed)) for spec in holders]
+    for c, fs in frags.items():
         if c in present and len(present) > 1:    # the requester's samples, less the shots
             shots = market_cache().pool       # each fragment was sliced on (same train rows)
             chosen[c], candidates[c] = choose(
-                frags, classes, theirs, cfg,
+                fs, classes, theirs, cfg,
                 seen=lambda f: shots.keys[shots.models == f.spec.source_model])
         else:
-            chosen[c], candidates[c] = choose(frags, classes, market_cache(), cfg)
-        log.info("class %s: %s of %d holders (best held-out AUC %.3f)", c, cfg.policy,
-                 len(frags), candidates[c][0]["score"])
-    return Plan(cfg.policy, cfg.samples, list(classes), chosen, candidates,
-                time.perf_counter() - t0)
+            chosen[c], candidates[c] = choose(fs, classes, market_cache(), cfg)
+        log.info("class %s: %s of %d holders (%s %.3f: %s)", c, cfg.policy, len(fs),
+                 candidates[c][0]["source"], candidates[c][0]["score"],
+                 [f.spec.source_model for f in chosen[c]])
+    return chosen, candidates
 
 
 def scoring_subset(samples: PackSamples, per_class: int, seed: int = 0) -> PackSamples:

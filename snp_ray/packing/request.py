@@ -1,32 +1,16 @@
 """Answer a user's class-set request from a market: pick fragments, gather few-shot data, pack."""
 from __future__ import annotations
 
-import logging
-import numpy as np
-import torch
-
 from snp_ray.errors import ArtifactNotFoundError, ConfigError
 from snp_ray.market.market import Market
-from snp_ray.metrics import roc_auc
 from snp_ray.packing.config import PackConfig
 from snp_ray.packing.model import PackedModel
 from snp_ray.packing.packer import Packer, PackSamples
+from snp_ray.packing.planner import FewShotPool, PlanConfig, ScoreCache, choose_holders
 from snp_ray.slicing.api import pair_key
 from snp_ray.slicing.config import SliceConfig
 from snp_ray.slicing.fragment import Fragment
 from snp_ray.store import market_fragment_store
-
-log = logging.getLogger(__name__)
-
-
-def resolve_classes(market: Market, requested: list[str | int]) -> list[int]:
-    if not requested:
-        raise ConfigError("the pack request names no classes")
-    ids = [market.class_id(c) for c in requested]
-    dupes = sorted({c for c in ids if ids.count(c) > 1})
-    if dupes:
-        raise ConfigError(f"duplicate classes in the pack request: {dupes}")
-    return ids
 
 
 def load_fragments(market: Market, class_id: int, k: int, slice_cfg: SliceConfig,
@@ -49,17 +33,6 @@ def load_fragments(market: Market, class_id: int, k: int, slice_cfg: SliceConfig
                 f"slice it first (snp slice --store {market.root} --k {k} --model {spec.id})")
         out.append(store.get(key))
     return out
-
-
-def validation_auc(fragment: Fragment, samples: PackSamples) -> float:
-    """Few-shot validation of a fragment: AUC of its class score on ``samples``, which the caller
-    draws from the other holders' few-shot data (held out for this fragment)."""
-    labels = (samples.labels == fragment.spec.class_id).astype(np.int64)
-    raw = samples.raw
-    if len(labels) == 0 or labels.all() or not labels.any():
-        return fragment.spec.metrics.get("fewshot_auc", 0.0)
-    with torch.no_grad():
-        return roc_auc(fragment.class_score(raw).numpy(), labels)
 
 
 def assignment_samples(market: Market, assignment: list[tuple[str, int]], k: int,
@@ -110,7 +83,7 @@ def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: 
     on the holders' few-shot samples, or on a ``requester``'s own samples (with the market's
     beside them when ``with_market_shots``)."""
     pack_cfg = pack_cfg or PackConfig()
-    classes = resolve_classes(market, requested)
+    classes = market.class_ids(requested)
     store = store or market_fragment_store(market)
     per_class = {c: load_fragments(market, c, k, slice_cfg, seed, store, fetch) for c in classes}
     holders = sorted({f.spec.source_model for fs in per_class.values() for f in fs})
@@ -119,22 +92,11 @@ def pack_request(market: Market, requested: list[str | int], k: int, slice_cfg: 
     if requester is not None:
         requester = requester.only(classes)
         train = requester.with_(samples) if with_market_shots else requester
-    fragments = []
-    for c in classes:
-        frs = per_class[c]
-        if len(frs) > 1 and pack_cfg.shared == "best":
-            others = [market.fewshot(m, k, seed) for m in holders]
-            scores = []
-            for f in frs:
-                held_out = [s for s, m in zip(others, holders) if m != f.spec.source_model]
-                covered = set() if requester is None else set(np.unique(requester.labels).tolist())
-                val = (requester if c in covered and len(covered) > 1
-                       else PackSamples.from_fewshot(held_out, classes) if held_out else samples)
-                scores.append(validation_auc(f, val))
-            best = int(np.argmax(scores))
-            log.info("class %s: keeping the fragment of %s (few-shot validation AUC %s)", c,
-                     frs[best].spec.source_model, [round(s, 3) for s in scores])
-            frs = [frs[best]]
-        fragments += frs
+    shared = {c: frs for c, frs in per_class.items() if len(frs) > 1}
+    if pack_cfg.shared == "best" and shared:     # the planner's selector and its tie-breaking
+        pool = ScoreCache(FewShotPool.from_market(market, k, seed, holders))
+        per_class.update(choose_holders(market, shared, classes, k, PlanConfig(policy="best"),
+                                        seed, pool, requester)[0])
+    fragments = [f for c in classes for f in per_class[c]]
     return Packer(pack_cfg).pack(fragments, train, classes, warm_start=warm_start)
 

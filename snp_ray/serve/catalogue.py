@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from snp_ray.errors import ConfigError, UnknownNameError
+from snp_ray.data.classes import class_ids
+from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.market.modelstore import ModelSpec
 from snp_ray.store import belongs_to
@@ -56,7 +57,6 @@ class Catalogue:
     def __init__(self, classes: dict[int, ServedClass], specs: dict[str, ModelSpec],
                  dataset: str | None, loaded_at: float):
         self.classes, self.specs, self.dataset, self.loaded_at = classes, specs, dataset, loaded_at
-        self._by_name = {c.name: c.id for c in classes.values()}
         keys = sorted(h.key for c in classes.values() for h in c.holders)
         #: changes whenever a fragment or a model comes or goes
         self.version = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
@@ -89,26 +89,10 @@ class Catalogue:
         return sorted({k for c in self.classes.values() for k in c.ks})
 
     def resolve(self, requested: Any) -> list[int]:
-        """Class names or ids -> ids, sorted (one pack per class set, whatever the order).
-        Empty, duplicate, malformed or unknown entries are refused with a typed error."""
-        if not isinstance(requested, list) or not requested:
-            raise ConfigError("'classes' must be a non-empty list of class names or ids")
-        ids = []
-        for c in requested:
-            if isinstance(c, bool) or not isinstance(c, (str, int)):
-                raise ConfigError(f"a class is a name or an id, got {c!r}")
-            if isinstance(c, int) or (c.strip().isascii() and c.strip().isdigit()):
-                if int(c) not in self.classes:
-                    raise UnknownNameError("class", c, list(self._by_name))
-                ids.append(int(c))
-            elif c.strip() in self._by_name:
-                ids.append(self._by_name[c.strip()])
-            else:
-                raise UnknownNameError("class", c, list(self._by_name))
-        dupes = sorted({self.classes[i].name for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ConfigError(f"duplicate classes in the request: {dupes}")
-        return sorted(ids)
+        """Class names or ids -> ids, sorted (one pack per class set, whatever the order), under
+        the one resolver's rules (:mod:`snp_ray.data.classes`)."""
+        names = {i: c.name for i, c in self.classes.items()}
+        return sorted(class_ids(requested, names, what="'classes'"))
 
     def check_k(self, ids: list[int], k: Any) -> int:
         if isinstance(k, bool) or not isinstance(k, int):

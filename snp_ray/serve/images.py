@@ -7,9 +7,8 @@ import base64
 import binascii
 
 import numpy as np
-from PIL import Image
 
-from snp_ray.data.tables import IMAGE_SHAPE, open_image
+from snp_ray.data.tables import IMAGE_SHAPE, decode_image, open_image
 from snp_ray.errors import DataError
 
 #: the most pixels one image may have: a generous multiple of the size it is resized to (a
@@ -22,17 +21,6 @@ MAX_REQUEST_PIXELS = 64 * 1024 * 1024
 
 def pixel_cap(size: tuple[int, int]) -> int:
     return min(MAX_PIXELS, PIXEL_MULTIPLE * size[0] * size[1])
-
-
-def decode_image(data: bytes, name: str = "image", size: tuple[int, int] = IMAGE_SHAPE[:2]
-                 ) -> np.ndarray:
-    """PNG, JPEG or WEBP bytes -> (H, W, 3) uint8 at ``size`` (the guard is
-    :func:`snp_ray.data.tables.open_image`, shared with datasets and uploads)."""
-    with open_image(data, name, pixel_cap(size)) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (size[1], size[0]):
-            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def decode_base64(item: object, name: str) -> bytes:
@@ -50,7 +38,9 @@ def decode_base64(item: object, name: str) -> bytes:
 def decode_batch(blobs: list[bytes], names: list[str],
                  max_pixels: int = MAX_REQUEST_PIXELS) -> np.ndarray:
     """Every image of a request, after the request's pixel budget is checked from the headers
-    (none is decoded when their sum is over it)."""
+    (none is decoded when their sum is over it), by the one decoder
+    (:func:`snp_ray.data.tables.decode_image`) under the service's per-image cap, resized to
+    the pack's input."""
     if not blobs:
         raise DataError("no images in the request")
     total = 0
@@ -60,4 +50,6 @@ def decode_batch(blobs: list[bytes], names: list[str],
     if total > max_pixels:
         raise DataError(f"the request's images hold {total:,} pixels, more than the "
                         f"{max_pixels:,} one request may decode")
-    return np.stack([decode_image(b, n) for b, n in zip(blobs, names)])
+    size = IMAGE_SHAPE[:2]
+    return np.stack([decode_image(b, n, size=size, max_pixels=pixel_cap(size), resize=True)
+                     for b, n in zip(blobs, names)])

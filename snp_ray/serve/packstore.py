@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from snp_ray.artifacts import atomic_write_bytes, atomic_write_json, read_bytes, sha256_bytes
+from snp_ray.artifacts import (atomic_write_bytes, atomic_write_json, publish_dir, read_bytes,
+                               sha256_bytes, staging_dir)
 from snp_ray.errors import ArtifactNotFoundError, ConfigError, StoreError
 from snp_ray.packing.model import PackedModel
 
@@ -86,24 +87,18 @@ class PackStore:
         final = self._dir(pid)
         if self.has(pid):
             return self.meta(pid)
-        staging = self.root / ".staging" / uuid.uuid4().hex
         try:
-            spec, weights = packed.to_blobs()
-            atomic_write_bytes(staging / "spec.json", spec)
-            atomic_write_bytes(staging / "model.safetensors", weights)
-            meta = {**meta, "id": pid, "files": {"spec.json": sha256_bytes(spec),
-                                                 "model.safetensors": sha256_bytes(weights)}}
-            atomic_write_json(staging / "meta.json", meta)
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not self.has(pid):
-                    raise
-                meta = self.meta(pid)       # lost a race to an identical writer: its meta
+            with staging_dir(self.root) as staging:
+                spec, weights = packed.to_blobs()
+                atomic_write_bytes(staging / "spec.json", spec)
+                atomic_write_bytes(staging / "model.safetensors", weights)
+                meta = {**meta, "id": pid, "files": {"spec.json": sha256_bytes(spec),
+                                                     "model.safetensors": sha256_bytes(weights)}}
+                atomic_write_json(staging / "meta.json", meta)
+                if not publish_dir(staging, final):
+                    meta = self.meta(pid)   # lost a race to an identical writer: its meta
         except OSError as e:
             raise StoreError(f"cannot store pack {pid} in {self.root}: {e}") from e
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         if self.max_bytes:
             with self.pinned(pid):          # the pack just written is not what gets evicted
                 self.evict()

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from snp_ray.errors import ConfigError, DataError
+from snp_ray.data.classes import class_id
+from snp_ray.errors import ConfigError, DataError, UnknownNameError
 from snp_ray.packing.samples import PackSamples
 
 
@@ -49,18 +50,17 @@ def from_json(obj: Any, dataset: str, modality: str, classes: dict[int, str], ma
 
 
 def label_ids(labels: list[Any], classes: dict[int, str]) -> list[int]:
-    """Labels (class names or ids) -> ids; each must name one of the request's classes."""
-    by_name = {name: c for c, name in classes.items()}
+    """Labels (class names or ids) -> ids, under the one resolver's rules
+    (:mod:`snp_ray.data.classes`); each must name one of the request's classes."""
     out = []
     for i, label in enumerate(labels):
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise DataError(f"samples: label {i} must be a class name or id, got {label!r}")
-        s = str(label).strip()
-        cid = int(s) if s.isascii() and s.isdigit() else by_name.get(s)
-        if cid not in classes:
+        try:
+            out.append(class_id(label, classes))
+        except UnknownNameError:
             raise DataError(f"samples: label {i} ({label!r}) is not a class of the request; "
-                            f"requested: {[f'{n} ({c})' for c, n in classes.items()]}")
-        out.append(cid)
+                            f"requested: {[f'{n} ({c})' for c, n in classes.items()]}") from None
+        except ConfigError as e:            # not a name or an id at all
+            raise DataError(f"samples: label {i}: {e}") from None
     return out
 
 

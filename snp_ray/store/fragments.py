@@ -43,7 +43,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from snp_ray.artifacts import sha256_bytes
+from snp_ray.artifacts import atomic_write_bytes, sha256_bytes
 from snp_ray.errors import ArtifactNotFoundError, ConfigError, IntegrityError, StoreError
 from snp_ray.slicing.fragment import Fragment, FragmentSpec
 
@@ -132,23 +132,13 @@ class FragmentStore:
         return "/".join([self.base, *parts])
 
     def _write(self, path: str, data: bytes) -> None:
-        """All or nothing: a temp file renamed into place locally; one PUT on object stores."""
+        """All or nothing: a temp file renamed into place locally
+        (:func:`~snp_ray.artifacts.atomic_write_bytes`); one PUT on object stores."""
         try:
-            parent = path.rsplit("/", 1)[0]
-            self.fs.create_dir(parent, recursive=True)
-            if self.local:
-                tmp = f"{parent}/.{uuid.uuid4().hex}.tmp"
-                try:
-                    with self.fs.open_output_stream(tmp) as out:
-                        out.write(data)
-                    self.fs.move(tmp, path)
-                except BaseException:
-                    try:
-                        self.fs.delete_file(tmp)
-                    except OSError:
-                        pass
-                    raise
+            if self.local:                     # the one atomic publish (artifacts)
+                atomic_write_bytes(path, data)
             else:
+                self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
                 with self.fs.open_output_stream(path) as out:
                     out.write(data)
         except OSError as e:

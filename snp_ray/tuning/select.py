@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from snp_ray.data.tables import test_split_fenced
 from snp_ray.errors import ConfigError
 from snp_ray.market.market import Market
 from snp_ray.metrics import roc_auc
@@ -165,3 +166,30 @@ def select_config(market: Market, model_id: str, candidates: list[Candidate], k:
             "config": candidates[i].config().to_dict(), "folds": folds,
             "folds_used": folds_used or folds, "fold_seed": fold_seed,
             "tie": tie, "table": table}
+
+
+def select_models(market: Market, candidates: list[Candidate], k: int, cache: FragmentCache,
+                  models: list[str] | None = None, folds: int = 3, folds_used: int = 0
+                  ) -> tuple[dict[str, Candidate], dict[str, Any]]:
+    """Each model's slicing config by :func:`select_config`, with the test split fenced off in
+    this process while it runs (:func:`~snp_ray.data.tables.test_split_fenced`); a model not in
+    ``models`` (default: all) gets the first candidate. Returns (model id -> its candidate, the
+    record: candidates, folds, fold fragments made and reused, each selected model's result)."""
+    wanted = models or market.ids()
+    chosen, record = {}, {}
+    with test_split_fenced():
+        for mid in market.ids():
+            if mid not in wanted:
+                chosen[mid] = candidates[0]
+                continue
+            t0 = time.perf_counter()
+            result = select_config(market, mid, candidates, k, cache, folds=folds,
+                                   folds_used=folds_used)
+            result["seconds"] = time.perf_counter() - t0
+            chosen[mid] = next(c for c in candidates if c.name == result["chosen"])
+            record[mid] = result
+            log.info("%s: chose %s (CV AUC %s)", mid, result["chosen"],
+                     {r["name"]: round(r["cv_auc"], 4) for r in result["table"]})
+    return chosen, {"candidates": [c.describe() for c in candidates], "folds": folds,
+                    "folds_used": folds_used or folds, "fold_fragments_made": cache.made,
+                    "fold_fragments_reused": cache.reused, "models": record}

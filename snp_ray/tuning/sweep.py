@@ -19,7 +19,7 @@ from typing import Any
 
 from snp_ray.config import Config, check_range
 from snp_ray.data.catalog import ENV_DATA_ROOT, data_root
-from snp_ray.data.tables import ENV_FENCE
+from snp_ray.data.tables import test_split_fenced
 from snp_ray.errors import ConfigError
 from snp_ray.market import get_task
 from snp_ray.market.market import Market
@@ -128,12 +128,12 @@ def _trainable(trial: dict[str, Any], *, sweep: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    os.environ[ENV_FENCE] = "1"
     os.environ[ENV_DATA_ROOT] = sweep["data_root"]
     torch.set_num_threads(1)
     slice_cfg, pack_cfg = trial_configs((sweep["base_slice"], sweep["base_pack"]), trial)
-    cross_validate(Market(sweep["market"]), CVConfig.from_dict(sweep["cv"]), slice_cfg, pack_cfg,
-                   FragmentCache(sweep["cache"]), report=tune.report)
+    with test_split_fenced():
+        cross_validate(Market(sweep["market"]), CVConfig.from_dict(sweep["cv"]), slice_cfg,
+                       pack_cfg, FragmentCache(sweep["cache"]), report=tune.report)
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
