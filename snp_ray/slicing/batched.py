@@ -309,7 +309,8 @@ class _Batch:
             mk = torch.zeros(u, u)
             if d.numel():
                 m[d[:, None], k[None, :]] = r
-                mk[d[:, None], k[None, :]] = 1
+                allowed = s.graph.group(gid).repair_mask(k, d)     # grouped convs: the blocks
+                mk[d[:, None], k[None, :]] = 1 if allowed is None else allowed.to(mk.dtype)
             full.append(m)
             rmask.append(mk)
             dg = torch.zeros(u, u)

@@ -67,6 +67,22 @@ class Group:
     output_offsets: list[int] = field(default_factory=list)          # where it lands in features
     order: int = 0                                                   # first producer's position
     fixed: str = ""              # why every unit must be kept ("" = the group can be sliced)
+    #: grouped convolutions (see "Grouped convolutions" in docs/SLICING.md): the units form this
+    #: many equal contiguous blocks, and every block keeps the same number of units
+    blocks: int = 1
+    #: a grouped convolution reads the units: a dropped unit may be rebuilt from kept units of
+    #: its own block only (the repair is block-diagonal)
+    block_diagonal: bool = False
+
+    def block_of(self, units: torch.Tensor) -> torch.Tensor:
+        """The block each of ``units`` lies in."""
+        return units // (self.size // self.blocks)
+
+    def repair_mask(self, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor | None:
+        """(|dropped|, |kept|) bool: the repair entries allowed (same block), or None if all."""
+        if not self.block_diagonal or self.blocks == 1:
+            return None
+        return self.block_of(dropped.cpu())[:, None] == self.block_of(kept.cpu())[None, :]
 
 
 @dataclass
@@ -144,6 +160,8 @@ class _Tracing:
         self.fixed: dict[int, str] = {}                 # space -> why all its units must be kept
         self.extra: dict[str, Handler] = {}             # bare parameters hosted by their owner
         self.hosted: dict[str, list[int]] = {}          # owner -> the spaces its parameters ride on
+        self.blocks: dict[int, int] = {}                # space -> blocks (grouped convolutions)
+        self.block_diagonal: set[int] = set()           # spaces a grouped convolution reads
 
     def new_space(self, node: fx.Node, name: str, size: int, pos: int) -> int:
         sid = len(self.sizes)
@@ -717,11 +735,6 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                     raise ConfigError(f"module {node.target} ({type(mod).__name__}) is called more than "
                                       "once (shared weights); the slicer needs one call per layer")
                 st.called.add(node.target)
-            if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and not is_depthwise(mod):
-                raise UnsupportedLayerError(
-                    f"grouped {type(mod).__name__} (groups={mod.groups}, {mod.in_channels}->"
-                    f"{mod.out_channels} channels)", node.target, "an output channel reads a block "
-                    "of input channels; only dense and depthwise convolutions are supported")
             if h is not None and h.consumes(mod):          # conv / linear / recurrent
                 if lay_in is not None:
                     expected = len(_shape(args[0])) - 1 if (isinstance(mod, nn.Linear) or h.recurrent) else 1
@@ -738,6 +751,8 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 inner = h.out_inner(mod)             # a head of head_dim outputs is one unit
                 sid = st.new_space(node, node.target, size // inner, pos)
                 st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])], inner)
+                if h.unit_blocks(mod) > 1:          # a grouped convolution
+                    _block_units(st, node, mod, h.unit_blocks(mod), lay_in, sid)
             elif h is not None and h.couples_inputs:        # attention over heads
                 st.layouts[node] = st.couple(node, list(node.args[:h.couples_inputs]))
             elif h is not None and h.produces(mod) and not h.consumes(mod) and isinstance(mod, nn.Embedding):
@@ -811,6 +826,10 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     for sid, why in st.fixed.items():
         g = groups[gid_of[st.uf.find(sid)]]
         g.fixed = g.fixed or why
+    for sid, n in st.blocks.items():            # grouped convolutions: see _block_units
+        g = groups[gid_of[st.uf.find(sid)]]
+        g.blocks = math.lcm(g.blocks, n)
+        g.block_diagonal = g.block_diagonal or sid in st.block_diagonal
 
     def gid(sid: int) -> int:
         return gid_of[st.uf.find(sid)]
@@ -855,6 +874,28 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     gm.graph.lint()
     gm.recompile()
     return SliceGraph(gm, groups, gate_layouts, output_layout, st.extra, consumer_inner, out_lay.inner)
+
+
+# ------------------------------------------------------------------ grouped convolutions
+def _block_units(st: _Tracing, node: fx.Node, mod: nn.Module, blocks: int, lay_in: Layout | None,
+                 sid: int) -> None:
+    """A grouped convolution (``blocks`` = its groups) reads ``blocks`` equal blocks of its input
+    units and writes ``blocks`` equal blocks of output units, output block g reading input block
+    g only. Both unit spaces keep the same number of units in every block (so the fragment is a
+    grouped convolution with the same groups), and the input's repairs, which it absorbs, stay
+    inside the blocks. Spaces coupled later take the lcm of their block counts: every count
+    divides the group's size, so the lcm blocks refine all of them."""
+    st.blocks[sid] = math.lcm(st.blocks.get(sid, 1), blocks)
+    if lay_in is None:
+        return                                       # it reads the raw input
+    op = f"grouped {type(mod).__name__} (groups={blocks}, {mod.in_channels}->{mod.out_channels} channels)"
+    if len(lay_in.segments) != 1 or lay_in.inner != 1:
+        raise UnsupportedLayerError(op, node.target, "it reads a concatenation of several unit "
+                                    "groups (or a flattened map); each of its groups must read "
+                                    "the same number of kept units of one group")
+    (src, _), = lay_in.segments
+    st.blocks[src] = math.lcm(st.blocks.get(src, 1), blocks)
+    st.block_diagonal.add(src)
 
 
 def _name(target) -> str:

@@ -44,6 +44,11 @@ class Handler:
         """Positions of the output's unit dim per unit (a head of ``head_dim`` outputs)."""
         return 1
 
+    def unit_blocks(self, module: nn.Module) -> int:
+        """Equal blocks its input and output units come in, output block g reading input block g
+        only (a grouped convolution's groups); 1: every output reads every input."""
+        return 1
+
     def unit_positions(self, module: nn.Module, tensor: str, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``out_dim`` of ``tensor`` that belong to ``units``."""
         return units
@@ -134,13 +139,6 @@ class ConvHandler(Handler):
     out_tensors = ("weight", "bias")
     in_dim = 1
 
-    def consumes(self, module: nn.Module) -> bool:
-        if module.groups != 1:
-            raise UnsupportedLayerError(f"grouped {type(module).__name__} (groups={module.groups})",
-                                        type(module).__name__, "only dense and depthwise "
-                                        "convolutions are supported")
-        return True
-
     def set_out_size(self, module, n):
         module.out_channels = n
 
@@ -164,6 +162,72 @@ class DepthwiseConvHandler(Handler):
 
     def set_out_size(self, module, n):
         module.in_channels = module.out_channels = module.groups = n
+
+
+# ------------------------------------------------------------------ grouped convolutions
+def is_grouped(module: nn.Module) -> bool:
+    """A convolution with 1 < groups that is not depthwise (ResNeXt, RegNet): output block g
+    (``out/groups`` channels) reads input block g (``in/groups`` channels) only."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1
+            and not is_depthwise(module))
+
+
+class GroupedConvHandler(ConvHandler):
+    """A grouped convolution, weight ``(out, in/G, *kernel)``. Its input and output units come
+    in G equal blocks (``unit_blocks``); the tracer makes both groups keep the same count in
+    every block and the input's repairs block-diagonal, so the fragment is a grouped
+    convolution with the same G and fewer channels per group. For block g a repair folds as
+    ``W_g[:, kept_g] += W_g[:, dropped_g] @ R_g`` (per kernel position)."""
+
+    def unit_blocks(self, module):
+        return module.groups
+
+    @staticmethod
+    def _local(module: nn.Module, units: torch.Tensor, total: int, what: str) -> torch.Tensor:
+        """``units`` (block after block, as the kept sets are: ascending) as (G, n) indices
+        inside their blocks; every block needs the same n."""
+        g, size = module.groups, total // module.groups
+        block = units // size
+        counts = torch.bincount(block, minlength=g)
+        if bool((counts != counts[0]).any()) or bool((block.diff() < 0).any()):
+            raise ConfigError(f"grouped convolution (groups={g}): kept {what} units must be the "
+                              f"same number in every block, block after block; got {counts.tolist()}")
+        return (units - block * size).view(g, -1)
+
+    def keep_out(self, module, kept):
+        self._local(module, kept, module.out_channels, "output")
+        super().keep_out(module, kept)
+
+    def absorb_repair(self, module, start, size, kept, dropped, repair, inner=1):
+        g, total = module.groups, module.in_channels
+        if start != 0 or size != total or inner != 1:
+            raise ConfigError(f"grouped convolution (groups={g}) reads units {start}..{start + size} "
+                              f"of {total} (positions per unit {inner}); it must read one group whole")
+        per = total // g
+        repair = repair.to(module.weight.dtype)
+        same = (dropped // per)[:, None] == (kept // per)[None, :]
+        if repair.numel() and bool((repair[~same] != 0).any()):
+            raise ConfigError(f"grouped convolution (groups={g}): the repair is not block-"
+                              "diagonal; a dropped unit can only be rebuilt from kept units "
+                              "of its own block")
+        local = self._local(module, kept, total, "input")
+        w = module.weight.detach()
+        rows = w.shape[0] // g
+        parts = []
+        for b in range(g):
+            wb = w[b * rows:(b + 1) * rows]                         # (rows, per, *kernel)
+            new = wb.index_select(1, local[b])
+            d = dropped[dropped // per == b]
+            if d.numel():
+                r = repair[dropped // per == b][:, kept // per == b]     # (|d_b|, |k_b|)
+                fold = wb.index_select(1, d - b * per).movedim(1, -1) @ r
+                new = new + fold.movedim(-1, 1)
+            parts.append(new)
+        _set(module, "weight", torch.cat(parts).clone())
+        module.in_channels = g * local.shape[1]
+
+
+GROUPED = GroupedConvHandler()
 
 
 class LayerNormHandler(Handler):
@@ -321,6 +385,8 @@ DEPTHWISE = DepthwiseConvHandler()
 def handler_for(module: nn.Module) -> Handler | None:
     if is_depthwise(module):
         return DEPTHWISE
+    if is_grouped(module):
+        return GROUPED
     for cls in type(module).__mro__:
         if cls in HANDLERS:
             return HANDLERS[cls]

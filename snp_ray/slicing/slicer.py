@@ -81,8 +81,13 @@ class SliceOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def select_units(scores: torch.Tensor, mode: str, beta: float, min_units: int = 1) -> torch.Tensor:
-    """Indices of kept units, ascending. Threshold: s/max(s) > 1-beta. Rate: top ceil(beta*u)."""
+def select_units(scores: torch.Tensor, mode: str, beta: float, min_units: int = 1,
+                 blocks: int = 1) -> torch.Tensor:
+    """Indices of kept units, ascending. Threshold: s/max(s) > 1-beta. Rate: top ceil(beta*u).
+
+    ``blocks`` > 1 (units read or written by a grouped convolution, ``Group.blocks``): the units
+    are that many equal contiguous blocks, and each keeps its top ``ceil(n / blocks)`` (at least
+    1), n being the count the rule keeps overall."""
     u = scores.numel()
     if mode == "rate":
         n = max(min_units, math.ceil(beta * u))
@@ -91,6 +96,11 @@ def select_units(scores: torch.Tensor, mode: str, beta: float, min_units: int = 
         rel = scores / top if top > 0 else torch.zeros_like(scores)
         n = max(min_units, int((rel > 1 - beta).sum()))
     n = min(n, u)
+    if blocks > 1:
+        per = max(1, math.ceil(n / blocks))
+        order = torch.argsort(scores.reshape(blocks, -1), dim=1, descending=True, stable=True)
+        top = order[:, :per] + torch.arange(blocks)[:, None] * (u // blocks)
+        return torch.sort(top.flatten()).values
     order = torch.argsort(scores, descending=True, stable=True)
     return torch.sort(order[:n]).values
 
@@ -382,7 +392,7 @@ class Slicer:
             mode, beta = "rate", cfg.coupled_rate
         else:
             mode, beta = cfg.mode, cfg.beta
-        return select_units(scores.cpu(), mode, beta, cfg.min_units)
+        return select_units(scores.cpu(), mode, beta, cfg.min_units, self.graph.group(gid).blocks)
 
     def _is_depthwise(self, gid: int) -> bool:
         """Whether a depthwise convolution produces or reads the group's units (its channel j
@@ -481,12 +491,24 @@ class Slicer:
             return torch.zeros(dropped.numel(), kept.numel(), device=self.device)
         acts, samples = self._group_activations(gid, w)
         zk, zd = acts[:, kept].double().cpu(), acts[:, dropped].double().cpu()
-        if self.cfg.repair_init == "lstsq":
-            sol = torch.linalg.lstsq(zk, zd, driver="gelsd").solution.t()          # (d, k)
-        else:
-            sol, rho = ridge_repair(zk, zd, samples.cpu(), seed=self.cfg.seed * 7919 + gid)
-            log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
+        group = self.graph.group(gid)
+        if group.repair_mask(kept, dropped) is None:
+            sol = self._fit_repair(gid, zk, zd, samples)
+        else:     # read by a grouped convolution: one fit per block, zero across blocks
+            sol = torch.zeros(dropped.numel(), kept.numel(), dtype=zk.dtype)
+            blk_d, blk_k = group.block_of(dropped), group.block_of(kept.cpu())
+            for b in torch.unique(blk_d).tolist():
+                rows, cols = torch.nonzero(blk_d == b).flatten(), torch.nonzero(blk_k == b).flatten()
+                sol[rows[:, None], cols[None, :]] = self._fit_repair(gid, zk[:, cols], zd[:, rows], samples)
         return sol.to(acts.dtype).contiguous().to(self.device)
+
+    def _fit_repair(self, gid: int, zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+        """``repair_init``'s fit of dropped activations ``zd`` from kept ones ``zk``: (d, k)."""
+        if self.cfg.repair_init == "lstsq":
+            return torch.linalg.lstsq(zk, zd, driver="gelsd").solution.t()          # (d, k)
+        sol, rho = ridge_repair(zk, zd, samples.cpu(), seed=self.cfg.seed * 7919 + gid)
+        log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
+        return sol
 
     def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
                            limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,6 +543,11 @@ class Slicer:
             rows, samples = rows[pick], samples[pick]
         return rows, samples
 
+    def _repair_mask(self, gid: int, kept: torch.Tensor) -> torch.Tensor | None:
+        """Where the repair of ``gid`` may be nonzero (grouped convolutions: its blocks), or None."""
+        mask = self.graph.group(gid).repair_mask(kept, _complement(kept, self.graph.group(gid).size))
+        return None if mask is None else mask.to(self.device)
+
     def _repairs(self, kept: dict[int, torch.Tensor], mats: dict[int, torch.Tensor]) -> dict[int, Repair]:
         out = {}
         for gid, k in kept.items():
@@ -539,6 +566,9 @@ class Slicer:
         layer_params = [t for g in train for t in w_all[g].values() if t.requires_grad]
         for g in train:
             mats[g] = mats[g].detach().clone().requires_grad_(True)
+            mask = self._repair_mask(g, kept[g])
+            if mask is not None and mats[g].numel():   # a block-diagonal repair stays so under Adam
+                mats[g].register_hook(lambda grad, m=mask: grad.masked_fill(~m, 0))
         repair_params = [mats[g] for g in train if mats[g].numel()] + list(head.parameters())
         opt = torch.optim.Adam([{"params": layer_params, "lr": cfg.lr_layer},
                                 {"params": repair_params, "lr": cfg.lr_repair}])
