@@ -114,7 +114,7 @@ def _check_slice(model: Classifier, spec, fs, **cfg):
     return slicer, out
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "regnet_y_400mf"])  # regnet: test_grouped.py, with its blocks checked
 def test_family_slices_or_refuses_with_a_typed_error(family):
     build, expected = FAMILIES[family]
     torch.manual_seed(0)

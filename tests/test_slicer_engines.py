@@ -212,6 +212,7 @@ def float64():
     ("resnet20", {}),                                               # repairs in residual joins
     ("textcnn", dict(mode="threshold", beta=0.6, batch_size=128)),  # T1-T7: one batch per epoch
     ("textcnn", dict(batch_size=128, freeze_tables=True, table_rate=0.5)),   # shared-table packs
+    ("textcnn", dict(batch_size=128, combine_train="all")),         # left to the per-class engine
 ])
 def test_batched_engine_is_the_cached_engine_in_float64(arch, cfg, float64, monkeypatch):
     """All classes in one vmapped pass against the cached engine class by class, in float64:

@@ -53,8 +53,11 @@ if TYPE_CHECKING:
 
 
 def batched_supported(s: "Slicer") -> bool:
-    """Whether every trained group can run under vmap (no recurrent layers)."""
-    return not any(t.handler.recurrent for ts in s.tensors.values() for t in ts)
+    """Whether this engine gives the slicer's fragments: every trained group can run under vmap
+    (no recurrent layers), and combining trains only the step's own layer (``combine_train=
+    "all"`` is left to the per-class engine, so one key never names two different fragments)."""
+    return s.cfg.combine_train == "current" and \
+        not any(t.handler.recurrent for ts in s.tensors.values() for t in ts)
 
 
 def slice_classes(s: "Slicer", class_ids: list[int]) -> list["SliceOutcome"]:
