@@ -226,3 +226,14 @@ def test_a_vit_cnn_and_torchvision_pack_exports_match(tmp_path):
     rng = np.random.default_rng(0)
     assert_exports_match(packed, lambda n: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
                          tmp_path / "x")
+
+
+def test_a_vit_reference_may_set_its_input_and_patch_size_within_a_token_cap():
+    from snp_ray.models.refs import parse_ref
+
+    ref = parse_ref("timm:vit_tiny_patch16_224?img_size=32&patch_size=4")
+    assert ref.kwargs == {"img_size": 32, "patch_size": 4}
+    for bad, why in (("img_size=224&patch_size=4", "3136 tokens"), ("img_size=32&patch_size=0", "1..1024"),
+                     ("img_size=big", "integers")):
+        with pytest.raises(ConfigError, match=why):
+            parse_ref(f"timm:vit_tiny_patch16_224?{bad}")
