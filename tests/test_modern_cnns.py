@@ -41,18 +41,24 @@ FAMILIES = {
     "resnet18": (_tv("resnet18"), "slices"),                       # BasicBlock: no width knob
     "mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.25), "slices"),
     "mobilenet_v3_small": (_tv("mobilenet_v3_small", width_mult=0.25), "slices"),
-    "efficientnet_b0": (_tv("efficientnet_b0"), "slices"),          # no width knob in the builder
-    "densenet121": (lambda: torchvision.models.DenseNet(8, (6, 12, 24, 16), 16, 2, num_classes=3),
-                    "slices"),                                      # densenet121's blocks, growth 8
+    "efficientnet_b0": (lambda: torchvision.models.EfficientNet(    # efficientnet_b0's MBConv+SE
+        [torchvision.models.efficientnet.MBConvConfig(1, 3, 1, 16, 8, 1),   # blocks, 3 stages
+         torchvision.models.efficientnet.MBConvConfig(6, 3, 2, 8, 16, 2),
+         torchvision.models.efficientnet.MBConvConfig(6, 5, 2, 16, 24, 1)], 0.2, num_classes=3),
+        "slices"),
+    "densenet121": (lambda: torchvision.models.DenseNet(8, (2, 2, 2, 2), 16, 2, num_classes=3),
+                    "slices"),                     # densenet121's layers and transitions, growth 8
     "regnet_y_400mf": (_tv("regnet_y_400mf"), "slices"),            # grouped convs + SE (#27 §2)
     "shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), "refuses"),   # channel shuffle / split
-    "convnext_tiny": (_tv("convnext_tiny"), "slices"),
+    "convnext_tiny": (lambda: torchvision.models.ConvNeXt(   # convnext_tiny's blocks, 2 stages
+        [torchvision.models.convnext.CNBlockConfig(24, 48, 1),
+         torchvision.models.convnext.CNBlockConfig(48, None, 1)], num_classes=3), "slices"),
     "timm_resnet18d": (_timm("resnet18d"), "slices"),
     "timm_mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), "slices"),
     # heads made of a 1x1 conv and global average pooling (#27 section 3): conv -> ReLU -> pool
     # (the conv stays in the features) and pool -> conv (the conv is the head)
     "squeezenet1_1": (_tv("squeezenet1_1"), "slices"),
-    "timm_dla34": (_timm("dla34"), "slices"),
+    "timm_dla46_c": (_timm("dla46_c"), "slices"),  # dla34's head (pool, then a 1x1 conv), 1.3 M
 }
 REFUSED_BECAUSE = {"shufflenet_v2_x0_5": r"call_method view at stage2\.0"}
 
@@ -114,7 +120,7 @@ def _check_slice(model: Classifier, spec, fs, **cfg):
     return slicer, out
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "regnet_y_400mf"])  # regnet: test_grouped.py, with its blocks checked
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "regnet_y_400mf"])  # regnet's blocks: test_grouped.py
 def test_family_slices_or_refuses_with_a_typed_error(family):
     build, expected = FAMILIES[family]
     torch.manual_seed(0)

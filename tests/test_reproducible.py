@@ -75,8 +75,9 @@ def _tiny_stage(work: Path, out: Path) -> None:
     from snp_ray.market import Market, ModelStore, build_market
     from snp_ray.packing import preset_pack_config
     from snp_ray.packing.request import pack_request
-    from snp_ray.slicing import slice_missing, slice_preset
-    from snp_ray.slicing.api import market_fragment_store
+    from snp_ray.slicing import slice_preset
+    from snp_ray.store import slice_missing
+    from snp_ray.store import market_fragment_store
 
     cfg, scfg = get_preset("smoke").market.replace(ks=[5]), slice_preset("smoke")
     root = work / "market"
