@@ -49,7 +49,19 @@ FAMILIES = {
     "densenet121": (lambda: torchvision.models.DenseNet(8, (2, 2, 2, 2), 16, 2, num_classes=3),
                     "slices"),                     # densenet121's layers and transitions, growth 8
     "regnet_y_400mf": (_tv("regnet_y_400mf"), "slices"),            # grouped convs + SE (#27 §2)
-    "shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), "refuses"),   # channel shuffle / split
+    # shufflenet_v2_x0_5's blocks (chunk, channel shuffle) at reduced width and depth
+    "shufflenet_v2": (lambda: torchvision.models.ShuffleNetV2([2, 1, 1], [8, 16, 32, 64, 128],
+                                                              num_classes=3), "slices"),
+    # cspresnet50's CrossStage (x.split(c // 2)) and bottlenecks, 2 stages of depth 1
+    "timm_cspresnet50": (lambda: _timm_model("cspnet", "CspNet", _csp_cfg(), num_classes=3), "slices"),
+    # mixnet_s's mixed convs (torch.split of the unit dim, per-part kernels, concat), 3 stages
+    "timm_mixnet_s": (lambda: _timm_model("efficientnet", "EfficientNet", block_args=_mixnet_args(),
+                                          num_features=64, stem_size=16, num_classes=3), "slices"),
+    # ghostnet_050's ghost modules (a depthwise half concatenated, out[:, :out_chs]), 4 stages
+    "timm_ghostnet_050": (lambda: _timm_model("ghostnet", "GhostNet", [[[3, 16, 16, 0, 1]],
+                                              [[3, 48, 24, 0, 2]], [[3, 72, 24, 0, 1]],
+                                              [[5, 72, 40, 0.25, 2]]], num_classes=3, width=0.5),
+                          "slices"),
     "convnext_tiny": (lambda: torchvision.models.ConvNeXt(   # convnext_tiny's blocks, 2 stages
         [torchvision.models.convnext.CNBlockConfig(24, 48, 1),
          torchvision.models.convnext.CNBlockConfig(48, None, 1)], num_classes=3), "slices"),
@@ -60,7 +72,29 @@ FAMILIES = {
     "squeezenet1_1": (_tv("squeezenet1_1"), "slices"),
     "timm_dla46_c": (_timm("dla46_c"), "slices"),  # dla34's head (pool, then a 1x1 conv), 1.3 M
 }
-REFUSED_BECAUSE = {"shufflenet_v2_x0_5": r"call_method view at stage2\.0"}
+REFUSED_BECAUSE: dict[str, str] = {}
+
+
+def _timm_model(module: str, cls: str, *args, **kw):
+    import importlib
+
+    return getattr(importlib.import_module(f"timm.models.{module}"), cls)(*args, **kw)
+
+
+def _csp_cfg():
+    from timm.models import cspnet
+
+    return cspnet.CspModelCfg(stem=cspnet.CspStemCfg(out_chs=16, kernel_size=7, stride=4, pool="max"),
+                              stages=cspnet.CspStagesCfg(depth=(1, 1), out_chs=(32, 64), stride=(1, 2),
+                                                         expand_ratio=2., bottle_ratio=0.5,
+                                                         cross_linear=True))
+
+
+def _mixnet_args():
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    return decode_arch_def([["ds_r1_k3_s1_e1_c16"], ["ir_r1_k3.5.7_s2_e6_c24_se0.5_nsw"],
+                            ["ir_r1_k3.5_a1.1_p1.1_s1_e3_c24"]])
 
 
 VOCAB = ["<pad>", "<unk>"] + list("abcdefghij")
@@ -291,15 +325,87 @@ def test_unsupported_blocks_are_typed_errors_naming_op_and_path(block, why):
         Slicer(model, spec, fs, slice_preset("quick", **ONE))
 
 
-def test_channel_shuffle_is_refused_before_training():
-    class Shuffle(nn.Module):
-        def forward(self, x):
-            n, c, h, w = x.size()
-            return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+class Shuffle(nn.Module):
+    def forward(self, x):
+        n, c, h, w = x.size()
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
 
+
+def test_channel_shuffle_keeps_its_units_whole_and_the_rest_slices():
+    """A reshape that splits the unit dim (ShuffleNet's channel shuffle) is not followed: the
+    units it reads are kept whole, and a conv reading the shuffled map keeps its inputs."""
     spec, fs = _fewshot()
-    with pytest.raises(UnsupportedLayerError, match="view at block"):
-        trace(_block_model(Shuffle(), 8, 8).features, spec.encode(fs.raw[:2]))
+    model = _block_model(Shuffle(), 8, 8)
+    graph = trace(model.features, spec.encode(fs.raw[:2]))
+    stem = next(g for g in graph.groups if g.name == "stem.0")
+    assert "channel shuffle" in stem.fixed
+    slicer, out = _check_slice(model, spec, fs)
+    assert out.features.stem[0].out_channels == 8 and out.features.head_conv.in_channels == 8
+    assert out.features.head_conv.out_channels < 8
+
+
+class Parts(nn.Module):
+    """x.split(5) into a 5-unit part and a 3-unit rest, and a channel slice x[:, 2:6] of the
+    rest's conv: each part feeds its own conv, and their outputs are concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(5, 6, 1), nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        head, rest = x.split(5, dim=1)
+        b = self.b(rest)
+        return torch.cat([self.a(head), self.c(b[:, 2:6]), b[:, 1:]], 1)
+
+
+def test_split_and_channel_slices_keep_their_own_units():
+    """Each part of a split or a channel slice keeps its own units (the spaces a bound cuts are
+    refined there); units before a constant bound are kept whole, units after the last one
+    slice, and fusion is exact."""
+    spec, fs = _fewshot()
+    model = _block_model(Parts(), 8, 6 + 4 + 5)
+    graph = trace(model.features, spec.encode(fs.raw[:2]))
+    stem = sorted((g for g in graph.groups if g.name == "stem.0"), key=lambda g: g.producers[0][1])
+    assert [(g.size, bool(g.fixed)) for g in stem] == [(5, True), (3, False)]
+    b = sorted((g for g in graph.groups if any(n == "block.b" for n, _ in g.producers)),
+               key=lambda g: dict(g.producers)["block.b"])
+    assert [(g.size, bool(g.fixed)) for g in b] == [(1, True), (1, True), (4, False)]  # [0] [1] [2:]
+    slicer, out = _check_slice(model, spec, fs)
+    assert out.features.block.b.in_channels < 3 and out.features.block.a.in_channels == 5
+
+
+class RexTail(nn.Module):
+    """ReXNet's partial residual: ``cat([x[:, :c] + shortcut, x[:, c:]])`` for a block that
+    widens c = 8 channels to 12."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12))
+
+    def forward(self, shortcut):
+        x = self.conv(shortcut)
+        return torch.cat([x[:, 0:8] + shortcut, x[:, 8:]], dim=1)
+
+
+def test_a_partial_residual_couples_only_the_channels_it_adds_to():
+    spec, fs = _fewshot()
+    model = _block_model(RexTail(), 8, 12)
+    graph = trace(model.features, spec.encode(fs.raw[:2]))
+    conv = sorted((g for g in graph.groups if any(n == "block.conv.0" for n, _ in g.producers)),
+                  key=lambda g: dict(g.producers)["block.conv.0"])
+    assert [g.size for g in conv] == [8, 4]
+    assert any(n == "stem.0" for n, _ in conv[0].producers) and conv[0].fixed and not conv[1].fixed
+    slicer, out = _check_slice(model, spec, fs)
+    assert out.features.block.conv[0].out_channels < 12
+
+
+def test_an_untraceable_model_is_refused_at_add_naming_the_module():
+    """timm's MobileViT branches on a traced shape (``math.ceil(H / patch_h)``): refused when it
+    is brought in, naming the block, not deep inside fx."""
+    spec, fs = _fewshot()
+    with pytest.raises(UnsupportedLayerError, match=r"untraceable .* at stages\.2\.1 \(MobileVitBlock\)"):
+        split_classifier(_timm("mobilevit_xxs")().eval(), spec.encode(fs.raw[:2]))
 
 
 def test_a_new_op_is_one_registered_rule():

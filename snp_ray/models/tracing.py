@@ -16,6 +16,7 @@ from typing import Callable
 import torch.fx as fx
 from torch import nn
 
+from snp_ray.errors import UnsupportedLayerError
 from snp_ray.models.attention import HeadAttention, HeadProjection
 
 #: module types that stay one module in a trace (the types slicing has a handler for)
@@ -62,9 +63,12 @@ class LeafTracer(fx.Tracer):
     trace leaves every other thread's forward as it would run without it."""
 
     _thread: int | None = None       # the thread that runs trace()
+    #: the innermost module whose forward raised while tracing (for the error message)
+    failed_in: str | None = None
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         self._thread = threading.get_ident()
+        self.failed_in = None
         return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -73,7 +77,12 @@ class LeafTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward, args, kwargs):
         if threading.get_ident() != self._thread:
             return forward(*args, **kwargs)
-        return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = f"{self.path_of_module(m) or '<root>'} ({type(m).__name__})"
+            raise
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache):
         if threading.get_ident() != self._thread:
@@ -82,9 +91,17 @@ class LeafTracer(fx.Tracer):
 
 
 def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    """``module`` as a GraphModule (a GraphModule's own graph is copied, keeping its meta)."""
+    """``module`` as a GraphModule (a GraphModule's own graph is copied, keeping its meta).
+    Untraceable code (control flow on a traced value, ``math.ceil`` of a shape) is an
+    ``UnsupportedLayerError`` naming the innermost module whose forward failed."""
     if isinstance(module, fx.GraphModule):
         return fx.GraphModule(module, copy.deepcopy(module.graph))
-    with TRACE_LOCK:                  # see TRACE_LOCK: fx's patches are process-wide
-        graph = LeafTracer().trace(module)
+    tracer = LeafTracer()
+    try:
+        with TRACE_LOCK:              # see TRACE_LOCK: fx's patches are process-wide
+            graph = tracer.trace(module)
+    except Exception as e:  # fx raises many types for untraceable code
+        where = tracer.failed_in or f"<root> ({type(module).__name__})"
+        raise UnsupportedLayerError("untraceable Python (fx symbolic tracing)", where,
+                                    f"{type(e).__name__}: {e}") from None
     return fx.GraphModule(module, graph, type(module).__name__)

@@ -53,10 +53,10 @@ if TYPE_CHECKING:
 
 
 def batched_supported(s: "Slicer") -> bool:
-    """Whether this engine gives the slicer's fragments: every trained group can run under vmap
-    (no recurrent layers), and combining trains only the step's own layer (``combine_train=
+    """Whether this engine gives the slicer's fragments: every group has weights (none is an
+    unproduced fixed group), every trained group can run under vmap (no recurrent layers), and combining trains only the step's own layer (``combine_train=
     "all"`` is left to the per-class engine, so one key never names two different fragments)."""
-    return s.cfg.combine_train == "current" and \
+    return s.cfg.combine_train == "current" and all(s.tensors.values()) and \
         not any(t.handler.recurrent for ts in s.tensors.values() for t in ts)
 
 
@@ -439,7 +439,7 @@ class _Batch:
         times = {k: v / self.C for k, v in self.times.items()}      # the batch's, per class
         times["fusion"] = time.perf_counter() - t0
         out = SliceOutcome(features, probe, {g: kept[g].tolist() for g in self.groups},
-                           {g.id: g.producers[0][0] for g in s.graph.groups}, times)
+                           {g.id: g.name for g in s.graph.groups}, times)
         s._last = (ft_c, kept, repairs)
         out.metrics = s._fewshot_metrics(features, probe, self.y_bin[c], ft_c, repairs)
         return out

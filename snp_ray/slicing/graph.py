@@ -74,6 +74,12 @@ class Group:
     #: its own block only (the repair is block-diagonal)
     block_diagonal: bool = False
 
+    @property
+    def name(self) -> str:
+        """Its first producer's module path; a group that no layer produces (channels the slicer
+        stopped following, always fixed) is named by why it is kept."""
+        return self.producers[0][0] if self.producers else f"<unproduced: {self.fixed}>"
+
     def block_of(self, units: torch.Tensor) -> torch.Tensor:
         """The block each of ``units`` lies in."""
         return units // (self.size // self.blocks)
@@ -140,6 +146,21 @@ def _arg0(node: fx.Node) -> fx.Node:
     return next(a for a in node.args if isinstance(a, fx.Node))
 
 
+class _Layouts(dict):
+    """Node -> layout, read through the trace's refinements (``_Tracing.resolve``)."""
+
+    def __init__(self, tracing: "_Tracing"):
+        super().__init__()
+        self.tracing = tracing
+
+    def __getitem__(self, node):
+        return self.tracing.resolve(super().__getitem__(node))
+
+    def get(self, node, default=None):
+        lay = super().get(node)
+        return default if lay is None else self.tracing.resolve(lay)
+
+
 class _Tracing:
     """One trace in progress: each node's layout so far, the unit spaces opened and the
     union-find that couples them. Op rules read it and, to couple units, ``join``."""
@@ -147,7 +168,15 @@ class _Tracing:
     def __init__(self, gm: fx.GraphModule):
         self.modules = dict(gm.named_modules())
         self.params = dict(gm.named_parameters()) | dict(gm.named_buffers())
-        self.layouts: dict[fx.Node, Layout] = {}
+        self.layouts: dict[fx.Node, Layout] = _Layouts(self)
+        #: a space cut in two (``refine``) -> its two pieces; layouts read through it
+        self.pieces: dict[int, list[tuple[int, int]]] = {}
+        #: node of a split/chunk of the unit dim -> the layout of each part (``_Split``)
+        self.parts: dict[fx.Node, list[Layout | None]] = {}
+        self.pos = 0                                    # the node being traced (forward order)
+        self.next_sid = 0
+        #: ops after which units are no longer followed (their inputs' units kept whole)
+        self.lost: list[tuple[fx.Node, str]] = []
         self.uf = _UnionFind()
         self.sizes: dict[int, int] = {}
         self.producers: dict[int, list[tuple[str, int]]] = {}
@@ -164,11 +193,97 @@ class _Tracing:
         self.block_diagonal: set[int] = set()           # spaces a grouped convolution reads
 
     def new_space(self, node: fx.Node, name: str, size: int, pos: int) -> int:
-        sid = len(self.sizes)
+        sid = self._space(size, pos)
+        self.producers[sid] = [(name, 0)]
+        return sid
+
+    def resolve(self, lay: Layout) -> Layout:
+        """``lay`` with every space that was cut since (``refine``) replaced by its pieces."""
+        if not any(sid in self.pieces for sid, _ in lay.segments):
+            return lay
+        out: list[tuple[int, int]] = []
+
+        def expand(sid: int, size: int) -> None:
+            if sid not in self.pieces:
+                out.append((sid, size))
+                return
+            for p, n in self.pieces[sid]:
+                expand(p, n)
+        for sid, size in lay.segments:
+            expand(sid, size)
+        return Layout(lay.dim, out, lay.inner)
+
+    def refine(self, node: fx.Node, sid: int, at: int) -> None:
+        """Cut space ``sid`` into units ``0..at-1`` and ``at..``: every space coupled with it
+        unit by unit is cut at the same unit, the pieces of each side are coupled again, and
+        producers, riders and fixed marks follow their units. Layouts recorded earlier read the
+        pieces through ``resolve``. A channel slice or split of the unit dim does this, so that
+        each part keeps its own units, like a concat in reverse."""
+        root = self.uf.find(sid)
+        cls = [t for t in self.sizes if self.uf.find(t) == root]
+        if any(t in self.blocks for t in cls):
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"{node.name} cuts the units of a grouped convolution")
+        firsts, seconds = [], []
+        for t in cls:
+            size = self.sizes.pop(t)
+            a = self._space(size=at, first=self.first_seen[t])
+            b = self._space(size=size - at, first=self.first_seen[t])
+            self.producers[a] = list(self.producers[t])
+            self.producers[b] = [(n, off + at) for n, off in self.producers.pop(t)]
+            if t in self.fixed:
+                self.fixed[a] = self.fixed[b] = self.fixed.pop(t)
+            self.members = [m for name, s, off in self.members for m in (
+                ((name, a, off), (name, b, off + at)) if s == t else ((name, s, off),))]
+            for owner, spaces in self.hosted.items():
+                self.hosted[owner] = [p for s in spaces for p in ((a, b) if s == t else (s,))]
+            self.pieces[t] = [(a, at), (b, size - at)]
+            firsts.append(a)
+            seconds.append(b)
+        for side in (firsts, seconds):
+            for t in side[1:]:
+                self.uf.union(side[0], t)
+
+    def _space(self, size: int, first: int) -> int:
+        sid = self.next_sid
+        self.next_sid += 1
         self.uf.add(sid)
         self.sizes[sid] = size
-        self.producers[sid] = [(name, 0)]
-        self.first_seen[sid] = pos
+        self.first_seen[sid] = first
+        return sid
+
+    def cut_at(self, node: fx.Node, lay: Layout, at: int) -> Layout:
+        """``lay`` with a segment boundary at unit position ``at``: a space straddling it is
+        refined there."""
+        off = 0
+        for sid, size in lay.segments:
+            if off < at < off + size:
+                self.refine(node, sid, at - off)
+                return self.resolve(lay)
+            off += size
+        return lay
+
+    def cut(self, node: fx.Node, lay: Layout, at: int) -> tuple[Layout, Layout]:
+        """``lay`` (whose ``width`` is in units) as the units before unit position ``at`` and
+        from it on; a space straddling ``at`` is refined first."""
+        lay = self.cut_at(node, lay, at)
+        left, right, off = [], [], 0
+        for sid, size in lay.segments:
+            (left if off < at else right).append((sid, size))
+            off += size
+        return Layout(lay.dim, left, lay.inner), Layout(lay.dim, right, lay.inner)
+
+    def fix(self, lay: Layout, why: str) -> None:
+        """Keep every unit of ``lay`` (each of its spaces' groups is then kept whole)."""
+        for sid, _ in lay.segments:
+            self.fixed.setdefault(sid, why)
+
+    def opaque(self, size: int, why: str) -> int:
+        """A space of ``size`` units that no layer produces (channels whose units the slicer
+        no longer follows, e.g. after a channel shuffle): its group is fixed, never sliced."""
+        sid = self._space(size, self.pos)
+        self.producers[sid] = []
+        self.fixed[sid] = why
         return sid
 
     def member_param(self, node: fx.Node, p: fx.Node, lay: Layout) -> None:
@@ -208,11 +323,20 @@ class _Tracing:
         """Couple tensors unit by unit (one group per segment position); their units must line
         up: same dim, same segment sizes, same positions per unit."""
         a = lays[0]
+        if any(b.dim != a.dim or b.inner != a.inner or b.width != a.width for b in lays[1:]):
+            raise UnsupportedLayerError(kind, _path(node),
+                                        f"{node.name} combines tensors whose units do not line up")
+        lays = [self.resolve(lay) for lay in lays]
+        while len({tuple(s for _, s in lay.segments) for lay in lays}) > 1:
+            # segmented differently (GhostNet: a block's input + the concat of a ghost module's
+            # two halves): cut every operand at every operand's boundaries, then pair pieces
+            bounds = {off for lay in lays for _, off, _ in lay.with_offsets()}
+            for lay in lays:
+                for at in bounds:
+                    lay = self.cut_at(node, self.resolve(lay), at)
+            lays = [self.resolve(lay) for lay in lays]
+        a = lays[0]
         for b in lays[1:]:
-            if [s for _, s in a.segments] != [s for _, s in b.segments] or a.dim != b.dim \
-                    or a.inner != b.inner:
-                raise UnsupportedLayerError(kind, _path(node),
-                                            f"{node.name} combines tensors whose units do not line up")
             for (sa, _), (sb, _) in zip(a.segments, b.segments):
                 self.uf.union(sa, sb)
         return a
@@ -330,9 +454,17 @@ class _Cat(OpRule):
         traced = [lay for lay in ins if lay is not None]
         if all(lay.dim != dim for lay in traced):
             return self.along_tokens(node, ins, tracing)
-        if any(lay is None for lay in ins):
-            raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates traced "
-                                        "and untraced tensors along the unit dim")
+        inner = traced[0].inner
+        for i, (op, lay) in enumerate(zip(self.inputs(node), ins)):
+            if lay is None:     # no units the slicer follows (a shuffled or reduced tensor, an
+                width = _shape(op)[dim]      # input): its channels are kept whole
+                if width % inner:
+                    raise UnsupportedLayerError("cat", _path(node), f"{node.name} concatenates "
+                                                f"{op.name}, which carries no traced units, with "
+                                                "a flattened unit map")
+                why = f"concatenated by {node.name} at {_path(node)} from {op.name}, whose " \
+                      "channels carry no units the slicer follows"
+                ins[i] = Layout(dim, [(tracing.opaque(width // inner, why), width // inner)], inner)
         if not all(lay.dim == dim for lay in ins):
             raise UnsupportedLayerError("cat", _path(node), f"{node.name}: concatenation along a "
                                         "non-unit dim")
@@ -387,10 +519,13 @@ class _GetItem(OpRule):
 
     def layout(self, node, ins, tracing):
         if isinstance(node.args[1], tuple):
-            return self.indexed(node, ins[0])
+            return self.indexed(node, ins[0], tracing)
         if not isinstance(node.args[1], int):
             raise _refusal(node)
         src = _arg0(node)
+        if src in tracing.parts:               # one part of a split or chunk (``_Split``)
+            part = tracing.parts[src][node.args[1]]
+            return None if part is None else tracing.resolve(part)
         if hasattr(src.meta.get("tensor_meta"), "shape"):
             if ins[0].dim == 0:
                 raise UnsupportedLayerError("getitem", _path(node), f"{node.name}: an integer "
@@ -402,9 +537,9 @@ class _GetItem(OpRule):
         return ins[0]
 
     @staticmethod
-    def indexed(node: fx.Node, lay: Layout) -> Layout:
+    def indexed(node: fx.Node, lay: Layout, tracing: _Tracing) -> Layout:
         """``x[:, 0]``, ``x[:, 1:]``, ``x[..., None]``: other dims may be indexed, sliced or
-        added; the unit dim must be taken whole (``:``)."""
+        added; the unit dim may be sliced with constant bounds (``_slice_units``)."""
         index, ndim = node.args[1], len(_shape(_arg0(node)))
         if sum(1 for i in index if i is Ellipsis) > 1:
             raise _refusal(node)
@@ -419,16 +554,82 @@ class _GetItem(OpRule):
                 out_dim += 1
                 continue
             if src_dim == lay.dim:
-                if i != slice(None):
+                if i == slice(None):
+                    return lay.at(out_dim)
+                if not isinstance(i, slice):
                     raise UnsupportedLayerError("getitem", _path(node), f"{node.name} indexes "
-                                                f"or slices the unit dim ({i!r}); only a whole "
-                                                "':' is supported there")
-                return lay.at(out_dim)
+                                                f"the unit dim ({i!r}); only a slice is "
+                                                "supported there")
+                return _slice_units(tracing, node, lay, i).at(out_dim)
             if not isinstance(i, (int, slice)):
                 raise _refusal(node)       # a tensor index: rows move, units could too
             src_dim += 1
             out_dim += 0 if isinstance(i, int) else 1
         raise _refusal(node)
+
+
+def _slice_units(tracing: _Tracing, node: fx.Node, lay: Layout, index: slice) -> Layout:
+    """``x[:, s:e]`` on the unit dim (GhostNet's ``out[:, :out_chs]``, ReXNet's
+    ``x[:, 0:in_channels]``): the part keeps its own units, like a concat in reverse, and the
+    spaces cut by a bound are refined there. The fragment runs the same code with the same
+    constant bounds, so every unit before the last bound that cuts must be kept: before ``s``,
+    and before ``e`` when ``e`` ends the slice short of the end. A slice of the whole dim is
+    the identity."""
+    bounds = (index.start, index.stop, index.step)
+    if index.step not in (None, 1) or lay.inner != 1 or \
+            any(b is not None and not isinstance(b, int) for b in bounds):
+        raise UnsupportedLayerError("getitem", _path(node), f"{node.name} slices the unit dim "
+                                    f"({index!r}); only a contiguous slice with constant bounds "
+                                    "of an unflattened map is supported there")
+    start, stop, _ = index.indices(lay.width)
+    if start == 0 and stop == lay.width:
+        return lay
+    if stop <= start:
+        raise UnsupportedLayerError("getitem", _path(node), f"{node.name} slices the unit dim "
+                                    "to nothing")
+    head, rest = tracing.cut(node, lay, start)
+    part, tail = tracing.cut(node, rest, stop - start)
+    why = f"before the constant bound of the channel slice {node.name} ({index!r}) at {_path(node)}"
+    tracing.fix(tracing.resolve(head), why)
+    if tail.segments:
+        tracing.fix(tracing.resolve(part), why)
+    return tracing.resolve(part)
+
+
+class _Split(OpRule):
+    """``split``/``chunk``: along another dim every part keeps all the units; along the unit
+    dim each part keeps its own (the spaces a boundary cuts are refined there). The fragment
+    splits with the same constants, so a part's units are kept whole wherever a sliced part
+    would move a boundary: every part of ``chunk`` and of ``split`` with a list of sizes, and
+    every part but the last of ``split`` with one size (CSPNet's ``x.split(c // 2)``)."""
+
+    functions, methods = (torch.split, torch.chunk), ("split", "chunk")
+
+    def layout(self, node, ins, tracing):
+        lay, src = ins[0], _arg0(node)
+        ndim = len(_shape(src))
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0) % ndim
+        metas = node.meta.get("tensor_meta")
+        sizes = [m.shape[dim] for m in metas]
+        if dim != lay.dim:
+            tracing.parts[node] = [lay] * len(sizes)
+            return lay
+        if lay.inner != 1:
+            raise UnsupportedLayerError(_name(node.target), _path(node), f"{node.name} splits a "
+                                        "flattened unit map")
+        how = node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size", node.kwargs.get(
+            "chunks", node.args[1] if len(node.args) > 1 else None)))
+        by_size = _name(node.target) == "split" and isinstance(how, int)
+        parts, rest = [], lay
+        for k, size in enumerate(sizes):
+            part, rest = tracing.cut(node, rest, size) if k + 1 < len(sizes) else (rest, None)
+            parts.append(part)
+        why = f"split by {node.name} at {_path(node)} with constant part sizes {sizes}"
+        for k, part in enumerate(parts):
+            if not (by_size and k + 1 == len(parts)):
+                tracing.fix(tracing.resolve(part), why)
+        tracing.parts[node] = parts
+        return lay
 
 
 class _Gather(OpRule):
@@ -518,6 +719,15 @@ class _Reshape(OpRule):
         while e is not None and e + 1 < len(shape_out) and shape_out[e] == 1 \
                 and shape_in[lay.dim] != 1:
             e += 1                                   # size-1 dims inserted before the units
+        if e is not None and lay.inner == 1 and shape_out[e] < shape_in[lay.dim] and \
+                any(math.prod(shape_out[e:k]) == shape_in[lay.dim] for k in range(e + 2, len(shape_out) + 1)):
+            tracing.fix(lay, f"{node.name} at {_path(node)} splits their dim {tuple(shape_in)} -> "
+                             f"{tuple(shape_out)} (a channel shuffle): the slicer does not follow "
+                             "units through it, so they are kept whole")
+            tracing.lost.append((node, f"it splits the unit dim ({tuple(shape_in)} -> "
+                                       f"{tuple(shape_out)}), so the units are kept whole and not "
+                                       "followed beyond it"))
+            return None
         if e is None or shape_out[e] % shape_in[lay.dim]:
             raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node), f"{node.name} reshapes "
                                         f"{tuple(shape_in)} to {tuple(shape_out)}: the unit dim "
@@ -573,7 +783,7 @@ try:   # per-sample (row) dropping: acts on whole rows, never across units
     _PASS_FUNCS += (_stochastic_depth,)
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
-for _rule in (_Cat(), _Shape(), _GetItem(), _Gather(), _Squeeze(), _Flatten(), _Permute(),
+for _rule in (_Cat(), _Shape(), _GetItem(), _Split(), _Gather(), _Squeeze(), _Flatten(), _Permute(),
               _Transpose(), _Reshape(),
               _Join("add", (operator.add, torch.add, operator.iadd), ("add", "add_")),
               _Join("multiply", (operator.mul, torch.mul, operator.imul), ("mul", "mul_")),
@@ -712,12 +922,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
     try:
         gm = symbolic_trace(features)
+    except UnsupportedLayerError:
+        raise
     except Exception as e:  # fx raises many types for untraceable code
         raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
     ShapeProp(gm).propagate(example)
     st = _Tracing(gm)
     out_node: fx.Node | None = None
     for pos, node in enumerate(gm.graph.nodes):
+        st.pos = pos
         args = [a for a in node.args if isinstance(a, fx.Node)]
         lay_in = st.layouts.get(args[0]) if args else None
         if node.op == "placeholder" or node.op == "get_attr":
@@ -760,9 +973,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                 sid = st.new_space(node, node.target, _shape(node)[out_dim], pos)
                 st.layouts[node] = Layout(out_dim, [(sid, st.sizes[sid])])
             elif h is not None and h.produces(mod):        # BN, depthwise conv, LayerNorm: ride on units
-                if lay_in is None:
-                    raise UnsupportedLayerError(type(mod).__name__, node.target,
-                                                "it acts on a tensor with no traced units")
+                if lay_in is None:      # channels the slicer does not follow (a shuffled
+                    shape = _shape(args[0])     # map, the raw input): they are kept whole
+                    dim = (_normalised_dim(mod, shape) if h.normalises else 1)
+                    if dim is None or len(shape) < 2:
+                        raise UnsupportedLayerError(type(mod).__name__, node.target,
+                                                    "it acts on a tensor with no traced units")
+                    why = f"read by {node.target} ({type(mod).__name__}) from a tensor whose " \
+                          "channels carry no units the slicer follows"
+                    lay_in = Layout(dim, [(st.opaque(shape[dim], why), shape[dim])])
                 if is_depthwise(mod) and lay_in.dim != 1:
                     raise UnsupportedLayerError(type(mod).__name__, node.target,
                                                 "units are not on its input channel dim")
@@ -809,6 +1028,10 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if lay is not None:
             st.layouts[node] = lay
     if out_node is None or out_node not in st.layouts:
+        if st.lost:
+            node, why = st.lost[0]
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"{why}; the extractor's output carries no traced units")
         raise ConfigError("the feature extractor's output carries no traced units")
 
     # groups = union-find roots

@@ -324,12 +324,15 @@ class Slicer:
         weight = torch.tensor([len(y_bin) / (2.0 * (len(y_bin) - n_pos)), len(y_bin) / (2.0 * n_pos)])
         ce = nn.CrossEntropyLoss(weight=weight.to(self.device))
         y_bin = y_bin.to(self.device)
-        groups = [g.id for g in self.graph.groups]
+        # groups with weights; a group no layer produces (channels the slicer stopped
+        # following, e.g. after a channel shuffle) is fixed and has nothing to train
+        groups = [g.id for g in self.graph.groups if self.tensors[g.id]]
         times = {"pooling": 0.0, "adaption": 0.0, "combining": 0.0, "fusion": 0.0}
         feat_dim = self.head.in_features
 
         ft: dict[int, dict[str, torch.Tensor]] = {}
-        kept: dict[int, torch.Tensor] = {}
+        kept: dict[int, torch.Tensor] = {g.id: torch.arange(g.size) for g in self.graph.groups
+                                         if not self.tensors[g.id]}
         mats: dict[int, torch.Tensor] = {}
         heads: dict[int, nn.Linear] = {}
 
@@ -373,8 +376,8 @@ class Slicer:
         features = self.fused_features(ft, kept, cpu_repairs)
         probe = fold_into_linear(copy.deepcopy(head).cpu(), self.graph, cpu_repairs, kept)
         times["fusion"] = time.perf_counter() - t0
-        outcome = SliceOutcome(features, probe, {g: kept[g].tolist() for g in groups},
-                               {g.id: g.producers[0][0] for g in self.graph.groups}, times)
+        outcome = SliceOutcome(features, probe, {g.id: kept[g.id].tolist() for g in self.graph.groups},
+                               {g.id: g.name for g in self.graph.groups}, times)
         self._last = (ft, kept, repairs)
         outcome.metrics = self._fewshot_metrics(features, probe, y_bin, ft, repairs)
         return outcome
