@@ -168,6 +168,8 @@ class Config:
         configs too (a knob added to a training recipe leaves its market's key alone)."""
         body = self.to_dict()
         for f in dataclasses.fields(self):
+            if f.name not in body:             # a to_dict that leaves a default field out
+                continue
             value = getattr(self, f.name)
             if f.metadata.get(RUNTIME) or (f.metadata.get(ADDED) and body[f.name] == _plain(f.default)):
                 del body[f.name]

@@ -174,7 +174,8 @@ def test_registry_commands_exist_and_digests_compute():
     with pytest.raises(UnknownNameError):
         reproduce.resolve(["nope"])
     assert [s.name for s in reproduce.resolve(groups=["tables"])] == [
-        "T6", "T7", "T6-transformer", "T7-transformer", "T1-vit", "T1", "T1-size"]
+        "T6", "T7", "T6-transformer", "T7-transformer", "T6-static", "T7-static", "T1-vit", "T1",
+        "T1-size"]
 
 
 def test_a_result_without_digests_is_never_reused(tmp_path):

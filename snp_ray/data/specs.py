@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from snp_ray.config import Config
+from snp_ray.config import Config, added_field
 from snp_ray.data.text import PAD, UNK, encode_texts
 from snp_ray.errors import ConfigError, DataError
 from snp_ray.data.tables import IMAGE_SHAPE
@@ -86,11 +86,14 @@ class ImageSpec(InputSpec):
 
 @dataclass
 class TextSpec(InputSpec):
-    """The model's own vocabulary (index = token id) and its sequence length."""
+    """The model's own vocabulary (index = token id) and its sequence length; ``table``: the
+    sha256 of the static embedding table the model reads (its vocabulary is the table's; see
+    :mod:`snp_ray.data.embeddings`), "" for a model that learnt its own embedding."""
 
     kind: str = "text"
     vocab: list[str] = field(default_factory=lambda: [PAD, UNK])
     max_len: int = 64
+    table: str = added_field("")
 
     def validate(self) -> None:
         if self.kind != "text" or len(self.vocab) < 2 or self.vocab[:2] != [PAD, UNK]:
@@ -99,7 +102,17 @@ class TextSpec(InputSpec):
             raise ConfigError("TextSpec.vocab holds duplicate tokens")
         if not 1 <= self.max_len <= 4096:
             raise ConfigError(f"TextSpec.max_len must be in [1, 4096], got {self.max_len}")
+        if self.table and not (len(self.table) == 64 and set(self.table) <= set("0123456789abcdef")):
+            raise ConfigError(f"TextSpec.table names a table by its sha256, got {self.table!r}")
         self._index = {tok: i for i, tok in enumerate(self.vocab)}
+
+    def to_dict(self) -> dict:
+        """Without ``table`` when there is none: a stored spec (and the identity of its model)
+        stays what it was before static tables existed."""
+        out = super().to_dict()
+        if not out["table"]:
+            del out["table"]
+        return out
 
     def example(self, batch: int = 2) -> torch.Tensor:
         return torch.ones(batch, self.max_len, dtype=torch.long)

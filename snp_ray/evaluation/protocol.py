@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 ARCH_DEFAULTS: dict[str, tuple[float, int]] = {
     "vgg11": (0.25, 12), "vgg16": (1.0, 30), "resnet20": (1.0, 8), "resnet34": (1.0, 30),
     "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10), "vit": (1.0, 10),
-    "transformer": (1.0, 10),
+    "transformer": (1.0, 10), "gru_static": (1.0, 10), "textcnn_static": (1.0, 10),
 }
 #: training settings per architecture beyond the defaults: a ViT trains with AdamW and decoupled
 #: weight decay, the usual ViT recipe (fixed before any run; never tuned on test data)

@@ -221,6 +221,16 @@ def _attention_stage(task: str, arch: str, ks: str, title: str) -> "Stage":
                  lambda: table_digests(task, [arch], ks=[int(k) for k in ks.split(",")]))
 
 
+def _static_stage(task: str, arch: str, title: str) -> "Stage":
+    """A task's table with the paper's static-embedding text models (#28 section 3): one word2vec
+    table per task, frozen and not counted; its own results folder beside the task's table, the
+    Transformer's baselines (Ensemble, Finetune), k = 5 and 10."""
+    return Stage(f"{task}-static", title,
+                 (_report(task, arch, "5,10", "{out}/static", ("--baselines", "ensemble,finetune")),),
+                 (f"static/{task}/results.json",),
+                 lambda: table_digests(task, [arch], ks=TEXT_KS))
+
+
 def _diagnosis(variants: tuple[str, ...], name: str) -> tuple[str, ...]:
     """The mixed market's MobileNetV2 diagnosis on class ship with ``variants`` (#13)."""
     return ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs:mixed}/mixed", "--k", "10",
@@ -235,6 +245,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("T7/results.json",), lambda: table_digests("T7", ["textcnn"], ks=TEXT_KS)),
     _attention_stage("T6", "transformer", "5,10", "T6 (TREC) with a 2-layer text Transformer (#27)"),
     _attention_stage("T7", "transformer", "5,10", "T7 (SST-5) with a 2-layer text Transformer (#27)"),
+    _static_stage("T6", "gru_static", "T6 (TREC) with a GRU on a static word2vec table (#28 §3)"),
+    _static_stage("T7", "textcnn_static", "T7 (SST-5) with Kim's CNN on a static word2vec table (#28 §3)"),
     _attention_stage("T1", "vit", "10,20", "T1 (CIFAR-10) with three 4-layer ViTs (#27): the goals' k"),
     Stage("T1", "T1 (CIFAR-10, VGG11 x 1/4 and ResNet-20): the paper's Table 2",
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),

@@ -50,8 +50,11 @@ def model_id(task: str, index: int, arch: str, width: float) -> str:
     return f"{task}-m{index}-{arch}-w{width:g}"
 
 
-def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, Any]]:
-    """Body of one Ray task: train model ``index`` of the task and evaluate it once."""
+def _train_one(cfg_dict: dict[str, Any], index: int,
+               table: tuple[bytes, list[str]] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """Body of one Ray task: train model ``index`` of the task and evaluate it once.
+    ``table``: the static embedding table (safetensors bytes, vocab) a static-table text model
+    reads, shipped by the driver so that a worker on another machine needs no shared folder."""
     from snp_ray.data.tables import read_split
     from snp_ray.data.testsplit import test_accuracy
     from snp_ray.market.training import train_original
@@ -68,8 +71,13 @@ def _train_one(cfg_dict: dict[str, Any], index: int) -> tuple[bytes, dict[str, A
     rows = model_rows(task, index, split.labels)
     if rows is not None:        # a developer only ever had its own rows
         split = split.rows(rows)
+    sha = ""
+    if table is not None:
+        from snp_ray.data.embeddings import register_table
+
+        sha = register_table(*table)
     trained = train_original(split, classes, cfg.arch, cfg.width,
-                             cfg.train.replace(seed=cfg.train.seed + index), label=mid)
+                             cfg.train.replace(seed=cfg.train.seed + index), label=mid, table=sha)
     metrics = dict(trained.metrics)
     metrics["test_accuracy"] = test_accuracy(trained.model, trained.input_spec, task.dataset, classes)
     spec = ModelSpec(id=mid, task=cfg.task, index=index,
@@ -86,9 +94,15 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
     store = ModelStore(root)
     task = get_task(cfg.task)
     ids = [model_id(cfg.task, i, cfg.arch, cfg.width) for i in range(task.num_models)]
+    table = ""
+    if get_arch(cfg.arch).static_table:    # the task's word2vec table: trained once, on train
+        from snp_ray.data.embeddings import task_table
+
+        table = task_table(cfg.task, root)
     todo = []
     for i, mid in enumerate(ids):
-        if store.exists(mid) and same_recipe(store.spec(mid).train, cfg.train):
+        if store.exists(mid) and same_recipe(store.spec(mid).train, cfg.train) and \
+                store.spec(mid).input.get("table", "") == table:
             log.info("model %s already trained, skipping", mid)
         else:
             todo.append(i)
@@ -103,7 +117,13 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
         remote = ray.remote(num_cpus=cfg.train.threads, num_gpus=share, max_retries=1)(_train_one)
         log.info("training %d model(s) of %s on Ray (%d epochs each; a line per epoch follows): %s",
                  len(todo), cfg.task, cfg.train.epochs, ", ".join(ids[i] for i in todo))
-        refs = {remote.options(runtime_env={"env_vars": env}).remote(cfg.to_dict(), i): i for i in todo}
+        shipped = None
+        if table:
+            from snp_ray.data.embeddings import table_blob
+
+            shipped = ray.put(table_blob(table))
+        refs = {remote.options(runtime_env={"env_vars": env}).remote(cfg.to_dict(), i, shipped): i
+                for i in todo}
         bar = _bar(len(refs), progress)
         pending = list(refs)
         while pending:

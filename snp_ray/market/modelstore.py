@@ -87,7 +87,7 @@ class ModelSpec(Config):
     def build(self) -> Classifier:
         vocab = len(self.input.get("vocab", [])) or None
         return build_arch(self.arch, len(self.classes), self.width, vocab_size=vocab,
-                          example=self.input_spec.example())
+                          example=self.input_spec.example(), table=self.input.get("table", ""))
 
 
 def check_id(model_id: str) -> str:
@@ -100,7 +100,10 @@ class ModelStore:
     """Models of one market on a local filesystem."""
 
     def __init__(self, root: str | Path):
+        from snp_ray.data.embeddings import FOLDER, add_table_dir
+
         self.root = Path(root)
+        add_table_dir(self.root / FOLDER)    # the static word-embedding tables its models read
 
     def model_dir(self, model_id: str) -> Path:
         return self.root / "models" / check_id(model_id)

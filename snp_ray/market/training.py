@@ -110,8 +110,11 @@ def training_rows(split: Split, classes: list[int], cfg: TrainConfig) -> tuple[n
 
 
 def train_original(split: Split, classes: list[int], arch: str, width: float,
-                   cfg: TrainConfig, progress: bool = False, label: str = "") -> TrainedModel:
+                   cfg: TrainConfig, progress: bool = False, label: str = "",
+                   table: str = "") -> TrainedModel:
     """Train ``arch`` on the rows of ``split`` whose label is in ``classes`` (global ids).
+    A static-table text model reads ``table`` (a stored table's sha256), frozen, and takes its
+    vocabulary from it.
 
     Logs one INFO line per epoch (``label``, epoch i/n, loss, seconds), so that a market that
     trains for minutes shows its progress; inside a Ray task the line reaches the driver.
@@ -129,9 +132,17 @@ def train_original(split: Split, classes: list[int], arch: str, width: float,
         x = spec.encode(split.images[rows])
     else:
         texts = [split.texts[i] for i in rows]
-        spec = TextSpec(vocab=build_vocab(texts, max_size=cfg.vocab_size), max_len=cfg.max_len)
+        if a.static_table:
+            from snp_ray.data.embeddings import table_vocab
+
+            if not table:
+                raise ConfigError(f"architecture {arch} reads a static embedding table; none given")
+            spec = TextSpec(vocab=table_vocab(table), max_len=cfg.max_len, table=table)
+        else:
+            spec = TextSpec(vocab=build_vocab(texts, max_size=cfg.vocab_size), max_len=cfg.max_len)
         x = spec.encode(texts)
-        model = build_model(arch, len(classes), width, vocab_size=len(spec.vocab))
+        model = build_model(arch, len(classes), width, vocab_size=len(spec.vocab),
+                            table=table or None)
     metrics = fit_classifier(model, x, y, cfg, image=a.modality == "image",
                              label=label or f"{arch} {classes}", progress=progress)
     return TrainedModel(model, spec, metrics)

@@ -181,15 +181,16 @@ def ref_width(ref: ArchRef) -> float:
 
 
 def build_arch(arch: str, num_classes: int, width: float = 1.0, vocab_size: int | None = None,
-               example: torch.Tensor | None = None) -> Classifier:
+               example: torch.Tensor | None = None, table: str = "") -> Classifier:
     """Any architecture reference as an untrained :class:`Classifier` (features + head).
 
-    Zoo names use ``width``; an outside model is traced on ``example`` (needed) to split its
-    features from its final Linear head."""
+    Zoo names use ``width`` (and ``table``, the static embedding table a static-table text
+    model reads); an outside model is traced on ``example`` (needed) to split its features from
+    its final Linear head."""
     ref = parse_ref(arch)
     if not ref.external:
         w = float(ref.kwargs["width"]) if "width" in ref.kwargs else width
-        return build_model(ref.name, num_classes, w, vocab_size=vocab_size)
+        return build_model(ref.name, num_classes, w, vocab_size=vocab_size, table=table or None)
     if example is None:
         raise ConfigError(f"{ref} needs an example input to find its head")
     model = build_external(ref, num_classes)

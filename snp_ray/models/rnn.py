@@ -15,9 +15,12 @@ CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
 class RNNFeatures(nn.Module):
-    def __init__(self, vocab_size: int, embed_dim: int, hidden: int, cell: str, dropout: float):
+    def __init__(self, vocab_size: int, embed_dim: int, hidden: int, cell: str, dropout: float,
+                 embedding: nn.Module | None = None):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        # ``embedding``: a lookup given from outside (a frozen static table); default: learnt
+        self.embedding = embedding if embedding is not None else \
+            nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.rnn = CELLS[cell](embed_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.out_dim = hidden

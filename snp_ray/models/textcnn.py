@@ -11,9 +11,11 @@ from snp_ray.models.vgg import scaled
 
 class TextCNNFeatures(nn.Module):
     def __init__(self, vocab_size: int, embed_dim: int, kernel_sizes: tuple[int, ...],
-                 num_filters: int, dropout: float):
+                 num_filters: int, dropout: float, embedding: nn.Module | None = None):
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        # ``embedding``: a lookup given from outside (a frozen static table); default: learnt
+        self.embedding = embedding if embedding is not None else \
+            nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.convs = nn.ModuleList(nn.Conv1d(embed_dim, num_filters, k) for k in kernel_sizes)
         self.dropout = nn.Dropout(dropout)
         self.out_dim = num_filters * len(kernel_sizes)

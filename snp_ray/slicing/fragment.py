@@ -173,8 +173,9 @@ def rebuild_features(spec: FragmentSpec) -> nn.Module:
     """The source architecture's extractor cut to the fragment's shapes (weights not loaded)."""
     inp = spec.input_spec
     vocab = len(inp.vocab) if isinstance(inp, TextSpec) else None
+    # a static embedding table is named in the input spec, never stored in the fragment
     model = build_arch(spec.arch, spec.source_classes, spec.width, vocab_size=vocab,
-                       example=example_input(inp))
+                       example=example_input(inp), table=getattr(inp, "table", ""))
     features = model.features.eval()
     graph = trace(features, example_input(inp))
     sizes = {str(g.id): g.size for g in graph.groups}
