@@ -129,22 +129,20 @@ def find_table(folder: str | os.PathLike, **meta: Any) -> str | None:
     return None
 
 
-def task_table(task: str, root: str | os.PathLike, cfg: Word2VecConfig = W2V) -> str:
-    """The sha256 of ``task``'s table in the market at ``root``, trained now on the task's train
+def dataset_table(dataset: str, root: str | os.PathLike, cfg: Word2VecConfig = W2V) -> str:
+    """The sha256 of ``dataset``'s table in the market at ``root``, trained now on its train
     split (all of it: the market's text corpus, no test row) when the market has none."""
     from snp_ray.data.tables import read_split
-    from snp_ray.market.tasks import get_task
 
-    t = get_task(task)
-    meta = {"dataset": t.dataset, "split": "train", "recipe": cfg.to_dict(),
+    meta = {"dataset": dataset, "split": "train", "recipe": cfg.to_dict(),
             "recipe_digest": cfg.digest(), "tokenizer": "snp_ray.data.text.tokenize"}
     folder = Path(root) / FOLDER
-    found = find_table(folder, dataset=t.dataset, split="train", recipe_digest=cfg.digest())
+    found = find_table(folder, dataset=dataset, split="train", recipe_digest=cfg.digest())
     if found:
         return found
     import gensim
 
-    split = read_split(t.dataset, "train")
+    split = read_split(dataset, "train")
     vocab, vectors = train_word2vec(list(split.texts or []), cfg)
     meta.update(gensim=gensim.__version__, texts=len(split))
     return save_table(folder, vocab, vectors, meta)

@@ -18,3 +18,17 @@ def fragment_auc(fragment: Fragment, dataset: str, source_classes: list[int],
     scores = torch.cat([fragment.class_score(raw[i:i + batch_size])
                         for i in range(0, len(split), batch_size)])
     return roc_auc(scores.numpy(), (split.labels == fragment.spec.class_id).astype(np.int64))
+
+
+@torch.no_grad()
+def source_auc(model: torch.nn.Module, encode, dataset: str, source_classes: list[int],
+               batch_size: int = 500) -> dict[int, float]:
+    """The whole source model's ROC-AUC per class on the same rows as :func:`fragment_auc`
+    (score: its class's softmax probability), the ceiling a fragment of it is measured against."""
+    split = load_test_split(dataset, source_classes)
+    raw = split.images if split.images is not None else split.texts
+    model.eval()
+    probs = torch.cat([torch.softmax(model(encode(raw[i:i + batch_size])), 1)
+                       for i in range(0, len(split), batch_size)])
+    return {c: roc_auc(probs[:, j].numpy(), (split.labels == c).astype(np.int64))
+            for j, c in enumerate(source_classes)}

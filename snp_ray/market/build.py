@@ -96,9 +96,9 @@ def build_market(cfg: MarketConfig, root: str | Path, progress: bool = True) -> 
     ids = [model_id(cfg.task, i, cfg.arch, cfg.width) for i in range(task.num_models)]
     table = ""
     if get_arch(cfg.arch).static_table:    # the task's word2vec table: trained once, on train
-        from snp_ray.data.embeddings import task_table
+        from snp_ray.data.embeddings import dataset_table
 
-        table = task_table(cfg.task, root)
+        table = dataset_table(task.dataset, root)
     todo = []
     for i, mid in enumerate(ids):
         if store.exists(mid) and same_recipe(store.spec(mid).train, cfg.train) and \
