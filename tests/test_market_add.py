@@ -165,19 +165,23 @@ def test_added_torchvision_model_slices_and_its_fragment_reloads(store_copy):
     assert rc == 0 and again["test_accuracy"] == pytest.approx(out["test_accuracy"])
 
 
-def test_a_conv_head_model_is_added_and_slices(files, store_copy):
+@pytest.mark.parametrize("arch", ["squeezenet1_1", "shufflenet_v2_x0_5"])
+def test_a_conv_head_or_shuffled_model_is_added_and_slices(arch, files, store_copy):
     """squeezenet1_1's head is a 1x1 conv, ReLU and global average pooling (#27 section 3): taken
     at add (the conv stays in the features, the head is the identity on its class scores), its
-    class count read from the conv's weight, sliced, and reloaded from the store."""
+    class count read from the conv's weight, sliced, and reloaded from the store. ShuffleNetV2
+    (#27 section 2): its shuffled channels are unproduced fixed groups, which the stored
+    fragment's spec keeps and its reload rebuilds."""
     d, _, _ = files
     torch.manual_seed(0)
-    model = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=3).eval()
-    save_file(model.state_dict(), d / "squeeze.safetensors")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=3).eval()
+    save_file(model.state_dict(), d / "model.safetensors")
     market = Market(store_copy)
-    with pytest.raises(ConfigError, match="2 classes but the weights' head classifier.1 has 3 outputs"):
-        market.add_model("torchvision:squeezenet1_1", d / "squeeze.safetensors", ["airplane", "cat"],
-                         "cifar10", k=5, model_id="sq")
-    market.add_model("torchvision:squeezenet1_1", d / "squeeze.safetensors", CLASSES.split(","),
+    if arch == "squeezenet1_1":
+        with pytest.raises(ConfigError, match="2 classes but the weights' head classifier.1 has 3 outputs"):
+            market.add_model(f"torchvision:{arch}", d / "model.safetensors", ["airplane", "cat"],
+                             "cifar10", k=5, model_id="sq")
+    market.add_model(f"torchvision:{arch}", d / "model.safetensors", CLASSES.split(","),
                      "cifar10", k=5, model_id="sq")
     clf, _ = market.model("sq")
     x = torch.randn(2, 3, 32, 32)

@@ -38,8 +38,10 @@ def _timm(name, **kw):
 
 #: family -> (builder at reduced width where the builder allows it, expected outcome)
 FAMILIES = {
-    "resnet18": (_tv("resnet18"), "slices"),                       # BasicBlock: no width knob
-    "mobilenet_v2": (_tv("mobilenet_v2", width_mult=0.25), "slices"),
+    "resnet18": (lambda: torchvision.models.ResNet(     # resnet18's BasicBlocks, one per stage
+        torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3), "slices"),
+    "mobilenet_v2": (lambda: torchvision.models.MobileNetV2(3, 0.25, [   # its first 3 stages
+        [1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2]]), "slices"),
     "mobilenet_v3_small": (_tv("mobilenet_v3_small", width_mult=0.25), "slices"),
     "efficientnet_b0": (lambda: torchvision.models.EfficientNet(    # efficientnet_b0's MBConv+SE
         [torchvision.models.efficientnet.MBConvConfig(1, 3, 1, 16, 8, 1),   # blocks, 3 stages
@@ -65,7 +67,9 @@ FAMILIES = {
     "convnext_tiny": (lambda: torchvision.models.ConvNeXt(   # convnext_tiny's blocks, 2 stages
         [torchvision.models.convnext.CNBlockConfig(24, 48, 1),
          torchvision.models.convnext.CNBlockConfig(48, None, 1)], num_classes=3), "slices"),
-    "timm_resnet18d": (_timm("resnet18d"), "slices"),
+    "timm_resnet18d": (lambda: _timm_model(        # resnet18d's deep stem and avg-down, depth 1
+        "resnet", "ResNet", _timm_class("resnet", "BasicBlock"), [1, 1, 1, 1], num_classes=3,
+        stem_width=32, stem_type="deep", avg_down=True), "slices"),
     "timm_mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), "slices"),
     # heads made of a 1x1 conv and global average pooling (#27 section 3): conv -> ReLU -> pool
     # (the conv stays in the features) and pool -> conv (the conv is the head)
@@ -75,10 +79,14 @@ FAMILIES = {
 REFUSED_BECAUSE: dict[str, str] = {}
 
 
-def _timm_model(module: str, cls: str, *args, **kw):
+def _timm_class(module: str, cls: str) -> type:
     import importlib
 
-    return getattr(importlib.import_module(f"timm.models.{module}"), cls)(*args, **kw)
+    return getattr(importlib.import_module(f"timm.models.{module}"), cls)
+
+
+def _timm_model(module: str, cls: str, *args, **kw):
+    return _timm_class(module, cls)(*args, **kw)
 
 
 def _csp_cfg():
