@@ -8,10 +8,11 @@ loss comes from. Per model of the market it measures, on the test split (the mod
 and for one model and class, the fragment's test AUC under slice-config variants (``--variants``,
 JSON overrides of the ``quick`` preset), from keeping every unit to the ``quick`` selection.
 A variant may name ``"keep_whole": KIND`` (not a SliceConfig field: an ablation of this script)
-to keep every unit of one kind of group and select the others as usual. Kinds, read from the
-traced graph: ``depthwise`` (groups whose units feed or leave a depthwise convolution, i.e. an
-inverted residual's expanded units), ``residual`` (groups produced by more than one
-convolution: a residual stream), ``last`` (the group that leaves the extractor last).
+to keep every unit of one kind of group (through ``Slicer.keep_whole``) and select the others as
+usual. Kinds, read from the traced graph: ``depthwise`` (groups whose units feed or leave a
+depthwise convolution, i.e. an inverted residual's expanded units), ``residual`` (groups
+produced by more than one convolution: a residual stream), ``last`` (the group that leaves the
+extractor last).
 
 Usage: python benchmarks/mixed_diagnosis.py --store runs/mixed --model mobilenet_v2-w0.5 \
            --klass ship --variants '{}' '{"beta": 0.8}' '{"beta": 0.9}' '{"mode": "rate", "beta": 1.0}' \
@@ -103,10 +104,7 @@ def variants(market, mid: str, klass: str, k: int, overrides: list[dict]) -> lis
         extra = {}
         if whole:
             keep = group_kinds(ms.slicer)[whole]
-            select = ms.slicer._select
-            sizes = {grp.id: grp.size for grp in ms.slicer.graph.groups}
-            ms.slicer._select = lambda gid, scores: (torch.arange(sizes[gid]) if gid in keep
-                                                     else select(gid, scores))
+            ms.slicer.keep_whole = set(keep)        # selection keeps every unit of these groups
             extra = {"keep_whole": whole, "groups_kept_whole": len(keep)}
         c = market.class_id(klass)
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ HOT = [("original model forward (targets)", "slicer.py", "original_logits"),
        ("augmentation", "augment.py", "augment_images"),
        ("f- merge of weights", "slicer.py", "_merged"),
        ("f~ weights", "slicer.py", "_tilde"),
-       ("least-squares repair init", "slicer.py", "_init_repair"),
+       ("least-squares repair init", "slicer.py", "init_repair"),
        ("few-shot diagnostics", "slicer.py", "_fewshot_metrics")]
 
 

@@ -19,8 +19,6 @@ ALLOWED_UPWARD = {
 }
 #: files that may use another module's private names, and why; each must still be needed
 ALLOWED_PRIVATE = {
-    "snp_ray/slicing/batched.py": "the batched engine reaches into Slicer's private members until "
-                                  "it goes through a public interface of the slicer (#28 §4)",
 }
 
 

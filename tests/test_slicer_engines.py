@@ -2,6 +2,8 @@
 split it runs on, the shared view pool, the bf16 option and the device plumbing (#8)."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -285,6 +287,39 @@ def test_class_batch_cap_splits_the_classes_and_changes_nothing(monkeypatch):
     assert slice_preset("quick", class_batch=2).digest() == slice_preset("quick").digest()
     with pytest.raises(ConfigError, match="class_batch"):
         slice_preset("quick", class_batch=0)
+
+
+def test_batched_engine_holds_one_groups_full_repairs_at_a_time(monkeypatch):
+    """Stage 1 builds the (C, u, u) repair matrices of the group it trains and frees them before
+    the next group's; between steps each class's repair is its own (dropped, kept) matrix."""
+    from snp_ray.slicing import batched
+
+    live, peak, combining = [], [0], []
+    embed, combine = batched._Batch._embed, batched._Batch._combine_caches
+
+    def spy_embed(self, gid):
+        full = embed(self, gid)
+        if not combining:
+            peak[0] = max(peak[0], sum(r() is not None for r in live))
+        live.append(weakref.ref(full))
+        return full
+
+    def spy_combine(self, *args):
+        combining.append(self)
+        return combine(self, *args)
+
+    monkeypatch.setattr(batched._Batch, "_embed", spy_embed)
+    monkeypatch.setattr(batched._Batch, "_combine_caches", spy_combine)
+    model, spec, fs = setup("textcnn")
+    slicer = Slicer(model, spec, fs, slice_preset("quick", **ENGINE_CFG), engine="batched")
+    out = slicer.slice_classes([0, 1, 2])
+    run = combining[0]
+    assert len(run.groups) > 1 and len(live) > len(run.groups)
+    assert peak[0] == 0
+    for g in run.groups:
+        size = slicer.graph.group(g).size
+        for c, o in enumerate(out):
+            assert run.reps[g][c].shape == (size - len(o.kept[g]), len(o.kept[g]))
 
 
 def test_batched_engine_falls_back_to_cached_for_recurrent_layers():

@@ -184,6 +184,18 @@ def test_selection_threshold_and_rate():
     assert select_units(torch.zeros(4), "threshold", 0.5, min_units=1).numel() == 1
 
 
+def test_keep_whole_groups_keep_every_unit_and_the_others_select_as_usual():
+    """``Slicer.keep_whole``: the ablation hook that overrides selection for chosen groups."""
+    model, spec, fs = setup("textcnn")
+    slicer = Slicer(model, spec, fs, slice_preset("quick", mode="rate", beta=0.5))
+    a, b = [g.id for g in slicer.graph.groups][:2]
+    scores = {g: torch.rand(slicer.graph.group(g).size) for g in (a, b)}
+    before = slicer.select(b, scores[b])
+    slicer.keep_whole = {a}
+    assert torch.equal(slicer.select(a, scores[a]), torch.arange(slicer.graph.group(a).size))
+    assert torch.equal(slicer.select(b, scores[b]), before) and len(before) < len(scores[b])
+
+
 @pytest.mark.parametrize("arch", ["resnet20", "gru", "lwconv"])
 def test_round_trip_is_bit_exact_and_tamper_is_refused(tmp_path, arch):
     model, spec, fs, slicer, out = run(arch, mode="rate", beta=0.5)
@@ -245,7 +257,7 @@ def test_recurrent_units_are_scored_on_every_time_step():
     slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY))
     rnn_group = next(g for g in slicer.graph.groups if any(n == "rnn" for n, _ in g.producers))
     y = torch.as_tensor(fs.labels == 1).long()
-    scores = slicer._scores(rnn_group.id, slicer._fresh(rnn_group.id), y)
+    scores = slicer.scores(rnn_group.id, slicer._fresh(rnn_group.id), y)
     with torch.no_grad():
         seq, _ = model.features.rnn(model.features.embedding(spec.encode(fs.raw)[fs.labels == 1]))
     torch.testing.assert_close(scores, seq.pow(2).sum(1).sqrt().mean(0))
@@ -335,7 +347,7 @@ def _held_out_repair_error(init: str | None, seed: int) -> float:
     held = Slicer(model, ImageSpec(), _noise_fewshot(30, seed + 100), cfg)
     gid = train.graph.groups[0].id
     kept, dropped = torch.arange(0, 16, 2), torch.arange(1, 16, 2)
-    repair = train._init_repair(gid, train._fresh(gid), kept)          # (dropped, kept)
+    repair = train.init_repair(gid, train._fresh(gid), kept)          # (dropped, kept)
     acts = held._group_activations(gid, held._fresh(gid))[0].detach()
     return float((acts[:, kept] @ repair.t() - acts[:, dropped]).pow(2).sum()
                  / acts[:, dropped].pow(2).sum())

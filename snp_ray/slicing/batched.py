@@ -12,12 +12,19 @@ this engine runs them side by side, ``SliceConfig.class_batch`` classes at a tim
   layer) runs under ``torch.func.vmap`` over the class dim, with the stacked weights as
   ``functional_call`` overrides. A convolution with stacked weights becomes one grouped
   convolution, a linear layer one batched matmul.
-- **Repairs of equal shape.** Classes keep different units, so a repair (``dropped = R @ kept``,
-  ``(|d|, |k|)``) is held as a full ``(u, u)`` matrix per class, ``M = diag(keep) + R ∘ mask``
-  with ``mask[d, k] = 1`` for the class's dropped rows and kept columns; the gates rebuild every
-  unit as ``M @ z``. The masked entries get no gradient and stay zero under Adam.
+- **Repairs of equal shape, one group at a time.** Classes keep different units, so under vmap
+  a repair (``dropped = R @ kept``, ``(|d|, |k|)``) runs as a full ``(u, u)`` matrix per class,
+  ``M = diag(keep) + R ∘ mask`` with ``mask[d, k] = 1`` for the class's dropped rows and kept
+  columns; the gates rebuild every unit as ``M @ z``. The masked entries get no gradient and stay
+  zero under Adam. Between steps each class's repair is held as its own ``(|d|, |k|)`` matrix,
+  as in the cached engine; the full ``(C, u, u)`` matrices are built for the group being trained
+  (while it trains) and, detached, for the fixed groups whose gates the step's forward runs
+  (the suffix above the trained layer, or the segment of a frontier), and dropped after the
+  step. So stage 1 holds one group's full matrices at a time, not every group's. (A combining
+  step without a frontier cache runs the whole network, so it builds every replaced group's: one
+  vmapped forward needs all of its gates' matrices at once.)
 - **The frontier once.** In pooling and adaption the frozen frontier of the original network is
-  computed once per model (the cached engine's ``_stage1_cache``) and read by every class; each
+  computed once per model (``Slicer.original_frontier``) and read by every class; each
   class gathers its own rows of it. In combining the layers below the trained one differ per
   class, so their frontier is computed once per step for all classes together (vmapped), from the
   previous step's frontier like the cached engine does.
@@ -25,7 +32,8 @@ this engine runs them side by side, ``SliceConfig.class_batch`` classes at a tim
   augmentations) in the cached engine's order; its heads come from the same seeded global RNG.
 
 Selection, repair initialisation (least squares), fusion and the few-shot metrics stay per class
-and reuse the cached engine's code. The arithmetic differs from the cached engine only in
+and reuse the cached engine's code, through the slicer's public engine interface
+(``Slicer.select``, ``scores``, ``init_repair``, ``fuse``; no private member of the slicer). The arithmetic differs from the cached engine only in
 summation order (grouped instead of separate convolutions, repairs as full matrices), so kept
 units match, up to near-ties in the scores; tests/test_slicer_engines.py holds the tolerances.
 
@@ -37,7 +45,6 @@ cached engine class by class (``batched_supported``).
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import TYPE_CHECKING
 
@@ -45,8 +52,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from snp_ray.slicing.surgery import fold_into_linear
-from snp_ray.slicing.slicer import _up
+from snp_ray.slicing.graph import Gate
+from snp_ray.slicing.slicer import complement, upcast
 
 if TYPE_CHECKING:
     from snp_ray.slicing.slicer import SliceOutcome, Slicer
@@ -67,9 +74,7 @@ def slice_classes(s: "Slicer", class_ids: list[int]) -> list["SliceOutcome"]:
     if s.precision == "bf16":
         # CPU autocast does not reach the ops under vmap (conv sees a bf16 input and an fp32
         # weight): this engine runs fp32, and the fragments record it
-        s.precision = "fp32"
-        s._orig_frontier.clear()
-        s._over_budget = None
+        s.set_precision("fp32")
     cap = s.cfg.class_batch or len(class_ids)
     out = []
     for i in range(0, len(class_ids), cap):
@@ -116,6 +121,11 @@ class _Batch:
         self.names = {gid: [t.name for t in s.tensors[gid] if t.trainable] for gid in self.groups}
         self.arange = {g.id: torch.arange(g.size, device=dev) for g in s.graph.groups}
         self.times = {"pooling": 0.0, "adaption": 0.0, "combining": 0.0, "fusion": 0.0}
+        self.kept: list[dict[int, torch.Tensor]] = [{} for _ in classes]   # per class: gid -> kept
+        #: gid -> each class's repair, (|d|, |k|) as the cached engine holds it (see the docstring)
+        self.reps: dict[int, list[torch.Tensor]] = {}
+        self.wmasks: dict[int, dict[str, torch.Tensor]] = {}     # gid -> _keep_masks
+        self.gated: dict[nn.Module, set[int]] = {}
 
     # ------------------------------------------------------------------ vmapped forward
     def _vcall(self, module, names, weights: dict[str, torch.Tensor], mats: dict[int, torch.Tensor],
@@ -152,11 +162,11 @@ class _Batch:
             args = tuple(_gather(v, rows, batched) for v in values)
             out, norms = self._vcall(sp.suffix, suffix_names, weights, mats, args,
                                      (True,) * len(args), observe)
-        return _up(out), norms
+        return upcast(out), norms
 
     def _batches(self, epochs: int):
         """Every class's next batch, drawn from its own generator: (idx, rows, xb) stacked."""
-        its = [self.s._batches(g, epochs) for g in self.gens]
+        its = [self.s.batches(g, epochs) for g in self.gens]
         for parts in zip(*its):
             idx = torch.stack([p[0] for p in parts])
             rows = None if parts[0][1] is None else torch.stack([p[1] for p in parts]).to(self.s.device)
@@ -166,9 +176,7 @@ class _Batch:
         s = self.s
         if rows is None:
             return s.original_logits(xb.flatten(0, 1)).view(self.C, xb.shape[1], -1)
-        if s._pool_logits is None:
-            s._targets(rows[0], xb[0])            # fills the per-model cache
-        return s._pool_logits[rows]
+        return s.pool_logits[rows]
 
     # ------------------------------------------------------------------ weights per class
     def _fresh(self, gid):
@@ -193,7 +201,7 @@ class _Batch:
             out[t.name] = leaf
         return out
 
-    def _keep_masks(self, gid, kept):
+    def _keep_masks(self, gid):
         """Per trained tensor of ``gid``: (C, *shape) bool, True on each class's kept units."""
         s, out = self.s, {}
         for t in s.tensors[gid]:
@@ -203,7 +211,7 @@ class _Batch:
             masks = []
             for c in range(self.C):
                 m = torch.zeros(full.shape[t.handler.out_dim], dtype=torch.bool)
-                m[t.handler.unit_positions(t.module, t.attr, t.offset + kept[c][gid])] = True
+                m[t.handler.unit_positions(t.module, t.attr, t.offset + self.kept[c][gid])] = True
                 shape = [1] * full.dim()
                 shape[t.handler.out_dim] = -1
                 masks.append(m.view(shape).expand(full.shape))
@@ -214,20 +222,81 @@ class _Batch:
         """f-: kept units from the trained weights, dropped ones from the original weights."""
         return {n: torch.where(masks[n], w[n], self.s.orig[n]) for n in w}
 
-    def _mats(self, gid, mats, masks, detach=False):
-        """Full repair matrices M = diag(keep) + R ∘ mask, (C, u, u)."""
-        keep_diag, rmask = masks
-        r = mats[gid].detach() if detach else mats[gid]
-        return keep_diag + r * rmask
+    # ------------------------------------------------------------------ repairs per group
+    def _init_repairs(self, gid, w):
+        """Each class's repair start, (|d|, |k|) (``Slicer.init_repair``)."""
+        s, dtype = self.s, torch.get_default_dtype()
+        return [s.init_repair(gid, self._class_weights(gid, w, c), self.kept[c][gid]).to(s.device, dtype)
+                for c in range(self.C)]
+
+    def _units(self, gid, c):
+        """Class ``c``'s (kept, dropped) units of ``gid``, on the device."""
+        k = self.kept[c][gid]
+        return k.to(self.s.device), complement(k, self.s.graph.group(gid).size).to(self.s.device)
+
+    def _embed(self, gid):
+        """Every class's repair of ``gid`` in a full (C, u, u) matrix, zero off its (d, k) block."""
+        u = self.s.graph.group(gid).size
+        full = torch.zeros(self.C, u, u, device=self.s.device)
+        for c, r in enumerate(self.reps[gid]):
+            k, d = self._units(gid, c)
+            if d.numel():
+                full[c, d[:, None], k[None, :]] = r
+        return full
+
+    def _compact(self, gid, full):
+        """Holds each class's (d, k) block of the trained ``full`` matrices as its repair."""
+        reps = []
+        for c in range(self.C):
+            k, d = self._units(gid, c)
+            reps.append(full[c][d][:, k].contiguous())
+        self.reps[gid] = reps
+
+    @torch.no_grad()
+    def _fixed(self, gid):
+        """``M = diag(keep) + R`` of a group not trained in this step, (C, u, u), detached."""
+        full = self._embed(gid)
+        for c in range(self.C):
+            k, _ = self._units(gid, c)
+            full[c, k, k] = 1
+        return full
+
+    def _masks(self, gid):
+        """(diag(keep), where R may be nonzero) of the trained group, (C, u, u) each: its dropped
+        rows and kept columns, within the blocks of a grouped convolution."""
+        s, group = self.s, self.s.graph.group(gid)
+        u = group.size
+        rmask, diag = [], []
+        for c in range(self.C):
+            k = self.kept[c][gid]
+            d = complement(k, u)
+            mk = torch.zeros(u, u)
+            if d.numel():
+                allowed = group.repair_mask(k, d)     # grouped convs: the blocks
+                mk[d[:, None], k[None, :]] = 1 if allowed is None else allowed.to(mk.dtype)
+            rmask.append(mk)
+            dg = torch.zeros(u, u)
+            dg[k, k] = 1
+            diag.append(dg)
+        return torch.stack(diag).to(s.device), torch.stack(rmask).to(s.device)
+
+    def _gated_groups(self, module):
+        """The groups whose repairs a gate inside ``module`` applies (a step needs only those)."""
+        if module not in self.gated:
+            self.gated[module] = {g for m in module.modules() if isinstance(m, Gate) and m.repairs
+                                  for g, _, _ in m.segments}
+        return self.gated[module]
+
+    def _fixed_for(self, module, groups):
+        """:meth:`_fixed` matrices of those ``groups`` whose gates ``module`` runs."""
+        gated = self._gated_groups(module)
+        return {g: self._fixed(g) for g in groups if g in gated}
 
     # ------------------------------------------------------------------ the stages
     def run(self) -> list["SliceOutcome"]:
         s, cfg, C = self.s, self.s.cfg, self.C
-        kept = [dict() for _ in range(C)]           # class -> gid -> kept units
+        kept = self.kept
         ft: dict[int, dict[str, torch.Tensor]] = {}
-        mats: dict[int, torch.Tensor] = {}         # gid -> (C, u, u) repair entries (masked)
-        rmasks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        wmasks: dict[int, dict[str, torch.Tensor]] = {}
         for gid in self.groups:
             t0 = time.perf_counter()
             w = self._fresh(gid)
@@ -239,15 +308,14 @@ class _Batch:
                 self._pool(gid, w)
                 for c in range(C):
                     wc = self._class_weights(gid, w, c)
-                    kept[c][gid] = s._select(gid, s._scores(gid, wc, self.y_bin[c]))
+                    kept[c][gid] = s.select(gid, s.scores(gid, wc, self.y_bin[c]))
             self.times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            mats[gid], rmasks[gid] = self._init_repairs(gid, w, kept)
-            wmasks[gid] = self._keep_masks(gid, kept)
-            frozen = s._stage1_cache(gid)
+            self.reps[gid] = self._init_repairs(gid, w)
+            self.wmasks[gid] = self._keep_masks(gid)
+            frozen = s.original_frontier(gid)
             frozen = None if frozen is None else (*frozen, False)
-            self._adapt([gid], gid, {gid: w}, mats, rmasks, wmasks, self.heads[gid], cfg.adapt_epochs,
-                        (frozen, frozen))
+            self._adapt([gid], gid, {gid: w}, self.heads[gid], cfg.adapt_epochs, (frozen, frozen))
             ft[gid] = w
             self.times["adaption"] += time.perf_counter() - t0
 
@@ -256,10 +324,10 @@ class _Batch:
         known: tuple[dict, dict] = ({}, {})
         for i, gid in enumerate(self.groups):
             replaced = self.groups[: i + 1]
-            caches, fixed = self._combine_caches(replaced, gid, ft, mats, rmasks, wmasks, known)
-            self._adapt(replaced, gid, ft, mats, rmasks, wmasks, head, cfg.combine_epochs, caches, fixed)
+            caches, fixed = self._combine_caches(replaced, gid, ft, known)
+            self._adapt(replaced, gid, ft, head, cfg.combine_epochs, caches, fixed)
         self.times["combining"] = time.perf_counter() - t0
-        return [self._outcome(c, ft, kept[c], mats, head) for c in range(C)]
+        return [self._outcome(c, ft, head) for c in range(C)]
 
     def _class_weights(self, gid, w, c):
         """Class ``c``'s weights of ``gid`` as the cached engine holds them (buffers included)."""
@@ -280,11 +348,11 @@ class _Batch:
             return
         opt = torch.optim.Adam(params, lr=cfg.lr_layer)
         size = s.graph.group(gid).size
-        frozen = s._stage1_cache(gid)
+        frozen = s.original_frontier(gid)
         frozen = None if frozen is None else (*frozen, False)
         orig = {n: t.detach().clone() for n, t in w.items()}
         for idx, rows, xb in self._batches(cfg.pool_epochs):
-            with s._amp():
+            with s.autocast():
                 with torch.no_grad():    # the target in this engine's arithmetic, see _pool
                     target = s.head(self._run(xb, rows, orig, {}, frozen)[0])
                 feats, z = self._run(xb, rows, w, {}, frozen, observe=gid)
@@ -293,107 +361,93 @@ class _Batch:
             pos = torch.gather(self.y_bin, 1, idx).bool()                        # (C, B)
             if cfg.alpha > 0 and bool(pos.any()):
                 npos = pos.sum(1)
-                l21 = (_up(z).sum(2) * pos).sum(1) / npos.clamp_min(1)
+                l21 = (upcast(z).sum(2) * pos).sum(1) / npos.clamp_min(1)
                 l21 = l21 / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21[npos > 0].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-    def _init_repairs(self, gid, w, kept):
-        """Least-squares repairs per class, embedded in full (u, u) matrices, and the masks."""
-        s, u, dev = self.s, self.s.graph.group(gid).size, self.s.device
-        full, rmask, diag = [], [], []
-        for c in range(self.C):
-            k = kept[c][gid]
-            d = _complement(k, u)
-            r = s._init_repair(gid, self._class_weights(gid, w, c), k).cpu()
-            m = torch.zeros(u, u)
-            mk = torch.zeros(u, u)
-            if d.numel():
-                m[d[:, None], k[None, :]] = r
-                allowed = s.graph.group(gid).repair_mask(k, d)     # grouped convs: the blocks
-                mk[d[:, None], k[None, :]] = 1 if allowed is None else allowed.to(mk.dtype)
-            full.append(m)
-            rmask.append(mk)
-            dg = torch.zeros(u, u)
-            dg[k, k] = 1
-            diag.append(dg)
-        return torch.stack(full).to(dev), (torch.stack(diag).to(dev), torch.stack(rmask).to(dev))
-
-    def _tilde(self, gid, w, masks):
-        """f~ weights: the trained ones (recurrent cuts are not run by this engine)."""
-        return w
-
-    def _combine_caches(self, replaced, gid, ft, mats, rmasks, wmasks, known):
+    def _combine_caches(self, replaced, gid, ft, known):
+        """The f~ and f- frontiers of one combining step (as in the cached engine) and the
+        fixed layers' f~ and f- weights; the fixed repairs are built inside each frontier."""
         s, cfg = self.s, self.s.cfg
         if s.pool is None or cfg.combine_train != "current" or s.n_views >= cfg.combine_epochs:
             for k in known:
                 k.clear()
-            return (None, None), ({}, {}, {})
+            return (None, None), ({}, {})
         fixed = [g for g in replaced if g != gid]
         with torch.no_grad():
             tilde = {n: t.detach() for g in fixed for n, t in ft[g].items()}
-            merged = {n: t.detach() for g in fixed for n, t in self._merged(g, ft[g], wmasks[g]).items()}
-            fmats = {g: self._mats(g, mats, rmasks[g], detach=True) for g in fixed}
-        caches = (self._frontier(gid, tilde, fmats, known[0]), self._frontier(gid, merged, {}, known[1]))
-        return caches, (tilde, merged, fmats)
+            merged = {n: t.detach() for g in fixed for n, t in self._merged(g, ft[g], self.wmasks[g]).items()}
+        caches = (self._frontier(gid, tilde, fixed, known[0]), self._frontier(gid, merged, [], known[1]))
+        return caches, (tilde, merged)
 
     @torch.no_grad()
-    def _frontier(self, gid, weights, mats, known):
-        """Frozen frontier of ``gid`` for every class (C, P, ...), from the last step's if known."""
+    def _frontier(self, gid, weights, repaired, known):
+        """Frozen frontier of ``gid`` for every class (C, P, ...), from the last step's if known;
+        ``repaired``: the fixed groups whose repairs the network runs."""
         s = self.s
-        sp, prefix_names, suffix_names = s._split(gid)
+        sp, prefix_names, suffix_names = s.frontier_split(gid)
         if sp.trivial:
             values, batched = [s.pool], False
         else:
             if known:
-                inputs, module, names = s._segment(known, sp)
+                inputs, module, names = s.frontier_segment(known, sp)
                 sources = [known.get(n) for n in inputs]
                 flags = [v is not None for v in sources]
                 sources = [v if v is not None else s.pool for v in sources]
             else:
                 module, names, sources, flags = sp.prefix, prefix_names, [s.pool], [False]
-            bs, rows = s.cfg.batch_size, s.pool.shape[0]
-            # nothing per class below gid (e.g. only a frozen lookup table): one frontier for all
-            batched = bool(mats) or any(flags) or any(n in names for n in weights)
-            parts = []
-            with s._amp():
-                for st in range(0, rows, bs):
-                    args = tuple(v[:, st:st + bs] if b else v[st:st + bs] for v, b in zip(sources, flags))
-                    if batched:
+            # nothing per class below gid (e.g. only a frozen lookup table): the original
+            # network's frontier, one for all classes
+            batched = bool(repaired) or any(flags) or any(n in names for n in weights)
+            if batched:
+                mats = self._fixed_for(module, repaired)
+                bs, parts = s.cfg.batch_size, []
+                with s.autocast():
+                    for st in range(0, s.pool.shape[0], bs):
+                        args = tuple(v[:, st:st + bs] if b else v[st:st + bs] for v, b in zip(sources, flags))
                         parts.append(self._vcall(module, names, weights, mats, args, tuple(flags))[0])
-                    else:
-                        parts.append(s._call(module, names, {}, args, {}))
-            values = [torch.cat(vals, 1 if batched else 0) for vals in zip(*parts)]
+                del mats
+                values = [torch.cat(vals, 1) for vals in zip(*parts)]
+            else:
+                values = s.original_frontier(gid)[3]
         if known is not None:
             known.clear()
             if batched:
                 known.update(zip(sp.frontier, values))
         return sp, prefix_names, suffix_names, values, batched
 
-    def _adapt(self, replaced, gid, w_all, mats, rmasks, wmasks, head, epochs, caches=(None, None),
-               fixed=({}, {}, {})):
+    def _adapt(self, replaced, gid, w_all, head, epochs, caches=(None, None), fixed=({}, {})):
+        """Adaption (``replaced == [gid]``) or one combining step of ``gid``: its weights, its
+        repairs (full matrices while it trains, its classes' (d, k) blocks after) and the head.
+        ``fixed``: the f~ and f- weights of the other replaced layers when computed already."""
         s, cfg = self.s, self.s.cfg
         if epochs == 0:
             return
         w = w_all[gid]
-        mats[gid] = mats[gid].detach().clone().requires_grad_(True)
+        keep_diag, rmask = self._masks(gid)
+        mat = self._embed(gid).requires_grad_(True)
         hw, hb = head
         hw.requires_grad_(True)
         hb.requires_grad_(True)
         opt = torch.optim.Adam([{"params": list(w.values()), "lr": cfg.lr_layer},
-                                {"params": [mats[gid], hw, hb], "lr": cfg.lr_repair}])
+                                {"params": [mat, hw, hb], "lr": cfg.lr_repair}])
         cache_t, cache_m = caches
-        fixed_t, fixed_m, fixed_r = fixed
+        fixed_t, fixed_m = fixed
         others = [g for g in replaced if g != gid]
+        # the other layers are fixed for the whole step: their weights and repairs once
+        with torch.no_grad():
+            fixed_t = fixed_t or {n: t.detach() for g in others for n, t in w_all[g].items()}
+            if cfg.gamma > 0:
+                fixed_m = fixed_m or {n: t.detach() for g in others
+                                      for n, t in self._merged(g, w_all[g], self.wmasks[g]).items()}
+            fixed_r = self._fixed_for(s.graph.module if cache_t is None else cache_t[0].suffix, others)
         for idx, rows, xb in self._batches(epochs):
-            weights = dict(fixed_t) if fixed_t else {n: t.detach() for g in others for n, t in w_all[g].items()}
-            weights.update(self._tilde(gid, w, wmasks[gid]))
-            reps = dict(fixed_r) if fixed_r else {g: self._mats(g, mats, rmasks[g], detach=True)
-                                                  for g in others}
-            reps[gid] = self._mats(gid, mats, rmasks[gid])
-            with s._amp():
+            weights = {**fixed_t, **w}       # f~: the trained weights (no recurrent cuts here)
+            reps = {**fixed_r, gid: keep_diag + mat * rmask}
+            with s.autocast():
                 feats, _ = self._run(xb, rows, weights, reps, cache_t)
             logits = torch.baddbmm(hb.unsqueeze(1), feats, hw.transpose(1, 2))        # (C, B, 2)
             y = torch.gather(self.y_bin, 1, idx)
@@ -402,50 +456,26 @@ class _Batch:
             loss = ((wy * nll).sum(1) / wy.sum(1)).sum()
             if cfg.gamma > 0:
                 target = self._targets(rows, xb)
-                merged = dict(fixed_m) if fixed_m else {
-                    n: t.detach() for g in others for n, t in self._merged(g, w_all[g], wmasks[g]).items()}
-                merged.update(self._merged(gid, w, wmasks[gid]))
-                with s._amp():
+                merged = {**fixed_m, **self._merged(gid, w, self.wmasks[gid])}
+                with s.autocast():
                     bar_feats, _ = self._run(xb, rows, merged, {}, cache_m)
                 bar = s.head(bar_feats)
                 loss = loss + cfg.gamma * (bar - target).pow(2).sum(2).mean(1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        mats[gid] = mats[gid].detach()
+        self._compact(gid, mat.detach())
         hw.requires_grad_(False)
         hb.requires_grad_(False)
         w.update(self._leaves(gid, w))
 
     # ------------------------------------------------------------------ per class: fusion
-    def _outcome(self, c, ft, kept, mats, head) -> "SliceOutcome":
-        from snp_ray.slicing.slicer import SliceOutcome
-
+    def _outcome(self, c, ft, head) -> "SliceOutcome":
         s = self.s
-        t0 = time.perf_counter()
         ft_c = {g: self._class_weights(g, ft[g], c) for g in self.groups}
-        mats_c = {}
-        for g in self.groups:
-            d = _complement(kept[g], s.graph.group(g).size)
-            mats_c[g] = mats[g][c][d.to(s.device)][:, kept[g].to(s.device)].contiguous()
-        repairs = s._repairs(kept, mats_c)
-        cpu_repairs = {g: tuple(t.cpu() for t in r) for g, r in repairs.items()}
-        features = s.fused_features(ft_c, kept, cpu_repairs)
         lin = nn.Linear(s.head.in_features, 2)
         with torch.no_grad():
             lin.weight.copy_(head[0][c])
             lin.bias.copy_(head[1][c])
-        probe = fold_into_linear(copy.deepcopy(lin).cpu(), s.graph, cpu_repairs, kept)
         times = {k: v / self.C for k, v in self.times.items()}      # the batch's, per class
-        times["fusion"] = time.perf_counter() - t0
-        out = SliceOutcome(features, probe, {g: kept[g].tolist() for g in self.groups},
-                           {g.id: g.name for g in s.graph.groups}, times)
-        s._last = (ft_c, kept, repairs)
-        out.metrics = s._fewshot_metrics(features, probe, self.y_bin[c], ft_c, repairs)
-        return out
-
-
-def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
-    mask = torch.ones(size, dtype=torch.bool)
-    mask[kept] = False
-    return torch.nonzero(mask).flatten()
+        return s.fuse(ft_c, self.kept[c], {g: self.reps[g][c] for g in self.groups}, lin, self.y_bin[c], times)

@@ -164,10 +164,36 @@ class Slicer:
         self._over_budget: tuple | None = None   # the last frontier that did not fit the budget
         self._cache_budget = float(os.environ.get(ENV_CACHE_MB, 4096)) * 2 ** 20
         self.precision = resolve_precision(config.precision, self.device)
+        #: group ids that keep every unit whatever their scores (:meth:`select`): an ablation
+        #: hook for experiments (benchmarks/mixed_diagnosis.py's ``keep_whole``). Pooling still
+        #: trains these groups; only selection is overridden. Not part of the config's digest.
+        self.keep_whole: set[int] = set()
 
-    def _amp(self):
-        """bf16 autocast for training steps when the config asks for it; fp32 otherwise."""
+    # ------------------------------------------------------------------ the engines' interface
+    # What another engine (snp_ray/slicing/batched.py) runs through: the same selection, repair
+    # starts, frontiers, batches and fusion as this engine, so the two give the same fragments.
+
+    def autocast(self):
+        """bf16 autocast for training steps when the config asks for it; fp32 otherwise. Every
+        engine's training forwards and frontiers run under it, so they share one precision."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def set_precision(self, precision: str) -> None:
+        """Run in ``precision`` from now on. The original network's frontiers cached in the old
+        one are dropped (the batched engine switches to fp32: autocast does not reach under vmap)."""
+        if precision != self.precision:
+            self.precision = precision
+            self._orig_frontier.clear()
+            self._over_budget = None
+
+    @property
+    def pool_logits(self) -> torch.Tensor:
+        """The original model's logits on every view-pool row, computed on first use and shared
+        by every class and engine (the consistency targets); index it with pool rows."""
+        if self._pool_logits is None:
+            with torch.no_grad():
+                self._pool_logits = torch.cat([self.original_logits(c) for c in self._chunks(self.pool)])
+        return self._pool_logits
 
     def _view_pool(self) -> tuple[torch.Tensor | None, int]:
         """The few-shot rows every step draws from: ``views`` augmented copies of D, drawn once
@@ -184,7 +210,7 @@ class Slicer:
     # ------------------------------------------------------------------ forward passes
     def _features(self, x: torch.Tensor, weights: dict[int, dict[str, torch.Tensor]],
                   repairs: dict[int, Repair], observe: Iterable[int] = ()) -> torch.Tensor:
-        return _up(self._call(self.graph.module, None, weights, (x,), repairs, observe))
+        return upcast(self._call(self.graph.module, None, weights, (x,), repairs, observe))
 
     def _call(self, module: nn.Module, names: set[str] | None, weights, args: tuple, repairs,
               observe: Iterable[int] = ()):
@@ -205,24 +231,23 @@ class Slicer:
         if cache is None or rows is None:
             return self._features(xb, weights, repairs, observe)
         sp, _, suffix_names, values = cache
-        return _up(self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
+        return upcast(self._call(sp.suffix, suffix_names, weights, tuple(v[rows] for v in values), repairs,
                               observe))
 
     def _targets(self, rows: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
         """The original model's logits on a batch; cached per view row for every class."""
         if self.engine == "naive" or rows is None:
             return self.original_logits(xb)
-        if self._pool_logits is None:
-            with torch.no_grad():
-                self._pool_logits = torch.cat([self.original_logits(c) for c in self._chunks(self.pool)])
-        return self._pool_logits[rows]
+        return self.pool_logits[rows]
 
     def _chunks(self, t: torch.Tensor):
         bs = self.cfg.batch_size
         for s in range(0, t.shape[0], bs):
             yield t[s:s + bs]
 
-    def _split(self, gid: int) -> tuple[Split, set[str], set[str]]:
+    def frontier_split(self, gid: int) -> tuple[Split, set[str], set[str]]:
+        """Where the network splits while ``gid`` trains: ``(split, prefix parameter names,
+        suffix parameter names)``, computed once per group (the frontier is the prefix's output)."""
         if gid not in self._splits:
             varying = {t.name.rsplit(".", 1)[0] for t in self.tensors[gid]}
             sp = split(self.graph.module, varying, self.per_row)
@@ -235,17 +260,17 @@ class Slicer:
 
         ``known``: node values of the previous combining step's frontier (same fixed weights
         upstream); the new frontier is computed from them and replaces them."""
-        sp, prefix_names, suffix_names = self._split(gid)
+        sp, prefix_names, suffix_names = self.frontier_split(gid)
         if sp.trivial:
             values = [self.pool]
         else:
             if known:
-                inputs, module, names = self._segment(known, sp)
+                inputs, module, names = self.frontier_segment(known, sp)
                 sources = [known.get(n, self.pool) for n in inputs]
             else:
                 module, names, sources = sp.prefix, prefix_names, [self.pool]
             bs, rows = self.cfg.batch_size, self.pool.shape[0]
-            with self._amp():    # under no_grad: the fixed weights and repairs need no detaching
+            with self.autocast():    # under no_grad: the fixed weights and repairs need no detaching
                 parts = [self._call(module, names, weights, tuple(v[s:s + bs] for v in sources), repairs)
                          for s in range(0, rows, bs)]
             values = [torch.cat(vals) for vals in zip(*parts)]
@@ -254,16 +279,19 @@ class Slicer:
             known.update(zip(sp.frontier, values))
         return sp, prefix_names, suffix_names, values
 
-    def _segment(self, known, sp: Split) -> tuple:
-        """The graph from the ``known`` nodes to ``sp``'s frontier: (inputs, module, names)."""
+    def frontier_segment(self, known, sp: Split) -> tuple:
+        """The graph from the ``known`` nodes to ``sp``'s frontier: (inputs, module, names),
+        computed once per pair. Combining runs a step's frontier from the previous step's."""
         key = (frozenset(known), tuple(sp.frontier))
         if key not in self._segments:
             inputs, seg = segment(self.graph.module, set(known), sp.frontier)
             self._segments[key] = (inputs, seg, set(seg.state_dict()))
         return self._segments[key]
 
-    def _stage1_cache(self, gid: int):
-        """The original network's frontier for ``gid``: shared by every class of the model."""
+    def original_frontier(self, gid: int):
+        """The original network's frontier for ``gid`` over the view pool, ``(split, prefix
+        names, suffix names, values)``, or None where steps run the whole network (naive engine,
+        no pool). Shared by every class of the model (cached within ``SNP_SLICE_CACHE_MB``)."""
         if self.engine == "naive" or self.pool is None:
             return None
         if gid in self._orig_frontier:
@@ -295,7 +323,7 @@ class Slicer:
 
     def _tilde(self, gid: int, ft: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
         """f~: the fine-tuned weights as the sliced layer will run them (recurrent cuts applied)."""
-        dropped = _complement(kept, self.graph.group(gid).size).to(self.device)
+        dropped = complement(kept, self.graph.group(gid).size).to(self.device)
         return {t.name: t.handler.tilde_override(t.module, t.attr, ft[t.name], dropped)
                 for t in self.tensors[gid]}
 
@@ -345,13 +373,13 @@ class Slicer:
                 kept[gid] = torch.arange(group.size)
             else:
                 self._pool(gid, w, y_bin, gen)
-                scores = self._scores(gid, w, y_bin)
-                kept[gid] = self._select(gid, scores)
+                scores = self.scores(gid, w, y_bin)
+                kept[gid] = self.select(gid, scores)
             times["pooling"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            mats[gid] = self._init_repair(gid, w, kept[gid])
+            mats[gid] = self.init_repair(gid, w, kept[gid])
             heads[gid] = nn.Linear(feat_dim, 2).to(self.device)
-            frozen = self._stage1_cache(gid)
+            frozen = self.original_frontier(gid)
             self._adapt([gid], [gid], w_all={gid: w}, kept=kept, mats=mats, head=heads[gid],
                         y_bin=y_bin, ce=ce, gen=gen, epochs=cfg.adapt_epochs, caches=(frozen, frozen))
             ft[gid] = w
@@ -369,7 +397,15 @@ class Slicer:
                         ce=ce, gen=gen, epochs=cfg.combine_epochs, caches=caches, fixed=fixed)
         times["combining"] = time.perf_counter() - t0
 
-        # fusion
+        return self.fuse(ft, kept, mats, head, y_bin, times)
+
+    def fuse(self, ft: dict[int, dict[str, torch.Tensor]], kept: dict[int, torch.Tensor],
+             mats: dict[int, torch.Tensor], head: nn.Linear, y_bin: torch.Tensor,
+             times: dict[str, float]) -> SliceOutcome:
+        """One class's fragment from its trained state, for every engine: ``ft`` the trained
+        tensors per group, ``kept`` the kept units, ``mats`` the (dropped, kept) repairs, ``head``
+        the binary head. Fuses the repairs, folds the head into the probe, adds the few-shot
+        metrics and ``times["fusion"]``, and remembers the slice for :meth:`repaired_features`."""
         t0 = time.perf_counter()
         repairs = self._repairs(kept, mats)
         cpu_repairs = {g: tuple(t.cpu() for t in r) for g, r in repairs.items()}
@@ -382,11 +418,14 @@ class Slicer:
         outcome.metrics = self._fewshot_metrics(features, probe, y_bin, ft, repairs)
         return outcome
 
-    def _select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
-        """Kept units of ``gid`` (every engine): rate ``table_rate`` on lookup tables, rate
-        ``depthwise_rate`` on groups coupled to a depthwise convolution and rate ``coupled_rate``
-        on groups several mixing layers write, each when set; else the config's mode and beta."""
+    def select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
+        """Kept units of ``gid`` (every engine): every unit for a group in :attr:`keep_whole`;
+        rate ``table_rate`` on lookup tables, rate ``depthwise_rate`` on groups coupled to a
+        depthwise convolution and rate ``coupled_rate`` on groups several mixing layers write,
+        each when set; else the config's mode and beta."""
         cfg = self.cfg
+        if gid in self.keep_whole:
+            return torch.arange(self.graph.group(gid).size)
         if cfg.table_rate > 0 and self._is_table(gid):
             mode, beta = "rate", cfg.table_rate
         elif cfg.depthwise_rate > 0 and self._is_depthwise(gid):
@@ -423,8 +462,10 @@ class Slicer:
     def _fresh(self, gid: int) -> dict[str, torch.Tensor]:
         return {t.name: self.orig[t.name].clone().requires_grad_(t.trainable) for t in self.tensors[gid]}
 
-    def _batches(self, gen: torch.Generator, epochs: int):
-        """``(few-shot indices, view-pool rows or None, batch)``; epoch e reads view e mod V."""
+    def batches(self, gen: torch.Generator, epochs: int):
+        """``(few-shot indices, view-pool rows or None, batch)``; epoch e reads view e mod V.
+        Every engine draws a class's batches here, from the class's own generator, so the
+        engines see the same batches in the same order."""
         n = self.x.shape[0]
         bs = self.cfg.batch_size
         for e in range(epochs):
@@ -465,15 +506,15 @@ class Slicer:
             return
         opt = torch.optim.Adam(params, lr=cfg.lr_layer)
         size = self.graph.group(gid).size
-        frozen = self._stage1_cache(gid)
-        for idx, rows, xb in self._batches(gen, cfg.pool_epochs):
+        frozen = self.original_frontier(gid)
+        for idx, rows, xb in self.batches(gen, cfg.pool_epochs):
             target = self._targets(rows, xb)
-            with self._amp():
+            with self.autocast():
                 feats = self._run(xb, rows, {gid: w}, {}, observe=[gid], cache=frozen)
             loss = (self.head(feats) - target).pow(2).sum(1).mean()
             pos = y_bin[idx].bool()
             if cfg.alpha > 0 and bool(pos.any()):
-                z = _up(self.gates.unit_norms(gid)[pos])
+                z = upcast(self.gates.unit_norms(gid)[pos])
                 l21 = z.sum(1).mean() / (size if cfg.l21_reduce == "mean" else 1)
                 loss = loss + cfg.alpha * l21
             opt.zero_grad(set_to_none=True)
@@ -481,15 +522,20 @@ class Slicer:
             opt.step()
 
     @torch.no_grad()
-    def _scores(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor) -> torch.Tensor:
+    def scores(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor) -> torch.Tensor:
+        """Unit scores of ``gid`` with its weights ``w``: the mean l2 norm of each unit over the
+        class's positive few-shot samples (``y_bin``), what :meth:`select` ranks."""
         xc = self.x[y_bin.bool()]
         self._features(xc, {gid: w}, {}, observe=[gid])
         return self.gates.unit_norms(gid).mean(0)
 
     @torch.no_grad()
-    def _init_repair(self, gid: int, w: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+    def init_repair(self, gid: int, w: dict[str, torch.Tensor], kept: torch.Tensor) -> torch.Tensor:
+        """The repair's start (``repair_init``: ridge, least squares or zeros), (dropped, kept):
+        dropped units of ``gid`` fitted from its kept ones on D, block by block for a grouped
+        convolution's group."""
         size = self.graph.group(gid).size
-        dropped = _complement(kept, size)
+        dropped = complement(kept, size)
         if dropped.numel() == 0 or self.cfg.repair_init == "zeros":
             return torch.zeros(dropped.numel(), kept.numel(), device=self.device)
         acts, samples = self._group_activations(gid, w)
@@ -548,13 +594,13 @@ class Slicer:
 
     def _repair_mask(self, gid: int, kept: torch.Tensor) -> torch.Tensor | None:
         """Where the repair of ``gid`` may be nonzero (grouped convolutions: its blocks), or None."""
-        mask = self.graph.group(gid).repair_mask(kept, _complement(kept, self.graph.group(gid).size))
+        mask = self.graph.group(gid).repair_mask(kept, complement(kept, self.graph.group(gid).size))
         return None if mask is None else mask.to(self.device)
 
     def _repairs(self, kept: dict[int, torch.Tensor], mats: dict[int, torch.Tensor]) -> dict[int, Repair]:
         out = {}
         for gid, k in kept.items():
-            d = _complement(k, self.graph.group(gid).size)
+            d = complement(k, self.graph.group(gid).size)
             if d.numel():
                 out[gid] = (k.to(self.device), d.to(self.device), mats[gid])
         return out
@@ -579,15 +625,15 @@ class Slicer:
         fixed_t, fixed_m = fixed
         # the repairs hold the trained matrices themselves (updated in place), so built once
         repairs = self._repairs({g: kept[g] for g in replaced}, mats)
-        for idx, rows, xb in self._batches(gen, epochs):
+        for idx, rows, xb in self.batches(gen, epochs):
             weights = {g: fixed_t.get(g) or self._tilde(g, w_all[g], kept[g]) for g in replaced}
-            with self._amp():
+            with self.autocast():
                 feats = self._run(xb, rows, weights, repairs, cache=cache_t)
             loss = ce(head(feats), y_bin[idx])
             if cfg.gamma > 0:
                 target = self._targets(rows, xb)
                 merged = {g: fixed_m.get(g) or self._merged(g, w_all[g], kept[g]) for g in replaced}
-                with self._amp():
+                with self.autocast():
                     bar_feats = self._run(xb, rows, merged, {}, cache=cache_m)
                 bar = self.head(bar_feats)
                 loss = loss + cfg.gamma * (bar - target).pow(2).sum(1).mean()
@@ -688,12 +734,14 @@ def ridge_repair(zk: torch.Tensor, zd: torch.Tensor, samples: torch.Tensor, fold
     return ((v * (s / (s.pow(2) + best * scale))) @ ub).t(), best
 
 
-def _up(t: torch.Tensor) -> torch.Tensor:
-    """A bf16/fp16 (autocast) result in fp32 for losses; fp32 and fp64 stay as they are."""
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 (autocast) result in fp32 for losses; fp32 and fp64 stay as they are. Every
+    engine's losses read their forwards through it."""
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def _complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+def complement(kept: torch.Tensor, size: int) -> torch.Tensor:
+    """The dropped units, ascending: ``0..size-1`` without ``kept``."""
     mask = torch.ones(size, dtype=torch.bool)
     mask[kept] = False
     return torch.nonzero(mask).flatten()
