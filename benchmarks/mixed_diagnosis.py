@@ -82,7 +82,7 @@ def group_kinds(slicer) -> dict[str, set[int]]:
     mods = dict(g.module.named_modules())
     kinds: dict[str, set[int]] = {"depthwise": set(), "residual": set(), "last": set()}
     for grp in g.groups:
-        if slicer._is_depthwise(grp.id):         # the rule SliceConfig.depthwise_rate uses
+        if slicer.is_depthwise_group(grp.id):         # the rule SliceConfig.depthwise_rate uses
             kinds["depthwise"].add(grp.id)
         convs = [mods.get(n) for n, _ in grp.producers]
         if sum(isinstance(m, torch.nn.modules.conv._ConvNd) and not is_depthwise(m) for m in convs) > 1:

@@ -267,7 +267,7 @@ def test_depthwise_rate_selects_the_expanded_units_on_their_own():
     spec, fs = _fewshot()
     model = _block_model(InvertedResidual(), 8, 8)
     slicer, out = _check_slice(model, spec, fs, depthwise_rate=1.0)
-    dw = [g for g in slicer.graph.groups if slicer._is_depthwise(g.id)]
+    dw = [g for g in slicer.graph.groups if slicer.is_depthwise_group(g.id)]
     assert [sorted(n for n, _ in g.producers) for g in dw] == [
         ["block.dw.0", "block.dw.1", "block.expand.0", "block.expand.1", "block.fc2"]]
     assert all(len(out.kept[g.id]) == g.size for g in dw)                    # kept whole

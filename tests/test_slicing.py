@@ -125,12 +125,12 @@ def test_coupled_rate_selects_the_residual_stage_groups_on_their_own():
     """``coupled_rate`` keeps that share of every group several convs write (a residual stage),
     the block-internal groups follow mode/beta; the fragment still fuses exactly."""
     model, spec, fs, slicer, out = run("resnet20", mode="threshold", beta=0.9, coupled_rate=0.25)
-    coupled = [g for g in slicer.graph.groups if slicer._is_coupled(g.id)]
+    coupled = [g for g in slicer.graph.groups if slicer.is_coupled_group(g.id)]
     assert len(coupled) == 3                                      # one per residual stage
     assert all(any(n == "blocks.0.conv2" or "shortcut" in n for n, _ in g.producers) for g in coupled)
     assert [len(out.kept[g.id]) for g in coupled] == [-(-g.size // 4) for g in coupled]
     inner = [g for g in slicer.graph.groups if g not in coupled]
-    assert not any(slicer._is_coupled(g.id) for g in inner) and inner
+    assert not any(slicer.is_coupled_group(g.id) for g in inner) and inner
     assert any(len(out.kept[g.id]) > -(-g.size // 4) for g in inner)   # threshold there
     x = spec.encode(fs.raw)
     with torch.no_grad():

@@ -426,24 +426,24 @@ class Slicer:
         cfg = self.cfg
         if gid in self.keep_whole:
             return torch.arange(self.graph.group(gid).size)
-        if cfg.table_rate > 0 and self._is_table(gid):
+        if cfg.table_rate > 0 and self.is_table_group(gid):
             mode, beta = "rate", cfg.table_rate
-        elif cfg.depthwise_rate > 0 and self._is_depthwise(gid):
+        elif cfg.depthwise_rate > 0 and self.is_depthwise_group(gid):
             mode, beta = "rate", cfg.depthwise_rate
-        elif cfg.coupled_rate > 0 and self._is_coupled(gid):
+        elif cfg.coupled_rate > 0 and self.is_coupled_group(gid):
             mode, beta = "rate", cfg.coupled_rate
         else:
             mode, beta = cfg.mode, cfg.beta
         return select_units(scores.cpu(), mode, beta, cfg.min_units, self.graph.group(gid).blocks)
 
-    def _is_depthwise(self, gid: int) -> bool:
+    def is_depthwise_group(self, gid: int) -> bool:
         """Whether a depthwise convolution produces or reads the group's units (its channel j
         is unit j: an inverted residual's expanded units)."""
         g = self.graph.group(gid)
         mods = dict(self.graph.module.named_modules())
         return any(is_depthwise(mods[n]) for n, _ in g.producers + g.consumers if n in mods)
 
-    def _is_coupled(self, gid: int) -> bool:
+    def is_coupled_group(self, gid: int) -> bool:
         """Whether more than one mixing layer (one that reads input channels: a conv, a linear)
         writes the group's units: a residual stage's stem or shortcut and its blocks' last convs."""
         g = self.graph.group(gid)
@@ -455,7 +455,7 @@ class Slicer:
                 writers.add(n)
         return len(writers) > 1
 
-    def _is_table(self, gid: int) -> bool:
+    def is_table_group(self, gid: int) -> bool:
         """Whether the group is produced by lookup tables only (embeddings)."""
         return bool(self.tensors[gid]) and all(t.handler.table for t in self.tensors[gid])
 
