@@ -33,8 +33,14 @@ test: $(STAMP)
 # Every published table, figure, sweep, study and benchmark, regenerated from this code into
 # docs/results (stages whose inputs are unchanged are skipped; `RESULTS_ARGS='--list'` lists them,
 # `RESULTS_ARGS='--only T6,T7'` picks some). Hours on a 2-core machine for all of them.
-results: $(STAMP)
+results: $(STAMP) $(VENV)/.snp-text
 	$(PY) jobs/reproduce_all.py $(RESULTS_ARGS)
+
+# the `text` extra (gensim's word2vec, for the static tables of stages T6-static and T7-static):
+# installed for `make results`, never for `make test`
+$(VENV)/.snp-text: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[text]'
+	@touch $@
 
 # The learnware package (LAMDA's learnware market, its reusers) in its own environment: it pulls
 # transformers, trl, peft and lm_eval, so it never enters make test's install. Used by
