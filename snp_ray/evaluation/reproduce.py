@@ -340,6 +340,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--preset", "fast", "--variants", "cached:4:fp32", "cached:4:auto", "batched:4:fp32",
             "--repeats", "2", "--flops", "--out", "{out}/slicer/batched_market50.json"),),
           ("slicer/batched_market50.json",), _preset("fast"), needs=("market50",), group="benchmarks"),
+    # full-size families, random weights: one repeat, what the 2-core VM allowed (RESULTS says so)
+    Stage("family-time", "Seconds per fragment for each family the slicer follows (#27 §4)",
+          (("{py}", "benchmarks/family_slice_time.py", "--repeats", "1",
+            "--out", "{out}/slicer/families.json", "--md", "{out}/slicer/families.md"),),
+          ("slicer/families.json",), _preset("quick"), group="benchmarks"),
     Stage("driver-memory", "Driver memory and scheduler overhead of the slice job (#14)",
           (("{py}", "benchmarks/driver_memory.py", "--out", "{out}/driver_memory/after.json"),),
           ("driver_memory/after.json",), lambda: {"benchmark": "noop-benchmark slice mode"},
