@@ -6,7 +6,7 @@ split. A fragment cannot beat the whole model it was cut from by much, so the so
 per class is printed beside it: where the source is under the bar, so will its fragment be.
 
 Usage: python benchmarks/fragment_auc.py --store runs/stages/T1-vit/<digest>/tables/T1/vit-w1
-           --k 10 [--preset quick] [--out docs/results/vit/fragment-auc.json]
+           --k 10 [--preset quick] [--out docs/history/vit-fragment-auc-k10.json]
 """
 from __future__ import annotations
 
