@@ -8,7 +8,10 @@ take different input sizes: MobileNetV2 runs at 64x64), and every fragment's cla
 measured on the test split. The summary (per-family slicing seconds, fragment/source parameter
 ratios, AUCs, the pack's accuracy) is printed and written to ``<out>/mixed.json``.
 
-    python jobs/build_mixed_market.py [--store runs/mixed] [--k 10] [--json]
+    python jobs/build_mixed_market.py [--store runs/mixed] [--members cnn|vit] [--k 10] [--json]
+
+``--members`` names the member set (snp_ray.market.mixed.MEMBER_SETS): ``cnn`` (default: ResNet-18,
+VGG11 x 1/4, MobileNetV2 x 0.5) or ``vit`` (the zoo ViT in the ResNet-18's place).
 
 Models already in the store are kept (the job resumes); ``--retrain`` trains them again.
 
@@ -34,6 +37,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="build_mixed_market.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default="runs/mixed", help="market folder (default runs/mixed)")
+    p.add_argument("--members", default="cnn",
+                   help="the member set, a name in snp_ray.market.mixed.MEMBER_SETS (default cnn)")
     p.add_argument("--k", type=int, default=10, help="few-shot samples per class (default 10)")
     p.add_argument("--slice-preset", default="quick",
                    help="slice preset of every model, or 'auto': each model's by few-shot CV")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from snp_ray.data.specs import ImageSpec
-from snp_ray.market.mixed import (DATASET, MEMBERS, add_args, default_pack_classes, t1_groups,
-                                  train_config)
+from snp_ray.errors import UnknownNameError
+from snp_ray.market.mixed import (DATASET, MEMBER_SETS, MEMBERS, add_args, default_pack_classes,
+                                  member_set, t1_groups, train_config)
 from snp_ray.market.modelstore import ModelSpec
 from snp_ray.slicing.api import pair_key
 from snp_ray.tuning.select import parse_candidates
@@ -29,6 +30,27 @@ def test_members_split_t1_between_three_families(real_data):
     from snp_ray.models.refs import parse_ref
 
     assert [parse_ref(m.arch).external for m in MEMBERS] == [True, False, True]
+
+
+def test_the_vit_set_puts_the_zoo_vit_in_the_resnets_place(real_data):
+    """Member sets are data: "cnn" is today's (the default), "vit" swaps the ResNet-18 for the
+    zoo ViT on its classes and budget, trained by the ViT recipe (AdamW)."""
+    from snp_ray.market.training import ARCH_TRAIN
+
+    assert member_set("cnn") is MEMBERS and list(MEMBER_SETS) == ["cnn", "vit"]
+    vit, vgg, mobilenet = member_set("vit")
+    resnet = MEMBERS[0]
+    assert (vit.id, vit.arch, vit.classes, vit.input_size) == ("vit", "snp:vit", resnet.classes, 32)
+    assert (vgg, mobilenet) == tuple(MEMBERS[1:])
+    assert [m.class_ids() for m in member_set("vit")] == t1_groups()
+    assert default_pack_classes(member_set("vit")) == ["airplane", "cat", "frog"]
+    cfg = train_config(vit)
+    assert (cfg.epochs, cfg.train_fraction, cfg.optimizer, cfg.lr, cfg.weight_decay) == (
+        resnet.epochs, resnet.train_fraction, "adamw", ARCH_TRAIN["vit"]["lr"],
+        ARCH_TRAIN["vit"]["weight_decay"])
+    assert train_config(resnet).optimizer == "auto"                     # the CNNs' recipe as before
+    with pytest.raises(UnknownNameError):
+        member_set("vits")
 
 
 def test_the_developers_recipe_and_add_arguments():
@@ -129,3 +151,9 @@ def test_the_job_takes_the_mixed_stage_flags():
         "r/mixed", 10, "auto", "mobilenet_v2-w0.5", "quick,quick-dw1.0", "o/mixed")
     assert MixedJobConfig(**{k: v for k, v in vars(job.parse([])).items() if k != "json"}) == \
         MixedJobConfig()                                  # the flags' defaults are the config's
+    assert cfg.members == "cnn" and "--members" not in cmd  # the published command, unchanged
+    (vit_cmd,) = STAGES["mixed-vit"].commands
+    b = job.parse([c.replace("{runs}", "r").replace("{out}", "o") for c in vit_cmd[2:]])
+    assert vars(b) == {**vars(a), "members": "vit", "out": "o/mixed-vit"}   # same k, preset, candidates
+    assert STAGES["mixed-vit"].outputs == ("mixed-vit/mixed.json",)
+    assert STAGES["mixed-vit"].digests() == stage.digests()

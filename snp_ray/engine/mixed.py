@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snp_ray.market.mixed import DATASET, MEMBERS, add_args, default_pack_classes, train_member
+from snp_ray.market.mixed import (DATASET, DEFAULT_MEMBERS, add_args, default_pack_classes,
+                                  member_set, train_member)
 
 log = logging.getLogger("snp_ray.mixed")
 
@@ -33,6 +34,7 @@ class MixedJobConfig:
     """The job's settings; each is a flag of jobs/build_mixed_market.py."""
 
     store: str = "runs/mixed"
+    members: str = DEFAULT_MEMBERS     # the member set (snp_ray.market.mixed.MEMBER_SETS)
     k: int = 10
     slice_preset: str = "quick"        # or "auto": each model's by few-shot CV
     candidates: str = ""               # with auto: comma-separated candidates (default: the list)
@@ -65,7 +67,7 @@ def add_members(cfg: MixedJobConfig, store: Path) -> dict[str, dict[str, Any]]:
 
     existing = set(ModelStore(store).ids())
     added: dict[str, dict[str, Any]] = {}
-    for m in MEMBERS:
+    for m in member_set(cfg.members):
         if m.id in existing and not cfg.retrain:
             log.info("%s: already in the market, kept (pass --retrain to train it again)", m.id)
             added[m.id] = {"kept": True}
@@ -127,9 +129,11 @@ def run_mixed(cfg: MixedJobConfig) -> dict[str, Any]:
     from snp_ray.artifacts import atomic_write_json
     from snp_ray.engine.command import table
     from snp_ray.engine.main import ensure_data
-    from snp_ray.evaluation.mixed import family_summary, measure_fragments, pack_chosen
+    from snp_ray.evaluation.mixed import (family_summary, measure_fragments, measure_sources,
+                                          pack_chosen)
 
     store = Path(cfg.store)
+    members = member_set(cfg.members)
     ensure_data(DATASET, no_download=False)
     started = time.perf_counter()
     added = add_members(cfg, store)
@@ -140,21 +144,25 @@ def run_mixed(cfg: MixedJobConfig) -> dict[str, Any]:
         selection["seconds"] = time.perf_counter() - t0
     summary = slice_all(store, cfg.k, cfg.slice_preset, chosen)
     frags = measure_fragments(store, cfg.k, cfg.slice_preset, chosen)
-    classes = [c for c in cfg.pack.split(",") if c] or default_pack_classes()
+    sources = measure_sources(store, frags)
+    classes = [c for c in cfg.pack.split(",") if c] or default_pack_classes(members)
     if chosen:
         pack = pack_chosen(store, classes, cfg.k, chosen)
     else:
         pack = snp("pack", "--store", str(store), "--classes", ",".join(classes), "--k", str(cfg.k),
                    "--preset", cfg.slice_preset)
-    out = {"store": str(store), "k": cfg.k, "slice_preset": cfg.slice_preset, "models": added,
+    out = {"store": str(store), "k": cfg.k, "slice_preset": cfg.slice_preset,
+           "members": cfg.members, "models": added,
            **({"selection": selection} if selection else {}), "slicing": summary,
-           "fragments": frags, "families": family_summary(MEMBERS, frags, cfg.slice_preset, chosen),
+           "fragments": frags, "sources": sources,
+           "families": family_summary(members, frags, cfg.slice_preset, chosen),
            "pack": {k: pack[k] for k in ("classes", "test_accuracy", "params_deployable",
                                            "params_training", "pack_seconds") if k in pack},
            "wall_seconds": time.perf_counter() - started}
     print(table([[f["model"], f["class"], f"{f['seconds']:.1f}", f"{f['params']:,}",
-                  f"{f['param_ratio']:.3f}", f"{f['test_auc']:.3f}"] for f in frags],
-                ["model", "class", "slice s", "params", "frag/source", "test AUC"]))
+                  f"{f['param_ratio']:.3f}", f"{f['test_auc']:.3f}", f"{f['source_auc']:.3f}"]
+                 for f in frags],
+                ["model", "class", "slice s", "params", "frag/source", "test AUC", "source AUC"]))
     print(table([[", ".join(out["pack"]["classes"]), f"{pack['test_accuracy']:.4f}",
                   f"{pack['params_deployable']:,}", f"{pack['pack_seconds']:.2f}"]],
                 ["packed classes", "test acc", "params (deployable)", "pack s"]))

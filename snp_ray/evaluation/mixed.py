@@ -48,6 +48,28 @@ def measure_fragments(store: str | Path, k: int, preset: str,
     return rows
 
 
+def measure_sources(store: str | Path, frags: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each source model on the test rows of its classes: its top-1 accuracy and its own
+    ROC-AUC per class (:func:`~snp_ray.evaluation.fragments.source_auc`, the ceiling of its
+    fragments), which is also written beside each fragment row of ``frags`` (``source_auc``)."""
+    from snp_ray.data.testsplit import test_accuracy
+    from snp_ray.evaluation.fragments import source_auc
+
+    market = Market(store)
+    out = {}
+    for spec in market.specs():
+        model, spec = market.model(spec.id)
+        aucs = source_auc(model, spec.input_spec.encode, spec.dataset, spec.classes)
+        by_name = {n: aucs[c] for n, c in zip(spec.class_names, spec.classes)}
+        out[spec.id] = {"test_accuracy": test_accuracy(model, spec.input_spec, spec.dataset,
+                                                       spec.classes),
+                        "test_auc": by_name}
+        for f in frags:
+            if f["model"] == spec.id:
+                f["source_auc"] = by_name[f["class"]]
+    return out
+
+
 def chosen_keys(market: Market, ids: list[int], k: int, chosen: dict[str, Any]) -> list[str]:
     """The fragment key of every holder of each class in ``ids``, each under its own model's
     chosen slicing config (``snp pack`` takes one preset for every model)."""

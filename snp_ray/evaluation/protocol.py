@@ -21,6 +21,7 @@ from snp_ray.errors import ConfigError
 from snp_ray.evaluation.packs import accuracy_of, pack_accuracy
 from snp_ray.market import Market, MarketConfig, TrainConfig, build_market, get_task
 from snp_ray.market.tasks import target_sets
+from snp_ray.market.training import ARCH_TRAIN
 from snp_ray.models import get_arch
 from snp_ray.packing import PackConfig, preset_pack_config
 from snp_ray.packing.request import pack_request
@@ -35,10 +36,6 @@ ARCH_DEFAULTS: dict[str, tuple[float, int]] = {
     "gru": (1.0, 10), "lstm": (1.0, 10), "textcnn": (1.0, 10), "vit": (1.0, 10),
     "transformer": (1.0, 10), "gru_static": (1.0, 10), "textcnn_static": (1.0, 10),
 }
-#: training settings per architecture beyond the defaults: a ViT trains with AdamW and decoupled
-#: weight decay, the usual ViT recipe (fixed before any run; never tuned on test data)
-ARCH_TRAIN: dict[str, dict[str, Any]] = {"vit": {"optimizer": "adamw", "lr": 2e-3,
-                                                 "weight_decay": 0.05}}
 #: S&P variants of Table 2: rate (R) and threshold (T) selection
 VARIANTS = {"S&P (R)": {"mode": "rate", "beta": 0.5}, "S&P (T)": {"mode": "threshold", "beta": 0.6}}
 PAPER_ARCH = {"vgg": "VGG16", "resnet": "ResNet34"}

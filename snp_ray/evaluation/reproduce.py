@@ -231,6 +231,21 @@ def _static_stage(task: str, arch: str, title: str) -> "Stage":
                  lambda: table_digests(task, [arch], ks=TEXT_KS))
 
 
+def _mixed_stage(name: str, members: str, title: str) -> "Stage":
+    """The mixed market built from member set ``members`` (snp_ray.market.mixed.MEMBER_SETS);
+    every set's stage has the same k, slice preset and candidates, and its own results folder
+    (``{out}/<name>/mixed.json``). The ``cnn`` set's command names no ``--members`` (its default),
+    so the published `mixed` run keeps its command line."""
+    return Stage(name, title,
+                 (("{py}", "jobs/build_mixed_market.py", "--store", "{runs}/mixed",
+                   *(("--members", members) if members != "cnn" else ()), "--k", "10",
+                   "--slice-preset", "auto", "--auto-models", "mobilenet_v2-w0.5",
+                   "--candidates", "quick,quick-dw1.0", "--out", f"{{out}}/{name}", "--json"),),
+                 (f"{name}/mixed.json",),
+                 lambda: {**slice_digests("quick", {"quick": {}, "quick-dw1.0": {"depthwise_rate": 1.0}})},
+                 group="studies")
+
+
 def _diagnosis(variants: tuple[str, ...], name: str) -> tuple[str, ...]:
     """The mixed market's MobileNetV2 diagnosis on class ship with ``variants`` (#13)."""
     return ("{py}", "benchmarks/mixed_diagnosis.py", "--store", "{runs:mixed}/mixed", "--k", "10",
@@ -299,12 +314,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--out", "{out}/planner/market50/planner_all.json", "--json")),
           ("planner/market50/planner_compare.json", "planner/market50/planner_all.json"),
           _preset("fast"), group="studies"),
-    Stage("mixed", "A mixed market: three families added by their developers",
-          (("{py}", "jobs/build_mixed_market.py", "--store", "{runs}/mixed", "--k", "10",
-            "--slice-preset", "auto", "--auto-models", "mobilenet_v2-w0.5",
-            "--candidates", "quick,quick-dw1.0", "--out", "{out}/mixed", "--json"),),
-          ("mixed/mixed.json",), lambda: {**slice_digests("quick", {"quick": {}, "quick-dw1.0": {"depthwise_rate": 1.0}})},
-          group="studies"),
+    _mixed_stage("mixed", "cnn", "A mixed market: three families added by their developers"),
+    _mixed_stage("mixed-vit", "vit", "A mixed market with a ViT in the ResNet-18's place (#27 §4)"),
     Stage("mixed-diagnosis", "Where MobileNetV2 loses AUC: slice variants and group kinds (#13)",
           (_diagnosis(("{}", '{"beta": 0.8}', '{"beta": 0.9}', '{"mode": "rate", "beta": 1.0}'),
                       "diagnosis.json"),

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from snp_ray.data.classes import class_ids
+from snp_ray.errors import UnknownNameError
 from snp_ray.market.tasks import get_task
+from snp_ray.market.training import ARCH_TRAIN
 
 log = logging.getLogger("snp_ray.mixed")
 
@@ -30,7 +32,8 @@ TASK = "T1"
 @dataclass(frozen=True)
 class Member:
     """One developer's model: which family, which T1 classes, at which input size, and the
-    developer's training budget."""
+    developer's training budget (``train``: TrainConfig settings beyond the image defaults, the
+    architecture's recipe: AdamW for a ViT)."""
 
     id: str
     arch: str                      # an architecture reference, as `snp market add --arch` takes
@@ -38,6 +41,7 @@ class Member:
     input_size: int = 32
     epochs: int = 12
     train_fraction: float = 0.5     # share of the class rows the developer trains on (CPU budget)
+    train: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def class_ids(self) -> list[int]:
         """The member's classes as CIFAR-10 ids (the one resolver, against the vocabulary)."""
@@ -49,14 +53,30 @@ class Member:
 
 #: T1's three class groups, one family each. The hardest group (cat, deer, dog) goes to the VGG,
 #: the strongest of the three at 32x32; the assignment is ours, the issue leaves it open.
-MEMBERS = [
-    Member("resnet18", "torchvision:resnet18", ["airplane", "automobile", "bird"],
-           epochs=10, train_fraction=0.4),
-    Member("vgg11-w0.25", "snp:vgg11?width=0.25", ["cat", "deer", "dog"],
-           epochs=15, train_fraction=0.4),
-    Member("mobilenet_v2-w0.5", "torchvision:mobilenet_v2?width_mult=0.5",
-           ["frog", "horse", "ship", "truck"], input_size=64, epochs=8, train_fraction=0.25),
-]
+_VGG = Member("vgg11-w0.25", "snp:vgg11?width=0.25", ["cat", "deer", "dog"],
+              epochs=15, train_fraction=0.4)
+_MOBILENET = Member("mobilenet_v2-w0.5", "torchvision:mobilenet_v2?width_mult=0.5",
+                    ["frog", "horse", "ship", "truck"], input_size=64, epochs=8, train_fraction=0.25)
+
+#: the member sets a mixed market can be built from (``--members``). "cnn": three CNN families
+#: (the `mixed` stage); "vit": the zoo ViT (4 blocks, 64-d, 4 heads, patch 4) in the ResNet-18's
+#: place, on its classes and with its budget (10 epochs on 40 % of the rows), trained by the
+#: ViT recipe of ARCH_TRAIN (AdamW, lr 2e-3, weight decay 0.05); both fixed before any run
+MEMBER_SETS: dict[str, list[Member]] = {
+    "cnn": [Member("resnet18", "torchvision:resnet18", ["airplane", "automobile", "bird"],
+                   epochs=10, train_fraction=0.4), _VGG, _MOBILENET],
+    "vit": [Member("vit", "snp:vit", ["airplane", "automobile", "bird"], epochs=10,
+                   train_fraction=0.4, train=dict(ARCH_TRAIN["vit"])), _VGG, _MOBILENET],
+}
+DEFAULT_MEMBERS = "cnn"
+MEMBERS = MEMBER_SETS[DEFAULT_MEMBERS]
+
+
+def member_set(name: str) -> list[Member]:
+    """The member set called ``name`` (:data:`MEMBER_SETS`)."""
+    if name not in MEMBER_SETS:
+        raise UnknownNameError("member set", name, list(MEMBER_SETS))
+    return MEMBER_SETS[name]
 
 
 def t1_groups() -> list[list[int]]:
@@ -64,20 +84,22 @@ def t1_groups() -> list[list[int]]:
     return [list(g) for g in get_task(TASK).model_classes]
 
 
-def default_pack_classes() -> list[str]:
-    """What the job packs by default: the first class of each family."""
-    return [m.classes[0] for m in MEMBERS]
+def default_pack_classes(members: list[Member] | None = None) -> list[str]:
+    """What the job packs by default: the first class of each family (of ``members``, default
+    :data:`MEMBERS`)."""
+    return [m.classes[0] for m in (members or MEMBERS)]
 
 
 def train_config(m: Member, epochs_scale: float = 1.0, train_fraction: float = 0.0,
                  threads: int = 1):
     """The developer's training schedule: the member's epochs (scaled, at least one) on its
-    share of the train rows (``train_fraction`` overrides it when > 0), seed 0."""
+    share of the train rows (``train_fraction`` overrides it when > 0), seed 0, and the member's
+    own recipe settings (``Member.train``)."""
     from snp_ray.market.training import TrainConfig
 
     return TrainConfig(epochs=max(1, round(m.epochs * epochs_scale)), seed=0,
                        train_fraction=train_fraction or m.train_fraction,
-                       threads=threads or os.cpu_count() or 1)
+                       threads=threads or os.cpu_count() or 1, **m.train)
 
 
 def train_member(m: Member, weights: Path, epochs_scale: float = 1.0, train_fraction: float = 0.0,

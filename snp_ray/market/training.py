@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,12 @@ class TrainConfig(Config):
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
+
+#: training settings per architecture beyond the defaults: a ViT trains with AdamW and decoupled
+#: weight decay, the usual ViT recipe (fixed before any run; never tuned on test data). The
+#: protocol's markets and the mixed market's ViT member (snp_ray.market.mixed) both use it.
+ARCH_TRAIN: dict[str, dict[str, Any]] = {"vit": {"optimizer": "adamw", "lr": 2e-3,
+                                                 "weight_decay": 0.05}}
 
 #: the learnware image workflow's training recipe for its ConvModel (issue #25)
 LW_TRAIN = TrainConfig(epochs=35, batch_size=128, lr=0.01, weight_decay=0.0, augment=False,
