@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from snp_ray.errors import ConfigError, UnsupportedLayerError
+from snp_ray.errors import ConfigError
 from snp_ray.models.attention import canonicalise
 from snp_ray.models.base import Classifier
 from snp_ray.models.tracing import CHANNELWISE, symbolic_trace
@@ -30,12 +30,7 @@ def split_classifier(model: nn.Module, example: torch.Tensor) -> Classifier:
 
     name = type(model).__name__
     model = canonicalise(copy.deepcopy(model)).eval()   # attention in its sliceable form
-    try:
-        gm = symbolic_trace(model)
-    except UnsupportedLayerError:
-        raise
-    except Exception as e:  # fx raises many types for untraceable code
-        raise ConfigError(f"cannot trace {name} to find its classifier head: {e}") from None
+    gm = symbolic_trace(model)      # untraceable code: UnsupportedLayerError naming the module
     modules = dict(gm.named_modules())
     out = next(n for n in gm.graph.nodes if n.op == "output")
     node = out.args[0]

@@ -920,12 +920,7 @@ del _rule
 
 def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
-    try:
-        gm = symbolic_trace(features)
-    except UnsupportedLayerError:
-        raise
-    except Exception as e:  # fx raises many types for untraceable code
-        raise ConfigError(f"cannot trace {type(features).__name__} for slicing: {e}") from None
+    gm = symbolic_trace(features)   # untraceable code: UnsupportedLayerError naming the module
     ShapeProp(gm).propagate(example)
     st = _Tracing(gm)
     out_node: fx.Node | None = None
