@@ -17,12 +17,9 @@ import time
 from pathlib import Path
 
 from snp_ray.artifacts import atomic_write_bytes
-from snp_ray.evaluation.fragments import source_auc
-from snp_ray.evaluation.mixed import measure_fragments
-from snp_ray.market.market import Market
+from snp_ray.evaluation.mixed import measure_fragments, measure_sources
 from snp_ray.runtime import environment
 
-log = logging.getLogger("fragment_auc")
 BAR = 0.85
 
 
@@ -35,18 +32,11 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.perf_counter()
-    market = Market(a.store)
-    sources = {}
-    for spec in market.specs():
-        model, spec = market.model(spec.id)
-        log.info("source model %s", spec.id)
-        sources[spec.id] = source_auc(model, spec.input_spec.encode, spec.dataset, spec.classes)
     rows = measure_fragments(a.store, a.k, a.preset)
-    names = {s.id: dict(zip(s.class_names, s.classes)) for s in market.specs()}
-    for r in rows:
-        r["source_auc"] = sources[r["model"]][names[r["model"]][r["class"]]]
+    sources = measure_sources(a.store, rows)        # also writes each row's source_auc
     below = [r for r in rows if r["test_auc"] < BAR]
     out = {"store": a.store, "k": a.k, "preset": a.preset, "bar": BAR, "fragments": rows,
+           "sources": sources,
            "min_test_auc": min(r["test_auc"] for r in rows), "below_bar": len(below),
            "seconds": round(time.perf_counter() - t0, 1), "machine": environment(),
            "command": f"python benchmarks/fragment_auc.py --store {a.store} --k {a.k} --preset {a.preset}"}

@@ -746,9 +746,8 @@ class _Reshape(OpRule):
             sizes = sizes[0]
         named = sizes[e] if len(sizes) == len(shape_out) else None
         if isinstance(named, int) and named != -1:
-            for sid, _ in lay.segments:
-                tracing.fixed.setdefault(sid, f"{node.name} writes their count as the constant "
-                                              f"{named} ({_path(node)})")
+            tracing.fix(lay, f"{node.name} writes their count as the constant {named} "
+                             f"({_path(node)})")
         return Layout(e, lay.segments, lay.inner * merged)
 
 
@@ -823,9 +822,8 @@ def _unbroadcast(tracing: _Tracing, node: fx.Node, ops: list[fx.Node], lays: lis
         d = lay.dim + len(out_shape) - len(_shape(op))
         if out_shape[d] == 1:
             continue
-        for sid, _, _ in lay.with_offsets():
-            tracing.fixed.setdefault(sid, f"its one unit is broadcast over {out_shape[d]} units by "
-                                          f"the {kind} {node.name} at {_path(node)}")
+        tracing.fix(lay, f"its one unit is broadcast over {out_shape[d]} units by the {kind} "
+                         f"{node.name} at {_path(node)}")
         out[i] = None
     return out
 
@@ -847,10 +845,9 @@ class _ReduceOverUnits(_Reduce):
         if dims is None or lay.dim not in [d % ndim for d in (dims if isinstance(dims, (list, tuple))
                                                               else [dims])]:
             return _reduce(node, src, lay)
-        for sid, _, _ in lay.with_offsets():
-            tracing.fixed.setdefault(sid, f"reduced over its units by {_name(node.target)} "
-                                          f"({node.name}) at {_path(node)}: a dropped unit would "
-                                          "change what every later reader of the reduction sees")
+        tracing.fix(lay, f"reduced over its units by {_name(node.target)} ({node.name}) at "
+                         f"{_path(node)}: a dropped unit would change what every later reader "
+                         "of the reduction sees")
         return None
 
 
@@ -988,12 +985,11 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                                                 "parameter-free ops may read flattened maps")
                 if h.normalises:
                     _check_normalised(node, mod, args[0], lay_in)
-                    for sid, _, _ in lay_in.with_offsets():
-                        st.fixed.setdefault(sid, f"normalised over its units by {node.target} "
-                                              f"({type(mod).__name__})")
+                    st.fix(lay_in, f"normalised over its units by {node.target} "
+                                   f"({type(mod).__name__})")
                 why = h.fixes(mod, node.target, lay_in.dim, len(_shape(args[0])))
-                for sid, _, _ in lay_in.with_offsets() if why else ():
-                    st.fixed.setdefault(sid, why)
+                if why:
+                    st.fix(lay_in, why)
                 for sid, off, _ in lay_in.with_offsets():
                     st.members.append((node.target, sid, off))
                 st.layouts[node] = lay_in
