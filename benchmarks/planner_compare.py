@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:14s} n={r['n']:3d} acc {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f}  "
               f"fragments {r['fragments_mean']:.1f}  params {r['params_mean']:,.0f}  "
               f"plan {r['plan_s_mean']:.3f} s  pack {r['pack_s_mean']:.2f} s")
+    for label, r in result["paired"].items():
+        print(f"{label:14s} n={r['n']:3d} paired diff {100 * r['mean']:+.2f} points "
+              f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]  wins/ties/losses "
+              f"{r['wins']}/{r['ties']}/{r['losses']}  sign test p = {r['sign_test_p']:.2g}")
     if a.json:
         print(json.dumps({k: v for k, v in result.items() if k != "expansion"}
                          | {"expansion": {k: {e: v["p"][e] for e in ("0.3", "0.4", "0.5", "0.6")}
@@ -234,6 +238,33 @@ def summarise(a, done, jobs, tag, task, pool_s, t_requests, t_one_per_model) -> 
         # weak market models: the usable range of e reaches past the paper's 0.5
         grid = [round(0.01 * i, 2) for i in range(81)]
         out["expansion"][label] = {"T": total, **rates(accs, total, task.num_models, grid=grid)}
+    out["paired"] = paired(done, jobs, tag, control="random")
+    return out
+
+
+def paired(done, jobs, tag, control: str) -> dict:
+    """Each scored policy against ``control`` on the same requests: the mean difference in
+    accuracy, its 95 % interval (a seeded bootstrap over requests), wins/ties/losses and the
+    exact two-sided sign test."""
+    acc = {}
+    for label, req in jobs:
+        rec = done.get((label, req))
+        if rec is not None and rec.get("tag") == tag and "acc" in rec and label != "one-per-model":
+            acc.setdefault(label, {})[req] = rec["acc"]
+    out = {}
+    for label in acc:
+        shared = sorted(set(acc[label]) & set(acc.get(control, {})))
+        if label == control or not shared:
+            continue
+        d = np.array([acc[label][r] - acc[control][r] for r in shared])
+        boot = np.random.default_rng(0).choice(d, (10000, len(d))).mean(1)
+        wins, losses = int((d > 0).sum()), int((d < 0).sum())
+        n = wins + losses
+        tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n if n else 1.0
+        out[f"{label} - {control}"] = {
+            "n": len(d), "mean": float(d.mean()), "std": float(d.std()),
+            "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "wins": wins, "ties": len(d) - n, "losses": losses, "sign_test_p": min(1.0, 2 * tail)}
     return out
 
 

@@ -319,7 +319,8 @@ def _pack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared", choices=["merge", "best"], default="merge",
                    help="two fragments of one class: both feed it, or keep the better one")
     p.add_argument("--plan", default="", help="plan the fragments per class: best, top-<m> "
-                   "(e.g. top-2) or all, scored on held-out few-shot data only (overrides --shared)")
+                   "(e.g. top-2), all, or random (one holder drawn at random: a control), scored on "
+                   "held-out few-shot data only (overrides --shared)")
     p.add_argument("--plan-samples", choices=["chosen", "union"], default="chosen",
                    help="with --plan: train on the chosen fragments' own k shots, or every holder's")
     p.add_argument("--delta", type=float, default=None, help="reconstruction weight")
@@ -757,7 +758,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fragments", default="", help="fragment store URI (default MARKET/fragments)")
     p.add_argument("--packs", default="", help="pack store folder (default MARKET/packs)")
     p.add_argument("--preset", default="quick", help="slice preset of the fragments to serve")
-    p.add_argument("--plan", default="best", help="default plan policy: best, top-<m> or all")
+    p.add_argument("--plan", default="best", help="default plan policy: best, top-<m>, all or random (a control)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-models-per-replica", type=int, default=8,

@@ -71,12 +71,22 @@ def test_best_picks_the_trained_fragment_over_broken_ones(candidates):
     everything, _ = choose(frags, [0, 1, 2], cache, PlanConfig("all"))
     assert len(everything) == 3
 
+    # the control: one holder drawn whatever the scores, the same for the same (seed, request),
+    # and over seeds every holder, the broken ones included
+    drawn = {s: [f.spec.source_model for f in choose(frags, [0, 1, 2], cache, PlanConfig("random"),
+                                                     seed=s)[0]] for s in range(30)}
+    assert all(len(d) == 1 for d in drawn.values())
+    assert drawn[7] == [f.spec.source_model for f in
+                        choose(frags, [0, 1, 2], cache, PlanConfig("random"), seed=7)[0]]
+    assert {d[0] for d in drawn.values()} == {"trained", "untrained", "inverted"}
+
 
 def test_unknown_plan_names_are_typed_errors():
     from snp_ray.errors import UnknownNameError
     from snp_ray.packing.planner import PlanConfig
 
     assert PlanConfig("top-3").m == 3 and PlanConfig("best").m == 1 and PlanConfig("all").m is None
+    assert PlanConfig("random").m == 1
     for bad in ("top-0", "top-", "worst", "top-2x"):
         with pytest.raises(UnknownNameError, match="plan"):
             PlanConfig(bad)

@@ -306,7 +306,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (("{py}", "jobs/slice_market.py", "--preset", "market50", "--store", "{runs}/market50",
             "--no-pack", "--json"),
            ("{py}", "benchmarks/planner_compare.py", "--market", "{runs}/market50", "--k", "10",
-            "--preset", "fast", "--requests", "100", "--plans", "best,top-2,all", "--limit",
+            "--preset", "fast", "--requests", "100", "--plans", "best,top-2,random,all", "--limit",
             "all=0", "--one-per-model", "100", "--out", "{out}/planner/market50/planner_compare.json",
             "--figure", "{out}/planner/market50/figure6-market50.png", "--json"),
            ("{py}", "benchmarks/planner_compare.py", "--market", "{runs}/market50", "--k", "10",

@@ -5,7 +5,9 @@ costs pack time and parameters while a weak fragment can hurt. A policy picks pe
 
 - ``best``: the one fragment with the best few-shot validation score;
 - ``top-<m>`` (e.g. ``top-2``): the m best;
-- ``all``: every holder's fragment.
+- ``all``: every holder's fragment;
+- ``random``: one holder drawn at random (seeded by the request, the class and the seed): the
+  control that shows what the scores buy, on the same requests.
 
 Score [ours]: the AUC of the fragment's own binary head (class c vs rest) on the market's
 few-shot samples of c against those of the request's other classes, **held out**: the samples of
@@ -41,7 +43,7 @@ from snp_ray.store import market_fragment_store
 log = logging.getLogger(__name__)
 
 _TOP = re.compile(r"top-([1-9][0-9]*)")
-PLAN_NAMES = ("best", "top-<m>", "all")
+PLAN_NAMES = ("best", "top-<m>", "all", "random")
 SAMPLES = ("chosen", "union")
 
 
@@ -58,7 +60,7 @@ class PlanConfig(Config):
     score_samples: int = 0
 
     def validate(self) -> None:
-        if self.policy not in ("best", "all") and not _TOP.fullmatch(self.policy):
+        if self.policy not in ("best", "all", "random") and not _TOP.fullmatch(self.policy):
             raise UnknownNameError("plan", self.policy, PLAN_NAMES)
         if self.score_samples < 0:
             raise ConfigError(f"PlanConfig.score_samples must be >= 0, got {self.score_samples}")
@@ -70,7 +72,7 @@ class PlanConfig(Config):
         """Fragments kept per class (None: all)."""
         if self.policy == "all":
             return None
-        return 1 if self.policy == "best" else int(_TOP.fullmatch(self.policy).group(1))
+        return 1 if self.policy in ("best", "random") else int(_TOP.fullmatch(self.policy).group(1))
 
 
 class FewShotPool:
@@ -155,18 +157,22 @@ def held_out_auc(fragment: Fragment, classes: list[int], cache: ScoreCache,
 
 
 def choose(frags: list[Fragment], classes: list[int], cache: ScoreCache, cfg: PlanConfig,
-           seen: Callable[[Fragment], np.ndarray] | None = None
+           seen: Callable[[Fragment], np.ndarray] | None = None, seed: int = 0
            ) -> tuple[list[Fragment], list[dict[str, Any]]]:
     """Rank one class's candidate fragments and keep the policy's share. Scores of different
     kinds are not comparable (an in-sample AUC is inflated by the samples the fragment was
     sliced on), so candidates rank by tier first (:data:`TIERS`), then by score, then by model
-    id. Returns (chosen fragments, every candidate's row, best first)."""
+    id. ``random`` keeps one candidate drawn by an RNG seeded with (seed, the class, the
+    request), whatever the scores. Returns (chosen fragments, every candidate's row, best first)."""
     basis = "requester AUC" if (cache.pool.models == "").all() else "held-out few-shot AUC"
     rows = [{"model": f.spec.source_model, "key": f.spec.key, "params": f.spec.params,
              **held_out_auc(f, classes, cache, basis, seen(f) if seen else None)} for f in frags]
     order = sorted(range(len(frags)), key=lambda i: (TIERS.index(rows[i]["source"]),
                                                      -rows[i]["score"], rows[i]["model"]))
     keep = order if cfg.m is None else order[:cfg.m]
+    if cfg.policy == "random":
+        drawn = np.random.default_rng([seed, frags[0].spec.class_id, *sorted(classes)])
+        keep = [order[int(drawn.integers(len(order)))]]
     for rank, i in enumerate(order):
         rows[i]["rank"] = rank + 1
         rows[i]["chosen"] = i in keep
@@ -258,9 +264,9 @@ def choose_holders(market: Market, frags: dict[int, list[Fragment]], classes: li
             shots = market_cache().pool       # each fragment was sliced on (same train rows)
             chosen[c], candidates[c] = choose(
                 fs, classes, theirs, cfg,
-                seen=lambda f: shots.keys[shots.models == f.spec.source_model])
+                seen=lambda f: shots.keys[shots.models == f.spec.source_model], seed=seed)
         else:
-            chosen[c], candidates[c] = choose(fs, classes, market_cache(), cfg)
+            chosen[c], candidates[c] = choose(fs, classes, market_cache(), cfg, seed=seed)
         log.info("class %s: %s of %d holders (%s %.3f: %s)", c, cfg.policy, len(fs),
                  candidates[c][0]["source"], candidates[c][0]["score"],
                  [f.spec.source_model for f in chosen[c]])

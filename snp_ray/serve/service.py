@@ -124,6 +124,8 @@ def canonical_plan(plan: str, holders: int) -> str:
     """One spelling per plan: ``top-<m>`` (m > 1) with m at least the most holders any requested
     class has keeps them all (``all``), and ``top-1`` is ``best``, so ``top-99999`` cannot mint
     new request digests (each a planning pass) for the same pack."""
+    if plan == "random":
+        return plan
     m = PlanConfig(policy=plan).m
     if m is None or (m > 1 and m >= holders):
         return "all"
