@@ -75,6 +75,10 @@ FAMILIES = {
     # (the conv stays in the features) and pool -> conv (the conv is the head)
     "squeezenet1_1": (_tv("squeezenet1_1"), "slices"),
     "timm_dla46_c": (_timm("dla46_c"), "slices"),  # dla34's head (pool, then a 1x1 conv), 1.3 M
+    # mobilevit_xxs's blocks (a branch on the map size, patch unfold and fold, a transformer
+    # layer) at 4x4 and at 1x1 (where it interpolates), transformer dim 32, 4 stages
+    "timm_mobilevit_xxs": (lambda: _timm_model("byobnet", "ByobNet", _mobilevit_cfg(), num_classes=3),
+                           "slices"),
 }
 REFUSED_BECAUSE: dict[str, str] = {}
 
@@ -103,6 +107,21 @@ def _mixnet_args():
 
     return decode_arch_def([["ds_r1_k3_s1_e1_c16"], ["ir_r1_k3.5.7_s2_e6_c24_se0.5_nsw"],
                             ["ir_r1_k3.5_a1.1_p1.1_s1_e3_c24"]])
+
+
+def _mobilevit_cfg():
+    from timm.models.byobnet import ByoBlockCfg, ByoModelCfg
+
+    def bottle(c):
+        return ByoBlockCfg("bottle", d=1, c=c, s=2, gs=1, br=2.0,
+                           block_kwargs={"bottle_in": True, "linear_out": True})
+
+    def vit(c):
+        return ByoBlockCfg("mobilevit", d=1, c=c, s=1, br=1.0, block_kwargs={
+            "transformer_dim": 32, "transformer_depth": 1, "patch_size": 2})
+    return ByoModelCfg(blocks=(bottle(16), (bottle(24), vit(24)), bottle(32), (bottle(32), vit(32))),
+                       stem_chs=16, stem_type="3x3", stem_pool="", downsample="", num_features=64,
+                       act_layer="silu")
 
 
 VOCAB = ["<pad>", "<unk>"] + list("abcdefghij")
@@ -408,12 +427,64 @@ def test_a_partial_residual_couples_only_the_channels_it_adds_to():
     assert out.features.block.conv[0].out_channels < 12
 
 
-def test_an_untraceable_model_is_refused_at_add_naming_the_module():
-    """timm's MobileViT branches on a traced shape (``math.ceil(H / patch_h)``): refused when it
-    is brought in, naming the block, not deep inside fx."""
+class _Branchy(nn.Module):
+    """Branches on a traced shape: the map size (decided on the example input, so traced) or
+    the batch size (untraceable: a fragment runs at any batch size)."""
+
+    def __init__(self, c: int, on_batch: bool):
+        super().__init__()
+        self.conv, self.on_batch = nn.Conv2d(c, c, 3, padding=1), on_batch
+
+    def forward(self, x):
+        if (x.shape[0] > 2) if self.on_batch else (x.shape[-1] > 4):
+            return torch.relu(self.conv(x))
+        return x
+
+
+class _AfterUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branchy = _Branchy(8, on_batch=True)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.sized = _Branchy(16, on_batch=False)
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.branchy(x)
+        return self.project(self.sized(torch.relu(self.expand(y)))) + y
+
+
+def test_an_untraceable_block_is_kept_whole_and_the_rest_slices():
+    """A branch on the map size is decided on the example input and traced through. A block
+    whose forward still cannot be traced (a branch on the batch size) is kept whole (a leaf): the
+    units it reads are kept, units added to its output are kept, the rest slices with exact
+    fusion at batch sizes 1 and 3. Untraceable code in the traced module's own forward is
+    refused, naming it."""
     spec, fs = _fewshot()
-    with pytest.raises(UnsupportedLayerError, match=r"untraceable .* at stages\.2\.1 \(MobileVitBlock\)"):
-        split_classifier(_timm("mobilevit_xxs")().eval(), spec.encode(fs.raw[:2]))
+    model = _block_model(_AfterUntraceable(), 8, 8)
+    graph = trace(model.features, spec.encode(fs.raw[:2]))
+    by = {name: g for g in graph.groups for name, _ in g.producers}
+    assert "kept whole (untraceable Python in block.branchy (_Branchy): TraceError: the branch " \
+           "on gt depends on the batch size" in by["stem.0"].fixed
+    assert "combines them with" in by["block.project"].fixed
+    assert not by["block.expand"].fixed and not by["head_conv"].fixed
+    assert not by["block.sized.conv"].fixed                # traced through its decided branch
+    assert "block.branchy.conv" not in by                  # nothing inside it is followed
+    slicer, out = _check_slice(model, spec, fs)
+    assert len(out.kept[by["block.expand"].id]) < 16
+    assert len(out.kept[by["stem.0"].id]) == len(out.kept[by["block.project"].id]) == 8
+
+    class RootBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            return self.head(y if y.shape[0] > 2 else -y)
+
+    with pytest.raises(UnsupportedLayerError, match=r"untraceable .* at <root> \(RootBranches\)"):
+        split_classifier(RootBranches().eval(), spec.encode(fs.raw[:2]))
 
 
 def test_a_new_op_is_one_registered_rule():
@@ -464,14 +535,16 @@ def test_split_classifier_needs_one_final_linear():
     assert clf.feature_dim == 4 and clf.head.out_features == 3
 
 
-def test_a_multiply_with_an_untraced_per_channel_tensor_is_refused():
+def test_a_multiply_with_an_untraced_per_channel_tensor_keeps_the_units_whole():
     class Mask(nn.Module):       # a computed (N, C, 1, 1) tensor: it would not be sliced with the units
         def forward(self, x):
             return x * torch.ones(1, x.shape[1], 1, 1)
 
     spec, fs = _fewshot()
-    with pytest.raises(UnsupportedLayerError, match="multiply at block .*carries no traced units"):
-        trace(_block_model(Mask(), 8, 8).features, spec.encode(fs.raw[:2]))
+    graph = trace(_block_model(Mask(), 8, 8).features, spec.encode(fs.raw[:2]))
+    stem = next(g for g in graph.groups if ("stem.0", 0) in g.producers)
+    assert "multiply mul combines them with ones" in stem.fixed
+    assert any(not g.fixed for g in graph.groups)              # the head conv's units still slice
 
 
 # ------------------------------------------------------------------ issue #27 section 3

@@ -30,7 +30,7 @@ def split_classifier(model: nn.Module, example: torch.Tensor) -> Classifier:
 
     name = type(model).__name__
     model = canonicalise(copy.deepcopy(model)).eval()   # attention in its sliceable form
-    gm = symbolic_trace(model)      # untraceable code: UnsupportedLayerError naming the module
+    gm = symbolic_trace(model, example)      # untraceable code: UnsupportedLayerError naming the module
     modules = dict(gm.named_modules())
     out = next(n for n in gm.graph.nodes if n.op == "output")
     node = out.args[0]

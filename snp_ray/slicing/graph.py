@@ -25,7 +25,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from snp_ray.errors import ConfigError, UnsupportedLayerError
-from snp_ray.models.tracing import CHANNELWISE, symbolic_trace
+from snp_ray.models.tracing import CHANNELWISE, OPAQUE, symbolic_trace
 from snp_ray.slicing.handlers import Handler, ParamHandler, handler_for, is_depthwise
 
 Segment = tuple[int, int, int]  # (space or group id, offset in the unit dim, size)
@@ -356,7 +356,8 @@ class _Tracing:
     def join(self, node: fx.Node, kind: str) -> Layout | None:
         """add / mul: traced operands are coupled unit by unit (one group); a parameter operand
         rides on the units; constants and tensors broadcast over the units are inert, and so is
-        a traced operand one unit wide broadcast over the others' units (``_unbroadcast``)."""
+        a traced operand one unit wide broadcast over the others' units (``_unbroadcast``); an
+        untraced operand as wide as the units keeps them whole."""
         ops = [a for a in node.args if isinstance(a, fx.Node)]
         ndim = len(_shape(node))
         raw = _unbroadcast(self, node, ops, [self.layouts.get(a) for a in ops], kind)
@@ -376,8 +377,14 @@ class _Tracing:
             shape = _shape(op) if hasattr(op.meta.get("tensor_meta"), "shape") else ()
             d = a.dim - (len(_shape(node)) - len(shape))
             if d >= 0 and shape[d] != 1:
-                raise UnsupportedLayerError(f"{kind}", _path(node), f"{node.name} combines units "
-                                            f"with {op.name}, which carries no traced units")
+                # channels no layer the slicer follows produced (an untraceable block's output,
+                # the raw input, a computed mask): they are kept whole, and so are the units
+                # combined with them
+                why = f"{kind} {node.name} combines them with {op.name}, whose channels carry " \
+                      "no units the slicer follows"
+                a = self.resolve(a)
+                a = self.align(node, kind, [a, Layout(a.dim, [(self.opaque(n, why), n) for _, n in
+                                                              a.segments], a.inner)])
         return a
 
 
@@ -701,13 +708,24 @@ class _Transpose(OpRule):
         return lay.at(d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim)
 
 
+def _unfollowed(node: fx.Node, lay: Layout, tracing: _Tracing, does: str, e_g: str) -> None:
+    """A reshape that mixes the unit dim with other dims (``does``): its units are kept whole
+    (the model's own constants then still fit) and not followed beyond it."""
+    shapes = f"{tuple(_shape(_arg0(node)))} -> {tuple(_shape(node))}"
+    tracing.fix(lay, f"{node.name} at {_path(node)} {does} their dim {shapes} ({e_g}): the "
+                     "slicer does not follow units through it, so they are kept whole")
+    tracing.lost.append((node, f"it {does} the unit dim ({shapes}), so the units are kept whole "
+                               "and not followed beyond it"))
+    return None
+
+
 class _Reshape(OpRule):
     """``view``/``reshape`` that keeps the unit dim whole: it may add or drop size-1 dims
     (an SE block's ``x.view(b, c, 1, 1)``), reshape the dims after it among themselves, or merge
-    them into it (``x.view(x.size(0), -1)``: each unit then holds their positions). Splitting the
-    unit dim or merging it with the dims before it (a channel shuffle, a patch unfold) is refused.
-    A unit count written as a constant (``view(b, 64, 1, 1)``) could not follow a sliced group,
-    so that group is kept whole."""
+    them into it (``x.view(x.size(0), -1)``: each unit then holds their positions). One that
+    splits the unit dim or merges it with other dims (a channel shuffle, a patch unfold) keeps
+    its units whole and is not followed (``_unfollowed``). A unit count written as a constant
+    (``view(b, 64, 1, 1)``) could not follow a sliced group, so that group is kept whole."""
 
     functions, methods = (torch.reshape,), ("view", "reshape")
 
@@ -721,26 +739,17 @@ class _Reshape(OpRule):
             e += 1                                   # size-1 dims inserted before the units
         if e is not None and lay.inner == 1 and shape_out[e] < shape_in[lay.dim] and \
                 any(math.prod(shape_out[e:k]) == shape_in[lay.dim] for k in range(e + 2, len(shape_out) + 1)):
-            tracing.fix(lay, f"{node.name} at {_path(node)} splits their dim {tuple(shape_in)} -> "
-                             f"{tuple(shape_out)} (a channel shuffle): the slicer does not follow "
-                             "units through it, so they are kept whole")
-            tracing.lost.append((node, f"it splits the unit dim ({tuple(shape_in)} -> "
-                                       f"{tuple(shape_out)}), so the units are kept whole and not "
-                                       "followed beyond it"))
-            return None
+            return _unfollowed(node, lay, tracing, "splits", "a channel shuffle")
         if e is None or shape_out[e] % shape_in[lay.dim]:
-            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node), f"{node.name} reshapes "
-                                        f"{tuple(shape_in)} to {tuple(shape_out)}: the unit dim "
-                                        f"{lay.dim} would be split or merged with the dims before "
-                                        "it (a channel shuffle or a patch unfold)")
+            return _unfollowed(node, lay, tracing, "merges with the dims before it",
+                               "a patch unfold")
         merged = shape_out[e] // shape_in[lay.dim]
         after, k = 1, lay.dim + 1
         while after < merged and k < len(shape_in):
             after *= shape_in[k]
             k += 1
         if after != merged:
-            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node), f"{node.name} merges "
-                                        "the unit dim with part of a dim after it")
+            return _unfollowed(node, lay, tracing, "merges with part of a dim after it", "a fold")
         sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
         if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
             sizes = sizes[0]
@@ -917,7 +926,7 @@ del _rule
 
 def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
     """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
-    gm = symbolic_trace(features)   # untraceable code: UnsupportedLayerError naming the module
+    gm = symbolic_trace(features, example)   # untraceable code: UnsupportedLayerError naming the module
     ShapeProp(gm).propagate(example)
     st = _Tracing(gm)
     out_node: fx.Node | None = None
@@ -930,6 +939,13 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         if node.op == "output":
             out_node = node.args[0]
             continue
+        if node.op == "call_module" and OPAQUE in node.meta:    # untraceable: kept whole
+            why = f"read by {node.target} ({type(st.modules[node.target]).__name__}), kept " \
+                  f"whole ({node.meta[OPAQUE]})"
+            for a in node.all_input_nodes:
+                if a in st.layouts:
+                    st.fix(st.layouts[a], why)
+            continue                                   # no units are followed out of it
         if node.op == "call_module":
             mod = st.modules[node.target]
             h = handler_for(mod)
@@ -1080,8 +1096,15 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
         for g, off, _ in gate_layouts[gname]:
             groups[g].gates.append((gname, off))
         scores = {g for g, _, _ in gate_layouts[gname] if scored_at.get(g, gname) == gname}
+        rows, batch = _shape(node)[0], example.shape[0]
+        if st.layouts[node].dim == 0 or rows % batch:
+            raise UnsupportedLayerError(f"{node.op} {_name(node.target)}", _path(node),
+                                        f"{node.name} {tuple(_shape(node))}: its first dim is not "
+                                        f"the batch ({batch} inputs), nor the batch merged with "
+                                        "other dims")
         gm.add_submodule(gname, Gate(gname, st.layouts[node].dim, gate_layouts[gname], scores,
-                                     repairs=node not in score_only, inner=st.layouts[node].inner))
+                                     repairs=node not in score_only, inner=st.layouts[node].inner,
+                                     rows=rows // batch))
         with gm.graph.inserting_after(node):
             gate_node = gm.graph.call_module(gname, (node,))
         node.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
@@ -1205,15 +1228,19 @@ class Gate(nn.Module):
     ``scores``: the groups whose norms this gate records (default: all of its segments);
     ``repairs``: False for a score-only gate, which never rebuilds units;
     ``inner``: positions of ``dim`` per unit (a flattened channel map's H*W). A unit's norm is
-    taken over all its positions and a repair rebuilds every position, as on a conv map."""
+    taken over all its positions and a repair rebuilds every position, as on a conv map.
+    ``rows``: rows of dim 0 per input sample, where the batch was merged with other dims
+    (MobileViT's unfolded patches, ``(batch * patch_area, patches, dim)``, sample-major): a
+    unit's norm for a sample is taken over all of the sample's rows."""
 
     def __init__(self, name: str, dim: int, segments: list[Segment], scores: set[int] | None = None,
-                 repairs: bool = True, inner: int = 1):
+                 repairs: bool = True, inner: int = 1, rows: int = 1):
         super().__init__()
         self.gate_name, self.dim, self.segments = name, dim, segments
         self.scores = {g for g, _, _ in segments} if scores is None else set(scores)
         self.repairs = repairs
         self.inner = int(inner)
+        self.rows = int(rows)
         self.state: "GateState | None" = None
 
     def unit_view(self, x: torch.Tensor) -> torch.Tensor:
@@ -1231,7 +1258,11 @@ class Gate(nn.Module):
             seg = units.narrow(self.dim, off, size)
             if g in st.observe and g in self.scores:
                 other = [d for d in range(units.dim()) if d not in (0, self.dim)]
-                norms = seg.pow(2).sum(dim=other).clamp_min(1e-12).sqrt() if other else seg.abs()
+                if self.rows != 1:                  # (batch * rows, units) -> (batch, units)
+                    sq = seg.pow(2).sum(dim=other) if other else seg.pow(2)
+                    norms = sq.unflatten(0, (-1, self.rows)).sum(1).clamp_min(1e-12).sqrt()
+                else:
+                    norms = seg.pow(2).sum(dim=other).clamp_min(1e-12).sqrt() if other else seg.abs()
                 st.record(g, norms)
             repair = st.repairs.get(g) if self.repairs else None
             if repair is not None:

@@ -575,8 +575,10 @@ class Slicer:
                     def hook(mod, inp, out, off=off, size=size):
                         seg = mod.unit_view(inp[0]).narrow(mod.dim, off, size).movedim(mod.dim, -1)
                         captured.append(seg.reshape(-1, size))
-                        # the batch dim leads and stays first (the unit dim is never 0)
-                        owners.append(torch.arange(seg.shape[0]).repeat_interleave(seg[0].numel() // size))
+                        # the batch dim leads and stays first (the unit dim is never 0),
+                        # merged with other dims sample-major where the gate says so (rows)
+                        owners.append((torch.arange(seg.shape[0]) // mod.rows)
+                                      .repeat_interleave(seg[0].numel() // size))
                     hooks.append(gate.register_forward_hook(hook))
         try:
             self._features(self.x, {gid: w}, {})
