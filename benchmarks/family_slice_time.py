@@ -67,7 +67,7 @@ FAMILIES: dict[str, Callable[[], torch.nn.Module] | tuple[str, float]] = {
     "timm mixnet_s": _timm("mixnet_s"),
     "timm cspresnet50": _timm("cspresnet50"),
     "timm rexnet_100": _timm("rexnet_100"),
-    "timm mobilevit_xxs": _timm("mobilevit_xxs"),     # refused at add (a traced shape branch)
+    "timm mobilevit_xxs": _timm("mobilevit_xxs"),     # shape branches decided on the input
 }
 
 
