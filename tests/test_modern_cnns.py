@@ -181,6 +181,9 @@ def _check_slice(model: Classifier, spec, fs, **cfg):
     return slicer, out
 
 
+_SLICED: dict = {}
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "regnet_y_400mf"])  # regnet's blocks: test_grouped.py
 def test_family_slices_or_refuses_with_a_typed_error(family):
     build, expected = FAMILIES[family]
@@ -194,7 +197,24 @@ def test_family_slices_or_refuses_with_a_typed_error(family):
         with pytest.raises(UnsupportedLayerError, match=REFUSED_BECAUSE[family]):
             Slicer(clf, spec, fs, slice_preset("quick", **ONE))
         return
-    _check_slice(clf, spec, fs)
+    _SLICED[family] = _check_slice(clf, spec, fs)
+
+
+def test_a_fragment_with_decided_branches_exports_at_any_batch_size():
+    """MobileViT's fragment (its shape branches decided on the 32x32 input, the 1x1 stage's
+    interpolation kept) goes through ``torch.export`` with a dynamic batch and computes the same."""
+    if "timm_mobilevit_xxs" not in _SLICED:
+        test_family_slices_or_refuses_with_a_typed_error("timm_mobilevit_xxs")
+    slicer, out = _SLICED["timm_mobilevit_xxs"]
+    assert any(len(out.kept[g.id]) < g.size for g in slicer.graph.groups
+               if any(name.startswith("stages.3.1.transformer") for name, _ in g.producers))
+    features = out.features.eval()
+    x = torch.randn(3, 3, 32, 32)
+    program = torch.export.export(features, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    for batch in (1, 5):
+        xb = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(xb), features(xb), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ building blocks
