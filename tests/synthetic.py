@@ -13,10 +13,16 @@ from torch import nn
 
 from snp_ray.data.fewshot import FewShotManifest, FewShotSet
 from snp_ray.data.specs import ImageSpec
+from snp_ray.metrics import roc_auc
 from snp_ray.models import Classifier, build_model
+from snp_ray.packing import PackConfig, Packer, PackSamples
+from snp_ray.slicing import Slicer, slice_preset
+from snp_ray.slicing.slicer import SliceOutcome
 
 CLASSES = 3
 SPEC = ImageSpec(mean=[0.3, 0.3, 0.3], std=[0.3, 0.3, 0.3])
+#: shots per class of the learning canaries (tests/test_learning.py, benchmarks/canary_numbers.py)
+K = 5
 
 
 def shapes(n_per_class: int, seed: int, classes: int = CLASSES) -> tuple[np.ndarray, np.ndarray]:
@@ -98,3 +104,30 @@ def untrained_model(arch: str = "vgg11", width: float = 0.125, seed: int = 0,
     with torch.no_grad():
         model(SPEC.encode(raw))
     return model.eval()
+
+
+# ------------------------------------------------------------------ the canaries' measurements
+# shared by tests/test_learning.py (which asserts on them) and benchmarks/canary_numbers.py
+# (which prints them)
+def slice_all(model: Classifier, **cfg) -> tuple[Slicer, list[SliceOutcome]]:
+    """Every class of ``model`` sliced on K shots with the quick preset (``cfg`` overrides)."""
+    slicer = Slicer(model, SPEC, fewshot(K), slice_preset("quick", **cfg))
+    return slicer, [slicer.slice_class(c) for c in range(CLASSES)]
+
+
+@torch.no_grad()
+def probe_auc(out: SliceOutcome, raw: np.ndarray, labels: np.ndarray, c: int) -> float:
+    """Class ``c`` against the rest on (raw, labels), scored by the fragment's binary probe."""
+    scores = torch.softmax(out.probe(out.features(SPEC.encode(raw))), 1)[:, 1]
+    return roc_auc(scores.numpy(), labels == c)
+
+
+def pack_accuracy(fragments: list, held_out: tuple[np.ndarray, np.ndarray], **cfg) -> float:
+    """Held-out accuracy of a pack of ``fragments`` trained on the K shots (``cfg``: PackConfig
+    overrides)."""
+    fs = fewshot(K)
+    samples = PackSamples("synthetic", fs.raw, fs.labels, dict(enumerate(fs.class_names)))
+    config = PackConfig(**{"epochs": 60, "hidden": 32, "augment_views": 2, **cfg})
+    packed = Packer(config).pack(fragments, samples, list(range(CLASSES)))
+    raw, labels = held_out
+    return float((packed.predict(raw) == labels).mean())

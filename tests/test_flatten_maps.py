@@ -52,9 +52,9 @@ def test_lwconv_fuses_exactly_into_a_physically_smaller_fragment(engine):
     assert feature_dim == len(out.kept[last.id]) * 16 == out.probe.in_features
     assert count_params(out.features) < count_params(model.features)
     # a head on all 256 repaired features, folded onto the kept ones (how the probe is made)
-    ft, kept, repairs = slicer._last
+    _, kept, repairs = slicer.last_slice
+    full = slicer.repaired_features(x, all_units=True)
     with torch.no_grad():
-        full = slicer._features(x, {g: slicer._tilde(g, w, kept[g]) for g, w in ft.items()}, repairs)
         head = nn.Linear(full.shape[1], 2)
         folded = fold_into_linear(copy.deepcopy(head), slicer.graph,
                                   {g: tuple(t.cpu() for t in r) for g, r in repairs.items()}, kept)
@@ -113,7 +113,7 @@ def test_flattened_units_are_scored_and_repaired_on_their_whole_map():
     slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY))
     gid = slicer.graph.groups[-1].id
     y = torch.as_tensor(fs.labels == 1).long()
-    w = slicer._fresh(gid)
+    w = slicer.fresh_weights(gid)
     x = spec.encode(fs.raw)
     with torch.no_grad():
         maps = model.features[:12](x)                                    # (N, C, 4, 4)

@@ -57,7 +57,7 @@ def _assert_fused_at_batches(slicer, out, x):
 def _assert_blocks_respected(slicer, out):
     """Every blocked group keeps the same count in every block; every repair a grouped conv
     reads is exactly zero off its blocks."""
-    _, kept, repairs = slicer._last
+    _, kept, repairs = slicer.last_slice
     for g in slicer.graph.groups:
         if g.blocks == 1:
             continue

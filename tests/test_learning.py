@@ -13,11 +13,10 @@ import torch
 
 import synthetic
 from conftest import as_fragment
-from snp_ray.metrics import roc_auc
 from snp_ray.packing import PackConfig, Packer, PackSamples
 from snp_ray.slicing import Slicer, slice_preset
+from synthetic import K, pack_accuracy, probe_auc, slice_all
 
-K = 5
 CHANCE = 1 / synthetic.CLASSES
 
 
@@ -38,20 +37,9 @@ def held_out():
     return synthetic.shapes(60, seed=7)
 
 
-def _slice_all(model, **cfg):
-    slicer = Slicer(model, synthetic.SPEC, synthetic.fewshot(K), slice_preset("quick", **cfg))
-    return slicer, [slicer.slice_class(c) for c in range(synthetic.CLASSES)]
-
-
 @pytest.fixture(scope="module")
 def sliced(trained):
-    return _slice_all(trained)
-
-
-@torch.no_grad()
-def _auc(out, raw, labels, c) -> float:
-    scores = torch.softmax(out.probe(out.features(synthetic.SPEC.encode(raw))), 1)[:, 1]
-    return roc_auc(scores.numpy(), labels == c)
+    return slice_all(trained)
 
 
 # ------------------------------------------------------------------------------------ slicing
@@ -60,9 +48,9 @@ def test_slicing_learns_a_class_detector_and_needs_a_trained_model(sliced, held_
     same way from an untrained model of the same architecture scores clearly lower."""
     raw, labels = held_out
     _, outs = sliced
-    trained_auc = [_auc(o, raw, labels, c) for c, o in enumerate(outs)]
-    _, random_outs = _slice_all(synthetic.untrained_model())
-    untrained_auc = [_auc(o, raw, labels, c) for c, o in enumerate(random_outs)]
+    trained_auc = [probe_auc(o, raw, labels, c) for c, o in enumerate(outs)]
+    _, random_outs = slice_all(synthetic.untrained_model())
+    untrained_auc = [probe_auc(o, raw, labels, c) for c, o in enumerate(random_outs)]
     assert min(trained_auc) >= 0.95, trained_auc
     assert np.mean(untrained_auc) <= np.mean(trained_auc) - 0.1, (trained_auc, untrained_auc)
 
@@ -74,14 +62,6 @@ def test_fragments_are_smaller_than_the_source(sliced, trained):
     assert all(count_params(o.features) < count_params(trained.features) for o in outs)
 
 
-def _l21(slicer, gid, weights, cls=1) -> float:
-    """||Z_i^c||_2,1 of group ``gid`` on the few-shot rows of class ``cls``."""
-    xc = slicer.x[slicer.labels == cls]
-    with torch.no_grad():
-        slicer._features(xc, {gid: weights}, {}, observe=[gid])
-        return float(slicer.gates.unit_norms(gid).sum(1).mean())
-
-
 @pytest.mark.parametrize("alpha", [1e-2, 0.0])
 def test_ability_pooling_sparsifies_only_with_alpha(trained, alpha):
     """After pooling with alpha > 0 the trained layer's l2,1 norm on D_c drops below the
@@ -90,10 +70,8 @@ def test_ability_pooling_sparsifies_only_with_alpha(trained, alpha):
     y = (slicer.labels == 1).long()
     ratios = []
     for g in slicer.graph.groups[:4]:
-        before = _l21(slicer, g.id, slicer._fresh(g.id))
-        w = slicer._fresh(g.id)
-        slicer._pool(g.id, w, y, torch.Generator().manual_seed(0))
-        ratios.append(_l21(slicer, g.id, w) / before)
+        before, after = slicer.pooling_l21(g.id, y, torch.Generator().manual_seed(0))
+        ratios.append(after / before)
     if alpha > 0:
         assert max(ratios) < 0.97 and np.mean(ratios) < 0.95, ratios
     else:
@@ -113,14 +91,11 @@ def test_f_bar_takes_dropped_units_from_the_original_weights(trained):
     """Perturbing the ORIGINAL weights of dropped units changes f- and leaves f~ unchanged."""
     slicer = Slicer(trained, synthetic.SPEC, synthetic.fewshot(K), slice_preset("quick", mode="rate", beta=0.5))
     slicer.slice_class(1)
-    ft, kept, repairs = slicer._last
+    _, kept, _ = slicer.last_slice
     x = slicer.x
 
     def forwards():
-        with torch.no_grad():
-            bar = slicer._features(x, {g: slicer._merged(g, ft[g], kept[g]) for g in ft}, {})
-            tilde = slicer._features(x, {g: slicer._tilde(g, ft[g], kept[g]) for g in ft}, repairs)
-        return bar, tilde
+        return slicer.merged_features(x), slicer.repaired_features(x, all_units=True)
 
     bar0, tilde0 = forwards()
     gen = torch.Generator().manual_seed(0)
@@ -146,7 +121,7 @@ def test_repairs_change_the_fused_fragment(trained):
     and only the repaired one equals the network slicing trained (f~ on the kept units)."""
     slicer = Slicer(trained, synthetic.SPEC, synthetic.fewshot(K), slice_preset("quick", mode="rate", beta=0.5))
     out = slicer.slice_class(1)
-    ft, kept, repairs = slicer._last
+    ft, kept, repairs = slicer.last_slice
     assert all(float(m.abs().sum()) > 0 for _, _, m in repairs.values())
     plain = slicer.fused_features(ft, kept, {})           # the same cut, no repairs folded in
     x = slicer.x_cpu
@@ -163,20 +138,11 @@ def fragments(sliced):
     return [as_fragment(o, slicer, "vgg11", 0.125, c, 0) for c, o in enumerate(outs)]
 
 
-def _pack_accuracy(fragments, held_out, **cfg) -> float:
-    fs = synthetic.fewshot(K)
-    samples = PackSamples("synthetic", fs.raw, fs.labels, dict(enumerate(fs.class_names)))
-    config = PackConfig(**{"epochs": 60, "hidden": 32, "augment_views": 2, **cfg})
-    packed = Packer(config).pack(fragments, samples, list(range(synthetic.CLASSES)))
-    raw, labels = held_out
-    return float((packed.predict(raw) == labels).mean())
-
-
 def test_packing_learns_and_a_frozen_pack_does_not(fragments, held_out):
     """Enc + head over frozen, separable fragment features reach >= 95 % on held-out samples;
     with the learning rate at 0 (nothing trains) the pack stays near chance."""
-    learned = _pack_accuracy(fragments, held_out)
-    frozen = _pack_accuracy(fragments, held_out, lr=0.0)
+    learned = pack_accuracy(fragments, held_out)
+    frozen = pack_accuracy(fragments, held_out, lr=0.0)
     assert learned >= 0.95, learned
     assert frozen <= CHANCE + 0.2, frozen
 

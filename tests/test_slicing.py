@@ -257,7 +257,7 @@ def test_recurrent_units_are_scored_on_every_time_step():
     slicer = Slicer(model, spec, fs, slice_preset("quick", **TINY))
     rnn_group = next(g for g in slicer.graph.groups if any(n == "rnn" for n, _ in g.producers))
     y = torch.as_tensor(fs.labels == 1).long()
-    scores = slicer.scores(rnn_group.id, slicer._fresh(rnn_group.id), y)
+    scores = slicer.scores(rnn_group.id, slicer.fresh_weights(rnn_group.id), y)
     with torch.no_grad():
         seq, _ = model.features.rnn(model.features.embedding(spec.encode(fs.raw)[fs.labels == 1]))
     torch.testing.assert_close(scores, seq.pow(2).sum(1).sqrt().mean(0))
@@ -347,8 +347,8 @@ def _held_out_repair_error(init: str | None, seed: int) -> float:
     held = Slicer(model, ImageSpec(), _noise_fewshot(30, seed + 100), cfg)
     gid = train.graph.groups[0].id
     kept, dropped = torch.arange(0, 16, 2), torch.arange(1, 16, 2)
-    repair = train.init_repair(gid, train._fresh(gid), kept)          # (dropped, kept)
-    acts = held._group_activations(gid, held._fresh(gid))[0].detach()
+    repair = train.init_repair(gid, train.fresh_weights(gid), kept)          # (dropped, kept)
+    acts = held._group_activations(gid, held.fresh_weights(gid))[0].detach()
     return float((acts[:, kept] @ repair.t() - acts[:, dropped]).pow(2).sum()
                  / acts[:, dropped].pow(2).sum())
 

@@ -367,7 +367,7 @@ class Slicer:
         # stage 1: every layer on its own
         for gid in groups:
             t0 = time.perf_counter()
-            w = self._fresh(gid)
+            w = self.fresh_weights(gid)
             group = self.graph.group(gid)
             if group.fixed:          # e.g. normalised by a LayerNorm: every unit stays
                 kept[gid] = torch.arange(group.size)
@@ -415,7 +415,7 @@ class Slicer:
         outcome = SliceOutcome(features, probe, {g.id: kept[g.id].tolist() for g in self.graph.groups},
                                {g.id: g.name for g in self.graph.groups}, times)
         self._last = (ft, kept, repairs)
-        outcome.metrics = self._fewshot_metrics(features, probe, y_bin, ft, repairs)
+        outcome.metrics = self._fewshot_metrics(features, probe, y_bin)
         return outcome
 
     def select(self, gid: int, scores: torch.Tensor) -> torch.Tensor:
@@ -459,7 +459,10 @@ class Slicer:
         """Whether the group is produced by lookup tables only (embeddings)."""
         return bool(self.tensors[gid]) and all(t.handler.table for t in self.tensors[gid])
 
-    def _fresh(self, gid: int) -> dict[str, torch.Tensor]:
+    def fresh_weights(self, gid: int) -> dict[str, torch.Tensor]:
+        """New copies of the group's original tensors, trainable where the config trains them:
+        what a class's slice starts the group from, and the ``w`` that :meth:`scores` and
+        :meth:`init_repair` take."""
         return {t.name: self.orig[t.name].clone().requires_grad_(t.trainable) for t in self.tensors[gid]}
 
     def batches(self, gen: torch.Generator, epochs: int):
@@ -520,6 +523,17 @@ class Slicer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+    def pooling_l21(self, gid: int, y_bin: torch.Tensor, gen: torch.Generator) -> tuple[float, float]:
+        """Ability pooling of group ``gid`` on its own, from its original weights, measured:
+        ``(before, after)``, the l2,1 norm ||Z_i^c||_2,1 of the group's units on the class's
+        few-shot rows (``y_bin``; the sum of :meth:`scores`) before and after pooling, with the
+        same pooling step :meth:`slice_class` runs. What alpha should lower, measured from outside
+        the slicer: the pooling canary (tests/test_learning.py), benchmarks/canary_numbers.py."""
+        w = self.fresh_weights(gid)
+        before = float(self.scores(gid, w, y_bin).sum())
+        self._pool(gid, w, y_bin, gen)
+        return before, float(self.scores(gid, w, y_bin).sum())
 
     @torch.no_grad()
     def scores(self, gid: int, w: dict[str, torch.Tensor], y_bin: torch.Tensor) -> torch.Tensor:
@@ -658,27 +672,46 @@ class Slicer:
             p.requires_grad_(False)
         return features
 
+    @property
+    def last_slice(self) -> tuple[dict, dict, dict]:
+        """The last slice's unfused state, for inspection: ``(trained tensors, kept units,
+        repairs)`` per group, as :meth:`fuse` got them (a repair is ``(kept, dropped, matrix)``);
+        what :meth:`repaired_features` and :meth:`merged_features` run."""
+        return self._last
+
     @torch.no_grad()
-    def repaired_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The unfused, repaired network of the last slice, restricted to its kept output units
-        (all ``output_inner`` positions of each, in the fragment's order)."""
+    def repaired_features(self, x: torch.Tensor, all_units: bool = False) -> torch.Tensor:
+        """The unfused, repaired network (f~) of the last slice, restricted to its kept output
+        units (all ``output_inner`` positions of each, in the fragment's order); with
+        ``all_units``, every output unit of the source (a head on them folds onto the fragment's
+        features with ``fold_into_linear``). On the CPU."""
         ft, kept, repairs = self._last
         x = x.to(self.device)
         feats = self._features(x, {g: self._tilde(g, w, kept[g]) for g, w in ft.items()}, repairs)
+        if all_units:
+            return feats.cpu()
         units = torch.cat([off + kept[g] for g, off, _ in self.graph.output_layout])
         inner = self.graph.output_inner
         idx = (units[:, None] * inner + torch.arange(inner)).flatten()
         return feats.index_select(1, idx.to(self.device)).cpu()
 
     @torch.no_grad()
-    def _fewshot_metrics(self, features, probe, y_bin, ft, repairs) -> dict[str, float]:
-        """Few-shot-only diagnostics: probe AUC on D and the f- network's fidelity to M."""
+    def merged_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The f- network of the last slice, every output unit: kept units from the trained
+        weights, dropped ones from the original weights, no repairs; what the consistency term
+        (gamma) pulls towards the original model. On the CPU."""
+        ft, kept, _ = self._last
+        merged = {g: self._merged(g, ft[g], kept[g]) for g in ft}
+        return self._features(x.to(self.device), merged, {}).cpu()
+
+    @torch.no_grad()
+    def _fewshot_metrics(self, features, probe, y_bin) -> dict[str, float]:
+        """Few-shot-only diagnostics of the last slice: probe AUC on D and the f- network's
+        fidelity to M."""
         features.eval()
         scores = torch.softmax(probe(features(self.x_cpu)), 1)[:, 1]
         target = self.original_logits(self.x)
-        kept = self._last[1]
-        merged = {g: self._merged(g, ft[g], kept[g]) for g in ft}
-        bar = self.head(self._features(self.x, merged, {}))
+        bar = self.head(self.merged_features(self.x).to(self.device))
         return {"fewshot_auc": roc_auc(scores.numpy(), y_bin.cpu().numpy()),
                 "fewshot_consistency_mse": float((bar - target).pow(2).sum(1).mean()),
                 "fewshot_original_agreement": float((bar.argmax(1) == target.argmax(1)).float().mean())}
