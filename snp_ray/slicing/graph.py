@@ -380,11 +380,8 @@ class _Tracing:
                 # channels no layer the slicer follows produced (an untraceable block's output,
                 # the raw input, a computed mask): they are kept whole, and so are the units
                 # combined with them
-                why = f"{kind} {node.name} combines them with {op.name}, whose channels carry " \
-                      "no units the slicer follows"
-                a = self.resolve(a)
-                a = self.align(node, kind, [a, Layout(a.dim, [(self.opaque(n, why), n) for _, n in
-                                                              a.segments], a.inner)])
+                self.fix(a, f"{kind} {node.name} combines them with {op.name}, whose channels "
+                            "carry no units the slicer follows")
         return a
 
 
