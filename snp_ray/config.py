@@ -218,3 +218,22 @@ def check_range(owner: str, name: str, value: float, lo: float, hi: float,
     if bad:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
         raise ConfigError(f"{owner}.{name} must be in {lb}{lo}, {hi}{rb}, got {value!r}")
+
+
+#: seeds at or above this are reserved for clean evidence: the target class sets, requests and
+#: combinations, and the learnware users, that no development run has seen
+CLEAN_SEEDS = 1000
+#: the environment variable a clean-evidence run (and only it) sets to "1"
+CLEAN_EVIDENCE_ENV = "SNP_CLEAN_EVIDENCE"
+
+
+def check_clean_seed(seed: int, what: str) -> None:
+    """Refuse a reserved seed (>= CLEAN_SEEDS) unless this run declares itself clean evidence.
+
+    The fence is what keeps those seeds unseen: a development run that reaches for one fails
+    before it draws anything, so a number made on them cannot have steered a choice."""
+    import os
+
+    if seed >= CLEAN_SEEDS and os.environ.get(CLEAN_EVIDENCE_ENV) != "1":
+        raise ConfigError(f"{what} seeds >= {CLEAN_SEEDS} are reserved for clean evidence; set "
+                          f"{CLEAN_EVIDENCE_ENV}=1 for that run only (got seed {seed})")

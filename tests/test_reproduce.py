@@ -144,6 +144,52 @@ def test_runner_skips_only_unchanged_inputs_and_outputs(tmp_path, monkeypatch):
     assert len(calls) == 5
 
 
+def test_reserved_seeds_are_fenced_and_only_clean_stages_open_the_fence(tmp_path, monkeypatch):
+    """Target-set seeds >= 1000 are refused unless the run sets SNP_CLEAN_EVIDENCE=1 (#28 §2);
+    exactly the clean stages set it, each reading its table stage's markets with a reserved seed,
+    and the runner hands it to their commands."""
+    from snp_ray.config import CLEAN_EVIDENCE_ENV, CLEAN_SEEDS
+    from snp_ray.errors import ConfigError
+    from snp_ray.market import get_task
+    from snp_ray.market.tasks import target_sets
+
+    monkeypatch.delenv(CLEAN_EVIDENCE_ENV, raising=False)
+    task = get_task("T1")
+    with pytest.raises(ConfigError, match="reserved for clean evidence"):
+        target_sets(task, 5, CLEAN_SEEDS)
+    with pytest.raises(ConfigError, match="reserved"):
+        target_sets(get_task("T6"), 1, CLEAN_SEEDS + 7)         # a text task's pack seed too
+    development = target_sets(task, 5, CLEAN_SEEDS - 1)
+    monkeypatch.setenv(CLEAN_EVIDENCE_ENV, "1")
+    assert target_sets(task, 5, CLEAN_SEEDS) != development
+    clean = [s for s in reproduce.STAGES.values() if s.env]
+    assert {s.name for s in clean} == {f"{s.name}-clean" for s in reproduce.STAGES.values()
+                                       if f"{s.name}-clean" in reproduce.STAGES}
+    assert len(clean) == 6
+    for stage in reproduce.STAGES.values():
+        argv = stage.argv("OUT", "RUNS")[0]
+        seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
+        assert (seed >= CLEAN_SEEDS) == bool(stage.env), stage.name
+        if stage.env:
+            assert dict(stage.env) == {CLEAN_EVIDENCE_ENV: "1"}
+            assert stage.needs == (stage.name.removesuffix("-clean"),)
+            assert f"RUNS/stages/{stage.needs[0]}" in argv[argv.index("--root") + 1]
+            assert stage.command_line("OUT", "RUNS").startswith(f"{CLEAN_EVIDENCE_ENV}=1 python ")
+    seen = {}
+
+    def runner(argv, env):
+        seen.update(env)
+        Path(argv[-1]).parent.mkdir(parents=True, exist_ok=True)
+        Path(argv[-1]).write_text("{}")
+        return 0
+
+    monkeypatch.delenv(CLEAN_EVIDENCE_ENV)
+    fenced = reproduce.Stage("fenced", "", _fake_stage().commands, ("x.json",),
+                             lambda: {"slice": "d1"}, env=((CLEAN_EVIDENCE_ENV, "1"),))
+    reproduce.run_stages([fenced], str(tmp_path / "out"), str(tmp_path / "runs"), runner=runner)
+    assert seen[CLEAN_EVIDENCE_ENV] == "1"
+
+
 def test_a_failed_stage_raises_or_blocks_its_dependants(tmp_path):
     out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
     first, second = _fake_stage("a"), _fake_stage("b", needs=("a",))
@@ -174,8 +220,9 @@ def test_registry_commands_exist_and_digests_compute():
     with pytest.raises(UnknownNameError):
         reproduce.resolve(["nope"])
     assert [s.name for s in reproduce.resolve(groups=["tables"])] == [
-        "T6", "T7", "T6-transformer", "T7-transformer", "T6-static", "T7-static", "T1-vit", "T1",
-        "T1-size"]
+        "T6", "T7", "T6-transformer", "T7-transformer", "T6-static", "T7-static", "T1-vit",
+        "T6-static-clean", "T7-static-clean", "T6-transformer-clean", "T7-transformer-clean",
+        "T1-vit-clean", "T1", "T1-size", "T1-clean"]
 
 
 def test_a_result_without_digests_is_never_reused(tmp_path):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from snp_ray.config import Config
+from snp_ray.config import CLEAN_EVIDENCE_ENV, Config, check_clean_seed
 from snp_ray.errors import ConfigError
-from snp_ray.evaluation.learnware import CLEAN_SEEDS, MethodsConfig, UsersConfig, summarise
+from snp_ray.evaluation.learnware import MethodsConfig, UsersConfig, summarise
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +44,7 @@ class LearnwareJobConfig(Config):
     learnware_python: str = ""
 
     def validate(self) -> None:
-        if self.users.seed >= CLEAN_SEEDS and os.environ.get("SNP_CLEAN_EVIDENCE") != "1":
-            raise ConfigError(f"user seeds >= {CLEAN_SEEDS} are reserved for clean evidence; set "
-                              "SNP_CLEAN_EVIDENCE=1 for that run only")
+        check_clean_seed(self.users.seed, "learnware user")
         if self.workers < 1:
             raise ConfigError("LearnwareJobConfig.workers must be >= 1")
 
@@ -111,7 +108,7 @@ def run(cfg: LearnwareJobConfig, out_dir: str | Path) -> dict[str, Any]:
     if export.exists():           # an earlier run's users must not enter this run's rows
         shutil.rmtree(export)
     export.mkdir(parents=True)
-    env = worker_env("SNP_CLEAN_EVIDENCE")
+    env = worker_env(CLEAN_EVIDENCE_ENV)
     remote = ray.remote(num_cpus=1, max_retries=1)(_evaluate_users)
     shares = [list(range(cfg.users.users))[i::cfg.workers] for i in range(cfg.workers)]
     refs = [remote.options(runtime_env={"env_vars": env}).remote(

@@ -44,8 +44,6 @@ USER_RATIOS = (0.3, 0.3, 0.1, 0.1, 0.1, 0.1)
 #: label budgets and their repeats in the learnware benchmark
 BUDGETS = (100, 200, 500, 1000, 2000, 4000)
 REPEATS = (10, 10, 10, 3, 3, 3)
-#: seeds at or above this are reserved for clean evidence; development runs stay below
-CLEAN_SEEDS = 1000
 
 
 @dataclass

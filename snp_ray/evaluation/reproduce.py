@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from snp_ray.artifacts import atomic_write_bytes
+from snp_ray.config import CLEAN_EVIDENCE_ENV, CLEAN_SEEDS
 from snp_ray.errors import ConfigError, EngineError, UnknownNameError
 from snp_ray.evaluation.provenance import (ROOT, code_digest, git_commit, relative, reuse_note,
                                            stamp, staleness)
@@ -74,11 +75,11 @@ def protocol_digests(cfg: Any) -> dict[str, str]:
 
 
 def table_digests(task: str, archs: list[str], preset: str = "quick",
-                  ks: list[int] | None = None) -> dict[str, str]:
+                  ks: list[int] | None = None, seed: int = 0) -> dict[str, str]:
     from snp_ray.evaluation.protocol import ProtocolConfig
 
     return protocol_digests(ProtocolConfig(task=task, archs=list(archs), ks=list(ks or PAPER_KS),
-                                           slice_preset=preset))
+                                           slice_preset=preset, seed=seed))
 
 
 def slice_digests(preset: str, variants: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -134,6 +135,8 @@ SHARED_VARIANTS = ("threshold,threshold+frozen,threshold+frozen+table0.5,"
                    "threshold+frozen+table0.25,rate0.5,rate0.5+frozen")
 SHARED_ENC64 = "threshold+frozen,threshold0.3+frozen+table1.0"
 SIZE_CANDIDATES = "quick,quick-coupled0.5,quick-coupled0.35,quick-coupled0.25"
+#: the reserved seed every clean-evidence stage draws its target sets with (#28 section 2)
+CLEAN_SEED = CLEAN_SEEDS
 
 
 def _shared(task: str, arch: str) -> Callable[[], dict[str, str]]:
@@ -174,6 +177,8 @@ class Stage:
     digests: Callable[[], dict[str, str]]
     needs: tuple[str, ...] = ()
     group: str = "tables"           # tables | studies | benchmarks
+    #: environment variables its commands run with (a clean-evidence stage's fence key)
+    env: tuple[tuple[str, str], ...] = ()
 
     def argv(self, out: str, runs: str, py: str = "", code: str = "",
              reuse: bool = False) -> list[list[str]]:
@@ -191,8 +196,10 @@ class Stage:
         return [[fill(x) for x in cmd if not (reuse and x == "{fresh}")] for cmd in self.commands]
 
     def command_line(self, out: str, runs: str, code: str = "", reuse: bool = False) -> str:
-        """The commands as one shell line, ``python`` for the interpreter."""
-        return " && ".join(" ".join(a) for a in self.argv(out, runs, "python", code, reuse))
+        """The commands as one shell line, ``python`` for the interpreter, each after the
+        stage's environment variables."""
+        pre = [f"{k}={v}" for k, v in self.env]
+        return " && ".join(" ".join(pre + a) for a in self.argv(out, runs, "python", code, reuse))
 
 
 def workdir(runs: str, stage: str, code: str) -> str:
@@ -231,6 +238,26 @@ def _static_stage(task: str, arch: str, title: str) -> "Stage":
                  lambda: table_digests(task, [arch], ks=TEXT_KS))
 
 
+def _clean_stage(of: str, task: str, archs: str, ks: str) -> "Stage":
+    """Stage ``of``'s goal rows on the reserved seed :data:`CLEAN_SEED` (#28 section 2): the same
+    markets and fragments (``of``'s working folder), with the target class sets, the packs' and
+    the baselines' seeds drawn from a seed no development run has used (the fence,
+    :func:`snp_ray.config.check_clean_seed`, is opened for this stage only). The goals' k,
+    Ensemble and Finetune; its own results folder, ``{out}/clean/<of>``."""
+    ks_ = [int(k) for k in ks.split(",")]
+
+    def digests() -> dict[str, str]:
+        market = {k: v for k, v in STAGES[of].digests().items() if k.startswith("market:")}
+        return {**table_digests(task, archs.split(","), ks=ks_, seed=CLEAN_SEED), **market}
+    return Stage(f"{of}-clean", f"{of}'s goal rows on the reserved seed {CLEAN_SEED} (#28 §2)",
+                 (("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs,
+                   "--k", ks, "--targets", "5", "--preset", "quick", "--baselines",
+                   "ensemble,finetune", "--seed", str(CLEAN_SEED), "--root", f"{{runs:{of}}}/tables",
+                   "--out", f"{{out}}/clean/{of}", "--fresh", "--json"),),
+                 (f"clean/{of}/{task}/results.json",), digests, needs=(of,),
+                 env=((CLEAN_EVIDENCE_ENV, "1"),))
+
+
 def _mixed_stage(name: str, members: str, title: str) -> "Stage":
     """The mixed market built from member set ``members`` (snp_ray.market.mixed.MEMBER_SETS);
     every set's stage has the same k, slice preset and candidates, and its own results folder
@@ -263,6 +290,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     _static_stage("T6", "gru_static", "T6 (TREC) with a GRU on a static word2vec table (#28 §3)"),
     _static_stage("T7", "textcnn_static", "T7 (SST-5) with Kim's CNN on a static word2vec table (#28 §3)"),
     _attention_stage("T1", "vit", "10,20", "T1 (CIFAR-10) with three 4-layer ViTs (#27): the goals' k"),
+    _clean_stage("T6-static", "T6", "gru_static", "10"),
+    _clean_stage("T7-static", "T7", "textcnn_static", "10"),
+    _clean_stage("T6-transformer", "T6", "transformer", "10"),
+    _clean_stage("T7-transformer", "T7", "transformer", "10"),
+    _clean_stage("T1-vit", "T1", "vit", "10,20"),
     Stage("T1", "T1 (CIFAR-10, VGG11 x 1/4 and ResNet-20): the paper's Table 2",
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),
           lambda: table_digests("T1", ["vgg11", "resnet20"])),
@@ -274,6 +306,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
             "--root", "{runs:T1}/tables", "--out", "{out}/T1-size", "--fresh", "--json")),
           ("T1-size/selection.json", "T1-size/T1/results.json"), _t1_size, needs=("T1",)),
+    _clean_stage("T1", "T1", "vgg11,resnet20", "10,20"),
     Stage("tune-T1", "Tune sweep on T1 (VGG11 x 1/4)",
           (("{py}", "-m", "snp_ray.cli", "tune", "--task", "T1", "--trials", "16",
             "--market", "{runs:T1}/tables/T1/vgg11-w0.25", "--storage", "{runs}/tune",
@@ -547,7 +580,8 @@ def run_stage(stage: Stage, out: str, runs: str, env: dict[str, str] | None = No
     key = stage_key(stage, out, runs, digests, code, needs, decisive(environment))
     t0 = time.perf_counter()
     # saved presets (tuned-T1, size-T1-resnet20) live with the stage's other run files
-    run_env = {**os.environ, "SNP_PRESETS": str(Path(folder) / "presets"), **(env or {}),
+    run_env = {**os.environ, "SNP_PRESETS": str(Path(folder) / "presets"), **dict(stage.env),
+               **(env or {}),
                "PYTHONPATH": os.pathsep.join(
                    [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     for argv in stage.argv(out, runs, code=code, reuse=reuse):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from snp_ray.config import Config
+from snp_ray.config import Config, check_clean_seed
 from snp_ray.errors import ConfigError, UnknownNameError
 
 #: CIFAR-100 fine class -> superclass (the official ``meta`` table, fine labels alphabetical)
@@ -210,7 +210,10 @@ def count_combinations(task: TaskConfig) -> int:
 
 
 def target_sets(task: TaskConfig, n: int, seed: int) -> list[tuple[int, ...]]:
-    """``n`` distinct seeded target class sets (all of them when fewer exist)."""
+    """``n`` distinct seeded target class sets (all of them when fewer exist). Every table's
+    target sets, every planner request and every expansion combination is drawn here, so the
+    reserved seeds are fenced here (:func:`snp_ray.config.check_clean_seed`)."""
+    check_clean_seed(seed, "target-set")
     if n < 1:
         raise ConfigError(f"number of target sets must be >= 1, got {n}")
     if task.target_mode == "all":
