@@ -155,6 +155,25 @@ def _shared(task: str, arch: str) -> Callable[[], dict[str, str]]:
     return digests
 
 
+#: the static-table markets' budget: an all-class pack of the 2-model market holds 6 fragments,
+#: so each keeps about a sixth of its model for the pack to stay near the Ensemble's size (fixed
+#: from that arithmetic before any run, not on test data; #28 section 3, Bar 14)
+BUDGET_VARIANTS = "threshold,rate0.1667"
+
+
+def _budget() -> dict[str, str]:
+    """Digests of the static-table budget study: its slice variants (parsed as the benchmark
+    parses them), its packing config and both markets."""
+    from snp_ray.packing import preset_pack_config
+    from snp_ray.slicing.config import variant_overrides
+
+    out = slice_digests("quick", {v: variant_overrides(v) for v in BUDGET_VARIANTS.split(",")})
+    out["pack"] = preset_pack_config("quick", share_tables=False).digest()
+    for task, arch in (("T6", "gru_static"), ("T7", "textcnn_static")):
+        out[f"market:{arch}"] = market_digest(task, arch, ks=TEXT_KS)
+    return out
+
+
 def _preset(name: str) -> Callable[[], dict[str, str]]:
     """The digests of a stage that slices and packs with preset ``name`` as it stands."""
     return lambda: slice_digests(name, {name: {}})
@@ -330,6 +349,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--slice", "--hidden", "64", "--variants", SHARED_ENC64,
             "--out", "{out}/shared-tables/T7-hidden64.json")),
           ("shared-tables/T7.json", "shared-tables/T7-hidden64.json"), _shared("T7", "textcnn"), needs=("T7",), group="studies"),
+    Stage("static-budget", "Static-table packs at a budgeted rate of 1/6 (#28 §3, Bar 14)",
+          tuple(("{py}", "benchmarks/text_pack_size.py", "--market",
+                 f"{{runs:{task}-static}}/tables/{task}/{arch}-w1", "--k", "10", "--slice",
+                 "--variants", BUDGET_VARIANTS, "--out", f"{{out}}/static/{task}-budget.json")
+                for task, arch in (("T6", "gru_static"), ("T7", "textcnn_static"))),
+          ("static/T6-budget.json", "static/T7-budget.json"), _budget,
+          needs=("T6-static", "T7-static"), group="studies"),
     Stage("expansion", "Equivalent expansion rate on T3-C10 (Figure 6)",
           (("{py}", "-m", "snp_ray.cli", "expansion", "--task", "T3-C10", "--combos", "100",
             "--k", "5,10,20", "--market", "{runs}/expansion/T3-C10", "--out", "{out}/expansion",
