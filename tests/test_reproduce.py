@@ -165,14 +165,14 @@ def test_reserved_seeds_are_fenced_and_only_clean_stages_open_the_fence(tmp_path
     clean = [s for s in reproduce.STAGES.values() if s.env]
     assert {s.name for s in clean} == {f"{s.name}-clean" for s in reproduce.STAGES.values()
                                        if f"{s.name}-clean" in reproduce.STAGES}
-    assert len(clean) == 6
+    assert len(clean) == 7
     for stage in reproduce.STAGES.values():
-        argv = stage.argv("OUT", "RUNS")[0]
+        argv = stage.argv("OUT", "RUNS")[-1]
         seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
         assert (seed >= CLEAN_SEEDS) == bool(stage.env), stage.name
         if stage.env:
             assert dict(stage.env) == {CLEAN_EVIDENCE_ENV: "1"}
-            assert stage.needs == (stage.name.removesuffix("-clean"),)
+            assert stage.needs == (stage.name.removesuffix("-clean").removesuffix("-size"),)
             assert f"RUNS/stages/{stage.needs[0]}" in argv[argv.index("--root") + 1]
             assert stage.command_line("OUT", "RUNS").startswith(f"{CLEAN_EVIDENCE_ENV}=1 python ")
     seen = {}
@@ -222,7 +222,7 @@ def test_registry_commands_exist_and_digests_compute():
     assert [s.name for s in reproduce.resolve(groups=["tables"])] == [
         "T6", "T7", "T6-transformer", "T7-transformer", "T6-static", "T7-static", "T1-vit",
         "T6-static-clean", "T7-static-clean", "T6-transformer-clean", "T7-transformer-clean",
-        "T1-vit-clean", "T1", "T1-size", "T1-clean"]
+        "T1-vit-clean", "T1", "T1-size", "T1-clean", "T1-size-clean"]
 
 
 def test_a_result_without_digests_is_never_reused(tmp_path):

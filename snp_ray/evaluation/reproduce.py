@@ -326,6 +326,18 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
             "--root", "{runs:T1}/tables", "--out", "{out}/T1-size", "--fresh", "--json")),
           ("T1-size/selection.json", "T1-size/T1/results.json"), _t1_size, needs=("T1",)),
     _clean_stage("T1", "T1", "vgg11,resnet20", "10,20"),
+    # the size budget's goal row on the reserved seed: the same few-shot CV choice (it reads no
+    # target set), then the report with seed 1000
+    Stage("T1-size-clean", f"T1-size's goal row on the reserved seed {CLEAN_SEED} (#28 §2)",
+          (("{py}", "jobs/select_under_budget.py", "--task", "T1", "--arch", "resnet20", "--k", "20",
+            "--candidates", SIZE_CANDIDATES, "--root", "{runs:T1}/tables",
+            "--out", "{out}/clean/T1-size/selection.json"),
+           ("{py}", "-m", "snp_ray.cli", "report", "--task", "T1", "--archs", "resnet20", "--k",
+            "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
+            "--seed", str(CLEAN_SEED), "--root", "{runs:T1}/tables", "--out", "{out}/clean/T1-size",
+            "--fresh", "--json")),
+          ("clean/T1-size/selection.json", "clean/T1-size/T1/results.json"), _t1_size,
+          needs=("T1",), env=((CLEAN_EVIDENCE_ENV, "1"),)),
     Stage("tune-T1", "Tune sweep on T1 (VGG11 x 1/4)",
           (("{py}", "-m", "snp_ray.cli", "tune", "--task", "T1", "--trials", "16",
             "--market", "{runs:T1}/tables/T1/vgg11-w0.25", "--storage", "{runs}/tune",
