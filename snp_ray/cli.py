@@ -445,7 +445,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", default="ensemble,finetune,ca-mkd,netgraft")
     p.add_argument("--root", default="runs/tables", help="where markets and fragments live")
     p.add_argument("--out", default="results", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="target-set, pack and baseline seed; seeds >= 1000 are reserved for clean "
+                        "evidence and refused unless SNP_CLEAN_EVIDENCE=1")
     p.add_argument("--fresh", action="store_true",
                    help="rerun every arch (default: reuse an arch whose protocol, code and market "
                         "are unchanged from OUT/TASK/results.json; the table marks it reused)")

@@ -237,3 +237,38 @@ def test_a_vit_reference_may_set_its_input_and_patch_size_within_a_token_cap():
                      ("img_size=big", "integers")):
         with pytest.raises(ConfigError, match=why):
             parse_ref(f"timm:vit_tiny_patch16_224?{bad}")
+
+
+@pytest.mark.parametrize("family", ["zoo_vit", "timm_vit_tiny"])
+def test_layernorm_repair_slices_the_residual_stream_exactly(family):
+    """``layernorm="repair"``: the residual stream, the units every LayerNorm normalises, loses
+    units too, each of those LayerNorms becomes a ``RepairedLayerNorm``, and the fragment
+    equals the repaired network at batch sizes 1 and 3. It is smaller than the fragment that
+    keeps the stream whole, rebuilds from its kept units as a stored fragment does, and exports."""
+    import copy
+
+    from snp_ray.models import build_model
+    from snp_ray.slicing.surgery import RepairedLayerNorm, shrink
+
+    torch.manual_seed(0)
+    spec, fs = _fewshot()
+    x = spec.encode(fs.raw)
+    clf = build_model("vit", 3, 1.0).eval() if family == "zoo_vit" else \
+        split_classifier(VITS[family]().eval(), x[:2])
+    slicer, out = _check_slice(clf, spec, fs, layernorm="repair")
+    stream = [g for g in slicer.graph.groups if g.norms]
+    assert len(stream) == 1 and not stream[0].fixed
+    assert len(out.kept[stream[0].id]) < stream[0].size            # the stream lost units
+    norms = [m for m in out.features.modules() if isinstance(m, RepairedLayerNorm)]
+    assert len(norms) == len(stream[0].norms) and not any(
+        isinstance(m, nn.LayerNorm) for m in out.features.modules())
+    whole = Slicer(clf, spec, fs, slice_preset("quick", **ONE)).slice_class(1)
+    assert count_params(out.features) < count_params(whole.features)
+    # a stored fragment: traced as rebuild_features traces (the default mode), cut, loaded
+    again = copy.deepcopy(clf.features).eval()
+    shrink(again, trace(again, x[:2]), {g: torch.tensor(u) for g, u in out.kept.items()})
+    again.load_state_dict(out.features.state_dict())
+    ep = torch.export.export(out.features, (x[:3],))
+    with torch.no_grad():
+        assert torch.equal(again(x), out.features(x))
+        torch.testing.assert_close(ep.module()(x[:3]), out.features(x[:3]), rtol=1e-5, atol=1e-6)

@@ -222,7 +222,8 @@ def test_registry_commands_exist_and_digests_compute():
     assert [s.name for s in reproduce.resolve(groups=["tables"])] == [
         "T6", "T7", "T6-transformer", "T7-transformer", "T6-static", "T7-static", "T1-vit",
         "T6-static-clean", "T7-static-clean", "T6-transformer-clean", "T7-transformer-clean",
-        "T1-vit-clean", "T1", "T1-size", "T1-clean", "T1-size-clean"]
+        "T1-vit-clean", "T6-transformer-ln", "T7-transformer-ln", "T1-vit-ln", "T1", "T1-size",
+        "T1-clean", "T1-size-clean"]
 
 
 def test_a_result_without_digests_is_never_reused(tmp_path):

@@ -242,7 +242,7 @@ def test_bad_config_and_class(tmp_path, monkeypatch):
         SliceConfig(beta=0)
     with pytest.raises(ConfigError, match="mode"):
         SliceConfig(mode="random")
-    with pytest.raises(UnknownNameError, match="fast, paper, quick, smoke"):
+    with pytest.raises(UnknownNameError, match="fast, paper, quick, quick-ln, smoke"):
         slice_preset("fastest")
     model, spec, fs = setup("vgg11")
     with pytest.raises(DataError, match="not a class"):

@@ -247,6 +247,24 @@ def _attention_stage(task: str, arch: str, ks: str, title: str) -> "Stage":
                  lambda: table_digests(task, [arch], ks=[int(k) for k in ks.split(",")]))
 
 
+def _stream_stage(of: str, task: str, arch: str, ks: str) -> "Stage":
+    """Stage ``of``'s table again with the residual stream sliced (preset ``quick-ln``:
+    ``layernorm="repair"``, #27 section 1): the same markets (``of``'s working folder), new
+    fragments and the Ensemble (Finetune does not slice: ``of``'s table has it, same market and
+    seed); its own results folder, ``{out}/<of>-ln``."""
+    ks_ = [int(k) for k in ks.split(",")]
+
+    def digests() -> dict[str, str]:
+        market = {k: v for k, v in STAGES[of].digests().items() if k.startswith("market:")}
+        return {**table_digests(task, [arch], preset="quick-ln", ks=ks_), **market}
+    return Stage(f"{of}-ln", f"{of} with the residual stream sliced (layernorm=repair, #27 §1)",
+                 (("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", arch,
+                   "--k", ks, "--targets", "5", "--preset", "quick-ln", "--baselines",
+                   "ensemble", "--root", f"{{runs:{of}}}/tables",
+                   "--out", f"{{out}}/{of}-ln", "--fresh", "--json"),),
+                 (f"{of}-ln/{task}/results.json",), digests, needs=(of,))
+
+
 def _static_stage(task: str, arch: str, title: str) -> "Stage":
     """A task's table with the paper's static-embedding text models (#28 section 3): one word2vec
     table per task, frozen and not counted; its own results folder beside the task's table, the
@@ -314,6 +332,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     _clean_stage("T6-transformer", "T6", "transformer", "10"),
     _clean_stage("T7-transformer", "T7", "transformer", "10"),
     _clean_stage("T1-vit", "T1", "vit", "10,20"),
+    _stream_stage("T6-transformer", "T6", "transformer", "5,10"),
+    _stream_stage("T7-transformer", "T7", "transformer", "5,10"),
+    _stream_stage("T1-vit", "T1", "vit", "10,20"),
     Stage("T1", "T1 (CIFAR-10, VGG11 x 1/4 and ResNet-20): the paper's Table 2",
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),
           lambda: table_digests("T1", ["vgg11", "resnet20"])),

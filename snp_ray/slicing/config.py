@@ -19,6 +19,7 @@ MODES = ("threshold", "rate")
 L21_REDUCE = ("sum", "mean")
 REPAIR_INIT = ("ridge", "lstsq", "zeros")
 COMBINE_TRAIN = ("current", "all")
+LAYERNORM = ("keep", "repair")
 PRECISIONS = ("auto", "fp32", "bf16")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -66,6 +67,11 @@ class SliceConfig(Config):
     # kept set); 0: selected like any layer. Threshold selection keeps most of these shared units
     # in ResNet-20, and they decide most of a fragment's size (issue #17, section 3)
     coupled_rate: float = added_field(0.0)
+    # [ours] units a LayerNorm normalises (a Transformer's residual stream): "keep" keeps them
+    # whole; "repair" slices them too. Each such LayerNorm then reads its dropped inputs rebuilt
+    # through the group's repair, and its fused form (surgery.RepairedLayerNorm) carries that
+    # repair to take the same statistics from the kept inputs (docs/SLICING.md)
+    layernorm: str = added_field("keep")
 
     def validate(self) -> None:
         n = "SliceConfig"
@@ -86,7 +92,8 @@ class SliceConfig(Config):
         for name, value, valid in (("mode", self.mode, MODES), ("l21_reduce", self.l21_reduce, L21_REDUCE),
                                    ("repair_init", self.repair_init, REPAIR_INIT),
                                    ("combine_train", self.combine_train, COMBINE_TRAIN),
-                                   ("precision", self.precision, PRECISIONS)):
+                                   ("precision", self.precision, PRECISIONS),
+                                   ("layernorm", self.layernorm, LAYERNORM)):
             if value not in valid:
                 raise ConfigError(f"SliceConfig.{name} must be one of {valid}, got {value!r}")
 
@@ -97,6 +104,8 @@ PRESETS: dict[str, SliceConfig] = {
     # half of quick's epochs: what a 200-pair market (market50) can afford on a shared 2-core VM
     "fast": SliceConfig(pool_epochs=4, adapt_epochs=4, combine_epochs=4),
     "smoke": SliceConfig(pool_epochs=1, adapt_epochs=1, combine_epochs=1),   # plumbing tests only
+    # quick with the units LayerNorms normalise sliced too (a Transformer's residual stream)
+    "quick-ln": SliceConfig(pool_epochs=8, adapt_epochs=8, combine_epochs=8, layernorm="repair"),
 }
 
 

@@ -73,6 +73,9 @@ class Group:
     #: a grouped convolution reads the units: a dropped unit may be rebuilt from kept units of
     #: its own block only (the repair is block-diagonal)
     block_diagonal: bool = False
+    #: LayerNorms over exactly these units (the last dim, one group): a fused fragment that
+    #: drops some of them replaces each with a ``RepairedLayerNorm`` (SliceConfig.layernorm)
+    norms: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -190,6 +193,8 @@ class _Tracing:
         self.extra: dict[str, Handler] = {}             # bare parameters hosted by their owner
         self.hosted: dict[str, list[int]] = {}          # owner -> the spaces its parameters ride on
         self.blocks: dict[int, int] = {}                # space -> blocks (grouped convolutions)
+        #: LayerNorms over one space's units on the last dim: (module, the node it reads, space)
+        self.norms: list[tuple[str, fx.Node, int]] = []
         self.block_diagonal: set[int] = set()           # spaces a grouped convolution reads
 
     def new_space(self, node: fx.Node, name: str, size: int, pos: int) -> int:
@@ -921,8 +926,13 @@ for _rule in (_ReduceOverUnits((torch.amax, torch.mean, torch.sum, torch.max, to
 del _rule
 
 
-def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
-    """Trace ``features`` on ``example`` and return its groups and a gated GraphModule."""
+def trace(features: nn.Module, example: torch.Tensor, layernorm: str = "keep") -> SliceGraph:
+    """Trace ``features`` on ``example`` and return its groups and a gated GraphModule.
+
+    ``layernorm`` (``SliceConfig.layernorm``): "keep" keeps the units a LayerNorm normalises
+    whole; "repair" lets them be sliced when the LayerNorm normalises one group on the last dim.
+    Its input is then gated, so that it reads dropped units rebuilt through the group's repair,
+    as the fused ``RepairedLayerNorm`` will."""
     gm = symbolic_trace(features, example)   # untraceable code: UnsupportedLayerError naming the module
     ShapeProp(gm).propagate(example)
     st = _Tracing(gm)
@@ -998,8 +1008,12 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
                                                 "parameter-free ops may read flattened maps")
                 if h.normalises:
                     _check_normalised(node, mod, args[0], lay_in)
-                    st.fix(lay_in, f"normalised over its units by {node.target} "
-                                   f"({type(mod).__name__})")
+                    one = len(lay_in.segments) == 1 and lay_in.dim == len(_shape(args[0])) - 1
+                    if one:
+                        st.norms.append((node.target, args[0], lay_in.segments[0][0]))
+                    if not (one and layernorm == "repair"):
+                        st.fix(lay_in, f"normalised over its units by {node.target} "
+                                       f"({type(mod).__name__})")
                 why = h.fixes(mod, node.target, lay_in.dim, len(_shape(args[0])))
                 if why:
                     st.fix(lay_in, why)
@@ -1074,6 +1088,18 @@ def trace(features: nn.Module, example: torch.Tensor) -> SliceGraph:
             gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
         for s, off, _ in lay.with_offsets():
             groups[gid(s)].consumers.append((cname, off))
+    for name, node, sid in st.norms:
+        lay = st.layouts[node]
+        if len(lay.segments) != 1:       # its units were cut into several groups since: whole
+            for s, _ in lay.segments:
+                groups[gid(s)].fixed = groups[gid(s)].fixed or \
+                    f"normalised over its units by {name}, which were cut into several groups"
+            continue
+        groups[gid(lay.segments[0][0])].norms.append(name)
+        if layernorm == "repair" and node not in gated:    # it reads its units rebuilt
+            gated[node] = f"gate{len(gated)}"
+            gate_layouts[gated[node]] = [(gid(s), off, size)
+                                         for s, off, size in st.layouts[node].with_offsets()]
     out_lay = st.layouts[out_node]
     output_layout = [(gid(s), off, size) for s, off, size in out_lay.with_offsets()]
     gated.setdefault(out_node, f"gate{len(gated)}")

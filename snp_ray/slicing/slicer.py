@@ -130,7 +130,8 @@ class Slicer:
         if self.is_image and channels_last_safe(model):
             self.fmt = torch.channels_last
             x = x.contiguous(memory_format=self.fmt)
-        self.graph: SliceGraph = trace(copy.deepcopy(model.features).eval(), x[:2])
+        self.graph: SliceGraph = trace(copy.deepcopy(model.features).eval(), x[:2],
+                                       layernorm=config.layernorm)
         self.graph.module.eval()
         self.per_row = batch_nodes(self.graph.module, x)
         self.gates = attach(self.graph)

@@ -14,6 +14,44 @@ from snp_ray.slicing.handlers import handler_for
 Repair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # kept, dropped, matrix (|d| x |k|)
 
 
+class RepairedLayerNorm(nn.Module):
+    """A LayerNorm over units some of which were dropped (``SliceConfig.layernorm="repair"``).
+
+    The sliced network's LayerNorm read its dropped inputs rebuilt from the kept ones,
+    ``x_d = repair @ x_k``. Its statistics over all ``size`` units therefore follow from the kept
+    inputs alone. This module rebuilds them, normalises the whole vector as the LayerNorm did,
+    and returns the kept units with their affine. ``repair`` is a frozen parameter: it is part
+    of the fragment, and counted in its size."""
+
+    def __init__(self, kept: int, size: int, eps: float, elementwise_affine: bool = True):
+        super().__init__()
+        self.size, self.eps = int(size), float(eps)
+        self.repair = nn.Parameter(torch.zeros(size - kept, kept), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(kept)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(kept)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        full = torch.cat([x, x @ self.repair.t()], dim=-1)
+        y = nn.functional.layer_norm(full, (self.size,), eps=self.eps)[..., :k]
+        return y * self.weight + self.bias if self.weight is not None else y
+
+
+def _repaired_norm(norm: nn.Module, size: int, repair: torch.Tensor | None) -> RepairedLayerNorm:
+    """``norm`` (already cut to its kept units) as a :class:`RepairedLayerNorm` over ``size``
+    units; ``repair`` (|dropped|, |kept|), or None to be loaded with the fragment's weights."""
+    kept = int(norm.normalized_shape[0])
+    out = RepairedLayerNorm(kept, size, norm.eps, norm.weight is not None)
+    with torch.no_grad():
+        if repair is not None:
+            out.repair.copy_(repair.to(out.repair.dtype))
+        if norm.weight is not None:
+            out.weight.copy_(norm.weight)
+            if norm.bias is not None:
+                out.bias.copy_(norm.bias)
+    return out.to(norm.weight.device if norm.weight is not None else "cpu")
+
+
 def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor],
            repairs: dict[int, Repair] | None = None) -> nn.Module:
     """Slice ``features`` (an eager twin of ``graph.module``) in place to the kept units.
@@ -46,6 +84,15 @@ def shrink(features: nn.Module, graph: SliceGraph, kept: dict[int, torch.Tensor]
     for name, segs in outputs.items():
         idx = torch.cat([off + kept[gid] for off, gid in sorted(segs)])
         graph.handler(name, modules[name]).keep_out(modules[name], idx)
+    # LayerNorms over units some of which were dropped: their statistics come through the repair
+    for g in graph.groups:
+        if len(kept[g.id]) == g.size:
+            continue
+        for name in g.norms:
+            parent, _, child = name.rpartition(".")
+            rep = repairs[g.id][2].detach().cpu() if repairs and g.id in repairs else None
+            setattr(modules[parent] if parent else features, child,
+                    _repaired_norm(modules[name], g.size, rep))
     return features
 
 
