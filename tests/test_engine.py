@@ -22,7 +22,7 @@ import pytest
 
 from jsonout import last_json
 from snp_ray.engine import localcluster
-from snp_ray.engine.job import SliceJobConfig, _metadata_only, run_slice_job
+from snp_ray.engine.job import SliceJobConfig, check_actor_row, run_slice_job
 from snp_ray.engine.noop import NOOP_BENCHMARK, job_pair_key
 from snp_ray.errors import ConfigError, EngineError
 from snp_ray.market import Market
@@ -154,7 +154,7 @@ def test_actor_returns_metadata_and_rechecks_the_store_on_retries(smoke_market, 
     row = a.slice_pair(mid, c, False)
     key = job_pair_key(m.spec(mid), c, scfg, 5, 0, NOOP_BENCHMARK)
     assert row["key"] == key and row["status"] == "done" and not _bulky(row)
-    assert _metadata_only(row, key) is row and len(pickle.dumps(row)) < 2048
+    assert check_actor_row(row, key) is row and len(pickle.dumps(row)) < 2048
     assert FragmentStore(tmp_path / "frags").rows()[key]["writer"] == row["writer"] == a.store.writer
     b = SlicerActor(*args, mode=NOOP_BENCHMARK)
     retry = b.slice_pair(mid, c, True)
@@ -180,11 +180,11 @@ def test_store_io_errors_are_retried_then_reported(smoke_market, tmp_path, caplo
 
 def test_driver_refuses_actor_results_that_carry_weights():
     with pytest.raises(EngineError, match="blobs"):
-        _metadata_only({"key": "k", "status": "done", "blobs": (b"{}", b"w")}, "k")
+        check_actor_row({"key": "k", "status": "done", "blobs": (b"{}", b"w")}, "k")
     with pytest.raises(EngineError, match="not a metadata dict"):
-        _metadata_only((b"{}", b"w"), "k")
+        check_actor_row((b"{}", b"w"), "k")
     with pytest.raises(EngineError, match="gpu_ids"):
-        _metadata_only({"key": "k", "gpu_ids": [b"w"]}, "k")
+        check_actor_row({"key": "k", "gpu_ids": [b"w"]}, "k")
     with pytest.raises(ConfigError, match="slice mode"):
         SliceJobConfig(market="m", slice_mode="fast")
 
@@ -261,7 +261,7 @@ def test_actor_batch_rechecks_each_pair_and_slices_only_the_missing(smoke_market
     assert rows[0]["seconds"] == rows[2]["seconds"]          # one pass for the two missing
     assert FragmentStore(tmp_path / "frags").dataset().count_rows() == 3
     for r in rows:
-        assert not _bulky(r) and _metadata_only(r, r["key"]) is r
+        assert not _bulky(r) and check_actor_row(r, r["key"]) is r
 
 
 def test_placement_one_gpu_per_actor(smoke_market, tmp_path):

@@ -118,7 +118,7 @@ def test_flattened_units_are_scored_and_repaired_on_their_whole_map():
     with torch.no_grad():
         maps = model.features[:12](x)                                    # (N, C, 4, 4)
     torch.testing.assert_close(slicer.scores(gid, w, y), maps[y.bool()].pow(2).sum((2, 3)).sqrt().mean(0))
-    rows, samples = slicer._group_activations(gid, w)
+    rows, samples = slicer.group_activations(gid, w)
     torch.testing.assert_close(rows, maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]))
     assert samples.tolist() == torch.arange(len(fs.labels)).repeat_interleave(16).tolist()
 

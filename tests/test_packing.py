@@ -163,17 +163,17 @@ def test_plug_and_play_add_and_remove_without_reslicing(hetero):
 
 
 def test_warm_start_copies_enc_columns_and_head_rows(hetero):
-    from snp_ray.packing.packer import _warm
+    """What the warm start copies, seen in a pack that does not train (lr 0, the config's
+    frozen control): the layers leave the pack as the warm start set them."""
     frags, samples = hetero
     one = Packer(FAST).pack(frags[:1], samples, [0])
+    still = FAST.replace(lr=0.0)
+    both = Packer(still).pack(frags, samples, [0, 4], warm_start=one)
     d0 = frags[0].spec.feature_dim
-    enc = torch.nn.Linear(d0 + frags[1].spec.feature_dim, 16)
-    head = torch.nn.Linear(16, 2)
-    decs = torch.nn.ModuleList([torch.nn.Linear(16, f.spec.feature_dim) for f in frags])
-    _warm(one, frags, [0, 4], enc, head, decs)
-    assert torch.equal(enc.weight[:, :d0], one.enc.weight)
-    assert torch.equal(head.weight[0], one.head.weight[0])
-    assert torch.equal(decs[0].weight, one.decoders[0].weight)
+    assert both.enc.in_features == d0 + frags[1].spec.feature_dim
+    assert torch.equal(both.enc.weight[:, :d0], one.enc.weight)
+    assert torch.equal(both.head.weight[0], one.head.weight[0])
+    assert torch.equal(both.decoders[0].weight, one.decoders[0].weight)
 
 
 def test_bad_pack_requests(hetero):

@@ -227,22 +227,22 @@ def test_registry_commands_exist_and_digests_compute():
 
 
 def test_a_result_without_digests_is_never_reused(tmp_path):
-    from snp_ray.evaluation.protocol import ProtocolConfig, _reusable
+    from snp_ray.evaluation.protocol import ProtocolConfig, reusable_entry
 
     cfg = ProtocolConfig(task="T6", archs=["gru"], ks=[5, 10])
     previous = {"config": cfg.to_dict(), "archs": {"gru": {"market": "m", "model_test_accuracy": {}}}}
-    assert _reusable(previous, cfg, "gru", Path("m"), []) is None
+    assert reusable_entry(previous, cfg, "gru", Path("m"), []) is None
     from snp_ray.evaluation.protocol import config_digests
 
     previous["digests"] = config_digests(cfg)
-    assert _reusable(previous, cfg, "gru", Path("m"), []) is None        # no code digest either
+    assert reusable_entry(previous, cfg, "gru", Path("m"), []) is None        # no code digest either
     previous["provenance"] = {"code": code_digest()}
-    assert _reusable(previous, cfg, "gru", Path("m"), []) is not None
+    assert reusable_entry(previous, cfg, "gru", Path("m"), []) is not None
     previous["provenance"] = {"code": "another-code"}
-    assert _reusable(previous, cfg, "gru", Path("m"), []) is None
+    assert reusable_entry(previous, cfg, "gru", Path("m"), []) is None
     previous["provenance"] = {"code": code_digest()}
     previous["digests"] = dict(previous["digests"], pack="0" * 16)
-    assert _reusable(previous, cfg, "gru", Path("m"), []) is None
+    assert reusable_entry(previous, cfg, "gru", Path("m"), []) is None
 
 
 def test_job_status_marks_stale_and_writes_the_results_block(tmp_path):

@@ -59,7 +59,7 @@ def test_engines_are_bit_identical_where_the_arithmetic_is(arch, monkeypatch):
     monkeypatch.setattr(Slicer, "weights_channels_last", False)
     _, _, naive_slicer, naive = _slice(arch, "naive")
     _, _, cached_slicer, cached = _slice(arch, "cached")
-    assert cached_slicer._segments          # combining did reuse the previous step's frontier
+    assert cached_slicer.cache_info()["segments"]   # combining reused the previous step's frontier
     assert any(len(v) < naive_slicer.graph.group(int(g)).size for g, v in naive.kept.items())
     assert naive.kept == cached.kept
     sa, sb = naive.features.state_dict(), cached.features.state_dict()
@@ -98,17 +98,21 @@ def test_view_pool_is_drawn_once_per_model_and_shared_by_classes():
     assert a.n_views == 2 and a.pool.shape[0] == 2 * a.x.shape[0]
     assert torch.equal(a.pool, b.pool)                       # from the seed, not the class
     assert not torch.equal(a.pool[: a.x.shape[0]], a.pool[a.x.shape[0]:])
+    assert not a.cache_info()["pool_logits"] and not a.cache_info()["frontier_groups"]
     a.slice_class(0)
-    logits = a._pool_logits
-    cached = dict(a._orig_frontier)
-    assert logits is not None and cached
+    info = a.cache_info()
+    assert info["pool_logits"] and info["frontier_groups"]
+    logits = a.pool_logits                                   # the cached targets, as they are
+    cached = {g: a.original_frontier(g) for g in info["frontier_groups"]}
     a.slice_class(2)
-    assert a._pool_logits is logits                          # targets computed once per model
-    assert all(a._orig_frontier[g] is cached[g] for g in cached)
+    assert a.pool_logits is logits                           # targets computed once per model
+    assert set(cached) <= set(a.cache_info()["frontier_groups"])
+    assert all(a.original_frontier(g) is cached[g] for g in cached)
     fresh = Slicer(model, spec, fs, slice_preset("quick", **{**ENGINE_CFG, "views": 0}))
     assert fresh.pool is None                                # views=0: fresh views every step
     fresh.slice_class(0)
-    assert fresh._pool_logits is None and not fresh._orig_frontier
+    info = fresh.cache_info()
+    assert not info["pool_logits"] and not info["frontier_groups"]
 
 
 def test_text_models_use_their_few_shot_rows_as_the_only_view():
@@ -121,7 +125,8 @@ def test_bf16_slices_run_and_fuse_exactly():
     spec, fs, slicer, out = _slice("vgg11", "cached", precision="bf16", mode="rate", beta=0.5)
     assert slicer.precision == "bf16"
     # autocast really ran: the frozen activations cached during training are bf16
-    deep = [c for c in slicer._orig_frontier.values() if not c[0].trivial]
+    cached = [slicer.original_frontier(g) for g in slicer.cache_info()["frontier_groups"]]
+    deep = [c for c in cached if not c[0].trivial]
     assert deep and all(v.dtype == torch.bfloat16 for c in deep for v in c[3])
     x = spec.encode(fs.raw)
     fused, unfused = out.features(x), slicer.repaired_features(x)   # fusion itself stays fp32
@@ -160,7 +165,8 @@ def test_cache_budget_zero_still_slices_the_same(monkeypatch):
     _, _, _, full = _slice("resnet20", "cached")
     monkeypatch.setenv("SNP_SLICE_CACHE_MB", "0")
     _, _, slicer, tight = _slice("resnet20", "cached")
-    assert not slicer._orig_frontier
+    info = slicer.cache_info()
+    assert not info["frontier_groups"] and info["frontier_bytes"] == 0 == info["budget_bytes"]
     assert full.kept == tight.kept
     sa, sb = full.features.state_dict(), tight.features.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -225,7 +231,7 @@ def test_batched_engine_is_the_cached_engine_in_float64(arch, cfg, float64, monk
     monkeypatch.setattr(Slicer, "weights_channels_last", False)
     spec, fs, ref, slicer, out = _both(arch, **cfg)
     if not cfg:                             # combining carried the frontier from step to step
-        assert slicer._segments
+        assert slicer.cache_info()["segments"]
     x = spec.encode(fs.raw)
     x = x.double() if x.is_floating_point() else x          # text: token ids stay integers
     for a, b in zip(ref, out):
@@ -265,13 +271,13 @@ def test_class_batch_cap_splits_the_classes_and_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(Slicer, "weights_channels_last", False)
     sizes = []
-    real = batched._Batch.__init__
+    real = batched.ClassBatch.__init__
 
     def spy(self, s, classes):
         sizes.append(len(classes))
         real(self, s, classes)
 
-    monkeypatch.setattr(batched._Batch, "__init__", spy)
+    monkeypatch.setattr(batched.ClassBatch, "__init__", spy)
     model, spec, fs = setup("vgg11")
     cfg = {**ENGINE_CFG, "pool_epochs": 1, "adapt_epochs": 1, "combine_epochs": 1, "precision": "bf16"}
     slicer = Slicer(model, spec, fs, slice_preset("smoke", **cfg, class_batch=3), engine="batched")
@@ -295,7 +301,7 @@ def test_batched_engine_holds_one_groups_full_repairs_at_a_time(monkeypatch):
     from snp_ray.slicing import batched
 
     live, peak, combining = [], [0], []
-    embed, combine = batched._Batch._embed, batched._Batch._combine_caches
+    embed, combine = batched.ClassBatch._embed, batched.ClassBatch._combine_caches
 
     def spy_embed(self, gid):
         full = embed(self, gid)
@@ -308,8 +314,8 @@ def test_batched_engine_holds_one_groups_full_repairs_at_a_time(monkeypatch):
         combining.append(self)
         return combine(self, *args)
 
-    monkeypatch.setattr(batched._Batch, "_embed", spy_embed)
-    monkeypatch.setattr(batched._Batch, "_combine_caches", spy_combine)
+    monkeypatch.setattr(batched.ClassBatch, "_embed", spy_embed)
+    monkeypatch.setattr(batched.ClassBatch, "_combine_caches", spy_combine)
     model, spec, fs = setup("textcnn")
     slicer = Slicer(model, spec, fs, slice_preset("quick", **ENGINE_CFG), engine="batched")
     out = slicer.slice_classes([0, 1, 2])

@@ -348,7 +348,7 @@ def _held_out_repair_error(init: str | None, seed: int) -> float:
     gid = train.graph.groups[0].id
     kept, dropped = torch.arange(0, 16, 2), torch.arange(1, 16, 2)
     repair = train.init_repair(gid, train.fresh_weights(gid), kept)          # (dropped, kept)
-    acts = held._group_activations(gid, held.fresh_weights(gid))[0].detach()
+    acts = held.group_activations(gid, held.fresh_weights(gid))[0].detach()
     return float((acts[:, kept] @ repair.t() - acts[:, dropped]).pow(2).sum()
                  / acts[:, dropped].pow(2).sum())
 

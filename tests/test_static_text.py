@@ -27,8 +27,7 @@ def table(tmp_path_factory):
     vectors = torch.randn(len(VOCAB), DIM, generator=torch.Generator().manual_seed(0))
     vectors[:2] = 0
     sha = embeddings.save_table(folder, VOCAB, vectors, {"dataset": "synthetic"})
-    with embeddings._LOCK:                 # read back from the files, not the writer's cache
-        embeddings._CACHE.pop(sha)
+    assert embeddings.forget_table(sha)     # read back from the files, not the writer's cache
     embeddings.add_table_dir(folder)
     return folder, sha
 

@@ -228,6 +228,14 @@ def load_table(sha: str) -> tuple[torch.Tensor, list[str]]:
         return _CACHE[sha]
 
 
+def forget_table(sha: str) -> bool:
+    """Drop table ``sha`` from this process's cache (True: it was there), so the next
+    :func:`load_table` reads and checks its files again; models built on it keep their vectors.
+    Frees a table no model needs any more, or reads back what :func:`save_table` just wrote."""
+    with _LOCK:
+        return _CACHE.pop(_check_sha(sha), None) is not None
+
+
 def table_vectors(sha: str) -> torch.Tensor:
     return load_table(sha)[0]
 

@@ -180,8 +180,10 @@ def _actor_count(cfg: SliceJobConfig, n_pairs: int) -> tuple[int, float]:
     return max(1, min(n, n_pairs)), (cfg.gpus_per_actor if gpus > 0 else 0.0)
 
 
-def _metadata_only(row: Any, key: str) -> dict[str, Any]:
-    """The actor's result row, refused (EngineError) if it carries anything but small metadata."""
+def check_actor_row(row: Any, key: str) -> dict[str, Any]:
+    """The actor's result row, refused (EngineError) if it carries anything but small metadata.
+    The driver's contract with any actor (fragments go to the store, rows carry keys and
+    metadata): public so that an actor's own checks hold its rows to the same rule."""
     if not isinstance(row, dict):
         raise EngineError(f"pair {key}: an actor returned {type(row).__name__}, not a metadata dict")
     scalar = (str, int, float, bool, type(None))
@@ -341,7 +343,7 @@ def _run_pool(cfg, scfg, market, queues, results, failures, actors_info, progres
                 raise EngineError(f"an actor answered {len(unit)} pairs of {mid} with "
                                   f"{type(rows).__name__} instead of one row per pair")
             for (c, key), row in zip(unit, rows):
-                results[key] = _metadata_only(row, key)
+                results[key] = check_actor_row(row, key)
                 done_count += 1
                 rate = done_count / (time.perf_counter() - t0)
                 eta = (n_todo - done_count) / rate if rate > 0 else float("inf")

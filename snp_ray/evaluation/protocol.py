@@ -84,10 +84,12 @@ def _market_config(cfg: "ProtocolConfig", arch: str) -> MarketConfig:
     return market_config(cfg.task, arch, cfg.width, cfg.epochs, cfg.train_fraction, cfg.ks)
 
 
-def _reusable(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, root: Path,
-              specs: list) -> dict[str, Any] | None:
+def reusable_entry(previous: dict[str, Any] | None, cfg: ProtocolConfig, arch: str, root: Path,
+                   specs: list) -> dict[str, Any] | None:
     """The arch's entry of an earlier result when it was produced by the same protocol (every
-    setting but the list of archs) on the same market models; else None."""
+    setting but the list of archs), config digests and code on the same market models; else
+    None. What :func:`run_protocol` reuses instead of rerunning the arch, public so a caller
+    can ask ahead whether an arch would be rerun."""
     if not previous or arch not in previous.get("archs", {}):
         return None
     same = {k: v for k, v in previous.get("config", {}).items() if k != "archs"} == \
@@ -152,7 +154,7 @@ def run_protocol(cfg: ProtocolConfig, progress: bool = True,
         mcfg = _market_config(cfg, arch)
         root = Path(cfg.root) / cfg.task / f"{arch}-w{mcfg.width:g}"
         specs = build_market(mcfg, root, progress=progress)
-        reused = _reusable(previous, cfg, arch, root, specs)
+        reused = reusable_entry(previous, cfg, arch, root, specs)
         if reused is not None:
             log.info("%s: reusing the earlier result for this arch (same protocol and market)", arch)
             out["archs"][arch] = {**reused, "reused": True,

@@ -78,7 +78,7 @@ def slice_classes(s: "Slicer", class_ids: list[int]) -> list["SliceOutcome"]:
     cap = s.cfg.class_batch or len(class_ids)
     out = []
     for i in range(0, len(class_ids), cap):
-        out.extend(_Batch(s, [int(c) for c in class_ids[i:i + cap]]).run())
+        out.extend(ClassBatch(s, [int(c) for c in class_ids[i:i + cap]]).run())
     return out
 
 
@@ -89,8 +89,11 @@ def _gather(v: torch.Tensor, rows: torch.Tensor, batched: bool) -> torch.Tensor:
     return v[torch.arange(v.shape[0], device=v.device)[:, None], rows]
 
 
-class _Batch:
-    """The classes of one pass and their stacked state."""
+class ClassBatch:
+    """One pass of this engine: the classes of one ``class_batch`` and their stacked state.
+    Public as the unit :func:`slice_classes` runs, so a caller can see how a request splits
+    into passes and what a pass holds between steps (``groups``; ``reps``: each class's repair
+    per group, (|d|, |k|))."""
 
     def __init__(self, s: "Slicer", classes: list[int]):
         from snp_ray.errors import DataError

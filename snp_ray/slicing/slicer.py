@@ -33,7 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -196,6 +196,17 @@ class Slicer:
                 self._pool_logits = torch.cat([self.original_logits(c) for c in self._chunks(self.pool)])
         return self._pool_logits
 
+    def cache_info(self) -> dict[str, Any]:
+        """What this slicer keeps across classes, read-only: ``pool_logits`` (whether the view
+        pool's targets are computed), ``frontier_groups`` (the groups whose original frontier is
+        cached; :meth:`original_frontier` returns it), ``frontier_bytes`` against
+        ``budget_bytes`` (``SNP_SLICE_CACHE_MB``), and ``segments`` (combining segments built,
+        :meth:`frontier_segment`). To see what the caches hold and size the budget."""
+        return {"pool_logits": self._pool_logits is not None,
+                "frontier_groups": sorted(self._orig_frontier),
+                "frontier_bytes": self._frontier_bytes(), "budget_bytes": self._cache_budget,
+                "segments": len(self._segments)}
+
     def _view_pool(self) -> tuple[torch.Tensor | None, int]:
         """The few-shot rows every step draws from: ``views`` augmented copies of D, drawn once
         per model from the seed, so that their targets and frozen activations can be cached.
@@ -300,13 +311,17 @@ class Slicer:
         if self._over_budget is not None and self._over_budget[0] == gid:   # pooling, then adaption
             return self._over_budget[1]
         cache = self._frontier(gid, {}, {})
-        used = sum(v.numel() * v.element_size() for c in self._orig_frontier.values() for v in c[3])
-        if used + sum(v.numel() * v.element_size() for v in cache[3]) <= self._cache_budget:
+        size = sum(v.numel() * v.element_size() for v in cache[3])
+        if self._frontier_bytes() + size <= self._cache_budget:
             self._orig_frontier[gid] = cache
             self._over_budget = None
         else:
             self._over_budget = (gid, cache)
         return cache
+
+    def _frontier_bytes(self) -> int:
+        """Bytes the cached original frontiers hold (against ``SNP_SLICE_CACHE_MB``)."""
+        return sum(v.numel() * v.element_size() for c in self._orig_frontier.values() for v in c[3])
 
     def _merged(self, gid: int, ft: dict[str, torch.Tensor], kept: torch.Tensor) -> dict[str, torch.Tensor]:
         """f-: kept units from the fine-tuned weights, dropped units from the original ones."""
@@ -553,7 +568,7 @@ class Slicer:
         dropped = complement(kept, size)
         if dropped.numel() == 0 or self.cfg.repair_init == "zeros":
             return torch.zeros(dropped.numel(), kept.numel(), device=self.device)
-        acts, samples = self._group_activations(gid, w)
+        acts, samples = self.group_activations(gid, w)
         zk, zd = acts[:, kept].double().cpu(), acts[:, dropped].double().cpu()
         group = self.graph.group(gid)
         if group.repair_mask(kept, dropped) is None:
@@ -574,11 +589,13 @@ class Slicer:
         log.debug("group %d: repair ridge %s (%d rows, %d kept)", gid, rho, zk.shape[0], zk.shape[1])
         return sol
 
-    def _group_activations(self, gid: int, w: dict[str, torch.Tensor],
-                           limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
+    def group_activations(self, gid: int, w: dict[str, torch.Tensor],
+                          limit: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit vectors of the group at every gate position on D, as rows (n_positions, units),
         and the few-shot sample each row comes from. A flattened map's positions of a unit (its
-        H*W block) are positions like a conv map's: one row each."""
+        H*W block) are positions like a conv map's: one row each. What :meth:`init_repair` fits
+        the repair on (at most ``limit`` rows, a seeded draw), so a repair can be checked on
+        the rows it saw or, from another slicer, on other samples."""
         captured: list[torch.Tensor] = []
         owners: list[torch.Tensor] = []
         n = self.x.shape[0]

@@ -258,14 +258,6 @@ class FragmentStore:
         snapshot per catalogue and per request)."""
         return copy.copy(self)
 
-    @property
-    def _rows(self) -> dict[str, dict[str, Any]] | None:
-        return self._index.rows
-
-    @_rows.setter
-    def _rows(self, rows: dict[str, dict[str, Any]] | None) -> None:
-        self._index.rows = rows
-
     def rows(self) -> dict[str, dict[str, Any]]:
         """key -> manifest row, one per key (the earliest write wins)."""
         ix = self._index
