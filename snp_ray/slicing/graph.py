@@ -1009,7 +1009,7 @@ def trace(features: nn.Module, example: torch.Tensor, layernorm: str = "keep") -
                 if h.normalises:
                     _check_normalised(node, mod, args[0], lay_in)
                     one = len(lay_in.segments) == 1 and lay_in.dim == len(_shape(args[0])) - 1
-                    if one:
+                    if one and args[0] in st.layouts:   # not an untraced (opaque) input
                         st.norms.append((node.target, args[0], lay_in.segments[0][0]))
                     if not (one and layernorm == "repair"):
                         st.fix(lay_in, f"normalised over its units by {node.target} "
