@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -232,8 +233,6 @@ def check_clean_seed(seed: int, what: str) -> None:
 
     The fence is what keeps those seeds unseen: a development run that reaches for one fails
     before it draws anything, so a number made on them cannot have steered a choice."""
-    import os
-
     if seed >= CLEAN_SEEDS and os.environ.get(CLEAN_EVIDENCE_ENV) != "1":
         raise ConfigError(f"{what} seeds >= {CLEAN_SEEDS} are reserved for clean evidence; set "
                           f"{CLEAN_EVIDENCE_ENV}=1 for that run only (got seed {seed})")

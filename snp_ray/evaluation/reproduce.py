@@ -231,10 +231,24 @@ def workdir(runs: str, stage: str, code: str) -> str:
 
 
 def _report(task: str, archs: str, ks: str, out: str = "{out}",
-            baselines: tuple[str, ...] = ()) -> tuple[str, ...]:
+            baselines: tuple[str, ...] = (), preset: str = "quick", seed: int = 0,
+            runs: str = "{runs}") -> tuple[str, ...]:
+    """``snp report`` on the markets under ``runs`` (a stage's own folder, or ``{runs:NAME}``)."""
     return ("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs, "--k", ks,
-            "--targets", "5", "--preset", "quick", *baselines, "--root", "{runs}/tables",
+            "--targets", "5", "--preset", preset, *baselines,
+            *(("--seed", str(seed)) if seed else ()), "--root", f"{runs}/tables",
             "--out", out, "{fresh}", "--json")
+
+
+def _on_markets_of(of: str, task: str, archs: str, ks: str, preset: str = "quick",
+                   seed: int = 0) -> Callable[[], dict[str, str]]:
+    """The digests of a table run with ``preset`` and ``seed`` on the markets of stage ``of``
+    (its market digests, which its own ks decide)."""
+    def digests() -> dict[str, str]:
+        market = {k: v for k, v in STAGES[of].digests().items() if k.startswith("market:")}
+        return {**table_digests(task, archs.split(","), preset=preset,
+                                ks=[int(k) for k in ks.split(",")], seed=seed), **market}
+    return digests
 
 
 def _attention_stage(task: str, arch: str, ks: str, title: str) -> "Stage":
@@ -252,17 +266,11 @@ def _stream_stage(of: str, task: str, arch: str, ks: str) -> "Stage":
     ``layernorm="repair"``, #27 section 1): the same markets (``of``'s working folder), new
     fragments and the Ensemble (Finetune does not slice: ``of``'s table has it, same market and
     seed); its own results folder, ``{out}/<of>-ln``."""
-    ks_ = [int(k) for k in ks.split(",")]
-
-    def digests() -> dict[str, str]:
-        market = {k: v for k, v in STAGES[of].digests().items() if k.startswith("market:")}
-        return {**table_digests(task, [arch], preset="quick-ln", ks=ks_), **market}
     return Stage(f"{of}-ln", f"{of} with the residual stream sliced (layernorm=repair, #27 §1)",
-                 (("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", arch,
-                   "--k", ks, "--targets", "5", "--preset", "quick-ln", "--baselines",
-                   "ensemble", "--root", f"{{runs:{of}}}/tables",
-                   "--out", f"{{out}}/{of}-ln", "--fresh", "--json"),),
-                 (f"{of}-ln/{task}/results.json",), digests, needs=(of,))
+                 (_report(task, arch, ks, f"{{out}}/{of}-ln", ("--baselines", "ensemble"),
+                          preset="quick-ln", runs=f"{{runs:{of}}}"),),
+                 (f"{of}-ln/{task}/results.json",), _on_markets_of(of, task, arch, ks, "quick-ln"),
+                 needs=(of,))
 
 
 def _static_stage(task: str, arch: str, title: str) -> "Stage":
@@ -281,18 +289,25 @@ def _clean_stage(of: str, task: str, archs: str, ks: str) -> "Stage":
     the baselines' seeds drawn from a seed no development run has used (the fence,
     :func:`snp_ray.config.check_clean_seed`, is opened for this stage only). The goals' k,
     Ensemble and Finetune; its own results folder, ``{out}/clean/<of>``."""
-    ks_ = [int(k) for k in ks.split(",")]
-
-    def digests() -> dict[str, str]:
-        market = {k: v for k, v in STAGES[of].digests().items() if k.startswith("market:")}
-        return {**table_digests(task, archs.split(","), ks=ks_, seed=CLEAN_SEED), **market}
     return Stage(f"{of}-clean", f"{of}'s goal rows on the reserved seed {CLEAN_SEED} (#28 §2)",
-                 (("{py}", "-m", "snp_ray.cli", "report", "--task", task, "--archs", archs,
-                   "--k", ks, "--targets", "5", "--preset", "quick", "--baselines",
-                   "ensemble,finetune", "--seed", str(CLEAN_SEED), "--root", f"{{runs:{of}}}/tables",
-                   "--out", f"{{out}}/clean/{of}", "--fresh", "--json"),),
-                 (f"clean/{of}/{task}/results.json",), digests, needs=(of,),
+                 (_report(task, archs, ks, f"{{out}}/clean/{of}",
+                          ("--baselines", "ensemble,finetune"), seed=CLEAN_SEED,
+                          runs=f"{{runs:{of}}}"),),
+                 (f"clean/{of}/{task}/results.json",),
+                 _on_markets_of(of, task, archs, ks, seed=CLEAN_SEED), needs=(of,),
                  env=((CLEAN_EVIDENCE_ENV, "1"),))
+
+
+def _size_commands(out: str, seed: int = 0) -> tuple[tuple[str, ...], ...]:
+    """ResNet-20 under a size budget (#17 section 3) on stage T1's markets: the few-shot CV
+    choice (it reads no target set), then its table with ``seed``, into ``out``."""
+    return (("{py}", "jobs/select_under_budget.py", "--task", "T1", "--arch", "resnet20", "--k",
+             "20", "--candidates", SIZE_CANDIDATES, "--root", "{runs:T1}/tables",
+             "--out", f"{out}/selection.json"),
+            ("{py}", "-m", "snp_ray.cli", "report", "--task", "T1", "--archs", "resnet20", "--k",
+             "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
+             *(("--seed", str(seed)) if seed else ()), "--root", "{runs:T1}/tables",
+             "--out", out, "--fresh", "--json"))
 
 
 def _mixed_stage(name: str, members: str, title: str) -> "Stage":
@@ -339,24 +354,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           (_report("T1", "vgg11,resnet20", "5,10,20"),), ("T1/results.json",),
           lambda: table_digests("T1", ["vgg11", "resnet20"])),
     Stage("T1-size", "ResNet-20 under a size budget chosen by few-shot CV (#17 §3)",
-          (("{py}", "jobs/select_under_budget.py", "--task", "T1", "--arch", "resnet20", "--k", "20",
-            "--candidates", SIZE_CANDIDATES, "--root", "{runs:T1}/tables",
-            "--out", "{out}/T1-size/selection.json"),
-           ("{py}", "-m", "snp_ray.cli", "report", "--task", "T1", "--archs", "resnet20", "--k",
-            "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
-            "--root", "{runs:T1}/tables", "--out", "{out}/T1-size", "--fresh", "--json")),
+          _size_commands("{out}/T1-size"),
           ("T1-size/selection.json", "T1-size/T1/results.json"), _t1_size, needs=("T1",)),
     _clean_stage("T1", "T1", "vgg11,resnet20", "10,20"),
-    # the size budget's goal row on the reserved seed: the same few-shot CV choice (it reads no
-    # target set), then the report with seed 1000
     Stage("T1-size-clean", f"T1-size's goal row on the reserved seed {CLEAN_SEED} (#28 §2)",
-          (("{py}", "jobs/select_under_budget.py", "--task", "T1", "--arch", "resnet20", "--k", "20",
-            "--candidates", SIZE_CANDIDATES, "--root", "{runs:T1}/tables",
-            "--out", "{out}/clean/T1-size/selection.json"),
-           ("{py}", "-m", "snp_ray.cli", "report", "--task", "T1", "--archs", "resnet20", "--k",
-            "20", "--targets", "5", "--preset", "size-T1-resnet20", "--baselines", "ensemble",
-            "--seed", str(CLEAN_SEED), "--root", "{runs:T1}/tables", "--out", "{out}/clean/T1-size",
-            "--fresh", "--json")),
+          _size_commands("{out}/clean/T1-size", seed=CLEAN_SEED),
           ("clean/T1-size/selection.json", "clean/T1-size/T1/results.json"), _t1_size,
           needs=("T1",), env=((CLEAN_EVIDENCE_ENV, "1"),)),
     Stage("tune-T1", "Tune sweep on T1 (VGG11 x 1/4)",

@@ -1075,17 +1075,22 @@ def trace(features: nn.Module, example: torch.Tensor, layernorm: str = "keep") -
     def gid(sid: int) -> int:
         return gid_of[st.uf.find(sid)]
 
-    # one gate after every tensor a consumer reads, and one on the output
+    # one gate after every tensor a consumer (or, in "repair" mode, a LayerNorm) reads, and one
+    # on the output
     gated: dict[fx.Node, str] = {}
     gate_layouts: dict[str, list[Segment]] = {}
     consumer_inner: dict[str, int] = {}
+
+    def gate(node: fx.Node, lay: Layout) -> None:
+        """One gate after ``node`` (whose layout is ``lay``), whatever number of readers."""
+        if node not in gated:
+            gated[node] = f"gate{len(gated)}"
+            gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
     for cname, node in st.consumers:
         lay = st.layouts[node]
         if lay.inner != 1:
             consumer_inner[cname] = lay.inner
-        if node not in gated:
-            gated[node] = f"gate{len(gated)}"
-            gate_layouts[gated[node]] = [(gid(s), off, size) for s, off, size in lay.with_offsets()]
+        gate(node, lay)
         for s, off, _ in lay.with_offsets():
             groups[gid(s)].consumers.append((cname, off))
     for name, node, sid in st.norms:
@@ -1096,10 +1101,8 @@ def trace(features: nn.Module, example: torch.Tensor, layernorm: str = "keep") -
                     f"normalised over its units by {name}, which were cut into several groups"
             continue
         groups[gid(lay.segments[0][0])].norms.append(name)
-        if layernorm == "repair" and node not in gated:    # it reads its units rebuilt
-            gated[node] = f"gate{len(gated)}"
-            gate_layouts[gated[node]] = [(gid(s), off, size)
-                                         for s, off, size in st.layouts[node].with_offsets()]
+        if layernorm == "repair":                # it reads its units rebuilt
+            gate(node, lay)
     out_lay = st.layouts[out_node]
     output_layout = [(gid(s), off, size) for s, off, size in out_lay.with_offsets()]
     gated.setdefault(out_node, f"gate{len(gated)}")
